@@ -1,0 +1,330 @@
+"""CLIP model I/O: loading open_clip models offline or from tags, preprocessing, and batched encoding.
+
+This is a library with no BentoML in it: the encoder services (runners/clip_service.py), the batch tool and the
+benchmarks all use it. One entry point, ``load_clip_encoder(settings)``.
+
+Model selection (see settings.py):
+- ``clip_model``: an open_clip model name, or a path to a model-config JSON. The JSON is either a plain open_clip
+  config ({"embed_dim", "vision_cfg", "text_cfg"}, optionally with a "preprocess_cfg" key) or open_clip's
+  ``open_clip_config.json`` form ({"model_cfg": ..., "preprocess_cfg": ...}); the preprocessing travels with it.
+- ``clip_pretrained``: an open_clip pretrained tag (downloads through open_clip's own code where a hub is reachable),
+  a path to a local checkpoint, or ``random`` (seeded random weights, for benchmarks and tests).
+
+Attention runs through PyTorch's ``scaled_dot_product_attention`` (nn.MultiheadAttention's fast path), which picks
+flash / memory-efficient kernels on a GPU by itself; flash-attn and torch-scatter are therefore not needed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import open_clip
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from runners.device import select_device
+from settings import Settings
+
+log = logging.getLogger(__name__)
+
+_INTERPOLATION = {
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "nearest": Image.Resampling.NEAREST,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """open_clip's inference preprocessing as data: resize + crop/pad in PIL, normalisation on the tensor side."""
+
+    size: tuple[int, int]  # (height, width)
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bicubic"
+    resize_mode: str = "shortest"
+    fill_color: int = 0
+
+    @classmethod
+    def from_open_clip(cls, cfg: dict[str, Any]) -> Preprocess:
+        size = cfg["size"]
+        hw = (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+        return cls(
+            size=hw,
+            mean=tuple(float(x) for x in cfg["mean"]),  # type: ignore[arg-type]
+            std=tuple(float(x) for x in cfg["std"]),  # type: ignore[arg-type]
+            interpolation=str(cfg.get("interpolation", "bicubic")),
+            resize_mode=str(cfg.get("resize_mode", "shortest")),
+            fill_color=int(cfg.get("fill_color", 0)),
+        )
+
+    @property
+    def draft_size(self) -> int:
+        """The smallest edge a JPEG may be draft-decoded to without losing resolution the model would see."""
+        return max(self.size)
+
+    def to_pixels(self, img: Image.Image) -> np.ndarray:
+        """An RGB PIL image -> uint8 [H, W, 3] at the model's input size (the resize matches torchvision's)."""
+        img = img.convert("RGB") if img.mode != "RGB" else img
+        th, tw = self.size
+        w, h = img.size
+        resample = _INTERPOLATION.get(self.interpolation, Image.Resampling.BICUBIC)
+        if self.resize_mode == "squash":
+            out = img.resize((tw, th), resample)
+        elif self.resize_mode == "longest":
+            scale = min(th / h, tw / w)
+            nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+            resized = img.resize((nw, nh), resample)
+            out = Image.new("RGB", (tw, th), (self.fill_color,) * 3)
+            out.paste(resized, ((tw - nw) // 2, (th - nh) // 2))
+        else:  # "shortest": torchvision Resize(int) then CenterCrop
+            target = min(th, tw) if th == tw else None
+            if target is not None:
+                if w <= h:
+                    nw, nh = target, int(target * h / w)
+                else:
+                    nw, nh = int(target * w / h), target
+            else:
+                scale = max(th / h, tw / w)
+                nw, nh = round(w * scale), round(h * scale)
+            resized = img.resize((nw, nh), resample) if (nw, nh) != (w, h) else img
+            top = int(round((nh - th) / 2.0))
+            left = int(round((nw - tw) / 2.0))
+            out = resized.crop((left, top, left + tw, top + th))
+        return np.asarray(out, dtype=np.uint8)
+
+    def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 [B, H, W, 3] -> float [B, 3, H, W], scaled to [0, 1] and normalised."""
+        x = pixels.permute(0, 3, 1, 2).float().div_(255.0)
+        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
+        return (x - mean) / std
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What to load, resolved from settings; ``model_id`` is the stable id used in cache keys."""
+
+    name: str
+    pretrained: str | None
+    model_id: str
+    preprocess_override: dict[str, Any]
+    random_seed: int | None
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def resolve_model(settings: Settings) -> ModelSpec:
+    """Turn ZSS_CLIP_MODEL / ZSS_CLIP_PRETRAINED into open_clip arguments and a content-based model id."""
+    model = settings.clip_model
+    override: dict[str, Any] = {}
+    model_path = Path(model)
+    if model.endswith(".json") or model_path.is_file():
+        if not model_path.is_file():
+            raise FileNotFoundError(f"ZSS_CLIP_MODEL: model config {model_path} not found")
+        raw = json.loads(model_path.read_text())
+        model_cfg = raw.get("model_cfg", raw)
+        override = dict(raw.get("preprocess_cfg", {}))
+        model_cfg = {k: v for k, v in model_cfg.items() if k != "preprocess_cfg"}
+        if not all(k in model_cfg for k in ("embed_dim", "vision_cfg", "text_cfg")):
+            raise ValueError(f"{model_path} is not an open_clip model config (needs embed_dim, vision_cfg, text_cfg)")
+        # open_clip registers configs by file stem; write the bare model config where it can find it.
+        name = f"zss-{model_path.stem}-{hashlib.sha256(model_path.read_bytes()).hexdigest()[:12]}"
+        reg_dir = Path(tempfile.gettempdir()) / "zss-open-clip-configs"
+        reg_dir.mkdir(parents=True, exist_ok=True)
+        reg_file = reg_dir / f"{name}.json"
+        if not reg_file.exists():
+            tmp = reg_file.with_suffix(f".tmp{id(raw)}")
+            tmp.write_text(json.dumps(model_cfg))
+            tmp.replace(reg_file)
+        open_clip.add_model_config(reg_file)
+        arch_id = f"config:{model_path.stem}:{hashlib.sha256(model_path.read_bytes()).hexdigest()[:16]}"
+    else:
+        name = model
+        arch_id = model
+    pre = settings.clip_pretrained.strip()
+    if pre.lower() == "random":
+        return ModelSpec(name, None, f"{arch_id}@random-seed{settings.random_seed}", override, settings.random_seed)
+    if Path(pre).is_file():
+        return ModelSpec(name, str(Path(pre).resolve()), f"{arch_id}@file:{_file_digest(Path(pre))}", override, None)
+    if pre in {"", "none"}:
+        raise ValueError("ZSS_CLIP_PRETRAINED is empty: give a tag, a checkpoint path, or 'random'")
+    return ModelSpec(name, pre, f"{arch_id}@{pre}", override, None)
+
+
+class ClipEncoder:
+    """A loaded open_clip model with batched, normalised image and text encoding."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        preprocess: Preprocess,
+        model_id: str,
+        device: torch.device,
+        dtype: torch.dtype,
+        text_batch_size: int = 256,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.preprocess = preprocess
+        self.model_id = model_id
+        self.device = device
+        self.dtype = dtype
+        self.text_batch_size = text_batch_size
+        self.dim = int(getattr(model, "embed_dim", 0) or self._probe_dim())
+        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="clip-pre")
+        # Trimming the context is exact only for causal text towers pooled at the EOT token.
+        self.can_trim_context = (
+            getattr(model, "attn_mask", None) is not None
+            and getattr(model, "text_pool_type", "argmax") in {"argmax", "eos"}
+            and hasattr(model, "token_embedding")
+        )
+
+    def _probe_dim(self) -> int:
+        proj = getattr(self.model, "text_projection", None)
+        if isinstance(proj, torch.nn.Linear):
+            return int(proj.out_features)
+        if isinstance(proj, torch.Tensor):
+            return int(proj.shape[1])
+        raise ValueError("cannot determine the embedding dimension")
+
+    @property
+    def info(self) -> dict[str, Any]:
+        p = self.preprocess
+        return {
+            "model_id": self.model_id,
+            "dim": self.dim,
+            "preprocess": {
+                "size": list(p.size),
+                "mean": list(p.mean),
+                "std": list(p.std),
+                "interpolation": p.interpolation,
+                "resize_mode": p.resize_mode,
+                "fill_color": p.fill_color,
+            },
+            "context_length": int(getattr(self.model, "context_length", 77)),
+            "device": str(self.device),
+        }
+
+    # -- images ------------------------------------------------------------------------------------------------
+    def images_to_pixels(self, images: list[Image.Image]) -> np.ndarray:
+        """Preprocess in a thread pool (PIL releases the GIL while resizing): uint8 [N, H, W, 3]."""
+        if not images:
+            return np.zeros((0, *self.preprocess.size, 3), np.uint8)
+        return np.stack(list(self._pool.map(self.preprocess.to_pixels, images)))
+
+    def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 [N, H, W, 3] at the model's input size -> L2-normalised float32 [N, D]."""
+        if pixels.shape[0] == 0:
+            return np.zeros((0, self.dim), np.float32)
+        with torch.inference_mode():
+            x = torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device)
+            x = self.preprocess.normalise(x).to(self.dtype)
+            feats = self.model.encode_image(x)
+            return F.normalize(feats.float(), dim=-1).cpu().numpy()
+
+    def encode_images(self, images: list[Image.Image]) -> np.ndarray:
+        """RGB PIL images -> L2-normalised float32 [N, D]."""
+        return self.encode_pixels(self.images_to_pixels(images))
+
+    # -- text --------------------------------------------------------------------------------------------------
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        return self.tokenizer(texts)
+
+    def _encode_tokens(self, tokens: torch.Tensor, trim: bool) -> torch.Tensor:
+        m = self.model
+        if not (trim and self.can_trim_context):
+            return m.encode_text(tokens.to(self.device))
+        # Cut the context to the longest prompt in the batch: with a causal mask no position attends to the padding
+        # after it, so the EOT features are the same as with the full context (tested).
+        length = int((tokens != 0).sum(dim=1).max().item())
+        length = max(1, min(length, tokens.shape[1]))
+        tokens = tokens[:, :length].to(self.device)
+        cast = m.transformer.get_cast_dtype()
+        x = m.token_embedding(tokens).to(cast)
+        x = x + m.positional_embedding[:length].to(cast)
+        x = m.transformer(x, attn_mask=m.attn_mask[:length, :length])
+        x = m.ln_final(x)
+        x = open_clip.transformer.text_global_pool(
+            x, tokens, m.text_pool_type, eos_token_id=getattr(m, "text_eos_id", None)
+        )
+        proj = m.text_projection
+        if proj is not None:
+            x = proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj
+        return x
+
+    def encode_texts(self, texts: list[str], trim_context: bool = True) -> np.ndarray:
+        """Texts (no templates applied here) -> L2-normalised float32 [N, D].
+
+        Texts are sorted by token length and encoded in chunks, so each chunk is trimmed to its own longest prompt.
+        """
+        if not texts:
+            return np.zeros((0, self.dim), np.float32)
+        tokens = self.tokenize(list(texts))
+        lengths = (tokens != 0).sum(dim=1)
+        order = torch.argsort(lengths, stable=True)
+        out = torch.empty((len(texts), self.dim), dtype=torch.float32)
+        with torch.inference_mode():
+            for start in range(0, len(texts), self.text_batch_size):
+                idx = order[start : start + self.text_batch_size]
+                feats = self._encode_tokens(tokens[idx], trim=trim_context)
+                out[idx] = F.normalize(feats.float(), dim=-1).cpu()
+        return out.numpy()
+
+
+def load_clip_encoder(settings: Settings, towers: str = "both") -> ClipEncoder:
+    """Build the encoder described by ``settings``. ``towers`` = "image", "text" or "both" (drops the other tower)."""
+    spec = resolve_model(settings)
+    device = select_device(settings.device)
+    if spec.pretrained is None:
+        log.warning(
+            "ZSS_CLIP_PRETRAINED=random: %s has RANDOM weights (seed %d). Predictions are meaningless; use this only "
+            "for tests and benchmarks.",
+            spec.name,
+            spec.random_seed,
+        )
+        torch.manual_seed(spec.random_seed or 0)
+    model = open_clip.create_model(
+        spec.name,
+        pretrained=spec.pretrained,
+        device="cpu",
+        force_preprocess_cfg=spec.preprocess_override or None,
+    )
+    model.eval()
+    # The tower a service does not use is dropped to halve its memory.
+    if towers == "image":
+        for attr in ("transformer", "token_embedding", "ln_final", "text"):
+            if hasattr(model, attr) and attr != "visual":
+                setattr(model, attr, None)
+    elif towers == "text":
+        model.visual = None  # type: ignore[assignment]
+    dtype = torch.float16 if (device.type == "cuda" and settings.fp16) else torch.float32
+    model = model.to(device=device, dtype=dtype)
+    pp_cfg = getattr(model.visual, "preprocess_cfg", None) if model.visual is not None else None
+    if pp_cfg is None:
+        pp_cfg = open_clip.get_model_preprocess_cfg(model) if model.visual is not None else None
+    if pp_cfg is None:  # text-only: preprocessing is unused, keep a placeholder from open_clip's defaults
+        from open_clip.transform import PreprocessCfg
+
+        from dataclasses import asdict
+
+        pp_cfg = asdict(PreprocessCfg())
+    tokenizer = open_clip.get_tokenizer(spec.name)
+    return ClipEncoder(model, tokenizer, Preprocess.from_open_clip(pp_cfg), spec.model_id, device, dtype)

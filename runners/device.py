@@ -1,0 +1,44 @@
+"""Where and how wide torch runs: device choice and a thread count from the CPU quota the process really has."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def cpu_quota() -> int:
+    """CPUs this process may use: the cgroup quota (v2 or v1) and the affinity mask, not the host's core count."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        cpu_max = Path("/sys/fs/cgroup/cpu.max")
+        if cpu_max.exists():
+            quota, period = cpu_max.read_text().split()[:2]
+            if quota != "max":
+                n = min(n, max(1, math.floor(int(quota) / int(period))))
+        else:
+            q = Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us")
+            p = Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us")
+            if q.exists() and p.exists() and int(q.read_text()) > 0:
+                n = min(n, max(1, math.floor(int(q.read_text()) / int(p.read_text()))))
+    except (OSError, ValueError):
+        pass  # no readable cgroup limit: the affinity mask stands
+    return max(1, n)
+
+
+def configure_threads(requested: int, share: int = 1) -> int:
+    """Set torch's intra-op threads to ``requested`` or to this process's share of the CPU quota."""
+    n = requested if requested > 0 else max(1, cpu_quota() // max(1, share))
+    torch.set_num_threads(n)
+    return n
+
+
+def select_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)

@@ -1,0 +1,366 @@
+"""ZeroShot Server's HTTP API: DirectAI-compatible routes plus embedding routes. HTTP only.
+
+Model work happens in the encoder services (runners/clip_service.py, composed with ``bentoml.depends``); storage in
+cache/; scoring in semantic/ through runners/engine.py. Blocking work (image decoding, SQLite, scoring) runs in worker
+threads, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from typing import Annotated, Any
+
+import anyio.to_thread
+import bentoml
+import numpy as np
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from PIL import Image
+from prometheus_client import Counter
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from cache.embeddings import EmbeddingCache
+from cache.registry import Registry
+from runners.clip import Preprocess
+from runners.clip_service import ClipImageEncoder, ClipTextEncoder
+from runners.engine import TextEmbedder, compile_classes, parse_classes, score_images
+from runners.images import ImageInputError, decode_image
+from semantic.classify import CompiledClassifier
+from settings import Settings, get_settings
+
+log = logging.getLogger("zss.api")
+
+EXAMPLES_ENCODED = Counter("zss_text_examples_encoded", "Example texts encoded (embedding-cache misses)")
+CACHE_HITS = Counter("zss_embedding_cache_hits", "Example texts found in the embedding cache")
+CACHE_MISSES = Counter("zss_embedding_cache_misses", "Example texts missing from the embedding cache")
+
+INVALID_IMAGE = "Invalid image received, unable to open."
+
+
+# -- request and response bodies -------------------------------------------------------------------------------------
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ClassifierConfig(_Body):
+    name: str = Field(min_length=1, max_length=512)
+    examples_to_include: list[str] = Field(default_factory=list)
+    examples_to_exclude: list[str] = Field(default_factory=list)
+
+
+class DeployClassifierRequest(_Body):
+    classifier_configs: list[ClassifierConfig]
+    deployed_id: str | None = Field(default=None, max_length=128)
+    augment_examples: bool = True
+
+
+class DeployResponse(BaseModel):
+    deployed_id: str
+    message: str
+
+
+class EmbedTextRequest(_Body):
+    texts: list[str] = Field(max_length=10_000)
+    augment_examples: bool = False
+
+
+class EmbeddingsResponse(BaseModel):
+    embeddings: list[list[float]]
+
+
+class ClassifyResult(BaseModel):
+    scores: dict[str, float]
+    pred: str
+    raw_scores: dict[str, float]
+
+
+class ErrorResponse(BaseModel):
+    status_code: int
+    message: str
+    data: None = None
+
+
+class ApiError(Exception):
+    """An expected failure: becomes ``{"status_code", "message", "data": null}`` with that status."""
+
+    def __init__(self, status_code: int, message: str) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.message = message
+
+
+def _envelope(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"status_code": status, "message": message, "data": None}, status_code=status)
+
+
+def _field_path(loc: tuple[Any, ...]) -> str:
+    parts = [str(p) for p in loc if p not in ("body", "query")]
+    return ".".join(parts) or "body"
+
+
+app = FastAPI(
+    title="ZeroShot Server",
+    description="Zero-shot image classification defined in words, DirectAI-compatible.",
+    version="0.1.0",
+    responses={400: {"model": ErrorResponse}, 422: {"model": ErrorResponse}},
+)
+
+
+@app.exception_handler(ApiError)
+async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+    return _envelope(exc.status_code, exc.message)
+
+
+@app.exception_handler(ImageInputError)
+async def _image_error(_: Request, exc: ImageInputError) -> JSONResponse:
+    return _envelope(exc.status_code, getattr(exc, "message", None) or str(exc))
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    errs = exc.errors()
+    if errs:
+        first = errs[0]
+        msg = f"Invalid request: {_field_path(tuple(first.get('loc', ())))}: {first.get('msg', 'invalid')}"
+    else:
+        msg = "Invalid request."
+    return _envelope(422, msg)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    return _envelope(exc.status_code, str(exc.detail))
+
+
+@app.exception_handler(Exception)
+async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    status = getattr(exc, "error_code", None)
+    code = int(status) if status is not None else 500
+    if code >= 500:
+        log.exception("unhandled error", exc_info=exc)
+    if code == 503:
+        return _envelope(503, "The encoder is overloaded; retry later.")
+    return _envelope(code, "Internal server error." if code >= 500 else str(exc))
+
+
+def _validate_classes(configs: list[ClassifierConfig]) -> None:
+    if not configs:
+        raise ApiError(422, "Class list is empty.")
+    seen: set[str] = set()
+    for c in configs:
+        if c.name in seen:
+            raise ApiError(422, f"Duplicate class name: {c.name!r}.")
+        seen.add(c.name)
+        if not c.examples_to_include:
+            raise ApiError(422, f"Class {c.name!r} has no examples_to_include.")
+        for ex in (*c.examples_to_include, *c.examples_to_exclude):
+            if not ex.strip():
+                raise ApiError(422, f"Class {c.name!r} has an empty example.")
+
+
+async def _image_files(request: Request, field: str = "data") -> list[bytes]:
+    ctype = request.headers.get("content-type", "")
+    if not ctype.startswith("multipart/form-data"):
+        raise ApiError(422, f"Expected multipart/form-data with one or more image files in field '{field}'.")
+    try:
+        form = await request.form(max_files=1000, max_fields=1000)
+    except Exception as exc:  # malformed multipart framing
+        raise ApiError(422, f"Malformed multipart body: {exc}") from exc
+    items = form.getlist(field)
+    if not items:
+        raise ApiError(422, f"No image file in field '{field}'.")
+    out: list[bytes] = []
+    for item in items:
+        if not isinstance(item, UploadFile):
+            raise ApiError(422, f"Field '{field}' must carry image files.")
+        out.append(await item.read())
+    return out
+
+
+@bentoml.asgi_app(app, path="/")
+@bentoml.service(name="zeroshot", workers=1, threads=32, traffic={"timeout": 600})
+class ZeroShot:
+    image_encoder = bentoml.depends(ClipImageEncoder)
+    text_encoder = bentoml.depends(ClipTextEncoder)
+
+    def __init__(self) -> None:
+        self.settings: Settings = get_settings()
+        self.registry = Registry(self.settings.registry_path)
+        self.cache = EmbeddingCache(self.settings.cache_dir)
+        self._compiled: dict[str, tuple[int, CompiledClassifier]] = {}
+        self._compile_lock = threading.Lock()
+        self._embedder: TextEmbedder | None = None
+        self._preprocess: Preprocess | None = None
+        self._info_lock = threading.Lock()
+
+    # -- lazily learned from the encoders (they may start after this worker) ----------------------------------
+    def _text_embedder(self) -> TextEmbedder:
+        with self._info_lock:
+            if self._embedder is None:
+                info = self.text_encoder.info()
+                self._embedder = TextEmbedder(self.cache, info["model_id"], self._encode_prompts)
+            return self._embedder
+
+    def _encode_prompts(self, prompts: list[str]) -> np.ndarray:
+        return np.asarray(self.text_encoder.encode(prompts), dtype=np.float32)
+
+    def _image_preprocess(self) -> Preprocess:
+        with self._info_lock:
+            if self._preprocess is None:
+                p = self.image_encoder.info()["preprocess"]
+                self._preprocess = Preprocess(
+                    size=(int(p["size"][0]), int(p["size"][1])),
+                    mean=tuple(p["mean"]),  # type: ignore[arg-type]
+                    std=tuple(p["std"]),  # type: ignore[arg-type]
+                    interpolation=p["interpolation"],
+                    resize_mode=p["resize_mode"],
+                    fill_color=int(p["fill_color"]),
+                )
+            return self._preprocess
+
+    # -- shared steps -----------------------------------------------------------------------------------------
+    def _embed_examples(self, texts: list[str], augment: bool) -> np.ndarray:
+        vecs, stats = self._text_embedder().embed(texts, augment)
+        CACHE_HITS.inc(stats.hits)
+        CACHE_MISSES.inc(stats.misses)
+        EXAMPLES_ENCODED.inc(stats.misses)
+        return vecs
+
+    def _compile(self, config: dict[str, Any]) -> CompiledClassifier:
+        classes = parse_classes(config["classifier_configs"])
+        augment = bool(config.get("augment_examples", True))
+        embedder = self._text_embedder()
+        before = embedder.stats.misses, embedder.stats.hits
+        clf = compile_classes(classes, embedder, augment)
+        CACHE_MISSES.inc(embedder.stats.misses - before[0])
+        CACHE_HITS.inc(embedder.stats.hits - before[1])
+        EXAMPLES_ENCODED.inc(embedder.stats.misses - before[0])
+        return clf
+
+    def _classifier(self, deployed_id: str) -> CompiledClassifier:
+        """The compiled classifier for an id, recompiled only when the registry's version moved."""
+        version = self.registry.version(deployed_id)
+        if version is None:
+            self._compiled.pop(deployed_id, None)
+            raise ApiError(400, "Key not found")
+        hit = self._compiled.get(deployed_id)
+        if hit is not None and hit[0] == version:
+            return hit[1]
+        with self._compile_lock:
+            dep = self.registry.get(deployed_id)
+            if dep is None:
+                raise ApiError(400, "Key not found")
+            if dep.kind != "classifier":
+                raise ApiError(400, f"{deployed_id} is a {dep.kind}, not a classifier")
+            clf = self._compile(dep.config)
+            self._compiled[deployed_id] = (dep.version, clf)
+            return clf
+
+    def _decode_to_pixels(self, blobs: list[bytes]) -> np.ndarray:
+        pre = self._image_preprocess()
+        pixels = []
+        for i, blob in enumerate(blobs):
+            img: Image.Image = decode_image(blob, max_pixels=self.settings.max_image_pixels, draft_size=pre.draft_size)
+            pixels.append(pre.to_pixels(img))
+        return np.stack(pixels)
+
+    async def _embed_images(self, blobs: list[bytes]) -> np.ndarray:
+        pixels = await anyio.to_thread.run_sync(self._decode_to_pixels, blobs)
+        out = await self.image_encoder.to_async.encode_pixels(pixels)
+        return np.asarray(out, dtype=np.float32)
+
+    # -- routes -----------------------------------------------------------------------------------------------
+    @app.post("/deploy_classifier", response_model=DeployResponse)
+    def deploy_classifier(self, body: DeployClassifierRequest) -> DeployResponse:
+        """Deploy (or update) a classifier defined by example texts; examples are embedded now, once."""
+        _validate_classes(body.classifier_configs)
+        config = {
+            "classifier_configs": [c.model_dump() for c in body.classifier_configs],
+            "augment_examples": body.augment_examples,
+        }
+        clf = self._compile(config)  # embed before registering, so a deployed id always classifies
+        if body.deployed_id is None:
+            deployed_id, message = self.registry.new_id(), "New model deployed."
+        elif self.registry.get(body.deployed_id) is not None:
+            deployed_id, message = body.deployed_id, "Model updated."
+        else:
+            deployed_id = self.registry.new_id()
+            message = f"{body.deployed_id} model not found. Generated new model."
+        dep, _ = self.registry.put(deployed_id, "classifier", config)
+        self._compiled[deployed_id] = (dep.version, clf)
+        return DeployResponse(deployed_id=deployed_id, message=message)
+
+    @app.post("/classify", response_model=ClassifyResult | list[ClassifyResult])
+    async def classify(
+        self, request: Request, deployed_id: Annotated[str, Query(max_length=128)]
+    ) -> dict[str, Any] | list[dict[str, Any]]:
+        """Classify one image (an object back) or several (a list back), multipart field ``data``."""
+        clf = await anyio.to_thread.run_sync(self._classifier, deployed_id)
+        blobs = await _image_files(request)
+        emb = await self._embed_images(blobs)
+        results = await anyio.to_thread.run_sync(score_images, emb, clf)
+        return results[0] if len(results) == 1 else results
+
+    @app.get("/model_config")
+    def model_config(self, deployed_id: Annotated[str, Query(max_length=128)]) -> dict[str, Any]:
+        """The deployed configuration, as it was deployed."""
+        dep = self.registry.get(deployed_id)
+        if dep is None:
+            raise ApiError(400, "Key not found")
+        return {"deployed_id": dep.id, "kind": dep.kind, **dep.config}
+
+    @app.get("/deployments")
+    def list_deployments(self) -> dict[str, Any]:
+        """Every deployment with its kind, class count and timestamps."""
+        out = []
+        for d in self.registry.list():
+            key = "classifier_configs" if d.kind == "classifier" else "detector_configs"
+            out.append(
+                {
+                    "deployed_id": d.id,
+                    "kind": d.kind,
+                    "n_classes": len(d.config.get(key, [])),
+                    "version": d.version,
+                    "created_at": d.created_at,
+                    "updated_at": d.updated_at,
+                }
+            )
+        return {"deployments": out}
+
+    @app.delete("/deployments/{deployed_id}")
+    def delete_deployment(self, deployed_id: str) -> DeployResponse:
+        """Delete a deployment; its cached example embeddings stay (other classifiers may share them)."""
+        if not self.registry.delete(deployed_id):
+            raise ApiError(400, "Key not found")
+        self._compiled.pop(deployed_id, None)
+        return DeployResponse(deployed_id=deployed_id, message="Model deleted.")
+
+    @app.post("/embed_text", response_model=EmbeddingsResponse)
+    def embed_text(self, body: EmbedTextRequest) -> dict[str, Any]:
+        """Text embeddings exactly as classifiers use them (cached; templates averaged if augment_examples)."""
+        if not body.texts:
+            return {"embeddings": []}
+        if any(not t.strip() for t in body.texts):
+            raise ApiError(422, "Texts must not be empty.")
+        vecs = self._embed_examples(body.texts, body.augment_examples)
+        return {"embeddings": vecs.tolist()}
+
+    @app.post("/embed_image", response_model=EmbeddingsResponse)
+    async def embed_image(self, request: Request) -> dict[str, Any]:
+        """Image embeddings exactly as classifiers use them; multipart field ``data``, one or more files."""
+        blobs = await _image_files(request)
+        emb = await self._embed_images(blobs)
+        return {"embeddings": emb.tolist()}
+
+    @app.get("/healthz_models")
+    async def healthz_models(self) -> dict[str, Any]:
+        """The loaded models' ids and preprocessing (also warms the encoders up)."""
+        image_info, text_info = await asyncio.gather(
+            self.image_encoder.to_async.info(), self.text_encoder.to_async.info()
+        )
+        return {"image": image_info, "text": text_info}
