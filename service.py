@@ -18,7 +18,6 @@ import numpy as np
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from PIL import Image
 from prometheus_client import Counter
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import UploadFile
@@ -264,8 +263,8 @@ class ZeroShot:
     def _decode_to_pixels(self, blobs: list[bytes]) -> np.ndarray:
         pre = self._image_preprocess()
         pixels = []
-        for i, blob in enumerate(blobs):
-            img: Image.Image = decode_image(blob, max_pixels=self.settings.max_image_pixels, draft_size=pre.draft_size)
+        for blob in blobs:
+            img = decode_image(blob, max_pixels=self.settings.max_image_pixels, draft_size=pre.draft_size)
             pixels.append(pre.to_pixels(img))
         return np.stack(pixels)
 

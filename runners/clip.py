@@ -308,23 +308,16 @@ def load_clip_encoder(settings: Settings, towers: str = "both") -> ClipEncoder:
         force_preprocess_cfg=spec.preprocess_override or None,
     )
     model.eval()
+    # Read the preprocessing before a tower is dropped: it travels with the model's config and weights.
+    pp_cfg = open_clip.get_model_preprocess_cfg(model)
     # The tower a service does not use is dropped to halve its memory.
     if towers == "image":
         for attr in ("transformer", "token_embedding", "ln_final", "text"):
-            if hasattr(model, attr) and attr != "visual":
+            if hasattr(model, attr):
                 setattr(model, attr, None)
     elif towers == "text":
         model.visual = None  # type: ignore[assignment]
     dtype = torch.float16 if (device.type == "cuda" and settings.fp16) else torch.float32
     model = model.to(device=device, dtype=dtype)
-    pp_cfg = getattr(model.visual, "preprocess_cfg", None) if model.visual is not None else None
-    if pp_cfg is None:
-        pp_cfg = open_clip.get_model_preprocess_cfg(model) if model.visual is not None else None
-    if pp_cfg is None:  # text-only: preprocessing is unused, keep a placeholder from open_clip's defaults
-        from open_clip.transform import PreprocessCfg
-
-        from dataclasses import asdict
-
-        pp_cfg = asdict(PreprocessCfg())
     tokenizer = open_clip.get_tokenizer(spec.name)
     return ClipEncoder(model, tokenizer, Preprocess.from_open_clip(pp_cfg), spec.model_id, device, dtype)

@@ -60,9 +60,9 @@ def test_vectorised_matches_reference_on_random_classes() -> None:
         for _ in range(n_cls):
             p = int(torch.randint(1, 4, (1,), generator=g))
             n = int(torch.randint(0, 3, (1,), generator=g))
-            classes.append(
-                (F.normalize(torch.randn(p, 8, generator=g), dim=-1), F.normalize(torch.randn(n, 8, generator=g), dim=-1))
-            )
+            pos = F.normalize(torch.randn(p, 8, generator=g), dim=-1)
+            neg = F.normalize(torch.randn(n, 8, generator=g), dim=-1)
+            classes.append((pos, neg))
         images = F.normalize(torch.randn(5, 8, generator=g), dim=-1)
         clf = compile_classifier([str(i) for i in range(n_cls)], [c[0] for c in classes], [c[1] for c in classes])
         raw = raw_scores(images, clf)

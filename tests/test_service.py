@@ -1,0 +1,237 @@
+"""The HTTP API through a real `bentoml serve` of the tiny random-weight model."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.conftest import ClipFiles, Server, clip_env, jpeg_bytes, png_bytes, running_server
+
+pytestmark = pytest.mark.server
+
+CLASSES = [
+    {"name": "cat", "examples_to_include": ["cat", "kitten"], "examples_to_exclude": ["cartoon cat"]},
+    {"name": "car", "examples_to_include": ["car"], "examples_to_exclude": []},
+    {"name": "tree", "examples_to_include": ["tree", "oak", "pine"], "examples_to_exclude": ["bush", "shrub"]},
+]
+
+
+def deploy(client: httpx.Client, classes: list[dict[str, Any]] = CLASSES, **extra: Any) -> dict[str, Any]:
+    r = client.post("/deploy_classifier", json={"classifier_configs": classes, **extra})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def files(*blobs: bytes) -> list[tuple[str, tuple[str, bytes, str]]]:
+    return [("data", (f"img{i}.jpg", b, "image/jpeg")) for i, b in enumerate(blobs)]
+
+
+def assert_error(r: httpx.Response, status: int, message: str | None = None) -> None:
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert body["status_code"] == status and body["data"] is None
+    if message is not None:
+        assert message in body["message"], body["message"]
+
+
+def two_stage(image: np.ndarray, classes: list[dict[str, Any]], vec: dict[str, np.ndarray]) -> dict[str, float]:
+    """The rule recomputed plainly from the service's own embeddings."""
+    out = {}
+    for c in classes:
+        cands = [((1 + float(image @ vec[t])) / 2, True) for t in c["examples_to_include"]]
+        cands += [((1 + float(image @ vec[t])) / 2, False) for t in c["examples_to_exclude"]]
+        best = max(d for d, _ in cands)
+        positive = any(p for d, p in cands if d == best)
+        out[c["name"]] = best if positive else 1 - best
+    return out
+
+
+def test_deploy_messages(server: Server) -> None:
+    with server.client() as c:
+        first = deploy(c)
+        assert first["message"] == "New model deployed."
+        again = deploy(c, deployed_id=first["deployed_id"])
+        assert again == {"deployed_id": first["deployed_id"], "message": "Model updated."}
+        missing = deploy(c, deployed_id="no-such-id")
+        assert missing["message"] == "no-such-id model not found. Generated new model."
+        assert missing["deployed_id"] != "no-such-id"
+
+
+def test_classify_shapes_single_and_many(server: Server) -> None:
+    with server.client() as c:
+        dep = deploy(c)
+        r = c.post("/classify", params={"deployed_id": dep["deployed_id"]}, files=files(jpeg_bytes(1)))
+        assert r.status_code == 200, r.text
+        one = r.json()
+        assert set(one) == {"scores", "pred", "raw_scores"}
+        assert set(one["scores"]) == {"cat", "car", "tree"}
+        assert sum(one["scores"].values()) == pytest.approx(1.0, abs=1e-5)
+        assert one["pred"] == max(one["raw_scores"], key=one["raw_scores"].get)
+        r = c.post("/classify", params={"deployed_id": dep["deployed_id"]}, files=files(jpeg_bytes(1), png_bytes(2)))
+        many = r.json()
+        assert isinstance(many, list) and len(many) == 2
+        assert many[0]["raw_scores"] == pytest.approx(one["raw_scores"], abs=1e-6)
+
+
+@pytest.mark.parametrize("augment", [True, False])
+def test_raw_scores_equal_rule_recomputed_from_embedding_routes(server: Server, augment: bool) -> None:
+    with server.client() as c:
+        dep = deploy(c, augment_examples=augment)
+        texts = sorted({t for cl in CLASSES for t in cl["examples_to_include"] + cl["examples_to_exclude"]})
+        r = c.post("/embed_text", json={"texts": texts, "augment_examples": augment})
+        vec = dict(zip(texts, np.asarray(r.json()["embeddings"], dtype=np.float64)))
+        blobs = [jpeg_bytes(s, size=(80 + s, 60)) for s in range(4)]
+        img = np.asarray(c.post("/embed_image", files=files(*blobs)).json()["embeddings"], dtype=np.float64)
+        assert img.shape == (4, 32)
+        np.testing.assert_allclose(np.linalg.norm(img, axis=1), 1.0, atol=1e-5)
+        got = c.post("/classify", params={"deployed_id": dep["deployed_id"]}, files=files(*blobs)).json()
+        for k in range(4):
+            expected = two_stage(img[k], CLASSES, vec)
+            assert got[k]["raw_scores"] == pytest.approx(expected, abs=1e-5)
+
+
+def test_augment_changes_text_embeddings(server: Server) -> None:
+    with server.client() as c:
+        raw = c.post("/embed_text", json={"texts": ["a cat"], "augment_examples": False}).json()["embeddings"]
+        aug = c.post("/embed_text", json={"texts": ["a cat"], "augment_examples": True}).json()["embeddings"]
+        assert not np.allclose(raw, aug)
+        assert c.post("/embed_text", json={"texts": []}).json() == {"embeddings": []}
+
+
+def test_model_config_list_and_delete(server: Server) -> None:
+    with server.client() as c:
+        dep = deploy(c, augment_examples=False)
+        cfg = c.get("/model_config", params={"deployed_id": dep["deployed_id"]}).json()
+        assert cfg["deployed_id"] == dep["deployed_id"] and cfg["kind"] == "classifier"
+        assert cfg["augment_examples"] is False
+        assert [x["name"] for x in cfg["classifier_configs"]] == ["cat", "car", "tree"]
+        listed = {d["deployed_id"]: d for d in c.get("/deployments").json()["deployments"]}
+        assert listed[dep["deployed_id"]]["n_classes"] == 3
+        assert c.delete(f"/deployments/{dep['deployed_id']}").json()["message"] == "Model deleted."
+        assert_error(c.get("/model_config", params={"deployed_id": dep["deployed_id"]}), 400, "Key not found")
+        r = c.post("/classify", params={"deployed_id": dep["deployed_id"]}, files=files(jpeg_bytes()))
+        assert_error(r, 400, "Key not found")
+        assert_error(c.delete(f"/deployments/{dep['deployed_id']}"), 400, "Key not found")
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "message"),
+    [
+        ({"classifier_configs": []}, 422, "Class list is empty."),
+        ({"classifier_configs": [{"name": "a"}]}, 422, "'a' has no examples_to_include"),
+        ({"classifier_configs": [{"name": "a", "examples_to_include": []}]}, 422, "'a' has no examples_to_include"),
+        ({"classifier_configs": [{"examples_to_include": ["x"]}]}, 422, "classifier_configs.0.name"),
+        ({"classifier_configs": "cats"}, 422, "classifier_configs"),
+        ({}, 422, "classifier_configs"),
+        (
+            {"classifier_configs": [{"name": "a", "examples_to_include": ["x"]}] * 2},
+            422,
+            "Duplicate class name",
+        ),
+        ({"classifier_configs": [{"name": "a", "examples_to_include": ["  "]}]}, 422, "empty example"),
+    ],
+)
+def test_deploy_errors(server: Server, body: dict[str, Any], status: int, message: str) -> None:
+    with server.client() as c:
+        assert_error(c.post("/deploy_classifier", json=body), status, message)
+
+
+def test_deploy_malformed_json(server: Server) -> None:
+    with server.client() as c:
+        r = c.post("/deploy_classifier", content=b"{not json", headers={"content-type": "application/json"})
+        assert_error(r, 422)
+
+
+@pytest.mark.parametrize(
+    "blob",
+    [b"", b"not an image at all", jpeg_bytes()[:200], png_bytes()[:60]],
+    ids=["empty", "text", "truncated-jpeg", "truncated-png"],
+)
+def test_classify_invalid_image(server: Server, blob: bytes) -> None:
+    with server.client() as c:
+        dep = deploy(c)
+        r = c.post("/classify", params={"deployed_id": dep["deployed_id"]}, files=files(blob))
+        assert_error(r, 422, "Invalid image received, unable to open.")
+        # The service keeps serving after bad input.
+        ok = c.post("/classify", params={"deployed_id": dep["deployed_id"]}, files=files(jpeg_bytes()))
+        assert ok.status_code == 200
+
+
+def test_classify_request_errors(server: Server) -> None:
+    with server.client() as c:
+        dep = deploy(c)
+        assert_error(c.post("/classify", params={"deployed_id": "nope"}, files=files(jpeg_bytes())), 400, "Key not")
+        assert_error(c.post("/classify", files=files(jpeg_bytes())), 422, "deployed_id")
+        r = c.post("/classify", params={"deployed_id": dep["deployed_id"]}, json={"data": "x"})
+        assert_error(r, 422, "multipart/form-data")
+        r = c.post("/classify", params={"deployed_id": dep["deployed_id"]}, data={"other": "x"}, files={"f": b"x"})
+        assert_error(r, 422, "field 'data'")
+
+
+def test_concurrent_requests_are_batched(server: Server) -> None:
+    def count_and_bucket1() -> tuple[float, float]:
+        lines = server.metric_lines("bentoml_service_adaptive_batch_size")
+        total = sum(float(ln.rsplit(" ", 1)[1]) for ln in lines if "_count" in ln and "encode_pixels" in ln)
+        ones = sum(
+            float(ln.rsplit(" ", 1)[1])
+            for ln in lines
+            if "_bucket" in ln and 'le="1.0"' in ln and "encode_pixels" in ln
+        )
+        return total, ones
+
+    before_total, before_ones = count_and_bucket1()
+    blob = jpeg_bytes(7, size=(640, 480))
+
+    def one(_: int) -> int:
+        with httpx.Client(base_url=server.url, timeout=120) as c:
+            return c.post("/embed_image", files=files(blob)).status_code
+
+    # Several rounds: the dispatcher's first dispatches are warm-up singles.
+    for _ in range(6):
+        with cf.ThreadPoolExecutor(16) as pool:
+            assert set(pool.map(one, range(32))) == {200}
+        total, ones = count_and_bucket1()
+        if (total - before_total) > (ones - before_ones):
+            break
+    total, ones = count_and_bucket1()
+    assert total - before_total > 0
+    assert (total - before_total) > (ones - before_ones), "no batch larger than 1 was formed"
+
+
+def test_openapi_lists_the_routes(server: Server) -> None:
+    spec = httpx.get(server.url + "/openapi.json", timeout=30).json()
+    routes = {(p, m) for p, ops in spec["paths"].items() for m in ops}
+    expected = {
+        ("/deploy_classifier", "post"),
+        ("/classify", "post"),
+        ("/model_config", "get"),
+        ("/deployments", "get"),
+        ("/deployments/{deployed_id}", "delete"),
+        ("/embed_text", "post"),
+        ("/embed_image", "post"),
+    }
+    assert expected <= routes
+
+
+def test_restart_classifies_with_zero_text_encodes(tiny_clip: ClipFiles, tmp_path: Path) -> None:
+    env = clip_env(tiny_clip, tmp_path / "data")
+    blob = jpeg_bytes(3)
+    with running_server(env, tmp_path / "first.log") as srv:
+        with srv.client() as c:
+            dep = deploy(c)
+            before = c.post("/classify", params={"deployed_id": dep["deployed_id"]}, files=files(blob)).json()
+        assert srv.metric("zss_text_examples_encoded_total") > 0
+    with running_server(env, tmp_path / "second.log") as srv:
+        with srv.client() as c:
+            after = c.post("/classify", params={"deployed_id": dep["deployed_id"]}, files=files(blob)).json()
+            # Redeploying the same examples hits the cache too.
+            deploy(c, deployed_id=dep["deployed_id"])
+        assert after["raw_scores"] == pytest.approx(before["raw_scores"], abs=1e-6)
+        assert srv.metric("zss_text_examples_encoded_total") == 0
+        assert srv.metric("zss_text_prompts_encoded_total") == 0
+        assert srv.metric("zss_embedding_cache_hits_total") > 0
