@@ -10,25 +10,29 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from typing import Annotated, Any
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
 
 import anyio.to_thread
 import bentoml
 import numpy as np
-from fastapi import FastAPI, Query, Request
+from fastapi import FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import Counter
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cache.embeddings import EmbeddingCache
 from cache.registry import Registry
 from runners.clip import Preprocess
 from runners.clip_service import ClipImageEncoder, ClipTextEncoder
 from runners.engine import TextEmbedder, compile_classes, parse_classes, score_images
-from runners.images import ImageInputError, decode_image
+from runners.images import ImageInputError, decode_base64_image, decode_image
+from runners.photofield import encode_embedding
+from runners.urlfetch import fetch_image_url, parse_allow_hosts
 from semantic.classify import CompiledClassifier
 from settings import Settings, get_settings
 
@@ -76,6 +80,33 @@ class ClassifyResult(BaseModel):
     scores: dict[str, float]
     pred: str
     raw_scores: dict[str, float]
+
+
+class PhotofieldTextRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # photofield may add fields; only texts matter
+    texts: list[str] = Field(max_length=10_000)
+
+
+class PhotofieldEmbedding(BaseModel):
+    embedding_f16_b64: str
+    embedding_inv_norm_f16_uint16: int
+
+
+class PhotofieldText(PhotofieldEmbedding):
+    text: str
+
+
+class PhotofieldImage(PhotofieldEmbedding):
+    field: str
+    filename: str | None
+
+
+class PhotofieldTextResponse(BaseModel):
+    texts: list[PhotofieldText]
+
+
+class PhotofieldImageResponse(BaseModel):
+    images: list[PhotofieldImage]
 
 
 class ErrorResponse(BaseModel):
@@ -162,23 +193,156 @@ def _validate_classes(configs: list[ClassifierConfig]) -> None:
                 raise ApiError(422, f"Class {c.name!r} has an empty example.")
 
 
-async def _image_files(request: Request, field: str = "data") -> list[bytes]:
-    ctype = request.headers.get("content-type", "")
-    if not ctype.startswith("multipart/form-data"):
-        raise ApiError(422, f"Expected multipart/form-data with one or more image files in field '{field}'.")
-    try:
-        form = await request.form(max_files=1000, max_fields=1000)
-    except Exception as exc:  # malformed multipart framing
-        raise ApiError(422, f"Malformed multipart body: {exc}") from exc
-    items = form.getlist(field)
-    if not items:
-        raise ApiError(422, f"No image file in field '{field}'.")
-    out: list[bytes] = []
-    for item in items:
-        if not isinstance(item, UploadFile):
-            raise ApiError(422, f"Field '{field}' must carry image files.")
-        out.append(await item.read())
-    return out
+MAX_IMAGES_PER_REQUEST = 256
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": why}
+    for code, why in (
+        (400, "Unknown deployed_id, or a refused image URL"),
+        (413, "Body, image or image count over the limits"),
+        (422, "Malformed request or an image that cannot be opened"),
+        (503, "Encoder overloaded"),
+    )
+}
+# A path the mounted app never sees (e.g. with a raw newline) gets BentoML's own plain-text 404.
+_ERRORS[404] = {
+    "model": ErrorResponse,
+    "description": "No such route",
+    "content": {"text/plain": {"schema": {"type": "string"}}},
+}
+
+
+def _image_body(field: str | None) -> dict[str, Any]:
+    """OpenAPI description of the image forms the parser accepts (the route reads the body itself)."""
+    name = field or "any field name"
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "properties": {
+                            (field or "file"): {"type": "array", "items": {"type": "string", "format": "binary"}}
+                        },
+                        "required": [field or "file"],
+                    },
+                    "encoding": {(field or "file"): {"contentType": "image/*"}},
+                },
+                "application/json": {
+                    "schema": {
+                        "type": "object",
+                        "properties": {
+                            "data": {
+                                "description": "base64 image(s) or data: URI(s)",
+                                "anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}],
+                            },
+                            "url": {
+                                "description": "image URL(s); only when the server enables URL fetching",
+                                "anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}],
+                            },
+                        },
+                        "additionalProperties": False,
+                    }
+                },
+            },
+            "description": f"Image files in multipart field '{name}', or JSON with base64 data / URLs.",
+        }
+    }
+
+
+@dataclass(frozen=True)
+class ImageSource:
+    """One image as the client sent it: uploaded bytes, a base64 string, or a URL."""
+
+    kind: Literal["bytes", "base64", "url"]
+    value: bytes | str
+    field: str = "data"
+    filename: str | None = None
+
+
+def _as_list(value: Any, name: str) -> list[str]:
+    items = value if isinstance(value, list) else [value]
+    if not all(isinstance(v, str) for v in items):
+        raise ApiError(422, f"Field '{name}' must be a string or a list of strings.")
+    return items
+
+
+async def image_sources(request: Request, field: str | None = "data") -> list[ImageSource]:
+    """Images from multipart (files, or URL / base64 strings) or from a JSON body {"data": b64 | [...], "url": ...}.
+
+    ``field=None`` takes every multipart field (photofield clients name their fields freely).
+    """
+    ctype = request.headers.get("content-type", "").lower()
+    sources: list[ImageSource] = []
+    if ctype.startswith("multipart/form-data"):
+        try:
+            form = await request.form(max_files=MAX_IMAGES_PER_REQUEST, max_fields=MAX_IMAGES_PER_REQUEST)
+        except Exception as exc:  # malformed framing, too many parts
+            raise ApiError(422, f"Malformed multipart body: {exc}") from exc
+        items = form.multi_items() if field is None else [(field, v) for v in form.getlist(field)]
+        for name, item in items:
+            if isinstance(item, UploadFile):
+                sources.append(ImageSource("bytes", await item.read(), name, item.filename))
+            elif item.strip().lower().startswith(("http://", "https://")):
+                sources.append(ImageSource("url", item.strip(), name))
+            else:
+                sources.append(ImageSource("base64", item, name))
+    elif ctype.startswith("application/json"):
+        try:
+            body = await request.json()
+        except ValueError as exc:
+            raise ApiError(422, "Invalid JSON body.") from exc
+        if not isinstance(body, dict) or not set(body) <= {"data", "url"}:
+            raise ApiError(422, 'JSON body must be an object with "data" (base64 images) and/or "url" (image URLs).')
+        sources += [ImageSource("base64", v) for v in _as_list(body.get("data", []), "data")]
+        sources += [ImageSource("url", v, "url") for v in _as_list(body.get("url", []), "url")]
+    else:
+        raise ApiError(
+            422,
+            f"Expected multipart/form-data with image files in field '{field or 'any'}', or a JSON body with "
+            '"data" (base64) or "url".',
+        )
+    if not sources:
+        raise ApiError(422, f"No image in field '{field}'." if field else "No image in the request.")
+    if len(sources) > MAX_IMAGES_PER_REQUEST:
+        raise ApiError(413, f"Too many images in one request (limit {MAX_IMAGES_PER_REQUEST}).")
+    return sources
+
+
+class BodyLimit:
+    """Refuse request bodies over ``max_bytes`` with 413, by Content-Length and while streaming."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope.get("headers", [])).get(b"content-length")
+        too_big = JSONResponse(
+            {"status_code": 413, "message": f"Request body over {self.max_bytes} bytes.", "data": None},
+            status_code=413,
+        )
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            await too_big(scope, receive, send)
+            return
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise ApiError(413, f"Request body over {self.max_bytes} bytes.")
+            return message
+
+        await self.app(scope, counted, send)
+
+
+app.add_middleware(BodyLimit, max_bytes=get_settings().max_body_bytes)
 
 
 @bentoml.asgi_app(app, path="/")
@@ -260,21 +424,35 @@ class ZeroShot:
             self._compiled[deployed_id] = (dep.version, clf)
             return clf
 
-    def _decode_to_pixels(self, blobs: list[bytes]) -> np.ndarray:
-        pre = self._image_preprocess()
-        pixels = []
-        for blob in blobs:
-            img = decode_image(blob, max_pixels=self.settings.max_image_pixels, draft_size=pre.draft_size)
-            pixels.append(pre.to_pixels(img))
-        return np.stack(pixels)
+    def _load_image(self, src: ImageSource, draft: int) -> Any:
+        st = self.settings
+        if src.kind == "bytes":
+            return decode_image(src.value, max_pixels=st.max_image_pixels, draft_size=draft)  # type: ignore[arg-type]
+        if src.kind == "base64":
+            return decode_base64_image(
+                str(src.value), max_pixels=st.max_image_pixels, draft_size=draft, max_bytes=st.max_body_bytes
+            )
+        if not st.allow_url_fetch:
+            raise ApiError(400, "Image URLs are disabled on this server (set ZSS_ALLOW_URL_FETCH=true to enable).")
+        blob = fetch_image_url(
+            str(src.value),
+            allow_hosts=parse_allow_hosts(st.url_allow_hosts),
+            timeout_s=st.url_timeout_s,
+            max_bytes=st.max_body_bytes,
+        )
+        return decode_image(blob, max_pixels=st.max_image_pixels, draft_size=draft)
 
-    async def _embed_images(self, blobs: list[bytes]) -> np.ndarray:
-        pixels = await anyio.to_thread.run_sync(self._decode_to_pixels, blobs)
+    def _decode_to_pixels(self, sources: list[ImageSource]) -> np.ndarray:
+        pre = self._image_preprocess()
+        return np.stack([pre.to_pixels(self._load_image(src, pre.draft_size)) for src in sources])
+
+    async def _embed_images(self, sources: list[ImageSource]) -> np.ndarray:
+        pixels = await anyio.to_thread.run_sync(self._decode_to_pixels, sources)
         out = await self.image_encoder.to_async.encode_pixels(pixels)
         return np.asarray(out, dtype=np.float32)
 
     # -- routes -----------------------------------------------------------------------------------------------
-    @app.post("/deploy_classifier", response_model=DeployResponse)
+    @app.post("/deploy_classifier", response_model=DeployResponse, responses=_ERRORS)
     def deploy_classifier(self, body: DeployClassifierRequest) -> DeployResponse:
         """Deploy (or update) a classifier defined by example texts; examples are embedded now, once."""
         _validate_classes(body.classifier_configs)
@@ -294,18 +472,22 @@ class ZeroShot:
         self._compiled[deployed_id] = (dep.version, clf)
         return DeployResponse(deployed_id=deployed_id, message=message)
 
-    @app.post("/classify", response_model=ClassifyResult | list[ClassifyResult])
+    @app.post(
+        "/classify",
+        response_model=ClassifyResult | list[ClassifyResult],
+        responses=_ERRORS,
+        openapi_extra=_image_body("data"),
+    )
     async def classify(
         self, request: Request, deployed_id: Annotated[str, Query(max_length=128)]
     ) -> dict[str, Any] | list[dict[str, Any]]:
         """Classify one image (an object back) or several (a list back), multipart field ``data``."""
         clf = await anyio.to_thread.run_sync(self._classifier, deployed_id)
-        blobs = await _image_files(request)
-        emb = await self._embed_images(blobs)
+        emb = await self._embed_images(await image_sources(request))
         results = await anyio.to_thread.run_sync(score_images, emb, clf)
         return results[0] if len(results) == 1 else results
 
-    @app.get("/model_config")
+    @app.get("/model_config", responses=_ERRORS)
     def model_config(self, deployed_id: Annotated[str, Query(max_length=128)]) -> dict[str, Any]:
         """The deployed configuration, as it was deployed."""
         dep = self.registry.get(deployed_id)
@@ -331,15 +513,17 @@ class ZeroShot:
             )
         return {"deployments": out}
 
-    @app.delete("/deployments/{deployed_id}")
-    def delete_deployment(self, deployed_id: str) -> DeployResponse:
+    @app.delete("/deployments/{deployed_id}", responses=_ERRORS)
+    def delete_deployment(
+        self, deployed_id: Annotated[str, Path(pattern=r"^[A-Za-z0-9_.:-]{1,128}$")]
+    ) -> DeployResponse:
         """Delete a deployment; its cached example embeddings stay (other classifiers may share them)."""
         if not self.registry.delete(deployed_id):
             raise ApiError(400, "Key not found")
         self._compiled.pop(deployed_id, None)
         return DeployResponse(deployed_id=deployed_id, message="Model deleted.")
 
-    @app.post("/embed_text", response_model=EmbeddingsResponse)
+    @app.post("/embed_text", response_model=EmbeddingsResponse, responses=_ERRORS)
     def embed_text(self, body: EmbedTextRequest) -> dict[str, Any]:
         """Text embeddings exactly as classifiers use them (cached; templates averaged if augment_examples)."""
         if not body.texts:
@@ -349,12 +533,35 @@ class ZeroShot:
         vecs = self._embed_examples(body.texts, body.augment_examples)
         return {"embeddings": vecs.tolist()}
 
-    @app.post("/embed_image", response_model=EmbeddingsResponse)
+    @app.post("/embed_image", response_model=EmbeddingsResponse, responses=_ERRORS, openapi_extra=_image_body("data"))
     async def embed_image(self, request: Request) -> dict[str, Any]:
         """Image embeddings exactly as classifiers use them; multipart field ``data``, one or more files."""
-        blobs = await _image_files(request)
-        emb = await self._embed_images(blobs)
+        emb = await self._embed_images(await image_sources(request))
         return {"embeddings": emb.tolist()}
+
+    @app.post("/text-embeddings", response_model=PhotofieldTextResponse, responses=_ERRORS)
+    def photofield_text_embeddings(self, body: PhotofieldTextRequest) -> dict[str, Any]:
+        """photofield-compatible text embeddings (float16 little-endian base64 + inverse norm as float16 bits)."""
+        if any(not t.strip() for t in body.texts):
+            raise ApiError(422, "Texts must not be empty.")
+        vecs = self._embed_examples(body.texts, False) if body.texts else np.zeros((0, 0), np.float32)
+        return {"texts": [{"text": t, **encode_embedding(v)} for t, v in zip(body.texts, vecs)]}
+
+    @app.post(
+        "/image-embeddings",
+        response_model=PhotofieldImageResponse,
+        responses=_ERRORS,
+        openapi_extra=_image_body(None),
+    )
+    async def photofield_image_embeddings(self, request: Request) -> dict[str, Any]:
+        """photofield-compatible image embeddings; multipart files under any field names."""
+        sources = await image_sources(request, field=None)
+        emb = await self._embed_images(sources)
+        return {
+            "images": [
+                {"field": src.field, "filename": src.filename, **encode_embedding(v)} for src, v in zip(sources, emb)
+            ]
+        }
 
     @app.get("/healthz_models")
     async def healthz_models(self) -> dict[str, Any]:
