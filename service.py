@@ -16,9 +16,11 @@ from typing import Annotated, Any, Literal
 import anyio.to_thread
 import bentoml
 import numpy as np
+import torch
 from fastapi import FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from PIL import Image
 from prometheus_client import Counter
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import UploadFile
@@ -29,11 +31,21 @@ from cache.embeddings import EmbeddingCache
 from cache.registry import Registry
 from runners.clip import Preprocess
 from runners.clip_service import ClipImageEncoder, ClipTextEncoder
-from runners.engine import TextEmbedder, compile_classes, parse_classes, score_images
+from runners.engine import (
+    CompiledDetector,
+    TextEmbedder,
+    compile_classes,
+    compile_detector,
+    parse_classes,
+    score_detections,
+    score_images,
+)
 from runners.images import ImageInputError, decode_base64_image, decode_image
+from runners.owl_service import OwlDetectorEncoder, unpack
 from runners.photofield import encode_embedding
 from runners.urlfetch import fetch_image_url, parse_allow_hosts
 from semantic.classify import CompiledClassifier
+from semantic.templates_detect import DETECTION_TEMPLATE_VERSION, DETECTION_TEMPLATES
 from settings import Settings, get_settings
 
 log = logging.getLogger("zss.api")
@@ -65,6 +77,24 @@ class DeployClassifierRequest(_Body):
 class DeployResponse(BaseModel):
     deployed_id: str
     message: str
+
+
+class DetectorConfig(ClassifierConfig):
+    detection_threshold: float = Field(default=0.1, ge=0.0, le=1.0)
+
+
+class DeployDetectorRequest(_Body):
+    detector_configs: list[DetectorConfig]
+    deployed_id: str | None = Field(default=None, max_length=128)
+    nms_threshold: float = Field(default=0.4, ge=0.0, le=1.0)
+    class_agnostic_nms: bool = True
+    augment_examples: bool = True
+
+
+class Detection(BaseModel):
+    tlbr: list[float] = Field(min_length=4, max_length=4)
+    score: float
+    class_: str = Field(alias="class")
 
 
 class EmbedTextRequest(_Body):
@@ -350,12 +380,17 @@ app.add_middleware(BodyLimit, max_bytes=get_settings().max_body_bytes)
 class ZeroShot:
     image_encoder = bentoml.depends(ClipImageEncoder)
     text_encoder = bentoml.depends(ClipTextEncoder)
+    detector = bentoml.depends(OwlDetectorEncoder)
 
     def __init__(self) -> None:
+        # Scoring here is small; more threads only spin against the encoders for the same cores.
+        torch.set_num_threads(1)
         self.settings: Settings = get_settings()
         self.registry = Registry(self.settings.registry_path)
         self.cache = EmbeddingCache(self.settings.cache_dir)
-        self._compiled: dict[str, tuple[int, CompiledClassifier]] = {}
+        self._compiled: dict[str, tuple[int, CompiledClassifier | CompiledDetector]] = {}
+        self._det_embedder: TextEmbedder | None = None
+        self._det_info: dict[str, Any] | None = None
         self._compile_lock = threading.Lock()
         self._embedder: TextEmbedder | None = None
         self._preprocess: Preprocess | None = None
@@ -405,24 +440,80 @@ class ZeroShot:
         EXAMPLES_ENCODED.inc(embedder.stats.misses - before[0])
         return clf
 
-    def _classifier(self, deployed_id: str) -> CompiledClassifier:
-        """The compiled classifier for an id, recompiled only when the registry's version moved."""
+    def _detector_info(self) -> dict[str, Any]:
+        with self._info_lock:
+            if self._det_info is None or not self._det_info.get("enabled"):
+                self._det_info = self.detector.info()
+            info = self._det_info
+        if not info.get("enabled"):
+            raise ApiError(503, f"Detection is unavailable: {info.get('error')}.")
+        return info
+
+    def _detector_embedder(self) -> TextEmbedder:
+        info = self._detector_info()
+        with self._info_lock:
+            if self._det_embedder is None:
+                self._det_embedder = TextEmbedder(
+                    self.cache,
+                    info["model_id"],
+                    lambda prompts: np.asarray(self.detector.encode_texts(prompts), dtype=np.float32),
+                    templates=DETECTION_TEMPLATES,
+                    template_version=DETECTION_TEMPLATE_VERSION,
+                )
+            return self._det_embedder
+
+    def _compile_detector(self, config: dict[str, Any]) -> CompiledDetector:
+        configs = config["detector_configs"]
+        embedder = self._detector_embedder()
+        before = embedder.stats.misses, embedder.stats.hits
+        det = compile_detector(
+            parse_classes(configs),
+            [float(c.get("detection_threshold", 0.1)) for c in configs],
+            embedder,
+            bool(config.get("augment_examples", True)),
+            float(config.get("nms_threshold", 0.4)),
+            bool(config.get("class_agnostic_nms", True)),
+        )
+        CACHE_MISSES.inc(embedder.stats.misses - before[0])
+        CACHE_HITS.inc(embedder.stats.hits - before[1])
+        EXAMPLES_ENCODED.inc(embedder.stats.misses - before[0])
+        return det
+
+    def _compiled_for(self, deployed_id: str, kind: str) -> Any:
+        """The compiled classifier or detector for an id, recompiled only when the registry's version moved."""
         version = self.registry.version(deployed_id)
         if version is None:
             self._compiled.pop(deployed_id, None)
             raise ApiError(400, "Key not found")
         hit = self._compiled.get(deployed_id)
         if hit is not None and hit[0] == version:
-            return hit[1]
-        with self._compile_lock:
-            dep = self.registry.get(deployed_id)
-            if dep is None:
-                raise ApiError(400, "Key not found")
-            if dep.kind != "classifier":
-                raise ApiError(400, f"{deployed_id} is a {dep.kind}, not a classifier")
-            clf = self._compile(dep.config)
-            self._compiled[deployed_id] = (dep.version, clf)
-            return clf
+            compiled = hit[1]
+        else:
+            with self._compile_lock:
+                dep = self.registry.get(deployed_id)
+                if dep is None:
+                    raise ApiError(400, "Key not found")
+                if dep.kind != kind:
+                    raise ApiError(400, f"{deployed_id} is a {dep.kind}, not a {kind}.")
+                compiled = self._compile(dep.config) if kind == "classifier" else self._compile_detector(dep.config)
+                self._compiled[deployed_id] = (dep.version, compiled)
+        expected = CompiledClassifier if kind == "classifier" else CompiledDetector
+        if not isinstance(compiled, expected):
+            raise ApiError(400, f"{deployed_id} is not a {kind}.")
+        return compiled
+
+    def _register(self, kind: str, config: dict[str, Any], requested: str | None, compiled: Any) -> DeployResponse:
+        """DirectAI's deploy semantics: new id, update of an existing id, or a new id for an unknown one."""
+        if requested is None:
+            deployed_id, message = self.registry.new_id(), "New model deployed."
+        elif self.registry.get(requested) is not None:
+            deployed_id, message = requested, "Model updated."
+        else:
+            deployed_id = self.registry.new_id()
+            message = f"{requested} model not found. Generated new model."
+        dep, _ = self.registry.put(deployed_id, kind, config)
+        self._compiled[deployed_id] = (dep.version, compiled)
+        return DeployResponse(deployed_id=deployed_id, message=message)
 
     def _load_image(self, src: ImageSource, draft: int) -> Any:
         st = self.settings
@@ -461,16 +552,7 @@ class ZeroShot:
             "augment_examples": body.augment_examples,
         }
         clf = self._compile(config)  # embed before registering, so a deployed id always classifies
-        if body.deployed_id is None:
-            deployed_id, message = self.registry.new_id(), "New model deployed."
-        elif self.registry.get(body.deployed_id) is not None:
-            deployed_id, message = body.deployed_id, "Model updated."
-        else:
-            deployed_id = self.registry.new_id()
-            message = f"{body.deployed_id} model not found. Generated new model."
-        dep, _ = self.registry.put(deployed_id, "classifier", config)
-        self._compiled[deployed_id] = (dep.version, clf)
-        return DeployResponse(deployed_id=deployed_id, message=message)
+        return self._register("classifier", config, body.deployed_id, clf)
 
     @app.post(
         "/classify",
@@ -482,10 +564,67 @@ class ZeroShot:
         self, request: Request, deployed_id: Annotated[str, Query(max_length=128)]
     ) -> dict[str, Any] | list[dict[str, Any]]:
         """Classify one image (an object back) or several (a list back), multipart field ``data``."""
-        clf = await anyio.to_thread.run_sync(self._classifier, deployed_id)
+        clf = await anyio.to_thread.run_sync(self._compiled_for, deployed_id, "classifier")
         emb = await self._embed_images(await image_sources(request))
         results = await anyio.to_thread.run_sync(score_images, emb, clf)
         return results[0] if len(results) == 1 else results
+
+    @app.post("/deploy_detector", response_model=DeployResponse, responses=_ERRORS)
+    def deploy_detector(self, body: DeployDetectorRequest) -> DeployResponse:
+        """Deploy (or update) a detector defined by example texts, thresholds and NMS settings."""
+        _validate_classes(body.detector_configs)  # type: ignore[arg-type]
+        config = {
+            "detector_configs": [c.model_dump() for c in body.detector_configs],
+            "nms_threshold": body.nms_threshold,
+            "class_agnostic_nms": body.class_agnostic_nms,
+            "augment_examples": body.augment_examples,
+        }
+        det = self._compile_detector(config)
+        return self._register("detector", config, body.deployed_id, det)
+
+    def _decode_for_detector(self, sources: list[ImageSource], size: int) -> list[tuple[Image.Image, float, float]]:
+        """Decode, then shrink so the longer side is at most the detector's input size (less to send and pad)."""
+        out = []
+        for src in sources:
+            img = self._load_image(src, draft=0)
+            w, h = img.size
+            factor = size / max(w, h)
+            if factor < 1.0:
+                small = img.resize((max(1, round(w * factor)), max(1, round(h * factor))), Image.Resampling.BILINEAR)
+                out.append((small, w / small.size[0], h / small.size[1]))
+            else:
+                out.append((img, 1.0, 1.0))
+        return out
+
+    @app.post(
+        "/detect",
+        response_model=list[list[Detection]],
+        responses=_ERRORS,
+        openapi_extra=_image_body("data"),
+    )
+    async def detect(
+        self, request: Request, deployed_id: Annotated[str, Query(max_length=128)]
+    ) -> list[list[dict[str, Any]]]:
+        """Detect the deployed classes: one list of {"tlbr", "score", "class"} per image, best first."""
+        info = await anyio.to_thread.run_sync(self._detector_info)
+        det = await anyio.to_thread.run_sync(self._compiled_for, deployed_id, "detector")
+        sources = await image_sources(request)
+        decoded = await anyio.to_thread.run_sync(self._decode_for_detector, sources, int(info["input_size"]))
+        packed = await self.detector.to_async.encode_images([d[0] for d in decoded])
+        packed = np.asarray(packed, dtype=np.float32)
+
+        def score() -> list[list[dict[str, Any]]]:
+            results = []
+            for one, (_, sx, sy) in zip(packed, decoded):
+                u = unpack(one)
+                results.append(
+                    score_detections(
+                        u["boxes"], u["class_embeds"], u["logit_shift"], u["logit_scale"], det, scale_xy=(sx, sy)
+                    )
+                )
+            return results
+
+        return await anyio.to_thread.run_sync(score)
 
     @app.get("/model_config", responses=_ERRORS)
     def model_config(self, deployed_id: Annotated[str, Query(max_length=128)]) -> dict[str, Any]:
@@ -566,7 +705,7 @@ class ZeroShot:
     @app.get("/healthz_models")
     async def healthz_models(self) -> dict[str, Any]:
         """The loaded models' ids and preprocessing (also warms the encoders up)."""
-        image_info, text_info = await asyncio.gather(
-            self.image_encoder.to_async.info(), self.text_encoder.to_async.info()
+        image_info, text_info, det_info = await asyncio.gather(
+            self.image_encoder.to_async.info(), self.text_encoder.to_async.info(), self.detector.to_async.info()
         )
-        return {"image": image_info, "text": text_info}
+        return {"image": image_info, "text": text_info, "detector": det_info}

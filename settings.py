@@ -32,6 +32,8 @@ class Settings:
     detector_model: str = "google/owlv2-base-patch16-ensemble"
     # Boxes kept per image by objectness before scoring.
     detector_top_k: int = 300
+    # Adaptive batching of the detector's image side.
+    detector_max_batch_size: int = 8
     # Where the deployment registry and the embedding cache live.
     data_dir: Path = Path("./.zss")
     # "cpu", "cuda", or "auto" (cuda when available).

@@ -16,6 +16,7 @@ import torch
 
 from cache.embeddings import EmbeddingCache, namespace
 from semantic.classify import CompiledClassifier, classify, compile_classifier
+from semantic.detect import box_class_scores, detect, iou_graph
 from semantic.templates import CLIP_TEMPLATES, TEMPLATE_VERSION, ensemble, expand
 
 EncodeFn = Callable[[list[str]], np.ndarray]
@@ -115,4 +116,69 @@ def score_images(image_embeddings: np.ndarray, clf: CompiledClassifier) -> list[
             "raw_scores": dict(zip(names, r)),
         }
         for r, p, k in zip(raw_l, probs_l, pred_l)
+    ]
+
+
+@dataclass(frozen=True)
+class CompiledDetector:
+    """A detector's examples as one matrix (same layout as a classifier) plus its thresholds and NMS settings."""
+
+    examples: CompiledClassifier
+    thresholds: torch.Tensor  # [C]
+    nms_threshold: float
+    class_agnostic_nms: bool
+
+
+def compile_detector(
+    classes: Sequence[ClassSpec],
+    thresholds: Sequence[float],
+    embedder: TextEmbedder,
+    augment: bool,
+    nms_threshold: float,
+    class_agnostic_nms: bool,
+) -> CompiledDetector:
+    return CompiledDetector(
+        examples=compile_classes(classes, embedder, augment),
+        thresholds=torch.tensor(list(thresholds), dtype=torch.float32),
+        nms_threshold=float(nms_threshold),
+        class_agnostic_nms=bool(class_agnostic_nms),
+    )
+
+
+def score_detections(
+    boxes: np.ndarray,
+    class_embeds: np.ndarray,
+    logit_shift: np.ndarray,
+    logit_scale: np.ndarray,
+    det: CompiledDetector,
+    scale_xy: tuple[float, float] = (1.0, 1.0),
+) -> list[dict[str, Any]]:
+    """One image's boxes -> DirectAI-shaped detections [{"tlbr", "score", "class"}], best first.
+
+    ``scale_xy`` maps box coordinates from the image the detector saw back to the original image.
+    """
+    ex = det.examples
+    b = torch.from_numpy(np.ascontiguousarray(boxes, dtype=np.float32))
+    # Boxes lying wholly in the square's padding clip to zero area: they cover no image content.
+    valid = ((b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1])).nonzero(as_tuple=True)[0]
+    b = b[valid]
+    pos, neg = box_class_scores(
+        torch.from_numpy(np.ascontiguousarray(class_embeds, dtype=np.float32))[valid],
+        ex.examples,
+        torch.from_numpy(np.ascontiguousarray(logit_shift, dtype=np.float32))[valid],
+        torch.from_numpy(np.ascontiguousarray(logit_scale, dtype=np.float32))[valid],
+        ex.example_class,
+        ex.example_positive,
+        ex.n_classes,
+    )
+    graph = iou_graph(b, det.nms_threshold)  # once per image, shared by every class
+    box_idx, cls_idx, score = detect(
+        b, pos, neg, det.thresholds, det.nms_threshold, det.class_agnostic_nms, graph=graph
+    )
+    sx, sy = scale_xy
+    scaled = (b[box_idx] * torch.tensor([sx, sy, sx, sy])).tolist()
+    names = ex.class_names
+    return [
+        {"tlbr": box, "score": s, "class": names[c]}
+        for box, s, c in zip(scaled, score.tolist(), cls_idx.tolist())
     ]

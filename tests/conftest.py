@@ -181,8 +181,17 @@ def clip_env(files: ClipFiles, data_dir: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def server(tiny_clip: ClipFiles, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """One real `bentoml serve` of the tiny model, shared by the API tests."""
+def tiny_owl(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random-weight OWLv2 saved with save_pretrained (64x64 input, 64 boxes)."""
+    from tests.owl_fixtures import build_tiny_owlv2
+
+    return build_tiny_owlv2(tmp_path_factory.mktemp("tiny-owlv2"))
+
+
+@pytest.fixture(scope="session")
+def server(tiny_clip: ClipFiles, tiny_owl: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One real `bentoml serve` of the tiny CLIP and tiny OWLv2, shared by the API tests."""
     base = tmp_path_factory.mktemp("server")
-    with running_server(clip_env(tiny_clip, base / "data"), base / "serve.log") as srv:
+    env = {**clip_env(tiny_clip, base / "data"), "ZSS_DETECTOR_MODEL": str(tiny_owl), "ZSS_DETECTOR_TOP_K": "48"}
+    with running_server(env, base / "serve.log") as srv:
         yield srv

@@ -168,6 +168,9 @@ def test_classify_request_errors(server: Server) -> None:
         assert_error(c.post("/classify", params={"deployed_id": "nope"}, files=files(jpeg_bytes())), 400, "Key not")
         assert_error(c.post("/classify", files=files(jpeg_bytes())), 422, "deployed_id")
         r = c.post("/classify", params={"deployed_id": dep["deployed_id"]}, json={"data": "x"})
+        assert_error(r, 422, "base64")
+        headers = {"content-type": "a/b"}
+        r = c.post("/classify", params={"deployed_id": dep["deployed_id"]}, content=b"x", headers=headers)
         assert_error(r, 422, "multipart/form-data")
         r = c.post("/classify", params={"deployed_id": dep["deployed_id"]}, data={"other": "x"}, files={"f": b"x"})
         assert_error(r, 422, "field 'data'")
@@ -231,6 +234,9 @@ def test_restart_classifies_with_zero_text_encodes(tiny_clip: ClipFiles, tmp_pat
             after = c.post("/classify", params={"deployed_id": dep["deployed_id"]}, files=files(blob)).json()
             # Redeploying the same examples hits the cache too.
             deploy(c, deployed_id=dep["deployed_id"])
+            # This server runs without a detector (ZSS_DETECTOR_MODEL=none): a clear 503, not a crash.
+            body = {"detector_configs": [{"name": "a", "examples_to_include": ["a"]}]}
+            assert_error(c.post("/deploy_detector", json=body), 503, "Detection is unavailable")
         assert after["raw_scores"] == pytest.approx(before["raw_scores"], abs=1e-6)
         assert srv.metric("zss_text_examples_encoded_total") == 0
         assert srv.metric("zss_text_prompts_encoded_total") == 0

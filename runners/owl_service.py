@@ -1,0 +1,101 @@
+"""The OWLv2 / OWL-ViT detector as a BentoML service with adaptive batching.
+
+Per-image outputs are packed into one float32 array [k, 7 + D] (boxes xyxy, logit shift, logit scale, objectness,
+class embedding) so a batch crosses the process boundary as a single numpy array; ``unpack`` splits it again.
+With ``ZSS_DETECTOR_MODEL=none``, or when the model cannot be loaded, the service runs without a model (no memory
+held) and reports why through ``info``; the API then answers /detect with 503 and that reason.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import bentoml
+import numpy as np
+from PIL import Image
+
+from runners.device import configure_threads
+from runners.owl import OwlDetector, load_detector
+from settings import get_settings
+
+log = logging.getLogger(__name__)
+
+_S = get_settings()
+PACKED_COLUMNS = 7  # x1, y1, x2, y2, logit_shift, logit_scale, objectness; class embedding follows
+
+
+def pack(encodings: list[dict[str, np.ndarray]]) -> np.ndarray:
+    """Per-image encodings (same k) -> [N, k, 7 + D] float32."""
+    rows = [
+        np.concatenate(
+            [
+                e["boxes"],
+                e["logit_shift"][:, None],
+                e["logit_scale"][:, None],
+                e["objectness"][:, None],
+                e["class_embeds"],
+            ],
+            axis=1,
+        )
+        for e in encodings
+    ]
+    return np.stack(rows).astype(np.float32, copy=False)
+
+
+def unpack(packed: np.ndarray) -> dict[str, np.ndarray]:
+    """One image's [k, 7 + D] -> boxes, logit_shift, logit_scale, objectness, class_embeds."""
+    return {
+        "boxes": packed[:, 0:4],
+        "logit_shift": packed[:, 4],
+        "logit_scale": packed[:, 5],
+        "objectness": packed[:, 6],
+        "class_embeds": packed[:, PACKED_COLUMNS:],
+    }
+
+
+@bentoml.service(name="owl_detector", workers=1, threads=4, traffic={"timeout": 600})
+class OwlDetectorEncoder:
+    def __init__(self) -> None:
+        settings = get_settings()
+        self.detector: OwlDetector | None = None
+        self.error: str | None = None
+        if not settings.detector_enabled:
+            self.error = "the detector is disabled on this server (ZSS_DETECTOR_MODEL=none)"
+            return
+        configure_threads(settings.torch_threads)
+        try:
+            self.detector = load_detector(settings)
+        except Exception as exc:  # serve the classifier routes even when the detector cannot load
+            self.error = f"the detector {settings.detector_model!r} could not be loaded: {type(exc).__name__}: {exc}"
+            log.error("%s", self.error)
+
+    def _require(self) -> OwlDetector:
+        if self.detector is None:
+            raise RuntimeError(self.error or "no detector")
+        return self.detector
+
+    @bentoml.api
+    def info(self) -> dict[str, Any]:
+        d = self.detector
+        if d is None:
+            return {"enabled": False, "error": self.error}
+        return {
+            "enabled": True,
+            "model_id": d.model_id,
+            "encoding_id": d.encoding_id,
+            "input_size": d.input_size,
+            "embed_dim": d.embed_dim,
+            "model_type": d.model_type,
+            "device": str(d.device),
+        }
+
+    @bentoml.api(batchable=True, batch_dim=0, max_batch_size=_S.detector_max_batch_size, max_latency_ms=600_000)
+    def encode_images(self, images: list[Image.Image]) -> np.ndarray:
+        """RGB PIL images -> packed per-box data [N, k, 7 + D], boxes in each image's own pixel coordinates."""
+        return pack(self._require().encode_images(images))
+
+    @bentoml.api(batchable=True, batch_dim=0, max_batch_size=_S.text_max_batch_size, max_latency_ms=600_000)
+    def encode_texts(self, texts: list[str]) -> np.ndarray:
+        """Prompts (templates applied by the caller) -> L2-normalised float32 query embeddings [N, D]."""
+        return self._require().encode_texts(texts)
