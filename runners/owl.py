@@ -262,5 +262,17 @@ class OwlDetector:
 
 
 def load_detector(settings: Settings) -> OwlDetector | None:
-    """The configured detector, or None when ``detector_model`` disables it."""
-    return OwlDetector.from_settings(settings) if settings.detector_enabled else None
+    """The configured detector, or None when ``detector_model`` disables it.
+
+    ``random`` builds the full-size OWLv2 base architecture with seeded random weights under the data directory
+    (benchmarks and offline smoke runs; predictions are meaningless) and loads it like any local directory.
+    """
+    if not settings.detector_enabled:
+        return None
+    if settings.detector_model.strip().lower() == "random":
+        from runners.owl_random import random_owl_dir
+
+        local = random_owl_dir(settings.data_dir, settings.random_seed)
+        log.warning("detector has RANDOM weights (%s): use it only for tests and benchmarks", local)
+        return OwlDetector(str(local), top_k=settings.detector_top_k, device=settings.device, fp16=settings.fp16)
+    return OwlDetector.from_settings(settings)
