@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
+import aiohttp
 import anyio.to_thread
 import bentoml
 import numpy as np
@@ -33,6 +35,7 @@ from runners.clip import Preprocess
 from runners.clip_service import ClipImageEncoder, ClipTextEncoder
 from runners.engine import (
     CompiledDetector,
+    EmbedStats,
     TextEmbedder,
     compile_classes,
     compile_detector,
@@ -152,6 +155,38 @@ class ApiError(Exception):
         super().__init__(message)
         self.status_code = status_code
         self.message = message
+
+
+# BentoML 1.4.39's dependency client closes its aiohttp session every 100 requests while other requests may still be
+# in flight on it, which surfaces as ServerDisconnectedError. Encoder calls are idempotent, so they are retried.
+_TRANSIENT = (aiohttp.ClientConnectionError,)
+_ATTEMPTS = 3
+
+
+async def call_encoder(method: Any, *args: Any) -> Any:
+    """``await method(*args)`` on a dependency, retrying transient connection failures; 503 if they persist."""
+    for attempt in range(1, _ATTEMPTS + 1):
+        try:
+            return await method(*args)
+        except _TRANSIENT as exc:
+            if attempt == _ATTEMPTS:
+                raise ApiError(503, "The encoder could not be reached; retry later.") from exc
+            log.warning("encoder call failed (%s: %s); retry %d", type(exc).__name__, exc, attempt)
+            await asyncio.sleep(0.05 * attempt)
+    raise AssertionError("unreachable")
+
+
+def call_encoder_sync(method: Any, *args: Any) -> Any:
+    """The same for the blocking client (used from worker threads)."""
+    for attempt in range(1, _ATTEMPTS + 1):
+        try:
+            return method(*args)
+        except _TRANSIENT as exc:
+            if attempt == _ATTEMPTS:
+                raise ApiError(503, "The encoder could not be reached; retry later.") from exc
+            log.warning("encoder call failed (%s: %s); retry %d", type(exc).__name__, exc, attempt)
+            time.sleep(0.05 * attempt)
+    raise AssertionError("unreachable")
 
 
 def _envelope(status: int, message: str) -> JSONResponse:
@@ -400,17 +435,22 @@ class ZeroShot:
     def _text_embedder(self) -> TextEmbedder:
         with self._info_lock:
             if self._embedder is None:
-                info = self.text_encoder.info()
-                self._embedder = TextEmbedder(self.cache, info["model_id"], self._encode_prompts)
+                info = call_encoder_sync(self.text_encoder.info)
+                self._embedder = TextEmbedder(
+                    self.cache, info["model_id"], self._encode_prompts, on_lookup=self._record_lookup
+                )
             return self._embedder
 
+    def _encode_detector_prompts(self, prompts: list[str]) -> np.ndarray:
+        return np.asarray(call_encoder_sync(self.detector.encode_texts, prompts), dtype=np.float32)
+
     def _encode_prompts(self, prompts: list[str]) -> np.ndarray:
-        return np.asarray(self.text_encoder.encode(prompts), dtype=np.float32)
+        return np.asarray(call_encoder_sync(self.text_encoder.encode, prompts), dtype=np.float32)
 
     def _image_preprocess(self) -> Preprocess:
         with self._info_lock:
             if self._preprocess is None:
-                p = self.image_encoder.info()["preprocess"]
+                p = call_encoder_sync(self.image_encoder.info)["preprocess"]
                 self._preprocess = Preprocess(
                     size=(int(p["size"][0]), int(p["size"][1])),
                     mean=tuple(p["mean"]),  # type: ignore[arg-type]
@@ -422,28 +462,23 @@ class ZeroShot:
             return self._preprocess
 
     # -- shared steps -----------------------------------------------------------------------------------------
-    def _embed_examples(self, texts: list[str], augment: bool) -> np.ndarray:
-        vecs, stats = self._text_embedder().embed(texts, augment)
+    @staticmethod
+    def _record_lookup(stats: EmbedStats) -> None:
         CACHE_HITS.inc(stats.hits)
         CACHE_MISSES.inc(stats.misses)
-        EXAMPLES_ENCODED.inc(stats.misses)
-        return vecs
+        EXAMPLES_ENCODED.inc(stats.examples_encoded)
+
+    def _embed_examples(self, texts: list[str], augment: bool) -> np.ndarray:
+        return self._text_embedder().embed(texts, augment)[0]
 
     def _compile(self, config: dict[str, Any]) -> CompiledClassifier:
         classes = parse_classes(config["classifier_configs"])
-        augment = bool(config.get("augment_examples", True))
-        embedder = self._text_embedder()
-        before = embedder.stats.misses, embedder.stats.hits
-        clf = compile_classes(classes, embedder, augment)
-        CACHE_MISSES.inc(embedder.stats.misses - before[0])
-        CACHE_HITS.inc(embedder.stats.hits - before[1])
-        EXAMPLES_ENCODED.inc(embedder.stats.misses - before[0])
-        return clf
+        return compile_classes(classes, self._text_embedder(), bool(config.get("augment_examples", True)))
 
     def _detector_info(self) -> dict[str, Any]:
         with self._info_lock:
             if self._det_info is None or not self._det_info.get("enabled"):
-                self._det_info = self.detector.info()
+                self._det_info = call_encoder_sync(self.detector.info)
             info = self._det_info
         if not info.get("enabled"):
             raise ApiError(503, f"Detection is unavailable: {info.get('error')}.")
@@ -456,28 +491,23 @@ class ZeroShot:
                 self._det_embedder = TextEmbedder(
                     self.cache,
                     info["model_id"],
-                    lambda prompts: np.asarray(self.detector.encode_texts(prompts), dtype=np.float32),
+                    self._encode_detector_prompts,
                     templates=DETECTION_TEMPLATES,
                     template_version=DETECTION_TEMPLATE_VERSION,
+                    on_lookup=self._record_lookup,
                 )
             return self._det_embedder
 
     def _compile_detector(self, config: dict[str, Any]) -> CompiledDetector:
         configs = config["detector_configs"]
-        embedder = self._detector_embedder()
-        before = embedder.stats.misses, embedder.stats.hits
-        det = compile_detector(
+        return compile_detector(
             parse_classes(configs),
             [float(c.get("detection_threshold", 0.1)) for c in configs],
-            embedder,
+            self._detector_embedder(),
             bool(config.get("augment_examples", True)),
             float(config.get("nms_threshold", 0.4)),
             bool(config.get("class_agnostic_nms", True)),
         )
-        CACHE_MISSES.inc(embedder.stats.misses - before[0])
-        CACHE_HITS.inc(embedder.stats.hits - before[1])
-        EXAMPLES_ENCODED.inc(embedder.stats.misses - before[0])
-        return det
 
     def _compiled_for(self, deployed_id: str, kind: str) -> Any:
         """The compiled classifier or detector for an id, recompiled only when the registry's version moved."""
@@ -539,7 +569,7 @@ class ZeroShot:
 
     async def _embed_images(self, sources: list[ImageSource]) -> np.ndarray:
         pixels = await anyio.to_thread.run_sync(self._decode_to_pixels, sources)
-        out = await self.image_encoder.to_async.encode_pixels(pixels)
+        out = await call_encoder(self.image_encoder.to_async.encode_pixels, pixels)
         return np.asarray(out, dtype=np.float32)
 
     # -- routes -----------------------------------------------------------------------------------------------
@@ -610,7 +640,7 @@ class ZeroShot:
         det = await anyio.to_thread.run_sync(self._compiled_for, deployed_id, "detector")
         sources = await image_sources(request)
         decoded = await anyio.to_thread.run_sync(self._decode_for_detector, sources, int(info["input_size"]))
-        packed = await self.detector.to_async.encode_images([d[0] for d in decoded])
+        packed = await call_encoder(self.detector.to_async.encode_images, [d[0] for d in decoded])
         packed = np.asarray(packed, dtype=np.float32)
 
         def score() -> list[list[dict[str, Any]]]:

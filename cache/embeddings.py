@@ -58,6 +58,7 @@ def cache_key(ns: str, text: str) -> str:
 class LookupStats:
     hits: int = 0
     misses: int = 0
+    encoded: int = 0  # distinct texts encoded (misses repeated within one call are encoded once)
 
 
 @dataclass
@@ -238,6 +239,7 @@ class EmbeddingCache:
         stats = LookupStats(hits=len(texts) - len(missing), misses=len(missing))
         if missing:
             todo = list(dict.fromkeys(texts[i] for i in missing))
+            stats.encoded = len(todo)
             new = np.asarray(encode(todo), dtype=np.float32)
             self.put(ns, todo, new)
             by_text = dict(zip(todo, new))

@@ -34,6 +34,7 @@ class EmbedStats:
     hits: int = 0
     misses: int = 0
     prompts_encoded: int = 0
+    examples_encoded: int = 0
 
 
 @dataclass
@@ -47,6 +48,8 @@ class TextEmbedder:
     template_version: str = TEMPLATE_VERSION
     chunk: int = 512  # prompts per encoder call, below the encoder's max batch size
     stats: EmbedStats = field(default_factory=EmbedStats)
+    # Called with each lookup's own stats (thread-safe per call, unlike deltas of the running totals).
+    on_lookup: Callable[[EmbedStats], None] | None = None
 
     def _encode_chunked(self, prompts: list[str]) -> np.ndarray:
         parts = [self.encode(prompts[i : i + self.chunk]) for i in range(0, len(prompts), self.chunk)]
@@ -71,7 +74,11 @@ class TextEmbedder:
         )
         self.stats.hits += lookup.hits
         self.stats.misses += lookup.misses
-        return vecs, EmbedStats(lookup.hits, lookup.misses, self.stats.prompts_encoded - before)
+        self.stats.examples_encoded += lookup.encoded
+        call = EmbedStats(lookup.hits, lookup.misses, self.stats.prompts_encoded - before, lookup.encoded)
+        if self.on_lookup is not None:
+            self.on_lookup(call)
+        return vecs, call
 
 
 def parse_classes(configs: Sequence[dict[str, Any]]) -> list[ClassSpec]:

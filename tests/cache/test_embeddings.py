@@ -41,7 +41,7 @@ def test_encodes_each_text_once_and_survives_restart(tmp_path: Path) -> None:
     c = EmbeddingCache(tmp_path)
     first, stats = c.get_or_encode(ns, ["a", "b", "a"], enc)
     assert enc.calls == [["a", "b"]]
-    assert (stats.hits, stats.misses) == (0, 3)
+    assert (stats.hits, stats.misses, stats.encoded) == (0, 3, 2)
     second, stats = c.get_or_encode(ns, ["b", "c"], enc)
     assert enc.calls[-1] == ["c"] and stats.hits == 1
     np.testing.assert_allclose(second[0], first[1])
