@@ -217,8 +217,17 @@ def test_openapi_lists_the_routes(server: Server) -> None:
         ("/deployments/{deployed_id}", "delete"),
         ("/embed_text", "post"),
         ("/embed_image", "post"),
+        ("/deploy_detector", "post"),
+        ("/detect", "post"),
+        ("/text-embeddings", "post"),
+        ("/image-embeddings", "post"),
     }
     assert expected <= routes
+    # Image routes document both body forms the parser accepts, and every route its error envelope.
+    for path in ("/classify", "/embed_image", "/detect"):
+        content = spec["paths"][path]["post"]["requestBody"]["content"]
+        assert {"multipart/form-data", "application/json"} <= set(content)
+        assert {"400", "413", "422"} <= set(spec["paths"][path]["post"]["responses"])
 
 
 def test_restart_classifies_with_zero_text_encodes(tiny_clip: ClipFiles, tmp_path: Path) -> None:
