@@ -1,0 +1,135 @@
+"""tools.classify_dir on generated folders with the tiny random-weight model."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import ClipFiles
+from tools import classify_dir
+from tools.classify_dir import main, parse_mapping
+
+CONFIG = {
+    "classifier_configs": [
+        {"name": "red", "examples_to_include": ["red"]},
+        {"name": "blue", "examples_to_include": ["blue"], "examples_to_exclude": ["navy"]},
+    ],
+    "augment_examples": False,
+}
+
+
+def make_folder(root: Path, n: int, seed: int = 0) -> list[Path]:
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        p = root / ("sub" if i % 2 else "") / f"img{i}.jpg"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((rng.random((40, 50, 3)) * 255).astype(np.uint8)).save(p)
+        paths.append(p)
+    return paths
+
+
+def model_args(tiny_clip: ClipFiles, tmp: Path) -> list[str]:
+    return [
+        "--model",
+        str(tiny_clip.config),
+        "--pretrained",
+        str(tiny_clip.checkpoint),
+        "--data-dir",
+        str(tmp / "d"),
+        "--quiet",
+        "--batch-size",
+        "4",
+    ]
+
+
+def read_csv(path: Path) -> list[list[str]]:
+    with open(path, newline="") as fh:
+        return list(csv.reader(fh))
+
+
+def test_classify_csv_resume_and_bad_files(tiny_clip: ClipFiles, tmp_path: Path) -> None:
+    folder = tmp_path / "imgs"
+    paths = make_folder(folder, 9)
+    (folder / "notes.jpg").write_text("this is not an image")
+    (folder / "empty.png").write_bytes(b"")
+    cfg = tmp_path / "clf.json"
+    cfg.write_text(json.dumps(CONFIG))
+    out = tmp_path / "out.csv"
+    argv = ["classify", str(cfg), str(folder), "--out", str(out), *model_args(tiny_clip, tmp_path)]
+    assert main(argv) == 0
+    rows = read_csv(out)
+    assert rows[0] == ["path", "pred", "red", "blue"]
+    assert sorted(r[0] for r in rows[1:]) == sorted(str(p) for p in paths)
+    for r in rows[1:]:
+        assert r[1] in {"red", "blue"} and float(r[2]) + float(r[3]) == pytest.approx(1.0, abs=1e-4)
+    errors = read_csv(out.with_name("out.csv.errors.csv"))
+    assert sorted(Path(e[0]).name for e in errors[1:]) == ["empty.png", "notes.jpg"]
+
+    assert main(argv) == 0  # resume: nothing new
+    assert len(read_csv(out)) == len(rows)
+    assert len(read_csv(out.with_name("out.csv.errors.csv"))) == len(errors)
+    Image.new("RGB", (30, 30), (200, 0, 0)).save(folder / "new.png")
+    assert main(argv) == 0
+    again = read_csv(out)
+    assert len(again) == len(rows) + 1 and again[-1][0] == str(folder / "new.png")
+
+
+def test_knn_on_train_equals_val_is_perfect(tiny_clip: ClipFiles, tmp_path: Path) -> None:
+    for label, seed in (("a", 1), ("b", 2), ("c", 3)):
+        make_folder(tmp_path / "data" / label, 3, seed)
+    out = tmp_path / "knn"
+    argv = ["knn", str(tmp_path / "data"), str(tmp_path / "data"), "--k", "1", "--out-dir", str(out)]
+    assert main([*argv, *model_args(tiny_clip, tmp_path)]) == 0
+    assert json.loads((out / "knn.json").read_text())["top1"] == 1.0
+    Image.open(out / "confusion.png").verify()
+
+
+def test_eval_writes_metrics_and_confusion(tiny_clip: ClipFiles, tmp_path: Path) -> None:
+    for label, seed in (("red", 1), ("blue", 2)):
+        make_folder(tmp_path / "val" / label, 4, seed)
+    cfg = tmp_path / "clf.json"
+    cfg.write_text(json.dumps(CONFIG))
+    out = tmp_path / "report"
+    assert (
+        main(
+            [
+                "eval",
+                str(tmp_path / "val"),
+                "--config",
+                str(cfg),
+                "--out-dir",
+                str(out),
+                *model_args(tiny_clip, tmp_path),
+            ]
+        )
+        == 0
+    )
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["images"] == 8 and m["top5"] == 1.0 and 0.0 <= m["top1"] <= 1.0
+    assert sum(map(sum, m["confusion"])) == 8
+    assert set(m["per_class"]) == {"red", "blue"}
+    assert "| red |" in (out / "metrics.md").read_text()
+    img = Image.open(out / "confusion.png")
+    assert img.format == "PNG" and img.size[0] > 50
+
+
+def test_metrics_known_answer() -> None:
+    m = classify_dir.metrics(["a", "a", "b", "c"], [["a", "b"], ["b", "a"], ["b", "a"], ["a", "c"]], ["a", "b", "c"])
+    assert m["top1"] == 0.5 and m["top5"] == 1.0
+    assert m["per_class"]["a"] == {"precision": 0.5, "recall": 0.5, "support": 2}
+    assert m["per_class"]["b"]["precision"] == 0.5 and m["per_class"]["c"]["recall"] == 0.0
+
+
+def test_parse_mapping(tmp_path: Path) -> None:
+    f = tmp_path / "map.txt"
+    f.write_text("n01440764 tench, Tinca tinca\nn01443537 goldfish, Carassius auratus\n\n")
+    specs = parse_mapping(f, "a photo of a {}.")
+    assert [s.name for s in specs] == ["n01440764", "n01443537"]
+    assert specs[0].include == ("a photo of a tench.", "a photo of a Tinca tinca.")
+    assert parse_mapping(f, None)[1].include == ("goldfish", "Carassius auratus")

@@ -1,0 +1,350 @@
+"""Offline batch classification and evaluation of image folders, in-process (no HTTP).
+
+Uses the service's own encoders (runners/clip.py), embedding cache (cache/) and scoring (runners/engine.py), so a
+classifier scores here exactly as it does behind /classify. The model comes from the ZSS_* settings (or --model,
+--pretrained, --data-dir).
+
+    python -m tools.classify_dir classify CLASSIFIER.json FOLDER --out results.csv
+    python -m tools.classify_dir eval FOLDER --config CLASSIFIER.json --out-dir report/
+    python -m tools.classify_dir eval FOLDER --mapping LOC_synset_mapping.txt --template "a photo of a {}." --out-dir r/
+    python -m tools.classify_dir knn TRAIN_FOLDER VAL_FOLDER --k 5 --out-dir report/
+
+CLASSIFIER.json is the body of POST /deploy_classifier. ``classify`` is resumable (paths already in the CSV are
+skipped) and writes unreadable files to ``<out>.errors.csv`` instead of stopping. Decoding and preprocessing run in a
+thread pool one batch ahead of the model, so they overlap the forward pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cache.embeddings import EmbeddingCache
+from runners.clip import ClipEncoder, load_clip_encoder
+from runners.device import configure_threads
+from runners.engine import ClassSpec, TextEmbedder, compile_classes, parse_classes, score_images
+from runners.images import ImageInputError, decode_image
+from semantic.classify import CompiledClassifier, raw_scores
+from settings import Settings, get_settings
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".avif", ".ppm"}
+
+
+@dataclass
+class Loaded:
+    path: Path
+    pixels: np.ndarray | None
+    error: str | None
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Every file with an image suffix below ``folder``, sorted (so runs and resumes are reproducible)."""
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _load(path: Path, encoder: ClipEncoder, max_pixels: int) -> Loaded:
+    try:
+        img = decode_image(path.read_bytes(), max_pixels=max_pixels, draft_size=encoder.preprocess.draft_size)
+        return Loaded(path, encoder.preprocess.to_pixels(img), None)
+    except ImageInputError as exc:
+        return Loaded(path, None, exc.message)
+    except OSError as exc:
+        return Loaded(path, None, f"{type(exc).__name__}: {exc}")
+
+
+def embed_batches(
+    paths: Sequence[Path], encoder: ClipEncoder, batch_size: int, workers: int, max_pixels: int, progress: bool = True
+) -> Iterator[tuple[list[Loaded], np.ndarray]]:
+    """(loaded items, embeddings of the readable ones) per batch; batch k+1 decodes while batch k is encoded."""
+    from tqdm import tqdm
+
+    batches = [list(paths[i : i + batch_size]) for i in range(0, len(paths), batch_size)]
+    bar = tqdm(total=len(paths), unit="img", disable=not progress, file=sys.stderr, smoothing=0.1)
+    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="decode") as pool:
+
+        def submit(batch: list[Path]) -> list[Future[Loaded]]:
+            return [pool.submit(_load, p, encoder, max_pixels) for p in batch]
+
+        pending = submit(batches[0]) if batches else []
+        for k in range(len(batches)):
+            items = [f.result() for f in pending]
+            pending = submit(batches[k + 1]) if k + 1 < len(batches) else []
+            good = [it.pixels for it in items if it.pixels is not None]
+            emb = encoder.encode_pixels(np.stack(good)) if good else np.zeros((0, encoder.dim), np.float32)
+            bar.update(len(items))
+            yield items, emb
+    bar.close()
+
+
+@dataclass
+class Engine:
+    settings: Settings
+    encoder: ClipEncoder
+    embedder: TextEmbedder
+
+    def compile(self, classes: Sequence[ClassSpec], augment: bool) -> CompiledClassifier:
+        return compile_classes(classes, self.embedder, augment)
+
+
+def build_engine(args: argparse.Namespace) -> Engine:
+    settings = get_settings()
+    overrides: dict[str, Any] = {}
+    if args.model:
+        overrides["clip_model"] = args.model
+    if args.pretrained:
+        overrides["clip_pretrained"] = args.pretrained
+    if args.data_dir:
+        overrides["data_dir"] = Path(args.data_dir)
+    settings = dataclasses.replace(settings, **overrides)
+    configure_threads(settings.torch_threads)
+    encoder = load_clip_encoder(settings, towers="both")
+    embedder = TextEmbedder(EmbeddingCache(settings.cache_dir), encoder.model_id, encoder.encode_texts)
+    return Engine(settings, encoder, embedder)
+
+
+# -- classify --------------------------------------------------------------------------------------------------------
+def cmd_classify(args: argparse.Namespace, engine: Engine) -> dict[str, Any]:
+    config = json.loads(Path(args.config).read_text())
+    classes = parse_classes(config["classifier_configs"])
+    clf = engine.compile(classes, bool(config.get("augment_examples", True)))
+    folder, out = Path(args.folder), Path(args.out)
+    errors_path = out.with_name(out.name + ".errors.csv")
+    header = ["path", "pred", *clf.class_names]
+    done: set[str] = set()
+    if out.exists():
+        with open(out, newline="") as fh:
+            reader = csv.reader(fh)
+            if next(reader, None) != header:
+                raise SystemExit(f"{out} has other columns than this classifier; use another --out")
+            done = {row[0] for row in reader if row}
+    if errors_path.exists():
+        with open(errors_path, newline="") as fh:
+            done |= {row[0] for row in list(csv.reader(fh))[1:] if row}
+    todo = [p for p in list_images(folder) if str(p) not in done]
+    n_ok = n_err = 0
+    t0 = time.perf_counter()
+    new_out, new_err = not out.exists(), not errors_path.exists()
+    with open(out, "a", newline="") as fo, open(errors_path, "a", newline="") as fe:
+        w, we = csv.writer(fo), csv.writer(fe)
+        if new_out:
+            w.writerow(header)
+        if new_err:
+            we.writerow(["path", "error"])
+        for items, emb in embed_batches(
+            todo, engine.encoder, args.batch_size, args.workers, engine.settings.max_image_pixels, not args.quiet
+        ):
+            results = iter(score_images(emb, clf)) if len(emb) else iter(())
+            for it in items:
+                if it.error is not None:
+                    we.writerow([str(it.path), it.error])
+                    n_err += 1
+                    continue
+                r = next(results)
+                w.writerow([str(it.path), r["pred"], *(f"{r['scores'][c]:.6f}" for c in clf.class_names)])
+                n_ok += 1
+            fo.flush()
+            fe.flush()
+    elapsed = time.perf_counter() - t0
+    summary = {
+        "classified": n_ok,
+        "errors": n_err,
+        "skipped": len(done),
+        "seconds": elapsed,
+        "images_per_s": (n_ok + n_err) / elapsed if elapsed > 0 else 0.0,
+    }
+    print(json.dumps(summary), file=sys.stderr)
+    return summary
+
+
+# -- eval ------------------------------------------------------------------------------------------------------------
+def parse_mapping(path: Path, template: str | None) -> list[ClassSpec]:
+    """``label name one, name two`` lines (ImageNet's LOC_synset_mapping.txt) -> one class per label."""
+    specs = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        label, _, desc = line.strip().partition(" ")
+        names = [n.strip() for n in desc.split(",") if n.strip()] or [label]
+        examples = tuple(template.replace("{}", n) if template else n for n in names)
+        specs.append(ClassSpec(label, examples))
+    return specs
+
+
+def labelled_images(folder: Path) -> list[tuple[Path, str]]:
+    return [(p, d.name) for d in sorted(folder.iterdir()) if d.is_dir() for p in list_images(d)]
+
+
+def _embed_labelled(
+    items: list[tuple[Path, str]], engine: Engine, args: argparse.Namespace
+) -> tuple[np.ndarray, list[str], list[str]]:
+    labels = dict(items)
+    embs, got, errors = [], [], []
+    for loaded, emb in embed_batches(
+        [p for p, _ in items],
+        engine.encoder,
+        args.batch_size,
+        args.workers,
+        engine.settings.max_image_pixels,
+        not args.quiet,
+    ):
+        embs.append(emb)
+        got += [labels[it.path] for it in loaded if it.pixels is not None]
+        errors += [f"{it.path}: {it.error}" for it in loaded if it.error is not None]
+    dim = engine.encoder.dim
+    return (np.concatenate(embs) if embs else np.zeros((0, dim), np.float32)), got, errors
+
+
+def metrics(truth: list[str], ranked: list[list[str]], names: Sequence[str]) -> dict[str, Any]:
+    """Top-1 / top-5 accuracy, per-class precision and recall, and the confusion matrix (rows = truth)."""
+    n = len(truth)
+    idx = {c: i for i, c in enumerate(names)}
+    conf = np.zeros((len(names), len(names)), dtype=np.int64)
+    for t, r in zip(truth, ranked):
+        if t in idx:
+            conf[idx[t], idx[r[0]]] += 1
+    per_class = {}
+    for c, i in idx.items():
+        tp, predicted, actual = conf[i, i], conf[:, i].sum(), conf[i, :].sum()
+        per_class[c] = {
+            "precision": float(tp / predicted) if predicted else None,
+            "recall": float(tp / actual) if actual else None,
+            "support": int(actual),
+        }
+    return {
+        "images": n,
+        "top1": sum(r[0] == t for t, r in zip(truth, ranked)) / n if n else 0.0,
+        "top5": sum(t in r[:5] for t, r in zip(truth, ranked)) / n if n else 0.0,
+        "per_class": per_class,
+        "classes": list(names),
+        "confusion": conf.tolist(),
+    }
+
+
+def write_report(m: dict[str, Any], out_dir: Path, title: str) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "metrics.json").write_text(json.dumps(m, indent=2))
+    lines = [
+        f"# {title}",
+        "",
+        f"images: {m['images']}  top-1: {m['top1']:.4f}  top-5: {m['top5']:.4f}",
+        "",
+        "| class | precision | recall | support |",
+        "|---|---:|---:|---:|",
+    ]
+    fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+    for c, v in m["per_class"].items():
+        lines.append(f"| {c} | {fmt(v['precision'])} | {fmt(v['recall'])} | {v['support']} |")
+    (out_dir / "metrics.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    conf = np.asarray(m["confusion"])
+    k = len(m["classes"])
+    fig, ax = plt.subplots(figsize=(min(20, 2 + 0.5 * k), min(20, 2 + 0.5 * k)))
+    ax.imshow(conf, cmap="Blues")
+    if k <= 50:
+        ax.set_xticks(range(k), m["classes"], rotation=90)
+        ax.set_yticks(range(k), m["classes"])
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(out_dir / "confusion.png", dpi=100)
+    plt.close(fig)
+
+
+def cmd_eval(args: argparse.Namespace, engine: Engine) -> dict[str, Any]:
+    if args.mapping:
+        classes, augment = parse_mapping(Path(args.mapping), None if args.augment else args.template), args.augment
+    else:
+        config = json.loads(Path(args.config).read_text())
+        classes, augment = parse_classes(config["classifier_configs"]), bool(config.get("augment_examples", True))
+    clf = engine.compile(classes, augment)
+    emb, truth, errors = _embed_labelled(labelled_images(Path(args.folder)), engine, args)
+    raw = raw_scores(torch.from_numpy(emb), clf) if len(emb) else torch.zeros(0, clf.n_classes)
+    order = torch.argsort(raw, dim=1, descending=True)[:, :5].tolist()
+    ranked = [[clf.class_names[j] for j in row] for row in order]
+    m = metrics(truth, ranked, clf.class_names)
+    m["unreadable"] = errors
+    write_report(m, Path(args.out_dir), f"zero-shot evaluation of {args.folder}")
+    return m
+
+
+def cmd_knn(args: argparse.Namespace, engine: Engine) -> dict[str, Any]:
+    import faiss
+
+    train_emb, train_lab, _ = _embed_labelled(labelled_images(Path(args.train)), engine, args)
+    val_emb, val_lab, errors = _embed_labelled(labelled_images(Path(args.val)), engine, args)
+    index = faiss.IndexFlatIP(engine.encoder.dim)
+    index.add(np.ascontiguousarray(train_emb, dtype=np.float32))
+    k = min(args.k, len(train_lab))
+    _, nn = index.search(np.ascontiguousarray(val_emb, dtype=np.float32), k)
+    names = sorted(set(train_lab) | set(val_lab))
+    ranked = []
+    for row in nn:
+        votes: dict[str, float] = {}
+        for rank, j in enumerate(row):
+            # One vote each; the nearest neighbour's tiny bonus breaks ties towards it.
+            votes[train_lab[j]] = votes.get(train_lab[j], 0.0) + 1.0 + (1e-3 if rank == 0 else 0.0)
+        ranked.append(sorted(votes, key=lambda c: -votes[c]))
+    m = metrics(val_lab, ranked, names)
+    m.update({"k": k, "train_images": len(train_lab), "unreadable": errors})
+    write_report(m, Path(args.out_dir), f"{k}-NN evaluation of {args.val}")
+    (Path(args.out_dir) / "knn.json").write_text(json.dumps({"k": k, "top1": m["top1"], "images": m["images"]}))
+    return m
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m tools.classify_dir", description=__doc__.splitlines()[0])
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--model", help="overrides ZSS_CLIP_MODEL")
+    common.add_argument("--pretrained", help="overrides ZSS_CLIP_PRETRAINED")
+    common.add_argument("--data-dir", help="overrides ZSS_DATA_DIR (embedding cache)")
+    common.add_argument("--batch-size", type=int, default=32)
+    common.add_argument("--workers", type=int, default=4, help="decoding threads")
+    common.add_argument("--quiet", action="store_true", help="no progress bar")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("classify", parents=[common], help="classify a folder into a CSV")
+    c.add_argument("config")
+    c.add_argument("folder")
+    c.add_argument("--out", required=True)
+    e = sub.add_parser("eval", parents=[common], help="accuracy on a labelled folder (one sub-folder per label)")
+    e.add_argument("folder")
+    src = e.add_mutually_exclusive_group(required=True)
+    src.add_argument("--config", help="classifier JSON whose class names are the folder names")
+    src.add_argument("--mapping", help="'label description, other name' lines (LOC_synset_mapping.txt)")
+    e.add_argument("--template", default="a photo of a {}.", help="prompt template for --mapping")
+    e.add_argument("--augment", action="store_true", help="ensemble the 80 CLIP templates instead of --template")
+    e.add_argument("--out-dir", required=True)
+    k = sub.add_parser("knn", parents=[common], help="k-NN accuracy from a labelled train folder")
+    k.add_argument("train")
+    k.add_argument("val")
+    k.add_argument("--k", type=int, default=5)
+    k.add_argument("--out-dir", required=True)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    engine = build_engine(args)
+    {"classify": cmd_classify, "eval": cmd_eval, "knn": cmd_knn}[args.cmd](args, engine)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
