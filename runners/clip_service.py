@@ -13,7 +13,7 @@ from typing import Any
 import bentoml
 import numpy as np
 from PIL import Image
-from prometheus_client import Counter
+from prometheus_client import Counter, Histogram
 
 from runners.clip import load_clip_encoder
 from runners.device import configure_threads
@@ -26,6 +26,14 @@ _S = get_settings()
 
 IMAGES_ENCODED = Counter("zss_images_encoded", "Images encoded by the CLIP image tower")
 PROMPTS_ENCODED = Counter("zss_text_prompts_encoded", "Prompts encoded by the CLIP text tower (templates expanded)")
+
+# Our own record of the batches the adaptive batcher forms (BentoML's histogram stops after its warm-up phase).
+IMAGE_BATCH = Histogram(
+    "zss_image_batch_size", "Images per image-encoder call", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256)
+)
+TEXT_BATCH = Histogram(
+    "zss_text_batch_size", "Prompts per text-encoder call", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+)
 
 _TRAFFIC = {"timeout": 600}
 
@@ -45,6 +53,7 @@ class ClipImageEncoder:
         """uint8 [N, H, W, 3] at the model's input size -> L2-normalised float32 [N, D]."""
         out = self.encoder.encode_pixels(pixels)
         IMAGES_ENCODED.inc(len(out))
+        IMAGE_BATCH.observe(len(out))
         return out
 
     @bentoml.api(
@@ -54,6 +63,7 @@ class ClipImageEncoder:
         """RGB PIL images -> L2-normalised float32 [N, D]."""
         out = self.encoder.encode_images(images)
         IMAGES_ENCODED.inc(len(out))
+        IMAGE_BATCH.observe(len(out))
         return out
 
     @bentoml.api
@@ -76,6 +86,7 @@ class ClipTextEncoder:
         """Prompts (templates already applied by the caller) -> L2-normalised float32 [N, D]."""
         out = self.encoder.encode_texts(texts)
         PROMPTS_ENCODED.inc(len(texts))
+        TEXT_BATCH.observe(len(texts))
         return out
 
     @bentoml.api
