@@ -176,7 +176,14 @@ def test_classify_request_errors(server: Server) -> None:
         assert_error(r, 422, "field 'data'")
 
 
-def test_concurrent_requests_are_batched(server: Server) -> None:
+def test_concurrent_requests_are_batched(tiny_clip: ClipFiles, tmp_path: Path) -> None:
+    # A server of its own: on the long-lived shared server, /metrics stopped reflecting the encoder's new samples
+    # after the fuzz and load phases (seen twice in CI runs; not yet understood, see the closing notes).
+    with running_server(clip_env(tiny_clip, tmp_path / "data"), tmp_path / "serve.log") as server:
+        _check_batching(server)
+
+
+def _check_batching(server: Server) -> None:
     def calls_and_singles() -> tuple[float, float]:
         lines = server.metric_lines("zss_image_batch_size")
         total = sum(float(ln.rsplit(" ", 1)[1]) for ln in lines if ln.startswith("zss_image_batch_size_count"))
