@@ -4,13 +4,15 @@ Uses the service's own encoders (runners/clip.py), embedding cache (cache/) and 
 classifier scores here exactly as it does behind /classify. The model comes from the ZSS_* settings (or --model,
 --pretrained, --data-dir).
 
-    python -m tools.classify_dir classify CLASSIFIER.json FOLDER --out results.csv
+    python -m tools.classify_dir classify CLASSIFIER.json FOLDER --out results.csv [--raw]
     python -m tools.classify_dir eval FOLDER --config CLASSIFIER.json --out-dir report/
     python -m tools.classify_dir eval FOLDER --mapping LOC_synset_mapping.txt --template "a photo of a {}." --out-dir r/
+    python -m tools.classify_dir eval FOLDER --mapping LOC_synset_mapping.txt --augment --names first --out-dir r/
     python -m tools.classify_dir knn TRAIN_FOLDER VAL_FOLDER --k 5 --out-dir report/
 
 CLASSIFIER.json is the body of POST /deploy_classifier. ``classify`` is resumable (paths already in the CSV are
-skipped) and writes unreadable files to ``<out>.errors.csv`` instead of stopping. Decoding and preprocessing run in a
+skipped) and writes unreadable files to ``<out>.errors.csv`` instead of stopping; a row cut short by a kill is
+dropped and redone. Decoding and preprocessing run in a
 thread pool one batch ahead of the model, so they overlap the forward pass.
 """
 
@@ -60,7 +62,7 @@ def _load(path: Path, encoder: ClipEncoder, max_pixels: int) -> Loaded:
         return Loaded(path, encoder.preprocess.to_pixels(img), None)
     except ImageInputError as exc:
         return Loaded(path, None, exc.message)
-    except OSError as exc:
+    except Exception as exc:  # noqa: BLE001 - one bad file (unreadable, odd mode, vanished) never stops the run
         return Loaded(path, None, f"{type(exc).__name__}: {exc}")
 
 
@@ -93,9 +95,13 @@ class Engine:
     settings: Settings
     encoder: ClipEncoder
     embedder: TextEmbedder
+    cache: EmbeddingCache
 
     def compile(self, classes: Sequence[ClassSpec], augment: bool) -> CompiledClassifier:
         return compile_classes(classes, self.embedder, augment)
+
+    def close(self) -> None:
+        self.cache.close()  # FAISS snapshot + WAL checkpoint, so the next process starts warm
 
 
 def build_engine(args: argparse.Namespace) -> Engine:
@@ -110,11 +116,35 @@ def build_engine(args: argparse.Namespace) -> Engine:
     settings = dataclasses.replace(settings, **overrides)
     configure_threads(settings.torch_threads)
     encoder = load_clip_encoder(settings, towers="both")
-    embedder = TextEmbedder(EmbeddingCache(settings.cache_dir), encoder.model_id, encoder.encode_texts)
-    return Engine(settings, encoder, embedder)
+    cache = EmbeddingCache(settings.cache_dir)
+    embedder = TextEmbedder(cache, encoder.model_id, encoder.encode_texts)
+    return Engine(settings, encoder, embedder, cache)
 
 
 # -- classify --------------------------------------------------------------------------------------------------------
+def _drop_partial_last_line(path: Path) -> None:
+    """A run killed while writing leaves a last line without its newline: cut it off, so that image is redone."""
+    with open(path, "rb+") as fh:
+        data = fh.read()
+        if data and not data.endswith(b"\n"):
+            fh.truncate(data.rfind(b"\n") + 1)
+
+
+def _done_paths(path: Path, header: list[str]) -> set[str]:
+    """Paths already written to a CSV with this ``header`` (rows of another length are ignored)."""
+    if not path.exists():
+        return set()
+    _drop_partial_last_line(path)
+    with open(path, newline="") as fh:
+        reader = csv.reader(fh)
+        first = next(reader, None)
+        if first is None:
+            return set()
+        if first != header:
+            raise SystemExit(f"{path} has other columns than this run ({first[:4]}...); use another --out")
+        return {row[0] for row in reader if len(row) == len(header)}
+
+
 def cmd_classify(args: argparse.Namespace, engine: Engine) -> dict[str, Any]:
     config = json.loads(Path(args.config).read_text())
     classes = parse_classes(config["classifier_configs"])
@@ -122,26 +152,21 @@ def cmd_classify(args: argparse.Namespace, engine: Engine) -> dict[str, Any]:
     folder, out = Path(args.folder), Path(args.out)
     errors_path = out.with_name(out.name + ".errors.csv")
     header = ["path", "pred", *clf.class_names]
-    done: set[str] = set()
-    if out.exists():
-        with open(out, newline="") as fh:
-            reader = csv.reader(fh)
-            if next(reader, None) != header:
-                raise SystemExit(f"{out} has other columns than this classifier; use another --out")
-            done = {row[0] for row in reader if row}
-    if errors_path.exists():
-        with open(errors_path, newline="") as fh:
-            done |= {row[0] for row in list(csv.reader(fh))[1:] if row}
+    if args.raw:
+        header += [f"raw:{c}" for c in clf.class_names]
+    err_header = ["path", "error"]
+    done = _done_paths(out, header) | _done_paths(errors_path, err_header)
     todo = [p for p in list_images(folder) if str(p) not in done]
     n_ok = n_err = 0
     t0 = time.perf_counter()
-    new_out, new_err = not out.exists(), not errors_path.exists()
+    new_out = not out.exists() or out.stat().st_size == 0
+    new_err = not errors_path.exists() or errors_path.stat().st_size == 0
     with open(out, "a", newline="") as fo, open(errors_path, "a", newline="") as fe:
         w, we = csv.writer(fo), csv.writer(fe)
         if new_out:
             w.writerow(header)
         if new_err:
-            we.writerow(["path", "error"])
+            we.writerow(err_header)
         for items, emb in embed_batches(
             todo, engine.encoder, args.batch_size, args.workers, engine.settings.max_image_pixels, not args.quiet
         ):
@@ -152,7 +177,10 @@ def cmd_classify(args: argparse.Namespace, engine: Engine) -> dict[str, Any]:
                     n_err += 1
                     continue
                 r = next(results)
-                w.writerow([str(it.path), r["pred"], *(f"{r['scores'][c]:.6f}" for c in clf.class_names)])
+                row = [str(it.path), r["pred"], *(f"{r['scores'][c]:.6f}" for c in clf.class_names)]
+                if args.raw:
+                    row += [f"{r['raw_scores'][c]:.6f}" for c in clf.class_names]
+                w.writerow(row)
                 n_ok += 1
             fo.flush()
             fe.flush()
@@ -169,14 +197,22 @@ def cmd_classify(args: argparse.Namespace, engine: Engine) -> dict[str, Any]:
 
 
 # -- eval ------------------------------------------------------------------------------------------------------------
-def parse_mapping(path: Path, template: str | None) -> list[ClassSpec]:
-    """``label name one, name two`` lines (ImageNet's LOC_synset_mapping.txt) -> one class per label."""
+def parse_mapping(path: Path, template: str | None, names_mode: str = "all") -> list[ClassSpec]:
+    """``label name one, name two`` lines (ImageNet's LOC_synset_mapping.txt) -> one class per label.
+
+    Every comma-separated name is a positive example (``names_mode="all"``), or only the first (``"first"``); with a
+    ``template`` each name is put into it (``"a photo of a {}."``), without one the names stay bare (for --augment).
+    """
+    if names_mode not in {"all", "first"}:
+        raise ValueError(f"names_mode must be 'all' or 'first', not {names_mode!r}")
     specs = []
     for line in path.read_text(encoding="utf-8").splitlines():
         if not line.strip():
             continue
         label, _, desc = line.strip().partition(" ")
         names = [n.strip() for n in desc.split(",") if n.strip()] or [label]
+        if names_mode == "first":
+            names = names[:1]
         examples = tuple(template.replace("{}", n) if template else n for n in names)
         specs.append(ClassSpec(label, examples))
     return specs
@@ -270,12 +306,19 @@ def write_report(m: dict[str, Any], out_dir: Path, title: str) -> None:
 
 def cmd_eval(args: argparse.Namespace, engine: Engine) -> dict[str, Any]:
     if args.mapping:
-        classes, augment = parse_mapping(Path(args.mapping), None if args.augment else args.template), args.augment
+        template = None if args.augment else args.template
+        if template is not None and "{}" not in template:
+            raise SystemExit(f"--template must contain '{{}}' where the class name goes: {template!r}")
+        classes, augment = parse_mapping(Path(args.mapping), template, args.names), args.augment
     else:
         config = json.loads(Path(args.config).read_text())
         classes, augment = parse_classes(config["classifier_configs"]), bool(config.get("augment_examples", True))
+    items = labelled_images(Path(args.folder))
+    unknown = sorted({label for _, label in items} - {c.name for c in classes})
+    if unknown:
+        raise SystemExit(f"folder labels with no class of that name: {', '.join(unknown[:10])}")
     clf = engine.compile(classes, augment)
-    emb, truth, errors = _embed_labelled(labelled_images(Path(args.folder)), engine, args)
+    emb, truth, errors = _embed_labelled(items, engine, args)
     raw = raw_scores(torch.from_numpy(emb), clf) if len(emb) else torch.zeros(0, clf.n_classes)
     order = torch.argsort(raw, dim=1, descending=True)[:, :5].tolist()
     ranked = [[clf.class_names[j] for j in row] for row in order]
@@ -289,6 +332,8 @@ def cmd_knn(args: argparse.Namespace, engine: Engine) -> dict[str, Any]:
     import faiss
 
     train_emb, train_lab, _ = _embed_labelled(labelled_images(Path(args.train)), engine, args)
+    if not train_lab:
+        raise SystemExit(f"no readable images in labelled sub-folders of {args.train}")
     val_emb, val_lab, errors = _embed_labelled(labelled_images(Path(args.val)), engine, args)
     index = faiss.IndexFlatIP(engine.encoder.dim)
     index.add(np.ascontiguousarray(train_emb, dtype=np.float32))
@@ -322,7 +367,8 @@ def parser() -> argparse.ArgumentParser:
     c = sub.add_parser("classify", parents=[common], help="classify a folder into a CSV")
     c.add_argument("config")
     c.add_argument("folder")
-    c.add_argument("--out", required=True)
+    c.add_argument("--out", required=True, help="CSV to write or resume; errors go to <out>.errors.csv")
+    c.add_argument("--raw", action="store_true", help="also write each class's raw score (raw:<class> columns)")
     e = sub.add_parser("eval", parents=[common], help="accuracy on a labelled folder (one sub-folder per label)")
     e.add_argument("folder")
     src = e.add_mutually_exclusive_group(required=True)
@@ -330,6 +376,9 @@ def parser() -> argparse.ArgumentParser:
     src.add_argument("--mapping", help="'label description, other name' lines (LOC_synset_mapping.txt)")
     e.add_argument("--template", default="a photo of a {}.", help="prompt template for --mapping")
     e.add_argument("--augment", action="store_true", help="ensemble the 80 CLIP templates instead of --template")
+    e.add_argument(
+        "--names", choices=("all", "first"), default="all", help="--mapping: every comma-separated name, or the first"
+    )
     e.add_argument("--out-dir", required=True)
     k = sub.add_parser("knn", parents=[common], help="k-NN accuracy from a labelled train folder")
     k.add_argument("train")
@@ -342,7 +391,10 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     engine = build_engine(args)
-    {"classify": cmd_classify, "eval": cmd_eval, "knn": cmd_knn}[args.cmd](args, engine)
+    try:
+        {"classify": cmd_classify, "eval": cmd_eval, "knn": cmd_knn}[args.cmd](args, engine)
+    finally:
+        engine.close()
     return 0
 
 
