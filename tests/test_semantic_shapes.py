@@ -1,8 +1,7 @@
 """End-to-end semantics through the real service with the project's own trained toy CLIP (models/shapes-clip).
 
-Thresholds are the shipped model's measured behaviour with a margin (BENCHMARKS.md has the table). Where the model
-falls short of the product goal (the negative-example case reaches 74% of red squares rejected, not 90%), the test
-asserts what holds, so a regression still fails it.
+The feedback test asserts the product goal itself (>= 90% both ways); the other thresholds are the shipped model's
+measured behaviour with a margin (BENCHMARKS.md has the table).
 """
 
 from __future__ import annotations
@@ -82,9 +81,8 @@ def test_negative_example_is_feedback(shapes_server: Server) -> None:
     red_squares_after = np.mean([p == "red" for p in predictions(shapes_server, with_neg, squares, False)])
     red_circles_after = np.mean([p == "red" for p in predictions(shapes_server, with_neg, circles, False)])
     assert red_squares_before >= 0.9  # without the negative, red squares ARE red
-    assert red_squares_after <= 0.5  # the negative turns most of them away (measured: 26% left)
-    assert red_squares_before - red_squares_after >= 0.5
-    assert red_circles_after >= 0.8  # ...while red circles stay red (measured: 90%)
+    assert red_squares_after <= 0.1  # the negative turns >= 90% of them away
+    assert red_circles_after >= 0.9  # ...while >= 90% of red circles stay red
 
 
 def test_more_positive_examples_raise_recall_on_held_out_combos(shapes_server: Server) -> None:

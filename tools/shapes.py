@@ -23,12 +23,22 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 
+# Colours the captions never name: training draws some shapes in them with shape-only captions, so the model has to
+# recognise a shape whatever its colour (held-out pairs depend on that). Each is far from every named colour.
+UNNAMED_COLOURS: dict[str, tuple[int, int, int]] = {
+    "cyan": (25, 200, 215),
+    "pink": (250, 125, 195),
+    "grey": (128, 128, 128),
+}
+_PALETTE: dict[str, tuple[int, int, int]] = {**COLOURS, **UNNAMED_COLOURS}
+
 # Colour/shape pairs never drawn for training: zero-shot composition is measured on them. Red pairs stay seen, other
 # tests rely on "a red square" / "a red circle" being learnt.
 HELD_OUT: frozenset[tuple[str, str]] = frozenset({("yellow", "triangle"), ("blue", "square"), ("green", "circle")})
 
 ALL_COMBOS: tuple[tuple[str, str], ...] = tuple((c, s) for c in COLOURS for s in SHAPES)
 SEEN_COMBOS: tuple[tuple[str, str], ...] = tuple(p for p in ALL_COMBOS if p not in HELD_OUT)
+UNNAMED_COMBOS: tuple[tuple[str, str], ...] = tuple((c, s) for c in UNNAMED_COLOURS for s in SHAPES)
 
 JITTER = 18  # max per-channel deviation from the nominal shape colour
 _SUPERSAMPLE = 2
@@ -67,7 +77,7 @@ def background(rng: np.random.Generator) -> tuple[str, tuple[int, int, int]]:
 
 def jittered(colour: str, rng: np.random.Generator) -> tuple[int, int, int]:
     """The nominal colour with a small independent jitter per channel."""
-    base = np.asarray(COLOURS[colour], dtype=np.int64)
+    base = np.asarray(_PALETTE[colour], dtype=np.int64)
     rgb = np.clip(base + rng.integers(-JITTER, JITTER + 1, size=3), 0, 255)
     return int(rgb[0]), int(rgb[1]), int(rgb[2])
 
@@ -99,8 +109,8 @@ def draw(
     ``bg`` fixes the background (see ``background``); by default it is drawn from ``rng``. ``noise`` is the standard
     deviation of per-pixel Gaussian noise (0 for clean images).
     """
-    if colour not in COLOURS:
-        raise ValueError(f"unknown colour {colour!r}; known: {sorted(COLOURS)}")
+    if colour not in _PALETTE:
+        raise ValueError(f"unknown colour {colour!r}; known: {sorted(_PALETTE)}")
     if shape not in SHAPES:
         raise ValueError(f"unknown shape {shape!r}; known: {list(SHAPES)}")
     _, bg_rgb = background(rng) if bg is None else bg
@@ -154,10 +164,12 @@ def sample(
     rng: np.random.Generator,
     combos: tuple[tuple[str, str], ...] = SEEN_COMBOS,
     size: int = 64,
+    kind: str | None = None,
 ) -> tuple[Image.Image, str, str, str, str]:
-    """A random training example: (image, caption, colour, shape, caption kind)."""
+    """A random training example: (image, caption, colour, shape, caption kind); ``kind`` as in ``caption``."""
     colour, shape = combos[int(rng.integers(len(combos)))]
     bg = background(rng)
-    kind = str(rng.choice(["full", "colour", "shape"], p=[0.5, 0.25, 0.25]))
+    if kind is None:
+        kind = str(rng.choice(["full", "colour", "shape"], p=[0.5, 0.25, 0.25]))
     img = draw(colour, shape, rng, size, bg=bg)
     return img, caption(colour, shape, rng, kind=kind, bg_kind=bg[0]), colour, shape, kind

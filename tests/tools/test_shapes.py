@@ -74,6 +74,32 @@ def test_captions_and_held_out_pairs() -> None:
     assert not drawn & shapes.HELD_OUT
 
 
+def test_unnamed_colours_are_far_from_named_ones_and_never_captioned() -> None:
+    named = np.asarray(list(shapes.COLOURS.values()), dtype=np.int64)
+    for rgb in shapes.UNNAMED_COLOURS.values():
+        # Further than two full jitters apart on every channel sum, so no jittered pixel could pass for a named colour.
+        assert np.abs(named - np.asarray(rgb)).sum(axis=1).min() > 6 * shapes.JITTER
+    rng = _rng(2)
+    for _ in range(100):
+        img, cap, colour, shape, kind = shapes.sample(rng, shapes.UNNAMED_COMBOS, kind="shape")
+        assert colour in shapes.UNNAMED_COLOURS and kind == "shape" and shape in cap
+        assert not any(name in cap for name in [*shapes.COLOURS, *shapes.UNNAMED_COLOURS])
+
+
+def test_training_batches_mix_unnamed_colours_with_shape_captions_only() -> None:
+    from tools.train_shapes_clip import batch_captions, targets
+
+    _, caps, cap_c, cap_s, img_c, img_s = batch_captions(_rng(4), 200)
+    unnamed = [i for i, c in enumerate(img_c) if c in shapes.UNNAMED_COLOURS]
+    assert 0.1 * 200 < len(unnamed) < 0.3 * 200
+    assert all(cap_c[i] is None and cap_s[i] == img_s[i] for i in unnamed)
+    w = targets(cap_c, cap_s, img_c, img_s)
+    for i in unnamed:
+        # An unnamed-colour image matches every caption of its shape alone, and no colour caption.
+        matched = [j for j in range(200) if w[i, j] > 0]
+        assert matched and all(cap_c[j] is None and cap_s[j] == img_s[i] for j in matched)
+
+
 @pytest.mark.skipif(not (MODEL_DIR / "shapes-clip.fp16.pt").is_file(), reason="shipped checkpoint missing")
 def test_shipped_checkpoint_classifies_colours_zero_shot() -> None:
     import open_clip
