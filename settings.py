@@ -40,6 +40,9 @@ class Settings:
     device: str = "auto"
     # Half precision on CUDA (ignored on CPU).
     fp16: bool = True
+    # "none", or "int8": dynamic int8 quantisation of the CLIP towers' Linear layers (CPU only; see BENCHMARKS.md for
+    # its speed and accuracy). The model id, and so the embedding cache, differs from the float model's.
+    clip_quantize: str = "none"
     # Seed for "random" weights, so every worker of a random model holds the same weights.
     random_seed: int = 0
     # Adaptive batching of the encoders.

@@ -1,47 +1,171 @@
-"""P1: /embed_image throughput with 16 concurrent clients vs the bare model's best batched throughput (one run).
+"""P1: /embed_image throughput with 16 concurrent clients vs the bare image tower's best batched throughput, one run.
 
-    .venv/bin/python bench/bench_p1_embed_image.py [--requests 160] [--concurrency 16]
+    .venv/bin/python -m bench.bench_p1_embed_image [--concurrency 16] [--requests 48] [--rounds 3]
+        [--image-workers N] [--max-batch-size N] [--max-latency-ms N]
 
-ViT-B-32 with random weights (same architecture and cost as the released weights), a 640x480 JPEG.
+ViT-B-32 with seeded random weights (the released architecture and cost), a 640x480 JPEG, detector off. The script
+starts its own `bentoml serve`, warms it up, sweeps the bare tower (``ClipEncoder.encode_pixels`` on ready uint8
+batches of 1..32, in worker processes: one process with all the CPU quota's threads, and the served layout of
+workers x threads when it differs), then alternates rounds of served load and bare passes at the best batch size so
+that other users of a shared machine slow both sides alike. The ratio compares the server with the best bare layout.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
+import statistics
 import tempfile
 from pathlib import Path
 
 import httpx
 
-from bench.common import VIT_B32_RANDOM, bare_image_throughput, jpeg, load, machine, served
+from bench.common import (
+    VIT_B32_RANDOM,
+    BareImageTower,
+    closed_loop,
+    image_files,
+    jpeg,
+    loadavg,
+    machine,
+    merge,
+    served,
+    table,
+)
+from runners.device import cpu_quota
+
+
+def served_layout(log: str) -> tuple[int, int]:
+    """(workers, torch threads per worker) of the image encoder, from the serve log."""
+    m = re.findall(r"image encoder .* ready \((\d+) torch threads?, 1 of (\d+) workers\)", log)
+    if not m:
+        return 1, cpu_quota()
+    threads, workers = m[-1]
+    return int(workers), int(threads)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--requests", type=int, default=160)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--requests", type=int, default=48, help="requests per served round")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--batches", default="1,2,4,8,16,32", help="bare batch sizes to sweep")
+    ap.add_argument("--image-workers", type=int, default=0, help="override the image encoder's workers (0: default)")
+    ap.add_argument("--max-batch-size", type=int, default=0, help="ZSS_IMAGE_MAX_BATCH_SIZE (0: default)")
+    ap.add_argument("--max-latency-ms", type=int, default=0, help="ZSS_IMAGE_MAX_LATENCY_MS (0: default)")
+    ap.add_argument("--quantize", default="", help="ZSS_CLIP_QUANTIZE for the server and the bare tower alike")
     args = ap.parse_args()
-    bare = bare_image_throughput()
-    blob = jpeg()
+    batches = [int(b) for b in args.batches.split(",")]
 
-    def embed(c: httpx.Client) -> int:
-        return c.post(url + "/embed_image", files=[("data", ("a.jpg", blob, "image/jpeg"))]).status_code
+    env = dict(VIT_B32_RANDOM)
+    if args.image_workers:
+        env["BENTOML_CONFIG_OPTIONS"] = f"services.clip_image_encoder.workers={args.image_workers}"
+    if args.max_batch_size:
+        env["ZSS_IMAGE_MAX_BATCH_SIZE"] = str(args.max_batch_size)
+    if args.max_latency_ms:
+        env["ZSS_IMAGE_MAX_LATENCY_MS"] = str(args.max_latency_ms)
+    if args.quantize:
+        env["ZSS_CLIP_QUANTIZE"] = args.quantize
+    print(f"machine: {machine()}", flush=True)
+    files = image_files(jpeg())
 
-    with tempfile.TemporaryDirectory() as tmp, served(VIT_B32_RANDOM, Path(tmp)) as srv:
+    with tempfile.TemporaryDirectory() as tmp, served(env, Path(tmp)) as srv:
         url = srv.url
-        load(embed, args.concurrency, 3 * args.concurrency)  # warm-up: the dispatcher's first batches are singles
-        r = load(embed, args.concurrency, args.requests)
-    best_b = max(bare, key=bare.get)
-    print(f"machine: {machine()}")
-    print("| bare model img/s by batch | " + ", ".join(f"b{b}: {v:.1f}" for b, v in bare.items()) + " |")
+
+        def embed(c: httpx.Client) -> int:
+            return c.post(url + "/embed_image", files=files).status_code
+
+        workers, threads = served_layout(srv.log())
+        # Warm-up: the dispatcher's first dispatches per worker are singles and tiny batches.
+        closed_loop(embed, args.concurrency, 4 * args.concurrency)
+        layouts = [(1, cpu_quota())]
+        if (workers, threads) != layouts[0]:
+            layouts.append((workers, threads))
+        bares = [BareImageTower(w, t, env) for w, t in layouts]
+        try:
+            sweep = {b.label: {n: b.throughput(n, 2) for n in batches} for b in bares}
+            best = {b.label: max(sweep[b.label], key=sweep[b.label].get) for b in bares}
+            rounds = []
+            for r in range(args.rounds):
+                res = closed_loop(embed, args.concurrency, args.requests)
+                bare_now = {b.label: b.throughput(best[b.label], 2) for b in bares}
+                rounds.append((r + 1, res, bare_now, loadavg()))
+                print(f"round {r + 1}: {res.per_s:.2f} img/s served, bare {bare_now}", flush=True)
+        finally:
+            for b in bares:
+                b.close()
+        batches_seen = srv.metric_lines("zss_image_batch_size")
+
     print()
-    print("| route | clients | requests | img/s | bare best img/s | ratio | p50 ms | p99 ms | p99/p50 | errors |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print(f"Served image encoder: {workers} worker(s) x {threads} torch thread(s); {args.concurrency} clients.")
+    print()
     print(
-        f"| /embed_image | {args.concurrency} | {r['requests']} | {r['per_s']:.1f} | {bare[best_b]:.1f} (b{best_b}) "
-        f"| {r['per_s'] / bare[best_b]:.2f} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {r['p99_ms'] / r['p50_ms']:.2f} "
-        f"| {r['errors']} |"
+        table(
+            ["bare image tower (img/s)", *[f"b{n}" for n in batches]],
+            [[label, *[f"{sweep[label][n]:.2f}" for n in batches]] for label in sweep],
+        )
     )
+    print()
+    rows = []
+    ratios = []
+    for r, res, bare_now, load_after in rounds:
+        top = max(bare_now, key=bare_now.get)
+        ratio = res.per_s / bare_now[top]
+        ratios.append(ratio)
+        rows.append(
+            [
+                r,
+                f"{res.load} / {load_after}",
+                f"{res.per_s:.2f}",
+                f"{bare_now[top]:.2f} ({top}, b{best[top]})",
+                f"{ratio:.2f}",
+                f"{res.p50_ms:.0f}",
+                f"{res.p99_ms:.0f}",
+                res.errors,
+            ]
+        )
+    total = merge([res for _, res, _, _ in rounds])
+    rows.append(
+        [
+            "**all**",
+            "",
+            f"{total.per_s:.2f}",
+            "",
+            f"**{statistics.median(ratios):.2f}** (median)",
+            f"{total.p50_ms:.0f}",
+            f"{total.p99_ms:.0f} (p99/p50 {total.p99_ms / total.p50_ms:.2f})",
+            total.errors,
+        ]
+    )
+    print(
+        table(
+            [
+                "round",
+                "load avg before / after",
+                "/embed_image img/s",
+                "bare best img/s",
+                "ratio",
+                "p50 ms",
+                "p99 ms",
+                "errors",
+            ],
+            rows,
+        )
+    )
+    hist = {}
+    for ln in batches_seen:
+        m = re.match(r'zss_image_batch_size_bucket\{le="([^"]+)"\} ([\d.e+]+)', ln)
+        if m:
+            hist[m.group(1)] = hist.get(m.group(1), 0.0) + float(m.group(2))
+    if hist:
+        cum = sorted(((float(k), v) for k, v in hist.items() if k != "+Inf"))
+        prev, parts = 0.0, []
+        for le, v in cum:
+            if v - prev:
+                parts.append(f"<= {le:g}: {v - prev:.0f}")
+            prev = v
+        print()
+        print("encoder calls by batch size (whole run, warm-up included): " + ", ".join(parts))
 
 
 if __name__ == "__main__":

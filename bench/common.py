@@ -1,9 +1,17 @@
-"""Shared pieces of the benchmarks: a served ViT-B-32 with random weights, a load generator, a JPEG."""
+"""Shared pieces of the benchmarks: a served ViT-B-32 with random weights, a JPEG, the bare image tower in worker
+processes, a closed-loop load generator that keeps every latency and status, the machine's description and load, and
+markdown tables.
+
+The development machines are small (2 cores) and shared, so the scripts measure every ratio within one run and
+interleave the two sides of a ratio in rounds, printing the load average next to each round.
+"""
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import datetime as dt
 import io
+import multiprocessing as mp
 import os
 import platform
 import statistics
@@ -12,7 +20,9 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -25,18 +35,6 @@ if str(ROOT) not in sys.path:
 from tests.conftest import Server, running_server  # noqa: E402
 
 VIT_B32_RANDOM = {"ZSS_CLIP_MODEL": "ViT-B-32", "ZSS_CLIP_PRETRAINED": "random", "ZSS_DETECTOR_MODEL": "none"}
-
-
-def machine() -> str:
-    cpu = "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{platform.machine()}, {os.cpu_count()} CPUs ({cpu}), Python {platform.python_version()}"
 
 
 def jpeg(width: int = 640, height: int = 480, seed: int = 0) -> bytes:
@@ -57,55 +55,196 @@ def served(env: dict[str, str], workdir: Path) -> Iterator[Server]:
         yield srv
 
 
-def load(fn: Callable[[httpx.Client], int], concurrency: int, requests: int) -> dict[str, float]:
-    """Run ``requests`` calls of ``fn`` from ``concurrency`` threads (one keep-alive client each)."""
+# -- the machine -------------------------------------------------------------------------------------------------------
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "?"
+
+
+def loadavg() -> str:
+    """The 1-minute load average (runnable threads on the whole machine, ours included)."""
+    try:
+        return Path("/proc/loadavg").read_text().split()[0]
+    except OSError:
+        return "?"
+
+
+def machine() -> str:
+    import torch
+
+    from runners.device import cpu_quota
+
+    return (
+        f"{dt.date.today().isoformat()}; {platform.machine()}, nproc {os.cpu_count()}, CPU quota {cpu_quota()} "
+        f"({cpu_model()}), Python {platform.python_version()}, torch {torch.__version__}, "
+        f"load average at start {loadavg()}"
+    )
+
+
+def table(headers: list[str], rows: list[list[Any]], align: str | None = None) -> str:
+    """A markdown table; ``align`` is one character per column, "l" or "r" (default: first left, rest right)."""
+    align = align or "l" + "r" * (len(headers) - 1)
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" if a == "l" else "---:" for a in align) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+# -- load --------------------------------------------------------------------------------------------------------------
+@dataclass
+class LoadResult:
+    requests: int
+    wall_s: float
+    latencies_s: list[float] = field(default_factory=list)
+    statuses: dict[int, int] = field(default_factory=dict)
+    load: str = ""
+
+    @property
+    def per_s(self) -> float:
+        return self.requests / self.wall_s
+
+    @property
+    def errors(self) -> int:
+        return sum(n for s, n in self.statuses.items() if s != 200)
+
+    def pct_ms(self, q: float) -> float:
+        lat = sorted(self.latencies_s)
+        return 1000 * lat[min(len(lat) - 1, int(q * len(lat)))]
+
+    @property
+    def p50_ms(self) -> float:
+        return 1000 * statistics.median(self.latencies_s)
+
+    @property
+    def p99_ms(self) -> float:
+        return self.pct_ms(0.99)
+
+
+def merge(results: list[LoadResult]) -> LoadResult:
+    out = LoadResult(sum(r.requests for r in results), sum(r.wall_s for r in results))
+    for r in results:
+        out.latencies_s += r.latencies_s
+        for s, n in r.statuses.items():
+            out.statuses[s] = out.statuses.get(s, 0) + n
+    return out
+
+
+def closed_loop(fn: Callable[[httpx.Client], int], concurrency: int, requests: int) -> LoadResult:
+    """``requests`` calls of ``fn`` from ``concurrency`` threads (one keep-alive client each), each sending its next
+    request as soon as its last one is answered. A transport error counts as status -1."""
     lat: list[float] = []
-    errors = 0
+    statuses: dict[int, int] = {}
+    lock = threading.Lock()
     tls = threading.local()
+    clients: list[httpx.Client] = []
 
     def one(_: int) -> None:
-        nonlocal errors
         if not hasattr(tls, "client"):
             tls.client = httpx.Client(timeout=600)
+            with lock:
+                clients.append(tls.client)
         t = time.perf_counter()
-        status = fn(tls.client)
-        lat.append(time.perf_counter() - t)
-        if status != 200:
-            errors += 1
+        try:
+            status = fn(tls.client)
+        except httpx.HTTPError:
+            status = -1
+        elapsed = time.perf_counter() - t
+        with lock:
+            lat.append(elapsed)
+            statuses[status] = statuses.get(status, 0) + 1
 
+    load_before = loadavg()
     t0 = time.perf_counter()
     with cf.ThreadPoolExecutor(concurrency) as pool:
         list(pool.map(one, range(requests)))
     wall = time.perf_counter() - t0
-    lat.sort()
-    return {
-        "requests": requests,
-        "per_s": requests / wall,
-        "p50_ms": 1000 * statistics.median(lat),
-        "p99_ms": 1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))],
-        "errors": errors,
-    }
+    for c in clients:
+        c.close()
+    return LoadResult(requests, wall, lat, statuses, load_before)
 
 
-def bare_image_throughput(batch_sizes: tuple[int, ...] = (1, 8, 16, 32), repeats: int = 3) -> dict[int, float]:
-    """The bare ViT-B-32 image tower's img/s per batch size (best of ``repeats``), same settings as the encoder."""
+def image_files(blob: bytes) -> list[tuple[str, tuple[str, bytes, str]]]:
+    return [("data", ("image.jpg", blob, "image/jpeg"))]
+
+
+# -- the bare image tower, in worker processes ------------------------------------------------------------------------
+def _bare_worker(conn: Any, env: dict[str, str], threads: int, barrier: Any) -> None:
+    import torch
+
     from runners.clip import load_clip_encoder
-    from runners.device import configure_threads
     from settings import get_settings
 
-    settings = get_settings(VIT_B32_RANDOM)
-    configure_threads(settings.torch_threads)
-    enc = load_clip_encoder(settings, towers="image")
+    torch.set_num_threads(threads)
+    enc = load_clip_encoder(get_settings(env), towers="image")
     h, w = enc.preprocess.size
-    out = {}
-    for b in batch_sizes:
-        pixels = np.random.default_rng(0).integers(0, 256, (b, h, w, 3), dtype=np.uint8)
-        enc.encode_pixels(pixels)  # warm-up
-        best = 0.0
-        for _ in range(repeats):
-            t = time.perf_counter()
+    conn.send("ready")
+    while True:
+        msg = conn.recv()
+        if msg is None:
+            return
+        batch, reps = msg
+        pixels = np.random.default_rng(0).integers(0, 256, (batch, h, w, 3), dtype=np.uint8)
+        enc.encode_pixels(pixels)  # warm-up at this shape
+        barrier.wait()
+        t = time.perf_counter()
+        for _ in range(reps):
             enc.encode_pixels(pixels)
-            best = max(best, b / (time.perf_counter() - t))
-        out[b] = best
-    del enc
-    return out
+        conn.send(time.perf_counter() - t)
+
+
+class BareImageTower:
+    """The image tower without any serving: ``workers`` processes with ``threads`` torch threads each, all running
+    ``runners.clip.ClipEncoder.encode_pixels`` on ready uint8 batches at once (the best the encoder service's
+    workers could do on the same cores)."""
+
+    def __init__(self, workers: int, threads: int, env: dict[str, str] = VIT_B32_RANDOM) -> None:
+        self.workers, self.threads = workers, threads
+        ctx = mp.get_context("spawn")
+        self._barrier = ctx.Barrier(workers)
+        self._conns: list[Any] = []
+        self._procs: list[Any] = []
+        for _ in range(workers):
+            parent, child = ctx.Pipe()
+            p = ctx.Process(target=_bare_worker, args=(child, env, threads, self._barrier), daemon=True)
+            p.start()
+            self._conns.append(parent)
+            self._procs.append(p)
+        for c, p in zip(self._conns, self._procs):
+            if not c.poll(600) or c.recv() != "ready":
+                raise RuntimeError(f"bare worker {p.pid} did not start")
+
+    @property
+    def label(self) -> str:
+        return f"{self.workers} x {self.threads} thread{'s' if self.threads > 1 else ''}"
+
+    def throughput(self, batch: int, reps: int = 2) -> float:
+        """Images per second of all workers together, each encoding ``reps`` batches of ``batch``."""
+        for c in self._conns:
+            c.send((batch, reps))
+        elapsed = []
+        for c, p in zip(self._conns, self._procs):
+            if not c.poll(1800):
+                raise RuntimeError(f"bare worker {p.pid} did not answer")
+            elapsed.append(c.recv())
+        return self.workers * batch * reps / max(elapsed)
+
+    def close(self) -> None:
+        for c in self._conns:
+            try:
+                c.send(None)
+            except OSError:
+                pass
+        for p in self._procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.terminate()
+
+    def __enter__(self) -> BareImageTower:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -319,5 +319,40 @@ def load_clip_encoder(settings: Settings, towers: str = "both") -> ClipEncoder:
         model.visual = None  # type: ignore[assignment]
     dtype = torch.float16 if (device.type == "cuda" and settings.fp16) else torch.float32
     model = model.to(device=device, dtype=dtype)
+    model_id = spec.model_id
+    if quantize_mode(settings.clip_quantize, device) == "int8":
+        model = quantize_int8(model)
+        model_id += "+int8"  # other vectors than the float model's: never share cache entries with it
     tokenizer = open_clip.get_tokenizer(spec.name)
-    return ClipEncoder(model, tokenizer, Preprocess.from_open_clip(pp_cfg), spec.model_id, device, dtype)
+    return ClipEncoder(model, tokenizer, Preprocess.from_open_clip(pp_cfg), model_id, device, dtype)
+
+
+QUANTIZE_MODES = ("none", "int8")
+
+
+def quantize_mode(value: str, device: torch.device) -> str:
+    """Validate ZSS_CLIP_QUANTIZE against the device: int8 is a CPU backend."""
+    mode = value.strip().lower() or "none"
+    if mode not in QUANTIZE_MODES:
+        raise ValueError(f"ZSS_CLIP_QUANTIZE must be one of {', '.join(QUANTIZE_MODES)}, not {value!r}")
+    if mode == "int8" and device.type != "cpu":
+        raise ValueError("ZSS_CLIP_QUANTIZE=int8 is a CPU backend; on a GPU use ZSS_FP16=true instead")
+    return mode
+
+
+def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
+    """Dynamic int8 quantisation of every nn.Linear (weights int8 once, activations per batch).
+
+    In open_clip's transformers these are the MLPs, two thirds of a block's matmul work; nn.MultiheadAttention's
+    projections stay float (PyTorch does not quantise them dynamically), and so do patch embedding and projections.
+    """
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
+    from torch.ao.quantization import quantize_dynamic
+
+    dtype = next(model.parameters()).dtype
+    model = quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    for m in model.modules():
+        if isinstance(m, DynamicInt8Linear):
+            # open_clip reads a block's compute dtype from its MLP weight, or from this attribute when it is int8.
+            m.int8_original_dtype = dtype
+    return model

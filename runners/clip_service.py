@@ -16,7 +16,7 @@ from PIL import Image
 from prometheus_client import Counter, Histogram
 
 from runners.clip import load_clip_encoder
-from runners.device import configure_threads
+from runners.device import configure_threads, encoder_workers, service_workers
 from settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -37,14 +37,22 @@ TEXT_BATCH = Histogram(
 
 _TRAFFIC = {"timeout": 600}
 
+# Image encoder workers: 1 on a GPU, 2 on a CPU with >= 2 cores (measured in BENCHMARKS.md, P1); each worker's torch
+# threads are its share of the CPU quota. Override with BENTOML_CONFIG_OPTIONS="services.clip_image_encoder.workers=N"
+# (the thread share follows) and ZSS_TORCH_THREADS.
+IMAGE_WORKERS = encoder_workers(_S.device)
 
-@bentoml.service(name="clip_image_encoder", workers=1, threads=4, traffic=_TRAFFIC)
+
+@bentoml.service(name="clip_image_encoder", workers=IMAGE_WORKERS, threads=4, traffic=_TRAFFIC)
 class ClipImageEncoder:
     def __init__(self) -> None:
         settings = get_settings()
-        self.threads = configure_threads(settings.torch_threads)
+        workers = service_workers("clip_image_encoder", IMAGE_WORKERS)
+        self.threads = configure_threads(settings.torch_threads, share=workers)
         self.encoder = load_clip_encoder(settings, towers="image")
-        log.info("image encoder %s ready (%d torch threads)", self.encoder.model_id, self.threads)
+        log.info(
+            "image encoder %s ready (%d torch threads, 1 of %d workers)", self.encoder.model_id, self.threads, workers
+        )
 
     @bentoml.api(
         batchable=True, batch_dim=0, max_batch_size=_S.image_max_batch_size, max_latency_ms=_S.image_max_latency_ms
@@ -77,6 +85,7 @@ class ClipTextEncoder:
         settings = get_settings()
         self.threads = configure_threads(settings.torch_threads)
         self.encoder = load_clip_encoder(settings, towers="text")
+        # One worker with the whole quota: text encoding comes in bursts (deploys), idle otherwise.
         log.info("text encoder %s ready (%d torch threads)", self.encoder.model_id, self.threads)
 
     @bentoml.api(

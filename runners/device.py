@@ -38,6 +38,32 @@ def configure_threads(requested: int, share: int = 1) -> int:
     return n
 
 
+def encoder_workers(device_name: str) -> int:
+    """Default worker count of an encoder service: 1 on a GPU; on a CPU two workers when the quota has 2 cores or
+    more, so one worker's forward pass overlaps the other's batch assembly and the API's decoding. Their torch
+    threads then share the quota (see ``configure_threads``), so the workers never oversubscribe the cores."""
+    if select_device(device_name).type != "cpu":
+        return 1
+    return min(2, cpu_quota())
+
+
+def service_workers(name: str, default: int) -> int:
+    """Workers BentoML really runs for service ``name``: the decorator's value or its override in
+    ``BENTOML_CONFIG_OPTIONS`` / ``BENTOML_CONFIG`` (e.g. ``services.clip_image_encoder.workers=1``)."""
+    try:
+        from bentoml._internal.configuration.containers import BentoMLContainer
+
+        workers = BentoMLContainer.config.services[name].get().get("workers")
+    except Exception:  # not under bentoml serve, or the private config layout changed
+        return default
+    if workers == "cpu_count":
+        return cpu_quota()
+    try:
+        return max(1, int(workers)) if workers is not None else default
+    except (TypeError, ValueError):
+        return default
+
+
 def select_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

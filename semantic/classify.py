@@ -6,8 +6,10 @@ For each meta-class the single most relevant of its positive and negative exampl
 are softmax(raw / temperature). With one positive example per class and no negatives this is ordinary zero-shot CLIP
 (d is monotone in cos).
 
-The per-class max is a scatter-max (``Tensor.scatter_reduce(..., "amax")``) over the flat example matrix, so a batch of
-images against thousands of classes is one matmul and two scatters, with no Python loop over classes or examples.
+The per-class max is one scatter-max (``Tensor.scatter_reduce(..., "amax")``) of the raw cosines into 2C slots (class j's
+positives in slot j, its negatives in slot C + j; the slot of every example is fixed at deploy time), so a batch of
+images against thousands of classes is one matmul and one scatter, with no Python loop over classes or examples and no
+per-request copy of the [B, E] matrix. d is monotone in cos, so it is applied to the [2C, B] maxima only.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ class CompiledClassifier:
     examples: torch.Tensor  # [E, D] float32, L2-normalised
     example_class: torch.Tensor  # [E] int64, index into class_names
     example_positive: torch.Tensor  # [E] bool
+    # [E] int64: class for a positive example, n_classes + class for a negative one (the scatter-max target row).
+    example_slot: torch.Tensor
 
     @property
     def n_classes(self) -> int:
@@ -54,11 +58,13 @@ def compile_classifier(
                 blocks.append(block.to(torch.float32))
                 cls.append(torch.full((block.shape[0],), j, dtype=torch.int64))
                 pos.append(torch.full((block.shape[0],), is_pos, dtype=torch.bool))
+    example_class, example_positive = torch.cat(cls), torch.cat(pos)
     return CompiledClassifier(
         class_names=tuple(class_names),
         examples=torch.cat(blocks).contiguous(),
-        example_class=torch.cat(cls),
-        example_positive=torch.cat(pos),
+        example_class=example_class,
+        example_positive=example_positive,
+        example_slot=example_class + len(class_names) * (~example_positive).to(torch.int64),
     )
 
 
@@ -67,21 +73,15 @@ def relevance(image_embeddings: torch.Tensor, example_embeddings: torch.Tensor) 
     return (1.0 + image_embeddings @ example_embeddings.T) / 2.0
 
 
-def _scatter_max(values: torch.Tensor, index: torch.Tensor, n: int, mask: torch.Tensor) -> torch.Tensor:
-    """Per-class max of ``values`` [B, E] over the examples selected by ``mask``; -inf where a class has none."""
-    out = torch.full((values.shape[0], n), float("-inf"), dtype=values.dtype, device=values.device)
-    if bool(mask.any()):
-        sel = values[:, mask]
-        idx = index[mask].unsqueeze(0).expand_as(sel)
-        out.scatter_reduce_(1, idx, sel, reduce="amax", include_self=True)
-    return out
-
-
 def raw_scores(image_embeddings: torch.Tensor, clf: CompiledClassifier) -> torch.Tensor:
     """Two-stage rule: [B, D] image embeddings -> [B, C] raw scores in [0, 1]."""
-    d = relevance(image_embeddings.to(torch.float32), clf.examples)
-    best_pos = _scatter_max(d, clf.example_class, clf.n_classes, clf.example_positive)
-    best_neg = _scatter_max(d, clf.example_class, clf.n_classes, ~clf.example_positive)
+    # [E, B]: contiguous along examples, so the scatter runs down the leading dimension (as in semantic/detect.py).
+    cos_t = clf.examples @ image_embeddings.to(torch.float32).T
+    c = clf.n_classes
+    best = torch.full((2 * c, cos_t.shape[1]), float("-inf"), dtype=cos_t.dtype, device=cos_t.device)
+    best.scatter_reduce_(0, clf.example_slot.unsqueeze(1).expand_as(cos_t), cos_t, reduce="amax", include_self=True)
+    d = best.add_(1.0).div_(2.0).T  # [B, 2C]; a slot without examples stays -inf
+    best_pos, best_neg = d[:, :c], d[:, c:]
     # Ties go to the positive example; a class without negatives has best_neg = -inf.
     return torch.where(best_pos >= best_neg, best_pos, 1.0 - best_neg)
 

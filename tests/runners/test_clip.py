@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from runners.clip import Preprocess, load_clip_encoder, resolve_model
+from runners.clip import Preprocess, load_clip_encoder, quantize_mode, resolve_model
 from settings import Settings, get_settings
 from tests.conftest import ClipFiles, write_tiny_clip
 
@@ -112,3 +112,29 @@ def test_bad_model_config_is_refused(tmp_path: Path) -> None:
         resolve_model(Settings(clip_model=str(bad), clip_pretrained="random"))
     with pytest.raises(FileNotFoundError):
         resolve_model(Settings(clip_model=str(tmp_path / "missing.json"), clip_pretrained="random"))
+
+
+def test_int8_backend_has_its_own_model_id_and_stays_close_to_float(tiny_clip: ClipFiles) -> None:
+    fp32 = load_clip_encoder(settings_for(tiny_clip))
+    int8 = load_clip_encoder(settings_for(tiny_clip, clip_quantize="int8"))
+    assert int8.model_id == fp32.model_id + "+int8"  # its vectors never share the float model's cache entries
+    quantized = [m for m in int8.model.modules() if isinstance(m, torch.ao.nn.quantized.dynamic.Linear)]
+    assert quantized, "no Linear layer was quantised"
+    assert not any(isinstance(m, torch.ao.nn.quantized.dynamic.Linear) for m in fp32.model.modules())
+    pixels = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    a, b = fp32.encode_pixels(pixels), int8.encode_pixels(pixels)
+    np.testing.assert_allclose(np.linalg.norm(b, axis=1), 1.0, atol=1e-5)
+    assert not np.array_equal(a, b)  # it really runs another computation
+    assert float((a * b).sum(axis=1).min()) > 0.95
+    t = int8.encode_texts(["a red circle", "a blue square"])
+    assert float((t * fp32.encode_texts(["a red circle", "a blue square"])).sum(axis=1).min()) > 0.95
+
+
+def test_quantize_setting_is_validated() -> None:
+    assert quantize_mode("", torch.device("cpu")) == "none"
+    assert quantize_mode(" INT8 ", torch.device("cpu")) == "int8"
+    with pytest.raises(ValueError, match="ZSS_CLIP_QUANTIZE"):
+        quantize_mode("int4", torch.device("cpu"))
+    with pytest.raises(ValueError, match="CPU backend"):
+        quantize_mode("int8", torch.device("cuda"))
+    assert get_settings({"ZSS_CLIP_QUANTIZE": "int8"}).clip_quantize == "int8"

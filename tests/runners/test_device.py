@@ -1,0 +1,41 @@
+"""Worker and thread layout of the encoders: derived from the CPU quota, never more threads than cores."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import torch
+
+from runners.device import configure_threads, cpu_quota, encoder_workers, service_workers
+from tests.conftest import ROOT
+
+
+def test_cpu_encoder_workers_split_the_quota_without_oversubscribing() -> None:
+    quota = cpu_quota()
+    workers = encoder_workers("cpu")
+    assert workers == min(2, quota)
+    before = torch.get_num_threads()
+    try:
+        threads = configure_threads(0, share=workers)
+        assert threads == max(1, quota // workers)
+        assert workers * threads <= max(quota, workers)
+        assert configure_threads(3, share=workers) == 3  # ZSS_TORCH_THREADS wins
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_service_workers_outside_bentoml_serve_is_the_default() -> None:
+    assert service_workers("clip_image_encoder", 5) == 5
+
+
+def test_service_workers_reads_bentoml_config_override() -> None:
+    code = (
+        "import runners.clip_service as cs; from runners.device import service_workers; "
+        "print(service_workers('clip_image_encoder', cs.IMAGE_WORKERS))"
+    )
+    env = {**os.environ, "BENTOML_CONFIG_OPTIONS": "services.clip_image_encoder.workers=3", "ZSS_DEVICE": "cpu"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "3"
