@@ -49,7 +49,7 @@ from runners.photofield import encode_embedding
 from runners.urlfetch import fetch_image_url, parse_allow_hosts
 from semantic.classify import CompiledClassifier
 from semantic.templates_detect import DETECTION_TEMPLATE_VERSION, DETECTION_TEMPLATES
-from settings import Settings, get_settings
+from settings import Settings, configure_logging, get_settings
 
 log = logging.getLogger("zss.api")
 
@@ -421,6 +421,7 @@ class ZeroShot:
         # Scoring here is small; more threads only spin against the encoders for the same cores.
         torch.set_num_threads(1)
         self.settings: Settings = get_settings()
+        configure_logging(self.settings)
         self.registry = Registry(self.settings.registry_path)
         self.cache = EmbeddingCache(self.settings.cache_dir)
         self._compiled: dict[str, tuple[int, CompiledClassifier | CompiledDetector]] = {}

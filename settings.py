@@ -6,6 +6,7 @@ at import time, so tests can change the environment before a service starts.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -98,3 +99,16 @@ def get_settings(environ: dict[str, str] | None = None) -> Settings:
         except ValueError as exc:
             raise ValueError(f"{name}: {exc}") from exc
     return Settings(**kwargs)  # type: ignore[arg-type]
+
+
+# The project's top-level packages and modules; their loggers follow ZSS_LOG_LEVEL.
+PROJECT_LOGGERS = ("runners", "cache", "semantic", "service", "tools")
+
+
+def configure_logging(settings: Settings) -> None:
+    """Apply ZSS_LOG_LEVEL to the project's loggers in this process (BentoML leaves the root logger at WARNING)."""
+    level = logging.getLevelName(settings.log_level.strip().upper())
+    if not isinstance(level, int):
+        raise ValueError(f"ZSS_LOG_LEVEL: unknown level {settings.log_level!r}")
+    for name in PROJECT_LOGGERS:
+        logging.getLogger(name).setLevel(level)

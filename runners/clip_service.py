@@ -17,7 +17,8 @@ from prometheus_client import Counter, Histogram
 
 from runners.clip import load_clip_encoder
 from runners.device import configure_threads, encoder_workers, service_workers
-from settings import get_settings
+from runners.serving import RUNNER_CONNECTION, TRAFFIC
+from settings import configure_logging, get_settings
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,6 @@ TEXT_BATCH = Histogram(
     "zss_text_batch_size", "Prompts per text-encoder call", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 )
 
-_TRAFFIC = {"timeout": 600}
 
 # Image encoder workers: 1 on a GPU, 2 on a CPU with >= 2 cores (measured in BENCHMARKS.md, P1); each worker's torch
 # threads are its share of the CPU quota. Override with BENTOML_CONFIG_OPTIONS="services.clip_image_encoder.workers=N"
@@ -43,10 +43,17 @@ _TRAFFIC = {"timeout": 600}
 IMAGE_WORKERS = encoder_workers(_S.device)
 
 
-@bentoml.service(name="clip_image_encoder", workers=IMAGE_WORKERS, threads=4, traffic=_TRAFFIC)
+@bentoml.service(
+    name="clip_image_encoder",
+    workers=IMAGE_WORKERS,
+    threads=4,
+    traffic=TRAFFIC,
+    runner_connection=RUNNER_CONNECTION,
+)
 class ClipImageEncoder:
     def __init__(self) -> None:
         settings = get_settings()
+        configure_logging(settings)
         workers = service_workers("clip_image_encoder", IMAGE_WORKERS)
         self.threads = configure_threads(settings.torch_threads, share=workers)
         self.encoder = load_clip_encoder(settings, towers="image")
@@ -79,10 +86,11 @@ class ClipImageEncoder:
         return self.encoder.info
 
 
-@bentoml.service(name="clip_text_encoder", workers=1, threads=4, traffic=_TRAFFIC)
+@bentoml.service(name="clip_text_encoder", workers=1, threads=4, traffic=TRAFFIC, runner_connection=RUNNER_CONNECTION)
 class ClipTextEncoder:
     def __init__(self) -> None:
         settings = get_settings()
+        configure_logging(settings)
         self.threads = configure_threads(settings.torch_threads)
         self.encoder = load_clip_encoder(settings, towers="text")
         # One worker with the whole quota: text encoding comes in bursts (deploys), idle otherwise.

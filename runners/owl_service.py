@@ -17,7 +17,8 @@ from PIL import Image
 
 from runners.device import configure_threads
 from runners.owl import OwlDetector, load_detector
-from settings import get_settings
+from runners.serving import RUNNER_CONNECTION, TRAFFIC
+from settings import configure_logging, get_settings
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +55,11 @@ def unpack(packed: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
-@bentoml.service(name="owl_detector", workers=1, threads=4, traffic={"timeout": 600})
+@bentoml.service(name="owl_detector", workers=1, threads=4, traffic=TRAFFIC, runner_connection=RUNNER_CONNECTION)
 class OwlDetectorEncoder:
     def __init__(self) -> None:
         settings = get_settings()
+        configure_logging(settings)
         self.detector: OwlDetector | None = None
         self.error: str | None = None
         if not settings.detector_enabled:

@@ -6,10 +6,10 @@ For each meta-class the single most relevant of its positive and negative exampl
 are softmax(raw / temperature). With one positive example per class and no negatives this is ordinary zero-shot CLIP
 (d is monotone in cos).
 
-The per-class max is one scatter-max (``Tensor.scatter_reduce(..., "amax")``) of the raw cosines into 2C slots (class j's
-positives in slot j, its negatives in slot C + j; the slot of every example is fixed at deploy time), so a batch of
-images against thousands of classes is one matmul and one scatter, with no Python loop over classes or examples and no
-per-request copy of the [B, E] matrix. d is monotone in cos, so it is applied to the [2C, B] maxima only.
+The per-class max is one scatter-max (``Tensor.scatter_reduce(..., "amax")``) of the raw cosines into 2C slots
+(class j's positives in slot j, its negatives in slot C + j; every example's slot is fixed at deploy time), so a batch
+of images against thousands of classes is one matmul and one scatter, with no Python loop over classes or examples
+and no per-request copy of the [B, E] matrix. d is monotone in cos, so it is applied to the [2C, B] maxima only.
 """
 
 from __future__ import annotations
