@@ -39,3 +39,20 @@ def test_service_workers_reads_bentoml_config_override() -> None:
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "3"
+
+
+def test_log_level_setting_applies_to_project_loggers() -> None:
+    import logging
+
+    import pytest
+
+    from settings import Settings, configure_logging
+
+    try:
+        configure_logging(Settings(log_level="debug"))
+        assert logging.getLogger("runners.clip").getEffectiveLevel() == logging.DEBUG
+        assert logging.getLogger("service").level == logging.DEBUG
+        with pytest.raises(ValueError, match="ZSS_LOG_LEVEL"):
+            configure_logging(Settings(log_level="loud"))
+    finally:
+        configure_logging(Settings())
