@@ -37,6 +37,11 @@ class CompiledClassifier:
         return len(self.class_names)
 
 
+def example_slots(example_class: torch.Tensor, example_positive: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """Scatter-max target row of each example: its class if positive, n_classes + its class if negative."""
+    return example_class + n_classes * (~example_positive).to(example_class.dtype)
+
+
 def compile_classifier(
     class_names: list[str],
     positives: list[torch.Tensor],
@@ -64,7 +69,7 @@ def compile_classifier(
         examples=torch.cat(blocks).contiguous(),
         example_class=example_class,
         example_positive=example_positive,
-        example_slot=example_class + len(class_names) * (~example_positive).to(torch.int64),
+        example_slot=example_slots(example_class, example_positive, len(class_names)),
     )
 
 

@@ -27,6 +27,8 @@ import math
 
 import torch
 
+from semantic.classify import example_slots
+
 # Bound on the elements of one [pairs, N] veto tensor, and (up to 4x for NMS chunks of whole classes) of one NMS matrix.
 _CHUNK_ELEMENTS = 4_000_000
 
@@ -74,7 +76,7 @@ def class_scores(
     One scatter-max over all examples: row ``class`` for positives, row ``n_classes + class`` for negatives.
     """
     fit_t = fit.T  # [E, N]; contiguous when fit comes from box_example_fit
-    slot = example_class + n_classes * (~example_is_positive).to(example_class.dtype)
+    slot = example_slots(example_class, example_is_positive, n_classes)
     out = torch.zeros((2 * n_classes, fit_t.shape[1]), dtype=fit.dtype, device=fit.device)
     out.scatter_reduce_(0, slot.unsqueeze(1).expand_as(fit_t), fit_t, reduce="amax", include_self=True)
     out_t = out.T
@@ -97,7 +99,7 @@ def box_class_scores(
     leaves one matmul and one scatter over the [E, N] cosines. Classes without negatives get 0 (sigmoid(-inf)).
     """
     cos_t = example_embeds @ box_embeds.T  # [E, N], contiguous: the scatter runs along its leading dimension
-    slot = example_class + n_classes * (~example_is_positive).to(example_class.dtype)
+    slot = example_slots(example_class, example_is_positive, n_classes)
     best = torch.full((2 * n_classes, cos_t.shape[1]), float("-inf"), dtype=cos_t.dtype, device=cos_t.device)
     best.scatter_reduce_(0, slot.unsqueeze(1).expand_as(cos_t), cos_t, reduce="amax", include_self=True)
     best.add_(logit_shift.unsqueeze(0)).mul_(logit_scale.unsqueeze(0)).sigmoid_()
