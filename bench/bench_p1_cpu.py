@@ -1,7 +1,10 @@
 """Where P1's CPU goes: CPU milliseconds per /embed_image request in each process (image encoder workers, API worker,
 the load generator itself), read from /proc around closed-loop rounds of 16 clients, on the machine P1 runs on.
 
-    .venv/bin/python -m bench.bench_p1_cpu [--image-workers 2] [--rounds 2] [--requests 64]
+    .venv/bin/python -m bench.bench_p1_cpu [--image-workers 2] [--rounds 2] [--seconds 20] [--client httpx]
+
+``--client httpx`` measures the former load generator (httpx in 16 threads, the multipart body built per request)
+instead of ``bench.common.steady_load``'s prepared body over ``http.client``.
 """
 
 from __future__ import annotations
@@ -15,7 +18,18 @@ from pathlib import Path
 
 import httpx
 
-from bench.common import VIT_B32_RANDOM, closed_loop, image_files, jpeg, machine, served, table
+from bench.common import (
+    VIT_B32_RANDOM,
+    LoadResult,
+    closed_loop,
+    image_files,
+    image_post,
+    jpeg,
+    machine,
+    served,
+    steady_load,
+    table,
+)
 
 _TICK = os.sysconf("SC_CLK_TCK")
 
@@ -42,13 +56,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--image-workers", type=int, default=0, help="override the image encoder's workers (0: default)")
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--seconds", type=float, default=20.0, help="seconds per round")
+    ap.add_argument("--client", choices=["steady", "httpx"], default="steady")
     args = ap.parse_args()
     env = dict(VIT_B32_RANDOM)
     if args.image_workers:
         env["BENTOML_CONFIG_OPTIONS"] = f"services.clip_image_encoder.workers={args.image_workers}"
     print(f"machine: {machine()}", flush=True)
-    files = image_files(jpeg())
+    blob = jpeg()
+    files, post = image_files(blob), image_post("/embed_image", blob)
     rows = []
     with tempfile.TemporaryDirectory() as tmp, served(env, Path(tmp)) as srv:
         url = srv.url
@@ -56,19 +72,27 @@ def main() -> None:
         def embed(c: httpx.Client) -> int:
             return c.post(url + "/embed_image", files=files).status_code
 
-        closed_loop(embed, 16, 64)  # warm-up
+        def load() -> LoadResult:
+            if args.client == "httpx":
+                return closed_loop(embed, 16, max(16, round(16 * args.seconds)))
+            # no ramp: the CPU is counted over the whole round, so the rate is too
+            return steady_load(url, post, 16, args.seconds, ramp_s=0.0)
+
+        steady_load(url, post, 16, 10.0, ramp_s=0.0)  # warm-up
         for r in range(args.rounds):
             before, t0 = cpu_seconds(), time.perf_counter()
-            res = closed_loop(embed, 16, args.requests)
+            res = load()
             after, wall = cpu_seconds(), time.perf_counter() - t0
-            per = {k: 1000 * (after[k] - before.get(k, 0.0)) / args.requests for k in after}
-            busy = sum(per.values()) * args.requests / 1000 / wall
+            n = sum(res.statuses.values())  # every request answered in the round
+            per = {k: 1000 * (after[k] - before.get(k, 0.0)) / n for k in after}
+            busy = sum(per.values()) * n / 1000 / wall
             rows.append(
-                [r + 1, f"{res.per_s:.2f}"]
+                [r + 1, f"{n / wall:.2f}"]
                 + [f"{per.get(k, 0.0):.0f}" for k in ("image encoder", "API worker", "load generator")]
                 + [f"{busy:.2f}", res.errors]
             )
     print()
+    print(f"load generator: {args.client}; 16 clients")
     print(
         table(
             [

@@ -1,6 +1,6 @@
 """P1: /embed_image throughput with 16 concurrent clients vs the bare image tower's best batched throughput, one run.
 
-    .venv/bin/python -m bench.bench_p1_embed_image [--concurrency 16] [--requests 48] [--rounds 3]
+    .venv/bin/python -m bench.bench_p1_embed_image [--concurrency 16] [--seconds 20] [--rounds 3]
         [--image-workers N] [--max-batch-size N] [--max-latency-ms N]
 
 ViT-B-32 with seeded random weights (the released architecture and cost), a 640x480 JPEG, detector off. The script
@@ -8,6 +8,9 @@ starts its own `bentoml serve`, warms it up, sweeps the bare tower (``ClipEncode
 batches of 1..32, in worker processes: one process with all the CPU quota's threads, and the served layout of
 workers x threads when it differs), then alternates rounds of served load and bare passes at the best batch size so
 that other users of a shared machine slow both sides alike. The ratio compares the server with the best bare layout.
+Each served round is a steady state: 16 clients send back to back, and only the requests that end in the last
+``--seconds`` count (see ``bench.common.steady_load``); the clients send a body encoded once with ``http.client``, so
+the load generator takes little of the cores the server and the bare tower share.
 """
 
 from __future__ import annotations
@@ -18,18 +21,16 @@ import statistics
 import tempfile
 from pathlib import Path
 
-import httpx
-
 from bench.common import (
     VIT_B32_RANDOM,
     BareImageTower,
-    closed_loop,
-    image_files,
+    image_post,
     jpeg,
     loadavg,
     machine,
     merge,
     served,
+    steady_load,
     table,
 )
 from runners.device import cpu_quota
@@ -44,10 +45,22 @@ def served_layout(log: str) -> tuple[int, int]:
     return int(workers), int(threads)
 
 
+def batch_histogram(lines: list[str]) -> dict[float, float]:
+    """Cumulative encoder calls per batch-size bucket (upper bound -> count), summed over workers."""
+    hist: dict[float, float] = {}
+    for ln in lines:
+        m = re.match(r'zss_image_batch_size_bucket\{.*?le="([^"]+)".*?\} ([\d.e+]+)', ln)
+        if m and m.group(1) != "+Inf":
+            le = float(m.group(1))
+            hist[le] = hist.get(le, 0.0) + float(m.group(2))
+    return hist
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--concurrency", type=int, default=16)
-    ap.add_argument("--requests", type=int, default=48, help="requests per served round")
+    ap.add_argument("--seconds", type=float, default=20.0, help="measured seconds per served round")
+    ap.add_argument("--ramp", type=float, default=3.0, help="seconds of each round before measuring")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--batches", default="1,2,4,8,16,32", help="bare batch sizes to sweep")
     ap.add_argument("--image-workers", type=int, default=0, help="override the image encoder's workers (0: default)")
@@ -67,34 +80,32 @@ def main() -> None:
     if args.quantize:
         env["ZSS_CLIP_QUANTIZE"] = args.quantize
     print(f"machine: {machine()}", flush=True)
-    files = image_files(jpeg())
+    post = image_post("/embed_image", jpeg())
 
     with tempfile.TemporaryDirectory() as tmp, served(env, Path(tmp)) as srv:
         url = srv.url
 
-        def embed(c: httpx.Client) -> int:
-            return c.post(url + "/embed_image", files=files).status_code
-
         workers, threads = served_layout(srv.log())
         # Warm-up: the dispatcher's first dispatches per worker are singles and tiny batches.
-        closed_loop(embed, args.concurrency, 4 * args.concurrency)
+        steady_load(url, post, args.concurrency, 10.0, ramp_s=0.0)
         layouts = [(1, cpu_quota())]
         if (workers, threads) != layouts[0]:
             layouts.append((workers, threads))
+        batches_before = batch_histogram(srv.metric_lines("zss_image_batch_size"))
         bares = [BareImageTower(w, t, env) for w, t in layouts]
         try:
             sweep = {b.label: {n: b.throughput(n, 2) for n in batches} for b in bares}
             best = {b.label: max(sweep[b.label], key=sweep[b.label].get) for b in bares}
             rounds = []
             for r in range(args.rounds):
-                res = closed_loop(embed, args.concurrency, args.requests)
+                res = steady_load(url, post, args.concurrency, args.seconds, args.ramp)
                 bare_now = {b.label: b.throughput(best[b.label], 2) for b in bares}
                 rounds.append((r + 1, res, bare_now, loadavg()))
                 print(f"round {r + 1}: {res.per_s:.2f} img/s served, bare {bare_now}", flush=True)
         finally:
             for b in bares:
                 b.close()
-        batches_seen = srv.metric_lines("zss_image_batch_size")
+        batches_after = batch_histogram(srv.metric_lines("zss_image_batch_size"))
 
     print()
     print(f"Served image encoder: {workers} worker(s) x {threads} torch thread(s); {args.concurrency} clients.")
@@ -152,20 +163,15 @@ def main() -> None:
             rows,
         )
     )
-    hist = {}
-    for ln in batches_seen:
-        m = re.match(r'zss_image_batch_size_bucket\{le="([^"]+)"\} ([\d.e+]+)', ln)
-        if m:
-            hist[m.group(1)] = hist.get(m.group(1), 0.0) + float(m.group(2))
-    if hist:
-        cum = sorted(((float(k), v) for k, v in hist.items() if k != "+Inf"))
-        prev, parts = 0.0, []
-        for le, v in cum:
-            if v - prev:
-                parts.append(f"<= {le:g}: {v - prev:.0f}")
-            prev = v
+    hist = {le: n - batches_before.get(le, 0.0) for le, n in batches_after.items()}
+    prev, parts = 0.0, []
+    for le, v in sorted(hist.items()):
+        if v - prev:
+            parts.append(f"<= {le:g}: {v - prev:.0f}")
+        prev = v
+    if parts:
         print()
-        print("encoder calls by batch size (whole run, warm-up included): " + ", ".join(parts))
+        print("encoder calls by batch size (the measured rounds, ramps included): " + ", ".join(parts))
 
 
 if __name__ == "__main__":

@@ -1,11 +1,12 @@
 """P2: /classify against 1,000 classes x 10 cached examples vs /embed_image, same clients, same server, one run.
 
-    .venv/bin/python -m bench.bench_p2_classify [--concurrency 16] [--requests 48] [--rounds 4] [--classes 1000]
+    .venv/bin/python -m bench.bench_p2_classify [--concurrency 16] [--seconds 15] [--rounds 4] [--classes 1000]
 
 ViT-B-32 with seeded random weights, a 640x480 JPEG, detector off. The classifier is deployed (cold text encoding)
 and classified once, so every example is cached and compiled before measuring. Rounds of /embed_image and /classify
 then alternate, so drift of a shared machine hits both alike; the ratio of each pair of rounds is printed, and the
-median of those ratios is the result.
+median of those ratios is the result. Each round is a steady state of back-to-back clients
+(``bench.common.steady_load``).
 """
 
 from __future__ import annotations
@@ -15,22 +16,24 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 import httpx
 
-from bench.common import VIT_B32_RANDOM, closed_loop, image_files, jpeg, machine, merge, served, table
+from bench.common import VIT_B32_RANDOM, image_post, jpeg, machine, merge, served, steady_load, table
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--concurrency", type=int, default=16)
-    ap.add_argument("--requests", type=int, default=48, help="requests per round")
+    ap.add_argument("--seconds", type=float, default=15.0, help="measured seconds per round")
+    ap.add_argument("--ramp", type=float, default=3.0, help="seconds of each round before measuring")
     ap.add_argument("--rounds", type=int, default=4, help="pairs of rounds (embed, classify)")
     ap.add_argument("--classes", type=int, default=1000)
     ap.add_argument("--examples", type=int, default=10)
     args = ap.parse_args()
     print(f"machine: {machine()}", flush=True)
-    files = image_files(jpeg())
+    blob = jpeg()
     configs = [
         {"name": f"class {i}", "examples_to_include": [f"object {i} seen as {k}" for k in range(args.examples)]}
         for i in range(args.classes)
@@ -46,17 +49,13 @@ def main() -> None:
         deployed = r.json()["deployed_id"]
         print(f"deploy of {args.classes} x {args.examples} examples (cold text encoding): {deploy_s:.1f} s", flush=True)
 
-        def classify(c: httpx.Client) -> int:
-            return c.post(f"{url}/classify", params={"deployed_id": deployed}, files=files).status_code
-
-        def embed(c: httpx.Client) -> int:
-            return c.post(url + "/embed_image", files=files).status_code
-
-        closed_loop(classify, args.concurrency, 4 * args.concurrency)  # warm-up: batcher, compile check
+        classify = image_post(f"/classify?deployed_id={quote(deployed)}", blob)
+        embed = image_post("/embed_image", blob)
+        steady_load(url, classify, args.concurrency, 10.0, ramp_s=0.0)  # warm-up: batcher, compile check
         pairs = []
         for k in range(args.rounds):
-            e = closed_loop(embed, args.concurrency, args.requests)
-            c = closed_loop(classify, args.concurrency, args.requests)
+            e = steady_load(url, embed, args.concurrency, args.seconds, args.ramp)
+            c = steady_load(url, classify, args.concurrency, args.seconds, args.ramp)
             pairs.append((e, c))
             print(f"round {k + 1}: embed {e.per_s:.2f} img/s, classify {c.per_s:.2f} img/s", flush=True)
 

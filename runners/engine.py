@@ -185,7 +185,4 @@ def score_detections(
     sx, sy = scale_xy
     scaled = (b[box_idx] * torch.tensor([sx, sy, sx, sy])).tolist()
     names = ex.class_names
-    return [
-        {"tlbr": box, "score": s, "class": names[c]}
-        for box, s, c in zip(scaled, score.tolist(), cls_idx.tolist())
-    ]
+    return [{"tlbr": box, "score": s, "class": names[c]} for box, s, c in zip(scaled, score.tolist(), cls_idx.tolist())]
