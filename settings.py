@@ -101,8 +101,8 @@ def get_settings(environ: dict[str, str] | None = None) -> Settings:
     return Settings(**kwargs)  # type: ignore[arg-type]
 
 
-# The project's top-level packages and modules; their loggers follow ZSS_LOG_LEVEL.
-PROJECT_LOGGERS = ("runners", "cache", "semantic", "service", "tools")
+# The project's loggers that follow ZSS_LOG_LEVEL: its packages' (named after their modules) and the API's "zss.api".
+PROJECT_LOGGERS = ("runners", "cache", "semantic", "tools", "zss")
 
 
 def configure_logging(settings: Settings) -> None:

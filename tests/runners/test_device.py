@@ -46,12 +46,13 @@ def test_log_level_setting_applies_to_project_loggers() -> None:
 
     import pytest
 
+    from service import log as api_log
     from settings import Settings, configure_logging
 
     try:
         configure_logging(Settings(log_level="debug"))
         assert logging.getLogger("runners.clip").getEffectiveLevel() == logging.DEBUG
-        assert logging.getLogger("service").level == logging.DEBUG
+        assert api_log.getEffectiveLevel() == logging.DEBUG  # the API service's own logger
         with pytest.raises(ValueError, match="ZSS_LOG_LEVEL"):
             configure_logging(Settings(log_level="loud"))
     finally:
