@@ -7,6 +7,7 @@ loaded through the same settings (ZSS_CLIP_MODEL / ZSS_CLIP_PRETRAINED) a user w
 from __future__ import annotations
 
 import contextlib
+import http.server
 import io
 import json
 import os
@@ -14,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -161,6 +163,19 @@ def stop_server(server: Server) -> None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(server.proc.pid, signal.SIGKILL)
             server.proc.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def local_http_server(handler: type[http.server.BaseHTTPRequestHandler]) -> Iterator[int]:
+    """A threaded stdlib HTTP server on 127.0.0.1 inside the test process, for testing clients; yields its port."""
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield int(httpd.server_address[1])
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
 
 
 @contextlib.contextmanager

@@ -12,24 +12,22 @@ from contextlib import contextmanager
 import pytest
 
 from bench.common import image_post, jpeg, steady_load
+from tests.conftest import local_http_server
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, as the encoder's clients use it
     delay_s = 0.05
-    bodies: list[tuple[str, bytes]] = []
     fail_every = 0
     count = 0
     lock = threading.Lock()
 
     def do_POST(self) -> None:  # noqa: N802 - the stdlib's name
-        body = self.rfile.read(int(self.headers["Content-Length"]))
+        self.rfile.read(int(self.headers["Content-Length"]))
         cls = type(self)
         with cls.lock:
             cls.count += 1
             n = cls.count
-            if len(cls.bodies) < 2:
-                cls.bodies.append((self.headers["Content-Type"], body))
         time.sleep(cls.delay_s)
         status = 500 if cls.fail_every and n % cls.fail_every == 0 else 200
         self.send_response(status)
@@ -43,16 +41,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 @contextmanager
 def _server(fail_every: int = 0) -> Iterator[str]:
-    handler = type("H", (_Handler,), {"bodies": [], "count": 0, "fail_every": fail_every, "lock": threading.Lock()})
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    srv.daemon_threads = True
-    th = threading.Thread(target=srv.serve_forever, daemon=True)
-    th.start()
-    try:
-        yield f"http://127.0.0.1:{srv.server_address[1]}"
-    finally:
-        srv.shutdown()
-        srv.server_close()
+    handler = type("H", (_Handler,), {"count": 0, "fail_every": fail_every, "lock": threading.Lock()})
+    with local_http_server(handler) as port:
+        yield f"http://127.0.0.1:{port}"
 
 
 def test_image_post_is_a_form_with_the_jpeg_as_field_data() -> None:

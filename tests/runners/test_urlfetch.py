@@ -14,7 +14,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -23,6 +23,7 @@ from runners import urlfetch
 from runners.images import ImageInputError
 from runners.urlfetch import UrlFetchError, blocked_reason, fetch_image_url, parse_allow_hosts
 from tests import bad_inputs
+from tests.conftest import local_http_server
 
 PNG = bad_inputs.png(8, 8)
 LOCAL = ("127.0.0.1",)
@@ -128,15 +129,8 @@ class _Handler(BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[str]:
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    httpd.daemon_threads = True
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"127.0.0.1:{httpd.server_address[1]}"
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+    with local_http_server(_Handler) as port:
+        yield f"127.0.0.1:{port}"
 
 
 def _fake_dns(table: dict[str, list[str]]) -> Callable[..., list[tuple]]:
