@@ -1,6 +1,6 @@
 """Shared pieces of the benchmarks: a served ViT-B-32 with random weights, a JPEG, the bare image tower in worker
-processes, a closed-loop load generator that keeps every latency and status, the machine's description and load, and
-markdown tables.
+processes, two load generators that keep every latency and status (``steady_load``, which the throughput benchmarks
+use, and the httpx ``closed_loop`` kept for comparison), the machine's description and load, and markdown tables.
 
 The development machines are small (2 cores) and shared, so the scripts measure every ratio within one run and
 interleave the two sides of a ratio in rounds, printing the load average next to each round.
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import datetime as dt
+import http.client
 import io
 import multiprocessing as mp
 import os
@@ -23,6 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
@@ -175,7 +177,7 @@ def image_files(blob: bytes) -> list[tuple[str, tuple[str, bytes, str]]]:
 class Post:
     """One POST prepared once (path with its query, encoded body, content type). The load generator runs on the same
     cores as the server; with the body encoded once it spends under a millisecond of CPU per request (httpx building
-    the form per request: 3-8 ms, ``bench.bench_p1_cpu --client httpx``)."""
+    the form per request: about 2 ms, ``bench.bench_p1_cpu --client httpx``)."""
 
     path: str
     body: bytes
@@ -200,11 +202,8 @@ def steady_load(url: str, post: Post, concurrency: int, duration_s: float, ramp_
     """``concurrency`` clients (threads with one keep-alive ``http.client`` connection each) send ``post`` back to
     back for ``ramp_s + duration_s`` seconds. Only requests that end inside the last ``duration_s`` seconds count, so
     the rate is the steady state at full concurrency, without the ramp-up or the drain of a fixed request count
-    (with 48 requests over 16 clients the drain alone cost P1 about a fifth). A transport error counts as status -1
-    and reconnects."""
-    import http.client
-    from urllib.parse import urlsplit
-
+    (with 48 requests over 16 clients the ramp and drain cost P1 about a tenth, BENCHMARKS.md). A transport error
+    counts as status -1 and reconnects."""
     u = urlsplit(url)
     headers = {"Content-Type": post.content_type, "Content-Length": str(len(post.body))}
     done: list[tuple[float, float, int]] = []  # (end, latency, status)
@@ -242,8 +241,7 @@ def steady_load(url: str, post: Post, concurrency: int, duration_s: float, ramp_
     statuses: dict[int, int] = {}
     for _, _, st in done:  # every response counts for errors, ramp included
         statuses[st] = statuses.get(st, 0) + 1
-    res = LoadResult(len(counted), duration_s, [lat for lat, _ in counted], statuses, load_before)
-    return res
+    return LoadResult(len(counted), duration_s, [lat for lat, _ in counted], statuses, load_before)
 
 
 # -- the bare image tower, in worker processes ------------------------------------------------------------------------
