@@ -46,12 +46,18 @@ class Settings:
     clip_quantize: str = "none"
     # Seed for "random" weights, so every worker of a random model holds the same weights.
     random_seed: int = 0
-    # Adaptive batching of the encoders.
+    # Batching of the image encoder (runners/batcher.py): rows per forward pass; requests queued longer than the
+    # latency bound get a 503 instead of a late answer; lanes (model threads; 0 = 1 on a GPU, min(2, CPU quota) on a
+    # CPU); how long a free lane may wait for its share of the queue while another lane is busy.
     image_max_batch_size: int = 64
     image_max_latency_ms: int = 20000
+    image_lanes: int = 0
+    image_batch_hold_ms: float = 30.0
+    # Adaptive batching (BentoML's) of the text encoder.
     text_max_batch_size: int = 512
     text_max_latency_ms: int = 60000
-    # torch threads per encoder worker; 0 = derive from the CPU quota the process really has.
+    # torch threads per encoder worker (per lane of the image encoder); 0 = derive from the CPU quota the process
+    # really has.
     torch_threads: int = 0
     # Image limits (issue 5): pixels of a decoded image, bytes of a request body.
     max_image_pixels: int = 64_000_000

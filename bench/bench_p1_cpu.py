@@ -1,7 +1,7 @@
 """Where P1's CPU goes: CPU milliseconds per /embed_image request in each process (image encoder workers, API worker,
 the load generator itself), read from /proc around closed-loop rounds of 16 clients, on the machine P1 runs on.
 
-    .venv/bin/python -m bench.bench_p1_cpu [--image-workers 2] [--rounds 2] [--seconds 20] [--client httpx]
+    .venv/bin/python -m bench.bench_p1_cpu [--lanes N] [--hold-ms MS] [--rounds 2] [--seconds 20] [--client httpx]
 
 ``--client httpx`` measures the former load generator (httpx in 16 threads, the multipart body built per request)
 instead of ``bench.common.steady_load``'s prepared body over ``http.client``.
@@ -19,9 +19,10 @@ from pathlib import Path
 import httpx
 
 from bench.common import (
-    VIT_B32_RANDOM,
     LoadResult,
+    add_encoder_options,
     closed_loop,
+    encoder_env,
     image_files,
     image_post,
     jpeg,
@@ -54,14 +55,12 @@ def cpu_seconds() -> dict[str, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--image-workers", type=int, default=0, help="override the image encoder's workers (0: default)")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--seconds", type=float, default=20.0, help="seconds per round")
     ap.add_argument("--client", choices=["steady", "httpx"], default="steady")
+    add_encoder_options(ap)
     args = ap.parse_args()
-    env = dict(VIT_B32_RANDOM)
-    if args.image_workers:
-        env["BENTOML_CONFIG_OPTIONS"] = f"services.clip_image_encoder.workers={args.image_workers}"
+    env = encoder_env(args)
     print(f"machine: {machine()}", flush=True)
     blob = jpeg()
     files, post = image_files(blob), image_post("/embed_image", blob)
@@ -80,15 +79,16 @@ def main() -> None:
 
         steady_load(url, post, 16, 10.0, ramp_s=0.0)  # warm-up
         for r in range(args.rounds):
-            before, t0 = cpu_seconds(), time.perf_counter()
+            fwd0, before, t0 = srv.metric("zss_image_forward_cpu_seconds_total"), cpu_seconds(), time.perf_counter()
             res = load()
             after, wall = cpu_seconds(), time.perf_counter() - t0
+            fwd = srv.metric("zss_image_forward_cpu_seconds_total") - fwd0
             n = sum(res.statuses.values())  # every request answered in the round
             per = {k: 1000 * (after[k] - before.get(k, 0.0)) / n for k in after}
             busy = sum(per.values()) * n / 1000 / wall
             rows.append(
-                [r + 1, f"{n / wall:.2f}"]
-                + [f"{per.get(k, 0.0):.0f}" for k in ("image encoder", "API worker", "load generator")]
+                [r + 1, f"{n / wall:.2f}", f"{per.get('image encoder', 0.0):.0f}", f"{1000 * fwd / n:.0f}"]
+                + [f"{per.get(k, 0.0):.0f}" for k in ("API worker", "load generator")]
                 + [f"{busy:.2f}", res.errors]
             )
     print()
@@ -99,6 +99,7 @@ def main() -> None:
                 "round",
                 "img/s",
                 "image encoder CPU ms/img",
+                "of it in forward passes",
                 "API CPU ms/img",
                 "load generator CPU ms/img",
                 "cores busy",

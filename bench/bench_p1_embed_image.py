@@ -1,7 +1,7 @@
 """P1: /embed_image throughput with 16 concurrent clients vs the bare image tower's best batched throughput, one run.
 
     .venv/bin/python -m bench.bench_p1_embed_image [--concurrency 16] [--seconds 20] [--rounds 3]
-        [--image-workers N] [--max-batch-size N] [--max-latency-ms N]
+        [--lanes N] [--hold-ms MS] [--image-workers N] [--max-batch-size N] [--quantize int8]
 
 ViT-B-32 with seeded random weights (the released architecture and cost), a 640x480 JPEG, detector off. The script
 starts its own `bentoml serve`, warms it up, sweeps the bare tower (``ClipEncoder.encode_pixels`` on ready uint8
@@ -22,8 +22,9 @@ import tempfile
 from pathlib import Path
 
 from bench.common import (
-    VIT_B32_RANDOM,
     BareImageTower,
+    add_encoder_options,
+    encoder_env,
     image_post,
     jpeg,
     loadavg,
@@ -37,12 +38,12 @@ from runners.device import cpu_quota
 
 
 def served_layout(log: str) -> tuple[int, int]:
-    """(workers, torch threads per worker) of the image encoder, from the serve log."""
-    m = re.findall(r"image encoder .* ready \((\d+) torch threads?, 1 of (\d+) workers\)", log)
+    """(workers x lanes, torch threads per lane) of the image encoder, from the serve log."""
+    m = re.findall(r"image encoder .* ready \((\d+) lanes x (\d+) torch threads?, 1 of (\d+) workers\)", log)
     if not m:
         return 1, cpu_quota()
-    threads, workers = m[-1]
-    return int(workers), int(threads)
+    lanes, threads, workers = m[-1]
+    return int(workers) * int(lanes), int(threads)
 
 
 def batch_histogram(lines: list[str]) -> dict[float, float]:
@@ -63,22 +64,11 @@ def main() -> None:
     ap.add_argument("--ramp", type=float, default=3.0, help="seconds of each round before measuring")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--batches", default="1,2,4,8,16,32", help="bare batch sizes to sweep")
-    ap.add_argument("--image-workers", type=int, default=0, help="override the image encoder's workers (0: default)")
-    ap.add_argument("--max-batch-size", type=int, default=0, help="ZSS_IMAGE_MAX_BATCH_SIZE (0: default)")
-    ap.add_argument("--max-latency-ms", type=int, default=0, help="ZSS_IMAGE_MAX_LATENCY_MS (0: default)")
-    ap.add_argument("--quantize", default="", help="ZSS_CLIP_QUANTIZE for the server and the bare tower alike")
+    add_encoder_options(ap)
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
 
-    env = dict(VIT_B32_RANDOM)
-    if args.image_workers:
-        env["BENTOML_CONFIG_OPTIONS"] = f"services.clip_image_encoder.workers={args.image_workers}"
-    if args.max_batch_size:
-        env["ZSS_IMAGE_MAX_BATCH_SIZE"] = str(args.max_batch_size)
-    if args.max_latency_ms:
-        env["ZSS_IMAGE_MAX_LATENCY_MS"] = str(args.max_latency_ms)
-    if args.quantize:
-        env["ZSS_CLIP_QUANTIZE"] = args.quantize
+    env = encoder_env(args)
     print(f"machine: {machine()}", flush=True)
     post = image_post("/embed_image", jpeg())
 
@@ -108,7 +98,7 @@ def main() -> None:
         batches_after = batch_histogram(srv.metric_lines("zss_image_batch_size"))
 
     print()
-    print(f"Served image encoder: {workers} worker(s) x {threads} torch thread(s); {args.concurrency} clients.")
+    print(f"Served image encoder: {workers} lane(s) x {threads} torch thread(s); {args.concurrency} clients.")
     print()
     print(
         table(

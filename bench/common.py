@@ -8,6 +8,7 @@ interleave the two sides of a ratio in rounds, printing the load average next to
 
 from __future__ import annotations
 
+import argparse
 import concurrent.futures as cf
 import datetime as dt
 import http.client
@@ -55,6 +56,31 @@ def served(env: dict[str, str], workdir: Path) -> Iterator[Server]:
     workdir.mkdir(parents=True, exist_ok=True)
     with running_server({**env, "ZSS_DATA_DIR": str(workdir / "data")}, workdir / "serve.log") as srv:
         yield srv
+
+
+def add_encoder_options(ap: argparse.ArgumentParser) -> None:
+    """Command-line options for the image encoder's layout and batching, shared by the serving benchmarks."""
+    ap.add_argument("--image-workers", type=int, default=0, help="image encoder processes (0: default, 1)")
+    ap.add_argument("--lanes", type=int, default=0, help="ZSS_IMAGE_LANES, model threads per process (0: default)")
+    ap.add_argument("--hold-ms", type=float, default=-1, help="ZSS_IMAGE_BATCH_HOLD_MS (negative: default)")
+    ap.add_argument("--max-batch-size", type=int, default=0, help="ZSS_IMAGE_MAX_BATCH_SIZE (0: default)")
+    ap.add_argument("--quantize", default="", help="ZSS_CLIP_QUANTIZE (and the bare tower's, where there is one)")
+
+
+def encoder_env(args: argparse.Namespace, base: dict[str, str] = VIT_B32_RANDOM) -> dict[str, str]:
+    """The server's environment for ``add_encoder_options``' options."""
+    env = dict(base)
+    if args.image_workers:
+        env["BENTOML_CONFIG_OPTIONS"] = f"services.clip_image_encoder.workers={args.image_workers}"
+    if args.lanes:
+        env["ZSS_IMAGE_LANES"] = str(args.lanes)
+    if args.hold_ms >= 0:
+        env["ZSS_IMAGE_BATCH_HOLD_MS"] = str(args.hold_ms)
+    if args.max_batch_size:
+        env["ZSS_IMAGE_MAX_BATCH_SIZE"] = str(args.max_batch_size)
+    if args.quantize:
+        env["ZSS_CLIP_QUANTIZE"] = args.quantize
+    return env
 
 
 # -- the machine -------------------------------------------------------------------------------------------------------

@@ -1,13 +1,17 @@
-"""CLIP encoders as BentoML services with adaptive batching.
+"""CLIP encoders as BentoML services.
 
-Each request's value is itself a batch (numpy arrays or lists at the boundary, never torch tensors: BentoML 1.4 cannot
-batch tensors). The API service calls ``encode_pixels`` with images already decoded and resized in its own process,
-so decoding overlaps the forward pass here; ``encode`` takes PIL images for other callers.
+Each request's value is itself a batch (numpy arrays or lists at the boundary, never torch tensors). The image encoder
+batches requests itself, on lanes that share one queue (runners/batcher.py); the text encoder uses BentoML's adaptive
+batching (its work comes in bursts at deploy time). The API service calls ``encode_pixels`` with images already decoded
+and resized in its own process, so decoding overlaps the forward pass here; ``encode`` takes PIL images for other
+callers.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from typing import Any
 
 import bentoml
@@ -15,8 +19,9 @@ import numpy as np
 from PIL import Image
 from prometheus_client import Counter, Histogram
 
+from runners.batcher import LaneBatcher, Overloaded
 from runners.clip import load_clip_encoder
-from runners.device import configure_threads, encoder_workers, service_workers
+from runners.device import configure_threads, encoder_lanes, service_workers
 from runners.serving import RUNNER_CONNECTION, TRAFFIC
 from settings import configure_logging, get_settings
 
@@ -26,9 +31,11 @@ log = logging.getLogger(__name__)
 _S = get_settings()
 
 IMAGES_ENCODED = Counter("zss_images_encoded", "Images encoded by the CLIP image tower")
+# CPU time of the image tower's forward passes (the lane threads' own time), to tell the model's cost from serving's.
+IMAGE_FORWARD_CPU = Counter("zss_image_forward_cpu_seconds", "CPU seconds spent in image-tower forward passes")
 PROMPTS_ENCODED = Counter("zss_text_prompts_encoded", "Prompts encoded by the CLIP text tower (templates expanded)")
 
-# Our own record of the batches the adaptive batcher forms (BentoML's histogram stops after its warm-up phase).
+# Our own record of the batches the encoders run (BentoML's histogram stops after its warm-up phase).
 IMAGE_BATCH = Histogram(
     "zss_image_batch_size", "Images per image-encoder call", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256)
 )
@@ -37,15 +44,15 @@ TEXT_BATCH = Histogram(
 )
 
 
-# Image encoder workers: 1 on a GPU, 2 on a CPU with >= 2 cores (measured in BENCHMARKS.md, P1); each worker's torch
-# threads are its share of the CPU quota. Override with BENTOML_CONFIG_OPTIONS="services.clip_image_encoder.workers=N"
-# (the thread share follows) and ZSS_TORCH_THREADS.
-IMAGE_WORKERS = encoder_workers(_S.device)
+class BadPixels(bentoml.exceptions.InvalidArgument):
+    """A pixel batch that is not uint8 [N, H, W, 3] at the model's input size (400, before it can join a batch)."""
 
 
 @bentoml.service(
     name="clip_image_encoder",
-    workers=IMAGE_WORKERS,
+    # One process: its lanes share one queue (runners/batcher.py). More workers would each batch on their own;
+    # BENTOML_CONFIG_OPTIONS="services.clip_image_encoder.workers=N" still works, and the thread share follows.
+    workers=1,
     threads=4,
     traffic=TRAFFIC,
     runner_connection=RUNNER_CONNECTION,
@@ -54,32 +61,60 @@ class ClipImageEncoder:
     def __init__(self) -> None:
         settings = get_settings()
         configure_logging(settings)
-        workers = service_workers("clip_image_encoder", IMAGE_WORKERS)
-        self.threads = configure_threads(settings.torch_threads, share=workers)
+        workers = service_workers("clip_image_encoder", 1)
+        lanes = encoder_lanes(settings.device, settings.image_lanes)
+        self.threads = configure_threads(settings.torch_threads, share=workers * lanes)
         self.encoder = load_clip_encoder(settings, towers="image")
+        self.size = tuple(self.encoder.preprocess.size)
+        # Not BentoML's adaptive batching: its per-worker queues hand a free worker batches of 1-2 images under load
+        # on a CPU (BENCHMARKS.md, P1). Created here; its dispatcher starts on the first request, in the server's loop.
+        self.batcher = LaneBatcher(
+            self._forward,
+            lanes=lanes,
+            max_batch=settings.image_max_batch_size,
+            max_hold_s=settings.image_batch_hold_ms / 1000,
+            max_wait_s=settings.image_max_latency_ms / 1000,
+            name="clip-image",
+        )
         log.info(
-            "image encoder %s ready (%d torch threads, 1 of %d workers)", self.encoder.model_id, self.threads, workers
+            "image encoder %s ready (%d lanes x %d torch threads, 1 of %d workers)",
+            self.encoder.model_id,
+            lanes,
+            self.threads,
+            workers,
         )
 
-    @bentoml.api(
-        batchable=True, batch_dim=0, max_batch_size=_S.image_max_batch_size, max_latency_ms=_S.image_max_latency_ms
-    )
-    def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
-        """uint8 [N, H, W, 3] at the model's input size -> L2-normalised float32 [N, D]."""
+    def _forward(self, pixels: np.ndarray) -> np.ndarray:
+        t0 = time.thread_time()  # the lane's own CPU time: all of the forward when its torch threads are 1
         out = self.encoder.encode_pixels(pixels)
+        IMAGE_FORWARD_CPU.inc(time.thread_time() - t0)
         IMAGES_ENCODED.inc(len(out))
         IMAGE_BATCH.observe(len(out))
         return out
 
-    @bentoml.api(
-        batchable=True, batch_dim=0, max_batch_size=_S.image_max_batch_size, max_latency_ms=_S.image_max_latency_ms
-    )
-    def encode(self, images: list[Image.Image]) -> np.ndarray:
+    def _check(self, pixels: np.ndarray) -> np.ndarray:
+        # One malformed request must not fail the other requests of the batch it would join.
+        h, w = self.size
+        if not isinstance(pixels, np.ndarray) or pixels.dtype != np.uint8 or pixels.shape[1:] != (h, w, 3):
+            got = f"{pixels.dtype} {tuple(pixels.shape)}" if isinstance(pixels, np.ndarray) else type(pixels).__name__
+            raise BadPixels(f"expected uint8 [N, {h}, {w}, 3] pixels, got {got}")
+        return pixels
+
+    async def _submit(self, pixels: np.ndarray) -> np.ndarray:
+        try:
+            return await self.batcher.submit(self._check(pixels))
+        except Overloaded as exc:
+            raise bentoml.exceptions.ServiceUnavailable(f"image encoder overloaded: {exc}") from exc
+
+    @bentoml.api
+    async def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 [N, H, W, 3] at the model's input size -> L2-normalised float32 [N, D]."""
+        return await self._submit(pixels)
+
+    @bentoml.api
+    async def encode(self, images: list[Image.Image]) -> np.ndarray:
         """RGB PIL images -> L2-normalised float32 [N, D]."""
-        out = self.encoder.encode_images(images)
-        IMAGES_ENCODED.inc(len(out))
-        IMAGE_BATCH.observe(len(out))
-        return out
+        return await self._submit(await asyncio.to_thread(self.encoder.images_to_pixels, images))
 
     @bentoml.api
     def info(self) -> dict[str, Any]:

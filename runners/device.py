@@ -38,10 +38,13 @@ def configure_threads(requested: int, share: int = 1) -> int:
     return n
 
 
-def encoder_workers(device_name: str) -> int:
-    """Default worker count of an encoder service: 1 on a GPU; on a CPU two workers when the quota has 2 cores or
-    more, so one worker's forward pass overlaps the other's batch assembly and the API's decoding. Their torch
-    threads then share the quota (see ``configure_threads``), so the workers never oversubscribe the cores."""
+def encoder_lanes(device_name: str, requested: int = 0) -> int:
+    """Lanes (model threads in one process, see runners/batcher.py) of the image encoder: ``requested`` when > 0, 1 on
+    a GPU, and on a CPU two when the quota has 2 cores or more, so one lane's forward pass overlaps the other's batch
+    assembly and the API's decoding. Their torch threads share the quota (see ``configure_threads``), so the lanes
+    never oversubscribe the cores."""
+    if requested > 0:
+        return requested
     if select_device(device_name).type != "cpu":
         return 1
     return min(2, cpu_quota())

@@ -8,14 +8,15 @@ import sys
 
 import torch
 
-from runners.device import configure_threads, cpu_quota, encoder_workers, service_workers
+from runners.device import configure_threads, cpu_quota, encoder_lanes, service_workers
 from tests.conftest import ROOT
 
 
-def test_cpu_encoder_workers_split_the_quota_without_oversubscribing() -> None:
+def test_cpu_encoder_lanes_split_the_quota_without_oversubscribing() -> None:
     quota = cpu_quota()
-    workers = encoder_workers("cpu")
+    workers = encoder_lanes("cpu")
     assert workers == min(2, quota)
+    assert encoder_lanes("cpu", requested=3) == 3  # ZSS_IMAGE_LANES wins
     before = torch.get_num_threads()
     try:
         threads = configure_threads(0, share=workers)
@@ -32,8 +33,8 @@ def test_service_workers_outside_bentoml_serve_is_the_default() -> None:
 
 def test_service_workers_reads_bentoml_config_override() -> None:
     code = (
-        "import runners.clip_service as cs; from runners.device import service_workers; "
-        "print(service_workers('clip_image_encoder', cs.IMAGE_WORKERS))"
+        "import runners.clip_service; from runners.device import service_workers; "
+        "print(service_workers('clip_image_encoder', 1))"
     )
     env = {**os.environ, "BENTOML_CONFIG_OPTIONS": "services.clip_image_encoder.workers=3", "ZSS_DEVICE": "cpu"}
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
