@@ -48,11 +48,12 @@ class Settings:
     random_seed: int = 0
     # Batching of the image encoder (runners/batcher.py): rows per forward pass; requests queued longer than the
     # latency bound get a 503 instead of a late answer; lanes (model threads; 0 = 1 on a GPU, min(2, CPU quota) on a
-    # CPU); how long a free lane may wait for its share of the queue while another lane is busy.
+    # CPU); how long a free lane may wait for its share of the queue while another lane is busy (0: never; at 16
+    # clients a 30 ms hold changed nothing measurable, BENCHMARKS.md).
     image_max_batch_size: int = 64
     image_max_latency_ms: int = 20000
     image_lanes: int = 0
-    image_batch_hold_ms: float = 30.0
+    image_batch_hold_ms: float = 0.0
     # Adaptive batching (BentoML's) of the text encoder.
     text_max_batch_size: int = 512
     text_max_latency_ms: int = 60000

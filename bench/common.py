@@ -52,9 +52,10 @@ def jpeg(width: int = 640, height: int = 480, seed: int = 0) -> bytes:
 
 
 @contextmanager
-def served(env: dict[str, str], workdir: Path) -> Iterator[Server]:
+def served(env: dict[str, str], workdir: Path, root: Path = ROOT) -> Iterator[Server]:
+    """`bentoml serve` of the checkout at ``root`` (this one by default) with its data and log under ``workdir``."""
     workdir.mkdir(parents=True, exist_ok=True)
-    with running_server({**env, "ZSS_DATA_DIR": str(workdir / "data")}, workdir / "serve.log") as srv:
+    with running_server({**env, "ZSS_DATA_DIR": str(workdir / "data")}, workdir / "serve.log", root=root) as srv:
         yield srv
 
 

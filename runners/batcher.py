@@ -5,9 +5,9 @@ clients on a CPU that means many batches of 1 or 2 images: the clients of the ba
 next request yet, and each worker process keeps a queue of its own (BENCHMARKS.md, P1). Here one process runs the
 model on ``lanes`` threads (torch releases the GIL inside its ops, so single-threaded forwards on two lanes run about
 as fast as two processes), and a free lane takes its fair share of the work in the system: the queued and running items
-divided by the lanes. While another lane is busy (the service is under load) a free lane may hold briefly for that share
-to arrive; an idle service never holds, so a lone request starts at once. On one lane (a GPU) it never holds: the lane
-takes everything queued, up to ``max_batch``.
+divided by the lanes. Optionally (``max_hold_s`` > 0), while another lane is busy (the service is under load) a free
+lane may hold briefly for that share to arrive; an idle service never holds, so a lone request starts at once. On one
+lane (a GPU) it never holds: the lane takes everything queued, up to ``max_batch``.
 
 Requests are numpy arrays batched along axis 0; a request larger than ``max_batch`` is split across batches and its
 rows come back in order.
@@ -78,7 +78,7 @@ class LaneBatcher:
         fn: BatchFn,
         lanes: int,
         max_batch: int,
-        max_hold_s: float = 0.03,
+        max_hold_s: float = 0.0,
         hold_fraction: float = 0.25,
         max_wait_s: float = 60.0,
         name: str = "batcher",

@@ -119,8 +119,8 @@ class Server:
         return [ln for ln in text.splitlines() if ln.startswith(prefix)]
 
 
-def start_server(env: dict[str, str], log_path: Path, timeout: float = 240.0) -> Server:
-    """Start `bentoml serve` from the repo root as a user would, and wait until it is ready."""
+def start_server(env: dict[str, str], log_path: Path, timeout: float = 240.0, root: Path = ROOT) -> Server:
+    """Start `bentoml serve` from the repo root (or another checkout: ``root``) as a user would; wait until ready."""
     port = free_port()
     full_env = {**os.environ, **env}
     full_env.setdefault("ZSS_DETECTOR_MODEL", "none")
@@ -128,7 +128,7 @@ def start_server(env: dict[str, str], log_path: Path, timeout: float = 240.0) ->
     fh = open(log_path, "wb")  # noqa: SIM115 - closed with the process
     proc = subprocess.Popen(
         [sys.executable, "-m", "bentoml", "serve", "service:ZeroShot", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=ROOT,
+        cwd=root,
         env=full_env,
         stdout=fh,
         stderr=subprocess.STDOUT,
@@ -179,8 +179,8 @@ def local_http_server(handler: type[http.server.BaseHTTPRequestHandler]) -> Iter
 
 
 @contextlib.contextmanager
-def running_server(env: dict[str, str], log_path: Path) -> Iterator[Server]:
-    server = start_server(env, log_path)
+def running_server(env: dict[str, str], log_path: Path, root: Path = ROOT) -> Iterator[Server]:
+    server = start_server(env, log_path, root=root)
     try:
         yield server
     finally:
