@@ -232,15 +232,52 @@ async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
     return _envelope(exc.status_code, str(exc.detail))
 
 
-@app.exception_handler(Exception)
-async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+def _unexpected(exc: Exception) -> JSONResponse:
+    """The envelope for an exception no handler took: a dependency's error code (BentoML exceptions carry one; 503 is
+    an encoder shedding load) or 500."""
     status = getattr(exc, "error_code", None)
-    code = int(status) if status is not None else 500
+    try:
+        code = int(status) if status is not None else 500
+    except (TypeError, ValueError):
+        code = 500
+    if not 400 <= code <= 599:
+        code = 500
+    if code == 503:
+        log.warning("encoder overloaded: %s", exc)
+        return _envelope(503, "The encoder is overloaded; retry later.")
     if code >= 500:
         log.exception("unhandled error", exc_info=exc)
-    if code == 503:
-        return _envelope(503, "The encoder is overloaded; retry later.")
     return _envelope(code, "Internal server error." if code >= 500 else str(exc))
+
+
+class CatchAll:
+    """Answer any exception that no exception handler took with the JSON envelope, here and without re-raising.
+
+    Starlette sends an ``@app.exception_handler(Exception)`` response from its outermost middleware and then re-raises,
+    and the server then closes the connection: the client saw a reset instead of the 503 or 500 (tests/test_service.py,
+    overload test)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception as exc:
+            if started:  # part of a response is out: nothing sensible can follow it
+                raise
+            await _unexpected(exc)(scope, receive, send)
 
 
 def _validate_classes(configs: list[ClassifierConfig]) -> None:
@@ -408,6 +445,7 @@ class BodyLimit:
 
 
 app.add_middleware(BodyLimit, max_bytes=get_settings().max_body_bytes)
+app.add_middleware(CatchAll)  # added last, so outermost: it also answers for BodyLimit
 
 
 @bentoml.asgi_app(app, path="/")

@@ -31,7 +31,9 @@ log = logging.getLogger(__name__)
 _S = get_settings()
 
 IMAGES_ENCODED = Counter("zss_images_encoded", "Images encoded by the CLIP image tower")
-# CPU time of the image tower's forward passes (the lane threads' own time), to tell the model's cost from serving's.
+# CPU time of the image tower's forward passes, to tell the model's cost from serving's: the lane threads' own time,
+# which is all of it with 1 torch thread per lane (the CPU default with <= 3 cores); with more, helper threads' time
+# is not counted.
 IMAGE_FORWARD_CPU = Counter("zss_image_forward_cpu_seconds", "CPU seconds spent in image-tower forward passes")
 PROMPTS_ENCODED = Counter("zss_text_prompts_encoded", "Prompts encoded by the CLIP text tower (templates expanded)")
 
@@ -85,7 +87,7 @@ class ClipImageEncoder:
         )
 
     def _forward(self, pixels: np.ndarray) -> np.ndarray:
-        t0 = time.thread_time()  # the lane's own CPU time: all of the forward when its torch threads are 1
+        t0 = time.thread_time()
         out = self.encoder.encode_pixels(pixels)
         IMAGE_FORWARD_CPU.inc(time.thread_time() - t0)
         IMAGES_ENCODED.inc(len(out))

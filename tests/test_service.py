@@ -185,6 +185,18 @@ def test_concurrent_requests_are_batched(tiny_clip: ClipFiles, tmp_path: Path) -
         _check_layout_and_no_reconnects(server)
 
 
+def test_overloaded_image_encoder_is_a_503_and_the_server_goes_on(tiny_clip: ClipFiles, tmp_path: Path) -> None:
+    # A queue bound of 0 ms sheds every image request: the encoder's 503 must cross the service boundary as the API's
+    # 503 envelope (not a 500), and the rest of the server must keep working.
+    env = {**clip_env(tiny_clip, tmp_path / "data"), "ZSS_IMAGE_MAX_LATENCY_MS": "0"}
+    with running_server(env, tmp_path / "serve.log") as server, server.client() as c:
+        for _ in range(3):
+            assert_error(c.post("/embed_image", files=files(jpeg_bytes())), 503, "overloaded")
+        r = c.post("/embed_text", json={"texts": ["a cat"]})
+        assert r.status_code == 200, r.text
+        assert "unhandled error" not in server.log()
+
+
 def _check_layout_and_no_reconnects(server: Server) -> None:
     from runners.device import cpu_quota
 
