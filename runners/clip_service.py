@@ -53,7 +53,7 @@ class BadPixels(bentoml.exceptions.InvalidArgument):
 @bentoml.service(
     name="clip_image_encoder",
     # One process: its lanes share one queue (runners/batcher.py). More workers would each batch on their own;
-    # BENTOML_CONFIG_OPTIONS="services.clip_image_encoder.workers=N" still works, and the thread share follows.
+    # BENTOML_CONFIG_OPTIONS="services.clip_image_encoder.workers=N" still works; lanes and threads share the quota.
     workers=1,
     threads=4,
     traffic=TRAFFIC,
@@ -64,7 +64,7 @@ class ClipImageEncoder:
         settings = get_settings()
         configure_logging(settings)
         workers = service_workers("clip_image_encoder", 1)
-        lanes = encoder_lanes(settings.device, settings.image_lanes)
+        lanes = encoder_lanes(settings.device, settings.image_lanes, workers)
         self.threads = configure_threads(settings.torch_threads, share=workers * lanes)
         self.encoder = load_clip_encoder(settings, towers="image")
         self.size = tuple(self.encoder.preprocess.size)

@@ -38,16 +38,16 @@ def configure_threads(requested: int, share: int = 1) -> int:
     return n
 
 
-def encoder_lanes(device_name: str, requested: int = 0) -> int:
+def encoder_lanes(device_name: str, requested: int = 0, workers: int = 1) -> int:
     """Lanes (model threads in one process, see runners/batcher.py) of the image encoder: ``requested`` when > 0, 1 on
-    a GPU, and on a CPU two when the quota has 2 cores or more, so one lane's forward pass overlaps the other's batch
-    assembly and the API's decoding. Their torch threads share the quota (see ``configure_threads``), so the lanes
-    never oversubscribe the cores."""
+    a GPU, and on a CPU two when the process's part of the quota (the quota over ``workers`` encoder processes) has 2
+    cores or more, so one lane's forward pass overlaps the other's batch assembly and the API's decoding. Their torch
+    threads share the quota (see ``configure_threads``), so the lanes never oversubscribe the cores."""
     if requested > 0:
         return requested
     if select_device(device_name).type != "cpu":
         return 1
-    return min(2, cpu_quota())
+    return max(1, min(2, cpu_quota() // max(1, workers)))
 
 
 def service_workers(name: str, default: int) -> int:

@@ -17,6 +17,9 @@ def test_cpu_encoder_lanes_split_the_quota_without_oversubscribing() -> None:
     workers = encoder_lanes("cpu")
     assert workers == min(2, quota)
     assert encoder_lanes("cpu", requested=3) == 3  # ZSS_IMAGE_LANES wins
+    # More encoder processes (BentoML's workers override) split the quota first: never more lanes than cores.
+    assert encoder_lanes("cpu", workers=quota) == 1
+    assert encoder_lanes("cpu", workers=2 * quota) == 1
     before = torch.get_num_threads()
     try:
         threads = configure_threads(0, share=workers)
