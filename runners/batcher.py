@@ -16,7 +16,6 @@ rows come back in order.
 from __future__ import annotations
 
 import asyncio
-import logging
 import math
 import time
 from collections import deque
@@ -25,8 +24,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
-
-log = logging.getLogger(__name__)
 
 BatchFn = Callable[[np.ndarray], np.ndarray]
 
@@ -113,8 +110,7 @@ class LaneBatcher:
         if n == 0:
             return await loop.run_in_executor(self._pool, self.fn, rows)
         req = _Request(rows=rows, future=loop.create_future(), enqueued=time.monotonic(), pending=n)
-        for start in range(0, n, self.max_batch):
-            self._queue.append(_Piece(req, start, min(n, start + self.max_batch)))
+        self._queue.append(_Piece(req, 0, n))  # _take splits it when it is larger than a batch
         self._queued += n
         self._ensure_started()
         self._poke()

@@ -87,6 +87,13 @@ def test_idle_service_runs_a_lone_request_at_once() -> None:
     asyncio.run(main())
 
 
+async def _lane_busy(b: LaneBatcher, gate: Gate) -> asyncio.Future[np.ndarray]:
+    """One row on an idle batcher; the gate holds it, so its lane stays busy until ``gate.release()``."""
+    busy = asyncio.ensure_future(b.submit(rows(1)))
+    await _wait_started(gate)
+    return busy
+
+
 async def _one_lane_busy(b: LaneBatcher, gate: Gate) -> asyncio.Future[np.ndarray]:
     """8 rows on two idle lanes split 4 + 4; the gate holds the first half, so lane 1 stays busy with 4 rows."""
     busy = asyncio.ensure_future(b.submit(rows(8)))
@@ -188,8 +195,7 @@ def test_one_lane_takes_everything_queued_without_holding() -> None:
         gate = Gate()
         b = LaneBatcher(gate, lanes=1, max_batch=64, max_hold_s=5.0)
         try:
-            busy = asyncio.ensure_future(b.submit(rows(1)))
-            await _wait_started(gate)
+            busy = await _lane_busy(b, gate)
             later = [asyncio.ensure_future(b.submit(rows(1, i))) for i in range(5)]
             await asyncio.sleep(0.02)
             gate.release()
@@ -241,8 +247,7 @@ def test_cancelled_request_is_never_run() -> None:
         gate = Gate()
         b = LaneBatcher(gate, lanes=1, max_batch=8)
         try:
-            busy = asyncio.ensure_future(b.submit(rows(1)))
-            await _wait_started(gate)
+            busy = await _lane_busy(b, gate)
             gone = asyncio.ensure_future(b.submit(rows(3, 10)))
             kept = asyncio.ensure_future(b.submit(rows(2, 20)))
             await asyncio.sleep(0.01)
@@ -263,8 +268,7 @@ def test_requests_queued_past_max_wait_are_shed_with_overloaded() -> None:
         gate = Gate()
         b = LaneBatcher(gate, lanes=1, max_batch=8, max_wait_s=0.05)
         try:
-            busy = asyncio.ensure_future(b.submit(rows(1)))
-            await _wait_started(gate)
+            busy = await _lane_busy(b, gate)
             late = asyncio.ensure_future(b.submit(rows(1)))
             await asyncio.sleep(0.15)
             gate.release()
