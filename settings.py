@@ -1,30 +1,26 @@
-"""One typed settings object, read from environment variables with the prefix ``ZSS_``.
+"""One typed settings object, read from environment variables with the prefix ``ZSS_`` (pydantic-settings).
 
-Every process of the service (API workers, encoder workers, the batch tool) calls ``get_settings()``; nothing is read
-at import time, so tests can change the environment before a service starts.
+Each process of the service (API worker, encoder workers, the folder tool) reads it once, in its constructor, with
+``get_settings()``, and passes it down; the only reads at import time are the few values BentoML decorator arguments
+need (runners/clip_service.py and runners/owl_service.py say which). Tests change the environment before a service
+starts, or build ``Settings(...)`` / ``get_settings({...})`` directly.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-from dataclasses import dataclass, fields
+from collections.abc import Mapping
 from pathlib import Path
+
+from pydantic import ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PREFIX = "ZSS_"
 
 
-def _bool(value: str) -> bool:
-    v = value.strip().lower()
-    if v in {"1", "true", "yes", "on"}:
-        return True
-    if v in {"0", "false", "no", "off", ""}:
-        return False
-    raise ValueError(f"not a boolean: {value!r}")
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=PREFIX, frozen=True, extra="ignore")
 
-
-@dataclass(frozen=True)
-class Settings:
     # open_clip model name (e.g. ViT-B-32) or a path to an open_clip model-config JSON.
     clip_model: str = "ViT-B-32"
     # open_clip pretrained tag, a path to a local checkpoint, or "random" (seeded random weights).
@@ -69,6 +65,8 @@ class Settings:
     url_timeout_s: float = 10.0
     # Log level of the project's loggers.
     log_level: str = "INFO"
+    # Compiled deployments kept per API worker (least recently used dropped first), by the bytes their tensors hold.
+    compiled_cache_mb: int = 256
 
     @property
     def registry_path(self) -> Path:
@@ -83,33 +81,24 @@ class Settings:
         return self.detector_model.strip().lower() not in {"", "none", "off"}
 
 
-def get_settings(environ: dict[str, str] | None = None) -> Settings:
-    """Build settings from ``ZSS_*`` variables; unknown values raise ValueError naming the variable."""
-    env = os.environ if environ is None else environ
-    kwargs: dict[str, object] = {}
-    for f in fields(Settings):
-        name = PREFIX + f.name.upper()
-        if name not in env:
-            continue
-        raw = env[name]
-        try:
-            if f.type in ("bool", bool):
-                kwargs[f.name] = _bool(raw)
-            elif f.type in ("int", int):
-                kwargs[f.name] = int(raw)
-            elif f.type in ("float", float):
-                kwargs[f.name] = float(raw)
-            elif f.type in ("Path", Path):
-                kwargs[f.name] = Path(raw)
-            else:
-                kwargs[f.name] = raw
-        except ValueError as exc:
-            raise ValueError(f"{name}: {exc}") from exc
-    return Settings(**kwargs)  # type: ignore[arg-type]
+def get_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Settings from the process environment, or from ``environ`` alone (``ZSS_*`` keys); a bad value raises a
+    ValueError naming the variable."""
+    try:
+        if environ is None:
+            return Settings()
+        values = {k[len(PREFIX) :].lower(): v for k, v in environ.items() if k.startswith(PREFIX)}
+        known = {k: v for k, v in values.items() if k in Settings.model_fields}
+        return Settings.model_validate(known)  # model_validate reads no environment source
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{PREFIX}{'_'.join(str(p) for p in e['loc']).upper()}={e.get('input')!r}: {e['msg']}" for e in exc.errors()
+        )
+        raise ValueError(f"invalid settings: {problems}") from None
 
 
 # The project's loggers that follow ZSS_LOG_LEVEL: its packages' (named after their modules) and the API's "zss.api".
-PROJECT_LOGGERS = ("runners", "cache", "semantic", "tools", "zss")
+PROJECT_LOGGERS = ("api", "engine", "imaging", "runners", "cache", "semantic", "tools", "zss")
 
 
 def configure_logging(settings: Settings) -> None:

@@ -39,7 +39,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         if args.tiny:
-            from tests.conftest import write_tiny_clip
+            from testing.models import write_tiny_clip
 
             files = write_tiny_clip(root / "tiny")
             args.model, args.pretrained = str(files.config), str(files.checkpoint)

@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tests.conftest import Server, running_server  # noqa: E402
+from testing.server import Server, running_server  # noqa: E402
 
 VIT_B32_RANDOM = {"ZSS_CLIP_MODEL": "ViT-B-32", "ZSS_CLIP_PRETRAINED": "random", "ZSS_DETECTOR_MODEL": "none"}
 

@@ -252,16 +252,6 @@ class EmbeddingCache:
             return np.zeros((0, 0), np.float32), stats
         return np.stack([found[i] for i in range(len(texts))]), stats
 
-    def search(self, ns: str, query: np.ndarray, k: int = 5) -> list[list[tuple[str, float]]]:
-        """Nearest cached texts of a namespace for each query vector [Q, D]: (text, inner product)."""
-        with self._lock:
-            space = self._space(ns)
-            if space is None or space.index.ntotal == 0:
-                return [[] for _ in range(len(query))]
-            sims, ids = space.index.search(np.ascontiguousarray(query, np.float32), min(k, space.index.ntotal))
-        texts = dict(self._db.execute("SELECT id, text FROM vectors WHERE ns = ?", (ns,)).fetchall())
-        return [[(texts[int(i)], float(s)) for s, i in zip(srow, irow) if i >= 0] for srow, irow in zip(sims, ids)]
-
     def count(self, ns: str | None = None) -> int:
         if ns is None:
             return int(self._db.execute("SELECT count(*) FROM vectors").fetchone()[0])

@@ -79,7 +79,6 @@ class LaneBatcher:
         hold_fraction: float = 0.25,
         max_wait_s: float = 60.0,
         name: str = "batcher",
-        on_batch: Callable[[int, float], None] | None = None,
     ) -> None:
         if lanes < 1 or max_batch < 1:
             raise ValueError("lanes and max_batch must be >= 1")
@@ -89,7 +88,6 @@ class LaneBatcher:
         self.max_hold_s = max(0.0, max_hold_s)
         self.hold_fraction = hold_fraction
         self.max_wait_s = max_wait_s
-        self.on_batch = on_batch
         self.stats = BatcherStats()
         self._pool = ThreadPoolExecutor(max_workers=lanes, thread_name_prefix=f"{name}-lane")
         self._queue: deque[_Piece] = deque()
@@ -236,8 +234,6 @@ class LaneBatcher:
             self.stats.batches += 1
             self.stats.items += n
             self.stats.sizes = [*self.stats.sizes[-99:], n]
-            if self.on_batch is not None:
-                self.on_batch(n, dt)
             self._poke()
 
     @staticmethod

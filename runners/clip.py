@@ -31,84 +31,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from imaging.preprocess import Preprocess
 from runners.device import select_device
 from settings import Settings
 
 log = logging.getLogger(__name__)
-
-_INTERPOLATION = {
-    "bicubic": Image.Resampling.BICUBIC,
-    "bilinear": Image.Resampling.BILINEAR,
-    "nearest": Image.Resampling.NEAREST,
-    "lanczos": Image.Resampling.LANCZOS,
-}
-
-
-@dataclass(frozen=True)
-class Preprocess:
-    """open_clip's inference preprocessing as data: resize + crop/pad in PIL, normalisation on the tensor side."""
-
-    size: tuple[int, int]  # (height, width)
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    interpolation: str = "bicubic"
-    resize_mode: str = "shortest"
-    fill_color: int = 0
-
-    @classmethod
-    def from_open_clip(cls, cfg: dict[str, Any]) -> Preprocess:
-        size = cfg["size"]
-        hw = (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
-        return cls(
-            size=hw,
-            mean=tuple(float(x) for x in cfg["mean"]),  # type: ignore[arg-type]
-            std=tuple(float(x) for x in cfg["std"]),  # type: ignore[arg-type]
-            interpolation=str(cfg.get("interpolation", "bicubic")),
-            resize_mode=str(cfg.get("resize_mode", "shortest")),
-            fill_color=int(cfg.get("fill_color", 0)),
-        )
-
-    @property
-    def draft_size(self) -> int:
-        """The smallest edge a JPEG may be draft-decoded to without losing resolution the model would see."""
-        return max(self.size)
-
-    def to_pixels(self, img: Image.Image) -> np.ndarray:
-        """An RGB PIL image -> uint8 [H, W, 3] at the model's input size (the resize matches torchvision's)."""
-        img = img.convert("RGB") if img.mode != "RGB" else img
-        th, tw = self.size
-        w, h = img.size
-        resample = _INTERPOLATION.get(self.interpolation, Image.Resampling.BICUBIC)
-        if self.resize_mode == "squash":
-            out = img.resize((tw, th), resample)
-        elif self.resize_mode == "longest":
-            scale = min(th / h, tw / w)
-            nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
-            resized = img.resize((nw, nh), resample)
-            out = Image.new("RGB", (tw, th), (self.fill_color,) * 3)
-            out.paste(resized, ((tw - nw) // 2, (th - nh) // 2))
-        else:  # "shortest": torchvision Resize(int) then CenterCrop
-            target = min(th, tw) if th == tw else None
-            if target is not None:
-                if w <= h:
-                    nw, nh = target, int(target * h / w)
-                else:
-                    nw, nh = int(target * w / h), target
-            else:
-                scale = max(th / h, tw / w)
-                nw, nh = round(w * scale), round(h * scale)
-            resized = img.resize((nw, nh), resample) if (nw, nh) != (w, h) else img
-            top = int(round((nh - th) / 2.0))
-            left = int(round((nw - tw) / 2.0))
-            out = resized.crop((left, top, left + tw, top + th))
-        return np.asarray(out, dtype=np.uint8)
-
-    def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
-        """uint8 [B, H, W, 3] -> float [B, 3, H, W], scaled to [0, 1] and normalised."""
-        x = pixels.permute(0, 3, 1, 2).float().div_(255.0)
-        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
-        return (x - mean) / std
 
 
 @dataclass(frozen=True)
@@ -211,14 +138,7 @@ class ClipEncoder:
         return {
             "model_id": self.model_id,
             "dim": self.dim,
-            "preprocess": {
-                "size": list(p.size),
-                "mean": list(p.mean),
-                "std": list(p.std),
-                "interpolation": p.interpolation,
-                "resize_mode": p.resize_mode,
-                "fill_color": p.fill_color,
-            },
+            "preprocess": p.as_dict(),
             "context_length": int(getattr(self.model, "context_length", 77)),
             "device": str(self.device),
         }

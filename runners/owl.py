@@ -23,15 +23,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from imaging.geometry import pad_to_square, padded_square_cxcywh_to_xyxy
 from runners.device import select_device
-from semantic.detect import padded_square_cxcywh_to_xyxy
 from settings import Settings
 
 log = logging.getLogger(__name__)
 
 DEFAULT_DETECTOR_MODEL = "google/owlv2-base-patch16-ensemble"
-# Bump when encode_images' preprocessing or output changes, so cached image encodings are not reused.
-PREPROCESS_VERSION = "1"
 # CLIP's normalisation, the OWL processors' default; used only if a checkpoint ships no image processor config.
 _CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 _CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -152,30 +150,14 @@ class OwlDetector:
             fp16=settings.fp16,
         )
 
-    @property
-    def encoding_id(self) -> str:
-        """Cache id of ``encode_images`` outputs: the model plus everything else that changes them."""
-        return f"{self.model_id}|owl-pre{PREPROCESS_VERSION}|top{self.top_k if self.has_objectness else 'all'}"
-
     # ---------------------------------------------------------------------------------------------------------------
     # Images
     # ---------------------------------------------------------------------------------------------------------------
 
     def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
         """Resize (longer side = input size), pad bottom/right to a square, normalise: -> [B, 3, S, S] float32."""
-        s = self.input_size
-        # Zeros = HF's pad value (0 in [0, 1] pixel space); normalisation below turns them into (0 - mean) / std.
-        batch = torch.zeros((len(images), 3, s, s), dtype=torch.float32)
-        for i, im in enumerate(images):
-            w, h = im.size
-            scale = s / max(w, h)
-            nw, nh = max(1, min(s, round(w * scale))), max(1, min(s, round(h * scale)))
-            # Resize before anything else touches the full-resolution pixels; reducing_gap lets PIL shrink huge
-            # images by fast integer reduction first. Mode conversion happens on the small image where possible.
-            src = im if im.mode in ("RGB", "L", "RGBA") else im.convert("RGB")
-            small = src.resize((nw, nh), Image.Resampling.BILINEAR, reducing_gap=3.0).convert("RGB")
-            arr = torch.from_numpy(np.asarray(small, dtype=np.uint8).copy())  # [nh, nw, 3]
-            batch[i, :, :nh, :nw] = arr.permute(2, 0, 1).to(torch.float32) / 255.0
+        # Zeros = HF's pad value (0 in [0, 1] pixel space); normalisation turns them into (0 - mean) / std.
+        batch = torch.from_numpy(pad_to_square(images, self.input_size))
         return (batch - self._mean) / self._std
 
     def _encode_pixels(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:

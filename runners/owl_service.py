@@ -1,7 +1,6 @@
 """The OWLv2 / OWL-ViT detector as a BentoML service with adaptive batching.
 
-Per-image outputs are packed into one float32 array [k, 7 + D] (boxes xyxy, logit shift, logit scale, objectness,
-class embedding) so a batch crosses the process boundary as a single numpy array; ``unpack`` splits it again.
+Per-image outputs cross the process boundary packed into one float32 array (runners/owl_wire.py).
 With ``ZSS_DETECTOR_MODEL=none``, or when the model cannot be loaded, the service runs without a model (no memory
 held) and reports why through ``info``; the API then answers /detect with 503 and that reason.
 """
@@ -17,42 +16,13 @@ from PIL import Image
 
 from runners.device import configure_threads
 from runners.owl import OwlDetector, load_detector
+from runners.owl_wire import pack
 from runners.serving import RUNNER_CONNECTION, TRAFFIC
 from settings import configure_logging, get_settings
 
 log = logging.getLogger(__name__)
 
 _S = get_settings()
-PACKED_COLUMNS = 7  # x1, y1, x2, y2, logit_shift, logit_scale, objectness; class embedding follows
-
-
-def pack(encodings: list[dict[str, np.ndarray]]) -> np.ndarray:
-    """Per-image encodings (same k) -> [N, k, 7 + D] float32."""
-    rows = [
-        np.concatenate(
-            [
-                e["boxes"],
-                e["logit_shift"][:, None],
-                e["logit_scale"][:, None],
-                e["objectness"][:, None],
-                e["class_embeds"],
-            ],
-            axis=1,
-        )
-        for e in encodings
-    ]
-    return np.stack(rows).astype(np.float32, copy=False)
-
-
-def unpack(packed: np.ndarray) -> dict[str, np.ndarray]:
-    """One image's [k, 7 + D] -> boxes, logit_shift, logit_scale, objectness, class_embeds."""
-    return {
-        "boxes": packed[:, 0:4],
-        "logit_shift": packed[:, 4],
-        "logit_scale": packed[:, 5],
-        "objectness": packed[:, 6],
-        "class_embeds": packed[:, PACKED_COLUMNS:],
-    }
 
 
 @bentoml.service(name="owl_detector", workers=1, threads=4, traffic=TRAFFIC, runner_connection=RUNNER_CONNECTION)
@@ -85,7 +55,6 @@ class OwlDetectorEncoder:
         return {
             "enabled": True,
             "model_id": d.model_id,
-            "encoding_id": d.encoding_id,
             "input_size": d.input_size,
             "embed_dim": d.embed_dim,
             "model_type": d.model_type,

@@ -42,6 +42,16 @@ def example_slots(example_class: torch.Tensor, example_positive: torch.Tensor, n
     return example_class + n_classes * (~example_positive).to(example_class.dtype)
 
 
+def slot_max(values: torch.Tensor, slot: torch.Tensor, n_slots: int) -> torch.Tensor:
+    """Max of the rows of ``values`` [E, N] that share a slot: -> [n_slots, N]; a slot with no row stays -inf.
+
+    The one scatter-max behind classification and detection. ``values`` should be contiguous along E (the leading
+    dimension): a scatter down the leading dimension is several times faster than one across rows.
+    """
+    out = torch.full((n_slots, values.shape[1]), float("-inf"), dtype=values.dtype, device=values.device)
+    return out.scatter_reduce_(0, slot.unsqueeze(1).expand_as(values), values, reduce="amax", include_self=True)
+
+
 def compile_classifier(
     class_names: list[str],
     positives: list[torch.Tensor],
@@ -83,9 +93,7 @@ def raw_scores(image_embeddings: torch.Tensor, clf: CompiledClassifier) -> torch
     # [E, B]: contiguous along examples, so the scatter runs down the leading dimension (as in semantic/detect.py).
     cos_t = clf.examples @ image_embeddings.to(torch.float32).T
     c = clf.n_classes
-    best = torch.full((2 * c, cos_t.shape[1]), float("-inf"), dtype=cos_t.dtype, device=cos_t.device)
-    best.scatter_reduce_(0, clf.example_slot.unsqueeze(1).expand_as(cos_t), cos_t, reduce="amax", include_self=True)
-    d = best.add_(1.0).div_(2.0).T  # [B, 2C]; a slot without examples stays -inf
+    d = slot_max(cos_t, clf.example_slot, 2 * c).add_(1.0).div_(2.0).T  # [B, 2C]; a slot without examples stays -inf
     best_pos, best_neg = d[:, :c], d[:, c:]
     # Ties go to the positive example; a class without negatives has best_neg = -inf.
     return torch.where(best_pos >= best_neg, best_pos, 1.0 - best_neg)

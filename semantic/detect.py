@@ -27,7 +27,7 @@ import math
 
 import torch
 
-from semantic.classify import example_slots
+from semantic.classify import example_slots, slot_max
 
 # Bound on the elements of one [pairs, N] veto tensor, and (up to 4x for NMS chunks of whole classes) of one NMS matrix.
 _CHUNK_ELEMENTS = 4_000_000
@@ -39,7 +39,6 @@ __all__ = [
     "detect",
     "iou_graph",
     "iou_matrix",
-    "padded_square_cxcywh_to_xyxy",
 ]
 
 
@@ -77,9 +76,7 @@ def class_scores(
     """
     fit_t = fit.T  # [E, N]; contiguous when fit comes from box_example_fit
     slot = example_slots(example_class, example_is_positive, n_classes)
-    out = torch.zeros((2 * n_classes, fit_t.shape[1]), dtype=fit.dtype, device=fit.device)
-    out.scatter_reduce_(0, slot.unsqueeze(1).expand_as(fit_t), fit_t, reduce="amax", include_self=True)
-    out_t = out.T
+    out_t = slot_max(fit_t, slot, 2 * n_classes).clamp_(min=0.0).T
     return out_t[:, :n_classes], out_t[:, n_classes:]
 
 
@@ -91,6 +88,7 @@ def box_class_scores(
     example_class: torch.Tensor,
     example_is_positive: torch.Tensor,
     n_classes: int,
+    slot: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``class_scores(box_example_fit(...), ...)`` without materialising the [N, E] probabilities: (pos, neg) [N, C].
 
@@ -99,9 +97,9 @@ def box_class_scores(
     leaves one matmul and one scatter over the [E, N] cosines. Classes without negatives get 0 (sigmoid(-inf)).
     """
     cos_t = example_embeds @ box_embeds.T  # [E, N], contiguous: the scatter runs along its leading dimension
-    slot = example_slots(example_class, example_is_positive, n_classes)
-    best = torch.full((2 * n_classes, cos_t.shape[1]), float("-inf"), dtype=cos_t.dtype, device=cos_t.device)
-    best.scatter_reduce_(0, slot.unsqueeze(1).expand_as(cos_t), cos_t, reduce="amax", include_self=True)
+    if slot is None:  # a compiled detector passes the slots it computed once at deploy time
+        slot = example_slots(example_class, example_is_positive, n_classes)
+    best = slot_max(cos_t, slot, 2 * n_classes)
     best.add_(logit_shift.unsqueeze(0)).mul_(logit_scale.unsqueeze(0)).sigmoid_()
     # Slots without examples hold sigmoid(-inf * scale): 0, or NaN where scale underflowed to 0. Pin them to 0.
     empty = torch.bincount(slot, minlength=2 * n_classes) == 0
@@ -245,19 +243,3 @@ def detect(
         keep_ranked[by_class] = keep_sorted  # back to global rank order = the output order
         final = rank[keep_ranked]
     return box_p[final], cls_p[final], pos_p[final]
-
-
-def padded_square_cxcywh_to_xyxy(boxes: torch.Tensor, width: int, height: int, clip: bool = True) -> torch.Tensor:
-    """Map boxes from the model's padded square to original image pixels: [N, 4] normalised cxcywh -> [N, 4] xyxy.
-
-    The image was scaled (aspect kept) so its longer side fills the square, and padded at the bottom/right, so the
-    square spans ``max(width, height)`` original pixels along both axes and its origin is the image's top-left.
-    With ``clip`` the boxes are clipped to the image: parts lying in the padding are not image content.
-    """
-    side = float(max(width, height))
-    cx, cy, w, h = boxes.unbind(-1)
-    xyxy = torch.stack((cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2), dim=-1) * side
-    if clip:
-        limit = torch.tensor([width, height, width, height], dtype=xyxy.dtype, device=xyxy.device)
-        xyxy = torch.minimum(xyxy.clamp(min=0), limit)
-    return xyxy

@@ -12,7 +12,7 @@ import zlib
 import numpy as np
 from PIL import Image
 
-GREY = (128, 128, 128)  # runners.images.FLATTEN_BACKGROUND
+GREY = (128, 128, 128)  # imaging.decode.FLATTEN_BACKGROUND
 
 # Upright test picture: four flat quadrants, so JPEG noise stays small and any rotation or flip is unmistakable.
 QUADRANTS = ((230, 30, 30), (30, 200, 30), (30, 30, 220), (240, 240, 240))  # TL, TR, BL, BR

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import ROOT
+from testing.server import ROOT
 
 
 def test_bentoml_build_packages_the_service(tmp_path: Path) -> None:

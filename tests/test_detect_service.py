@@ -8,16 +8,14 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from runners.engine import ClassSpec, CompiledDetector, score_detections
 from runners.owl import OwlDetector
-from semantic.classify import compile_classifier
-from semantic.templates import ensemble, expand
 from semantic.templates_detect import DETECTION_TEMPLATES
-from tests.conftest import Server, jpeg_bytes
-from tests.test_service import assert_error, deploy, files
+from testing.client import assert_error, deploy, files
+from testing.images import jpeg_bytes
+from testing.reference import ref_detect, reference_box_scores
+from testing.server import Server
 
 pytestmark = pytest.mark.server
 
@@ -51,68 +49,96 @@ def deploy_detector(server: Server, body: dict[str, Any]) -> dict[str, Any]:
     return r.json()
 
 
-def in_process(tiny_owl: Path, image: Image.Image, body: dict[str, Any]) -> list[dict[str, Any]]:
-    """The same detector computed without the server: same model files, templates and scoring code."""
+def reference(tiny_owl: Path, image: Image.Image, body: dict[str, Any], scale: tuple[float, float]) -> list[dict]:
+    """The expected detections from the model's raw per-box outputs and the plain rule (testing/reference.py).
+
+    Example vectors are the detection templates' normalised mean, written out here; ``scale`` maps the boxes of the
+    image the detector saw back to the client's pixels.
+    """
     owl = OwlDetector(str(tiny_owl), top_k=48, device="cpu")
-    specs = [
-        ClassSpec(c["name"], tuple(c["examples_to_include"]), tuple(c.get("examples_to_exclude", ())))
-        for c in body["detector_configs"]
+
+    def example(text: str) -> np.ndarray:
+        per_template = owl.encode_texts([t.format(text) for t in DETECTION_TEMPLATES]).astype(np.float64)
+        per_template /= np.linalg.norm(per_template, axis=1, keepdims=True)
+        mean = per_template.mean(axis=0)
+        return mean / np.linalg.norm(mean)
+
+    configs = body["detector_configs"]
+    classes = [
+        ([example(t) for t in c["examples_to_include"]], [example(t) for t in c.get("examples_to_exclude", [])])
+        for c in configs
+    ]
+    enc = owl.encode_images([image])[0]
+    keep = [i for i, b in enumerate(enc["boxes"].tolist()) if b[2] > b[0] and b[3] > b[1]]  # not wholly padding
+    boxes = [tuple(enc["boxes"][i].tolist()) for i in keep]
+    pos, neg = reference_box_scores(
+        [enc["class_embeds"][i].tolist() for i in keep],
+        [float(enc["logit_shift"][i]) for i in keep],
+        [float(enc["logit_scale"][i]) for i in keep],
+        classes,
+    )
+    found = ref_detect(
+        boxes,
+        pos,
+        neg,
+        [c.get("detection_threshold", 0.1) for c in configs],
+        body.get("nms_threshold", 0.4),
+        body.get("class_agnostic_nms", True),
+    )
+    sx, sy = scale
+    return [
+        {
+            "tlbr": [boxes[i][0] * sx, boxes[i][1] * sy, boxes[i][2] * sx, boxes[i][3] * sy],
+            "score": score,
+            "class": configs[k]["name"],
+        }
+        for i, k, score in found
     ]
 
-    def emb(texts: tuple[str, ...]) -> torch.Tensor:
-        if not texts:
-            return torch.zeros(0, owl.embed_dim)
-        per_prompt = torch.from_numpy(owl.encode_texts(expand(list(texts), DETECTION_TEMPLATES)))
-        return ensemble(per_prompt, len(DETECTION_TEMPLATES))
 
-    det = CompiledDetector(
-        examples=compile_classifier(
-            [s.name for s in specs], [emb(s.include) for s in specs], [emb(s.exclude) for s in specs]
-        ),
-        thresholds=torch.tensor([c["detection_threshold"] for c in body["detector_configs"]]),
-        nms_threshold=body["nms_threshold"],
-        class_agnostic_nms=body["class_agnostic_nms"],
-    )
-    enc = owl.encode_images([image])[0]
-    return score_detections(enc["boxes"], enc["class_embeds"], enc["logit_shift"], enc["logit_scale"], det)
+def assert_same(got: list[dict], expected: list[dict]) -> None:
+    assert len(got) == len(expected) > 0
+    assert [d["class"] for d in got] == [d["class"] for d in expected]
+    for g, e in zip(got, expected):
+        assert g["score"] == pytest.approx(e["score"], abs=1e-4)
+        assert g["tlbr"] == pytest.approx(e["tlbr"], abs=2e-2)
 
 
-def test_detect_matches_in_process_rule(server: Server, tiny_owl: Path) -> None:
+def test_detect_matches_the_reference_rule_on_raw_outputs(server: Server, tiny_owl: Path) -> None:
     dep = deploy_detector(server, DETECTOR)
     blob = png(60, 40, seed=3)  # smaller than the model input: the server sends it as is
     with server.client() as c:
         r = c.post("/detect", params={"deployed_id": dep["deployed_id"]}, files=files(blob))
     assert r.status_code == 200, r.text
     got = r.json()
-    assert isinstance(got, list) and len(got) == 1 and len(got[0]) > 0
-    expected = in_process(tiny_owl, Image.open(io.BytesIO(blob)).convert("RGB"), DETECTOR)
-    assert [d["class"] for d in got[0]] == [d["class"] for d in expected]
-    for g, e in zip(got[0], expected):
-        assert g["score"] == pytest.approx(e["score"], abs=1e-4)
-        assert g["tlbr"] == pytest.approx(e["tlbr"], abs=1e-2)
+    assert isinstance(got, list) and len(got) == 1
+    assert_same(got[0], reference(tiny_owl, Image.open(io.BytesIO(blob)).convert("RGB"), DETECTOR, (1.0, 1.0)))
     scores = [d["score"] for d in got[0]]
     assert scores == sorted(scores, reverse=True)
 
 
-def test_boxes_in_original_coordinates_for_large_non_square_images(server: Server) -> None:
-    plain = {"detector_configs": [{"name": "thing", "examples_to_include": ["thing"], "detection_threshold": 0.0}]}
-    dep = deploy_detector(server, {**plain, "nms_threshold": 1.0, "class_agnostic_nms": False})
+def test_boxes_in_original_pixels_for_large_non_square_images(server: Server, tiny_owl: Path) -> None:
+    """A 640x200 image reaches the 64-px detector as 64x20 (x10 both ways), a 90x300 one as 19x64 (x90/19, x300/64):
+    the boxes come back multiplied by exactly those factors."""
+    body = {
+        "detector_configs": [{"name": "thing", "examples_to_include": ["thing"], "detection_threshold": 0.0}],
+        "nms_threshold": 1.0,
+        "class_agnostic_nms": False,
+    }
+    dep = deploy_detector(server, body)
+    wide_png, tall_png = png(640, 200, seed=1), png(90, 300, seed=2)
     with server.client() as c:
-        r = c.post(
-            "/detect",
-            params={"deployed_id": dep["deployed_id"]},
-            files=files(png(640, 200, seed=1), jpeg_bytes(2, size=(90, 300))),
-        )
+        r = c.post("/detect", params={"deployed_id": dep["deployed_id"]}, files=files(wide_png, tall_png))
     assert r.status_code == 200, r.text
     wide, tall = r.json()
-    assert wide or tall
-    for dets, (w, h) in ((wide, (640, 200)), (tall, (90, 300))):
-        for d in dets:
-            x1, y1, x2, y2 = d["tlbr"]
-            assert -1e-3 <= x1 <= x2 <= w + 1e-3 and -1e-3 <= y1 <= y2 <= h + 1e-3
-            assert set(d) == {"tlbr", "score", "class"}
-    # The wide image spans its whole width (boxes scaled back from the 64-px model input).
-    assert max(d["tlbr"][2] for d in wide + tall) > 64
+    for blob, got, small, factors in (
+        (wide_png, wide, (64, 20), (10.0, 10.0)),
+        (tall_png, tall, (19, 64), (90 / 19, 300 / 64)),
+    ):
+        seen = Image.open(io.BytesIO(blob)).convert("RGB").resize(small, Image.Resampling.BILINEAR)
+        assert_same(got, reference(tiny_owl, seen, body, factors))
+        assert all(set(d) == {"tlbr", "score", "class"} for d in got)
+    assert max(d["tlbr"][2] for d in wide) > 64  # beyond the model's own input: scaled back to the original
 
 
 def test_class_agnostic_nms_and_thresholds(server: Server) -> None:
@@ -147,9 +173,14 @@ def test_detector_deploy_messages_config_and_errors(server: Server) -> None:
         again = c.post("/deploy_detector", json={**DETECTOR, "deployed_id": first["deployed_id"]}).json()
         assert again["message"] == "Model updated."
         cfg = c.get("/model_config", params={"deployed_id": first["deployed_id"]}).json()
-        assert cfg["kind"] == "detector" and cfg["nms_threshold"] == 0.4
-        assert [d["name"] for d in cfg["detector_configs"]] == ["cat", "dog"]
-        assert cfg["detector_configs"][0]["detection_threshold"] == 0.0
+        dog = {**DETECTOR["detector_configs"][1], "examples_to_exclude": []}  # the default filled in
+        assert cfg == {
+            **DETECTOR,
+            "detector_configs": [DETECTOR["detector_configs"][0], dog],
+            "deployed_id": first["deployed_id"],
+        }
+        listed = {d["deployed_id"]: d for d in c.get("/deployments").json()["deployments"]}
+        assert listed[first["deployed_id"]]["kind"] == "detector"
         clf = deploy(c)
         assert_error(
             c.post("/detect", params={"deployed_id": clf["deployed_id"]}, files=files(jpeg_bytes())),

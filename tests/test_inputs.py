@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from runners.photofield import decode_embedding
+from api.photofield import decode_embedding
+from testing.client import assert_error, deploy, files
+from testing.images import jpeg_bytes
+from testing.server import Server
 from tests import bad_inputs as bad
-from tests.conftest import Server, jpeg_bytes
-from tests.test_service import assert_error, deploy, files
 
 pytestmark = pytest.mark.server
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, Server
+from testing.server import ROOT, Server
 
 pytestmark = pytest.mark.server
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Server
+from testing.server import Server
 
 pytestmark = pytest.mark.server
 

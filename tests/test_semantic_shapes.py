@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import ROOT, Server, running_server
+from testing.server import ROOT, Server, running_server
 from tools import shapes
 
 pytestmark = pytest.mark.server
@@ -68,7 +68,8 @@ def test_zero_shot_colour_accuracy(shapes_server: Server, augment: bool) -> None
         truth += [c] * 6
     preds = predictions(shapes_server, classes, images, augment)
     accuracy = np.mean([p == t for p, t in zip(preds, truth)])
-    assert accuracy >= 0.95, accuracy
+    # Measured 99.9% over 900 images (BENCHMARKS.md); two points of margin, about two of these 108 images.
+    assert accuracy >= 0.98, accuracy
 
 
 def test_negative_example_is_feedback(shapes_server: Server) -> None:

@@ -11,45 +11,21 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.conftest import ClipFiles, Server, clip_env, jpeg_bytes, png_bytes, running_server
+from testing.client import CLASSES, assert_error, deploy, files
+from testing.images import jpeg_bytes, png_bytes
+from testing.models import ClipFiles, clip_env
+from testing.reference import reference_raw
+from testing.server import Server, running_server
 
 pytestmark = pytest.mark.server
 
-CLASSES = [
-    {"name": "cat", "examples_to_include": ["cat", "kitten"], "examples_to_exclude": ["cartoon cat"]},
-    {"name": "car", "examples_to_include": ["car"], "examples_to_exclude": []},
-    {"name": "tree", "examples_to_include": ["tree", "oak", "pine"], "examples_to_exclude": ["bush", "shrub"]},
-]
-
-
-def deploy(client: httpx.Client, classes: list[dict[str, Any]] = CLASSES, **extra: Any) -> dict[str, Any]:
-    r = client.post("/deploy_classifier", json={"classifier_configs": classes, **extra})
-    assert r.status_code == 200, r.text
-    return r.json()
-
-
-def files(*blobs: bytes) -> list[tuple[str, tuple[str, bytes, str]]]:
-    return [("data", (f"img{i}.jpg", b, "image/jpeg")) for i, b in enumerate(blobs)]
-
-
-def assert_error(r: httpx.Response, status: int, message: str | None = None) -> None:
-    assert r.status_code == status, r.text
-    body = r.json()
-    assert body["status_code"] == status and body["data"] is None
-    if message is not None:
-        assert message in body["message"], body["message"]
-
 
 def two_stage(image: np.ndarray, classes: list[dict[str, Any]], vec: dict[str, np.ndarray]) -> dict[str, float]:
-    """The rule recomputed plainly from the service's own embeddings."""
-    out = {}
-    for c in classes:
-        cands = [((1 + float(image @ vec[t])) / 2, True) for t in c["examples_to_include"]]
-        cands += [((1 + float(image @ vec[t])) / 2, False) for t in c["examples_to_exclude"]]
-        best = max(d for d, _ in cands)
-        positive = any(p for d, p in cands if d == best)
-        out[c["name"]] = best if positive else 1 - best
-    return out
+    """The rule recomputed plainly (testing/reference.py) from the service's own embeddings."""
+    per_class = [
+        ([vec[t] for t in c["examples_to_include"]], [vec[t] for t in c["examples_to_exclude"]]) for c in classes
+    ]
+    return dict(zip([c["name"] for c in classes], reference_raw(image, per_class)))
 
 
 def test_deploy_messages(server: Server) -> None:

@@ -1,8 +1,8 @@
 """Offline batch classification and evaluation of image folders, in-process (no HTTP).
 
-Uses the service's own encoders (runners/clip.py), embedding cache (cache/) and scoring (runners/engine.py), so a
-classifier scores here exactly as it does behind /classify. The model comes from the ZSS_* settings (or --model,
---pretrained, --data-dir).
+Uses the service's own encoders (runners/clip.py) and engine (engine/: the same config validation, embedding cache
+and scoring), so a classifier scores here exactly as it does behind /classify. The model comes from the ZSS_*
+settings (or --model, --pretrained, --data-dir).
 
     python -m tools.classify_dir classify CLASSIFIER.json FOLDER --out results.csv [--raw]
     python -m tools.classify_dir eval FOLDER --config CLASSIFIER.json --out-dir report/
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import dataclasses
 import json
 import sys
 import time
@@ -34,10 +33,15 @@ import numpy as np
 import torch
 
 from cache.embeddings import EmbeddingCache
+from cache.registry import Registry
+from engine.configs import ClassifierConfig, DeployClassifierRequest
+from engine.encoders import LocalClip, LocalDetector
+from engine.kinds import ClassifierKind
+from engine.pipelines import Engine
+from errors import ZssError
+from imaging.decode import ImageInputError, decode_image
 from runners.clip import ClipEncoder, load_clip_encoder
 from runners.device import configure_threads
-from runners.engine import ClassSpec, TextEmbedder, compile_classes, parse_classes, score_images
-from runners.images import ImageInputError, decode_image
 from semantic.classify import CompiledClassifier, raw_scores
 from settings import Settings, get_settings
 
@@ -91,20 +95,32 @@ def embed_batches(
 
 
 @dataclass
-class Engine:
+class Runtime:
+    """The in-process model (batched straight from the decoding pool) and the engine that compiles and scores."""
+
     settings: Settings
     encoder: ClipEncoder
-    embedder: TextEmbedder
-    cache: EmbeddingCache
+    engine: Runtime
 
-    def compile(self, classes: Sequence[ClassSpec], augment: bool) -> CompiledClassifier:
-        return compile_classes(classes, self.embedder, augment)
+    def compile(self, body: DeployClassifierRequest) -> CompiledClassifier:
+        try:
+            return self.engine.compile(body)  # type: ignore[return-value]
+        except ZssError as exc:
+            raise SystemExit(f"invalid classifier: {exc.message}") from exc
 
     def close(self) -> None:
-        self.cache.close()  # FAISS snapshot + WAL checkpoint, so the next process starts warm
+        self.engine.close()  # FAISS snapshot + WAL checkpoint, so the next process starts warm
 
 
-def build_engine(args: argparse.Namespace) -> Engine:
+def load_config(path: Path) -> DeployClassifierRequest:
+    """A /deploy_classifier body from a JSON file, validated as the API validates it."""
+    try:
+        return DeployClassifierRequest.model_validate_json(path.read_text())
+    except ValueError as exc:
+        raise SystemExit(f"{path}: not a valid classifier config:\n{exc}") from exc
+
+
+def build_engine(args: argparse.Namespace) -> Runtime:
     settings = get_settings()
     overrides: dict[str, Any] = {}
     if args.model:
@@ -113,12 +129,19 @@ def build_engine(args: argparse.Namespace) -> Engine:
         overrides["clip_pretrained"] = args.pretrained
     if args.data_dir:
         overrides["data_dir"] = Path(args.data_dir)
-    settings = dataclasses.replace(settings, **overrides)
+    settings = settings.model_copy(update=overrides)
     configure_threads(settings.torch_threads)
     encoder = load_clip_encoder(settings, towers="both")
-    cache = EmbeddingCache(settings.cache_dir)
-    embedder = TextEmbedder(cache, encoder.model_id, encoder.encode_texts)
-    return Engine(settings, encoder, embedder, cache)
+    local = LocalClip(encoder)
+    engine = Engine(
+        settings,
+        image_encoder=local,
+        text_encoder=local,
+        detector=LocalDetector(None),
+        registry=Registry(settings.registry_path),
+        cache=EmbeddingCache(settings.cache_dir),
+    )
+    return Runtime(settings, encoder, engine)
 
 
 # -- classify --------------------------------------------------------------------------------------------------------
@@ -145,10 +168,8 @@ def _done_paths(path: Path, header: list[str]) -> set[str]:
         return {row[0] for row in reader if len(row) == len(header)}
 
 
-def cmd_classify(args: argparse.Namespace, engine: Engine) -> dict[str, Any]:
-    config = json.loads(Path(args.config).read_text())
-    classes = parse_classes(config["classifier_configs"])
-    clf = engine.compile(classes, bool(config.get("augment_examples", True)))
+def cmd_classify(args: argparse.Namespace, engine: Runtime) -> dict[str, Any]:
+    clf = engine.compile(load_config(Path(args.config)))
     folder, out = Path(args.folder), Path(args.out)
     errors_path = out.with_name(out.name + ".errors.csv")
     header = ["path", "pred", *clf.class_names]
@@ -170,16 +191,16 @@ def cmd_classify(args: argparse.Namespace, engine: Engine) -> dict[str, Any]:
         for items, emb in embed_batches(
             todo, engine.encoder, args.batch_size, args.workers, engine.settings.max_image_pixels, not args.quiet
         ):
-            results = iter(score_images(emb, clf)) if len(emb) else iter(())
+            results = iter(ClassifierKind.score(emb, clf)) if len(emb) else iter(())
             for it in items:
                 if it.error is not None:
                     we.writerow([str(it.path), it.error])
                     n_err += 1
                     continue
                 r = next(results)
-                row = [str(it.path), r["pred"], *(f"{r['scores'][c]:.6f}" for c in clf.class_names)]
+                row = [str(it.path), r.label, *(f"{v:.6f}" for v in r.scores)]
                 if args.raw:
-                    row += [f"{r['raw_scores'][c]:.6f}" for c in clf.class_names]
+                    row += [f"{v:.6f}" for v in r.raw_scores]
                 w.writerow(row)
                 n_ok += 1
             fo.flush()
@@ -197,7 +218,7 @@ def cmd_classify(args: argparse.Namespace, engine: Engine) -> dict[str, Any]:
 
 
 # -- eval ------------------------------------------------------------------------------------------------------------
-def parse_mapping(path: Path, template: str | None, names_mode: str = "all") -> list[ClassSpec]:
+def parse_mapping(path: Path, template: str | None, names_mode: str = "all") -> list[ClassifierConfig]:
     """``label name one, name two`` lines (ImageNet's LOC_synset_mapping.txt) -> one class per label.
 
     Every comma-separated name is a positive example (``names_mode="all"``), or only the first (``"first"``); with a
@@ -213,8 +234,8 @@ def parse_mapping(path: Path, template: str | None, names_mode: str = "all") -> 
         names = [n.strip() for n in desc.split(",") if n.strip()] or [label]
         if names_mode == "first":
             names = names[:1]
-        examples = tuple(template.replace("{}", n) if template else n for n in names)
-        specs.append(ClassSpec(label, examples))
+        examples = [template.replace("{}", n) if template else n for n in names]
+        specs.append(ClassifierConfig(name=label, examples_to_include=examples))
     return specs
 
 
@@ -223,7 +244,7 @@ def labelled_images(folder: Path) -> list[tuple[Path, str]]:
 
 
 def _embed_labelled(
-    items: list[tuple[Path, str]], engine: Engine, args: argparse.Namespace
+    items: list[tuple[Path, str]], engine: Runtime, args: argparse.Namespace
 ) -> tuple[np.ndarray, list[str], list[str]]:
     labels = dict(items)
     embs, got, errors = [], [], []
@@ -304,20 +325,20 @@ def write_report(m: dict[str, Any], out_dir: Path, title: str) -> None:
     plt.close(fig)
 
 
-def cmd_eval(args: argparse.Namespace, engine: Engine) -> dict[str, Any]:
+def cmd_eval(args: argparse.Namespace, engine: Runtime) -> dict[str, Any]:
     if args.mapping:
         template = None if args.augment else args.template
         if template is not None and "{}" not in template:
             raise SystemExit(f"--template must contain '{{}}' where the class name goes: {template!r}")
         classes, augment = parse_mapping(Path(args.mapping), template, args.names), args.augment
     else:
-        config = json.loads(Path(args.config).read_text())
-        classes, augment = parse_classes(config["classifier_configs"]), bool(config.get("augment_examples", True))
+        config = load_config(Path(args.config))
+        classes, augment = config.classifier_configs, config.augment_examples
     items = labelled_images(Path(args.folder))
     unknown = sorted({label for _, label in items} - {c.name for c in classes})
     if unknown:
         raise SystemExit(f"folder labels with no class of that name: {', '.join(unknown[:10])}")
-    clf = engine.compile(classes, augment)
+    clf = engine.compile(DeployClassifierRequest(classifier_configs=classes, augment_examples=augment))
     emb, truth, errors = _embed_labelled(items, engine, args)
     raw = raw_scores(torch.from_numpy(emb), clf) if len(emb) else torch.zeros(0, clf.n_classes)
     order = torch.argsort(raw, dim=1, descending=True)[:, :5].tolist()
@@ -328,7 +349,7 @@ def cmd_eval(args: argparse.Namespace, engine: Engine) -> dict[str, Any]:
     return m
 
 
-def cmd_knn(args: argparse.Namespace, engine: Engine) -> dict[str, Any]:
+def cmd_knn(args: argparse.Namespace, engine: Runtime) -> dict[str, Any]:
     import faiss
 
     train_emb, train_lab, _ = _embed_labelled(labelled_images(Path(args.train)), engine, args)

@@ -6,7 +6,7 @@ import subprocess
 from pathlib import Path
 
 from bench.ab_serve import export_revision
-from tests.conftest import ROOT
+from testing.server import ROOT
 
 
 def test_export_revision_writes_that_revisions_tree(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 import pytest
 
 from bench.common import image_post, jpeg, steady_load
-from tests.conftest import local_http_server
+from testing.server import local_http_server
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):

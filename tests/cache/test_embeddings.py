@@ -92,14 +92,6 @@ def test_corrupt_key_table_is_moved_aside(tmp_path: Path) -> None:
     assert c2.count() == 1
 
 
-def test_search_returns_nearest_texts(tmp_path: Path) -> None:
-    c = EmbeddingCache(tmp_path)
-    v = vecs(5)
-    c.put("ns", [f"t{i}" for i in range(5)], v)
-    hits = c.search("ns", v[3:4], k=2)
-    assert hits[0][0][0] == "t3" and hits[0][0][1] == pytest.approx(1.0, abs=1e-5)
-
-
 def test_dimension_mismatch_is_refused(tmp_path: Path) -> None:
     c = EmbeddingCache(tmp_path)
     c.put("ns", ["a"], vecs(1, 8))

@@ -14,7 +14,7 @@ from PIL import Image
 
 from runners.clip import Preprocess, load_clip_encoder, quantize_mode, resolve_model
 from settings import Settings, get_settings
-from tests.conftest import ClipFiles, write_tiny_clip
+from testing.models import ClipFiles, write_tiny_clip
 
 
 def settings_for(files: ClipFiles, **kw: object) -> Settings:
@@ -125,9 +125,11 @@ def test_int8_backend_has_its_own_model_id_and_stays_close_to_float(tiny_clip: C
     a, b = fp32.encode_pixels(pixels), int8.encode_pixels(pixels)
     np.testing.assert_allclose(np.linalg.norm(b, axis=1), 1.0, atol=1e-5)
     assert not np.array_equal(a, b)  # it really runs another computation
-    assert float((a * b).sum(axis=1).min()) > 0.95
+    # Measured on this tiny model: images >= 0.99993, texts 0.9993 (ViT-B-32: 0.9997+, BENCHMARKS.md). The bounds
+    # leave about ten times the measured gap, so a real regression of the int8 path fails here.
+    assert float((a * b).sum(axis=1).min()) > 0.999
     t = int8.encode_texts(["a red circle", "a blue square"])
-    assert float((t * fp32.encode_texts(["a red circle", "a blue square"])).sum(axis=1).min()) > 0.95
+    assert float((t * fp32.encode_texts(["a red circle", "a blue square"])).sum(axis=1).min()) > 0.993
 
 
 def test_quantize_setting_is_validated() -> None:

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from runners.clip_service import BadPixels, ClipImageEncoder
-from tests.conftest import ClipFiles, clip_env
+from testing.models import ClipFiles, clip_env
 
 
 @pytest.fixture()

@@ -9,7 +9,7 @@ import sys
 import torch
 
 from runners.device import configure_threads, cpu_quota, encoder_lanes, service_workers
-from tests.conftest import ROOT
+from testing.server import ROOT
 
 
 def test_cpu_encoder_lanes_split_the_quota_without_oversubscribing() -> None:
@@ -50,12 +50,13 @@ def test_log_level_setting_applies_to_project_loggers() -> None:
 
     import pytest
 
-    from service import log as api_log
+    from api.errors import log as api_log
     from settings import Settings, configure_logging
 
     try:
         configure_logging(Settings(log_level="debug"))
-        assert logging.getLogger("runners.clip").getEffectiveLevel() == logging.DEBUG
+        for name in ("runners.clip", "engine.pipelines", "imaging.fetch", "cache.embeddings"):
+            assert logging.getLogger(name).getEffectiveLevel() == logging.DEBUG, name
         assert api_log.getEffectiveLevel() == logging.DEBUG  # the API service's own logger
         with pytest.raises(ValueError, match="ZSS_LOG_LEVEL"):
             configure_logging(Settings(log_level="loud"))

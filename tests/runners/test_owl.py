@@ -18,7 +18,7 @@ from PIL import Image  # noqa: E402
 from runners.owl import OwlDetector, model_id_for  # noqa: E402
 from semantic.detect import box_example_fit  # noqa: E402
 from settings import Settings  # noqa: E402
-from tests.owl_fixtures import (  # noqa: E402
+from testing.owl import (  # noqa: E402
     TINY_EMBED_DIM,
     TINY_IMAGE_SIZE,
     TINY_NUM_BOXES,

@@ -2,31 +2,16 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from semantic.classify import classify, compile_classifier, raw_scores, relevance
+from testing.reference import reference_raw
 
 
 def unit(*xs: float) -> torch.Tensor:
     return F.normalize(torch.tensor([xs], dtype=torch.float32), dim=-1)
-
-
-def reference_raw(image: torch.Tensor, classes: list[tuple[torch.Tensor, torch.Tensor]]) -> list[float]:
-    """The rule written plainly: the most relevant example of each class decides, +d or 1 - d."""
-    out = []
-    for pos, neg in classes:
-        best, best_is_pos = -math.inf, True
-        for vecs, is_pos in ((pos, True), (neg, False)):
-            for v in vecs:
-                d = float((1 + image @ v) / 2)
-                if d > best or (d == best and is_pos):
-                    best, best_is_pos = d, is_pos
-        out.append(best if best_is_pos else 1 - best)
-    return out
 
 
 def test_negative_example_flips_prediction() -> None:

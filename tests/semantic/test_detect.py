@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import semantic.detect as detect_module
+from imaging.geometry import padded_square_cxcywh_to_xyxy
 from semantic.detect import (
     box_class_scores,
     box_example_fit,
@@ -19,70 +20,10 @@ from semantic.detect import (
     detect,
     iou_graph,
     iou_matrix,
-    padded_square_cxcywh_to_xyxy,
 )
+from testing.reference import ref_detect
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-Box = tuple[float, float, float, float]
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Reference implementation: the rule exactly as specified, in plain Python, written for clarity rather than speed.
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def ref_iou(a: Box, b: Box) -> float:
-    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = iw * ih
-    area_a = max(0.0, a[2] - a[0]) * max(0.0, a[3] - a[1])
-    area_b = max(0.0, b[2] - b[0]) * max(0.0, b[3] - b[1])
-    union = area_a + area_b - inter
-    return inter / union if union > 0 else 0.0
-
-
-def ref_greedy_nms(candidates: list[int], score: dict[int, float], neighbours: list[set[int]]) -> list[int]:
-    """Visit by descending score (ties: lower index first); keep a box unless a kept box is its neighbour."""
-    kept: list[int] = []
-    for i in sorted(candidates, key=lambda i: (-score[i], i)):
-        if not any(k in neighbours[i] for k in kept):
-            kept.append(i)
-    return kept
-
-
-def ref_detect(
-    boxes: list[Box],
-    pos: list[list[float]],
-    neg: list[list[float]],
-    thresholds: list[float],
-    nms_threshold: float,
-    class_agnostic_nms: bool,
-) -> list[tuple[int, int, float]]:
-    n = len(boxes)
-    c = len(thresholds)
-    neighbours = [{j for j in range(n) if j == i or ref_iou(boxes[i], boxes[j]) >= nms_threshold} for i in range(n)]
-
-    def survives(i: int, k: int) -> bool:
-        if pos[i][k] < thresholds[k]:
-            return False
-        return all(pos[i][k] >= neg[j][k] for j in neighbours[i])  # includes j == i
-
-    out: list[tuple[int, int, float]] = []
-    if not class_agnostic_nms:
-        for k in range(c):
-            cands = [i for i in range(n) if survives(i, k)]
-            for i in ref_greedy_nms(cands, {i: pos[i][k] for i in cands}, neighbours):
-                out.append((i, k, pos[i][k]))
-    else:
-        best: dict[int, tuple[int, float]] = {}
-        for i in range(n):
-            for k in range(c):
-                if survives(i, k) and (i not in best or pos[i][k] > best[i][1]):
-                    best[i] = (k, pos[i][k])
-        for i in ref_greedy_nms(list(best), {i: best[i][1] for i in best}, neighbours):
-            out.append((i, best[i][0], best[i][1]))
-    return sorted(out, key=lambda t: (-t[2], t[0], t[1]))
 
 
 def as_triples(result: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> list[tuple[int, int, float]]:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import ClipFiles
+from testing.models import ClipFiles
 from tools import classify_dir
 from tools.classify_dir import main, parse_mapping
 
@@ -111,7 +111,12 @@ def test_eval_writes_metrics_and_confusion(tiny_clip: ClipFiles, tmp_path: Path)
         == 0
     )
     m = json.loads((out / "metrics.json").read_text())
-    assert m["images"] == 8 and m["top5"] == 1.0 and 0.0 <= m["top1"] <= 1.0
+    # top-1 against the predictions `classify` writes for the same images (another path through the tool).
+    preds = tmp_path / "preds.csv"
+    argv = ["classify", str(cfg), str(tmp_path / "val"), "--out", str(preds), *model_args(tiny_clip, tmp_path)]
+    assert main(argv) == 0
+    right = [Path(r[0]).relative_to(tmp_path / "val").parts[0] == r[1] for r in read_csv(preds)[1:]]
+    assert m["images"] == len(right) == 8 and m["top1"] == pytest.approx(sum(right) / 8)
     assert sum(map(sum, m["confusion"])) == 8
     assert set(m["per_class"]) == {"red", "blue"}
     assert "| red |" in (out / "metrics.md").read_text()
@@ -131,8 +136,8 @@ def test_parse_mapping(tmp_path: Path) -> None:
     f.write_text("n01440764 tench, Tinca tinca\nn01443537 goldfish, Carassius auratus\n\n")
     specs = parse_mapping(f, "a photo of a {}.")
     assert [s.name for s in specs] == ["n01440764", "n01443537"]
-    assert specs[0].include == ("a photo of a tench.", "a photo of a Tinca tinca.")
-    assert parse_mapping(f, None)[1].include == ("goldfish", "Carassius auratus")
+    assert specs[0].examples_to_include == ["a photo of a tench.", "a photo of a Tinca tinca."]
+    assert parse_mapping(f, None)[1].examples_to_include == ["goldfish", "Carassius auratus"]
 
 
 def test_raw_columns_and_resume_after_a_cut_off_row(tiny_clip: ClipFiles, tmp_path: Path) -> None:
@@ -174,8 +179,8 @@ def test_parse_mapping_first_name_only(tmp_path: Path) -> None:
     f = tmp_path / "map.txt"
     f.write_text("n01440764 tench, Tinca tinca\nn99 \n")
     specs = parse_mapping(f, "a photo of a {}.", "first")
-    assert specs[0].include == ("a photo of a tench.",)
-    assert specs[1].name == "n99" and specs[1].include == ("a photo of a n99.",)
+    assert specs[0].examples_to_include == ["a photo of a tench."]
+    assert specs[1].name == "n99" and specs[1].examples_to_include == ["a photo of a n99."]
 
 
 def test_eval_from_a_mapping_file_with_the_template_ensemble(tiny_clip: ClipFiles, tmp_path: Path) -> None:
@@ -187,7 +192,7 @@ def test_eval_from_a_mapping_file_with_the_template_ensemble(tiny_clip: ClipFile
     argv = ["eval", str(tmp_path / "val"), "--mapping", str(mapping), "--augment", "--out-dir", str(out)]
     assert main([*argv, *model_args(tiny_clip, tmp_path)]) == 0
     m = json.loads((out / "metrics.json").read_text())
-    assert m["classes"] == ["n001", "n002", "n003"] and m["images"] == 4 and m["top5"] == 1.0
+    assert m["classes"] == ["n001", "n002", "n003"] and m["images"] == 4
     assert m["per_class"]["n003"]["support"] == 0
 
 
@@ -197,9 +202,9 @@ SHAPES_MODEL = Path(__file__).resolve().parents[2] / "models" / "shapes-clip"
 def test_eval_with_the_shapes_model_knows_colours(tmp_path: Path) -> None:
     """The project's trained toy CLIP names the colour of drawn shapes (100% measured; BENCHMARKS.md)."""
     config, weights = SHAPES_MODEL / "shapes-clip.json", SHAPES_MODEL / "shapes-clip.fp16.pt"
-    if not (config.exists() and weights.exists()):
-        pytest.skip("models/shapes-clip not present")
-    shapes = pytest.importorskip("tools.shapes")
+    from tools import shapes
+
+    assert config.exists() and weights.exists(), "models/shapes-clip ships with the repository"
     rng = np.random.default_rng(7)
     colours = ["red", "blue", "yellow"]
     for colour in colours:
@@ -213,5 +218,6 @@ def test_eval_with_the_shapes_model_knows_colours(tmp_path: Path) -> None:
     argv = ["eval", str(tmp_path / "val"), "--config", str(cfg), "--out-dir", str(out), "--quiet"]
     assert main([*argv, "--model", str(config), "--pretrained", str(weights), "--data-dir", str(tmp_path / "d")]) == 0
     m = json.loads((out / "metrics.json").read_text())
-    assert m["images"] == 9 and m["top1"] >= 8 / 9 and m["top5"] == 1.0
+    # Drawn with a fixed seed and scored by a fixed model, so the result is deterministic: every one right.
+    assert m["images"] == 9 and m["top1"] == 1.0
     assert all(v["recall"] is not None for v in m["per_class"].values())

@@ -120,4 +120,5 @@ def test_shipped_checkpoint_classifies_colours_zero_shot() -> None:
         txt = model.encode_text(tokenizer([f"a {c} shape" for c in colours]), normalize=True)
     pred = (img @ txt.T).argmax(dim=1).tolist()
     acc = float(np.mean([colours[p] == c for p, (c, _) in zip(pred, pairs)]))
-    assert acc >= 0.95, acc
+    # Measured 99.9% over 900 images (BENCHMARKS.md); two points of margin, about two of these 102 images.
+    assert acc >= 0.98, acc

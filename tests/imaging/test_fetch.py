@@ -1,4 +1,4 @@
-"""runners.urlfetch: SSRF guard, redirects, content type, size and time limits.
+"""imaging.fetch: SSRF guard, redirects, content type, size and time limits.
 
 Nothing here reaches the network: host names are answered by a fake resolver, and the only server is a local one on
 127.0.0.1, reachable only because the tests exempt that exact address (``_allow_ips_for_tests``).
@@ -19,11 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from runners import urlfetch
-from runners.images import ImageInputError
-from runners.urlfetch import UrlFetchError, blocked_reason, fetch_image_url, parse_allow_hosts
+from imaging import fetch as urlfetch
+from imaging.decode import ImageInputError
+from imaging.fetch import UrlFetchError, blocked_reason, fetch_image_url, parse_allow_hosts
+from testing.server import local_http_server
 from tests import bad_inputs
-from tests.conftest import local_http_server
 
 PNG = bad_inputs.png(8, 8)
 LOCAL = ("127.0.0.1",)
@@ -430,8 +430,7 @@ def test_redirect_without_location_is_400(server: str) -> None:
 # -- TLS -----------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tls_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, list[str | None]]]:
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl CLI not available to make a test certificate")
+    assert shutil.which("openssl"), "the openssl CLI makes the test certificate (Debian's openssl package)"
     d: Path = tmp_path_factory.mktemp("tls")
     subprocess.run(
         ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",

@@ -15,6 +15,8 @@ import re
 import numpy as np
 from PIL import Image, ImageOps
 
+from errors import ZssError
+
 INVALID_IMAGE_MESSAGE = "Invalid image received, unable to open."
 
 # Mid-grey: transparent pixels become a neutral colour instead of black or white, which would bias CLIP.
@@ -31,16 +33,11 @@ _ORIENTATION = 0x0112  # EXIF tag
 _PIL_BOMB_PIXELS = re.compile(r"\((\d+) pixels\)")
 
 
-class ImageInputError(Exception):
-    """A client sent something we refuse; ``status_code`` is the HTTP status to answer with, ``message`` the text."""
+class ImageInputError(ZssError):
+    """A client sent an image we refuse; ``status_code`` is the HTTP status to answer with, ``message`` the text."""
 
     def __init__(self, message: str, status_code: int = 422) -> None:
-        super().__init__(message)
-        self.message = message
-        self.status_code = status_code
-
-    def __str__(self) -> str:
-        return self.message
+        super().__init__(message, status_code)
 
 
 def _too_large(width: int, height: int, max_pixels: int) -> ImageInputError:

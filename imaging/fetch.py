@@ -14,7 +14,7 @@ How the guard works:
   trickling bytes cannot stretch it); the body is streamed and abandoned past ``max_bytes``;
 * the response must be 2xx with an ``image/*`` Content-Type.
 
-Status codes of :class:`UrlFetchError` (an :class:`~runners.images.ImageInputError`):
+Status codes of :class:`UrlFetchError` (an :class:`~imaging.decode.ImageInputError`):
 400 URL refused (scheme, credentials, allow-list, non-public address, too many redirects) or the fetch failed
 (DNS, connection, TLS, upstream non-2xx); 413 body larger than ``max_bytes``; 422 not an image (Content-Type) and
 timeout. A timeout is 422, not 408: 408 tells a client that *it* was too slow sending its request, and clients and
@@ -39,7 +39,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from urllib.parse import quote, urljoin, urlsplit
 
-from runners.images import ImageInputError
+from imaging.decode import ImageInputError
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""runners.photofield: the embedding wire format photofield reads (float16 base64 + float16 inverse norm bits)."""
+"""api.photofield: the embedding wire format photofield reads (float16 base64 + float16 inverse norm bits)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from runners.photofield import cosine_similarity, decode_embedding, encode_embedding
+from api.photofield import cosine_similarity, decode_embedding, encode_embedding
 
 
 def photofield_ai_reference(emb: np.ndarray) -> tuple[str, int]:

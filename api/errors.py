@@ -1,0 +1,195 @@
+"""Every error the API answers with is DirectAI's envelope: ``{"status_code": N, "message": "...", "data": null}``.
+
+One handler per source of errors, all building the envelope with :func:`envelope`:
+- :class:`~errors.ZssError` (expected failures from any layer) -> its status and message;
+- request validation -> 422 with pydantic v1's message form, as DirectAI's FastAPI server wrote it;
+- Starlette's HTTP exceptions (404, 405) -> their status;
+- anything else, answered by the outermost middleware :class:`CatchAll` (an encoder's 503 under overload, a 500).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from errors import ZssError
+
+log = logging.getLogger("zss.api")
+
+OVERLOADED = "The encoder is overloaded; retry later."
+
+
+def envelope(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"status_code": status, "message": message, "data": None}, status_code=status)
+
+
+# -- pydantic v1's error wording (DirectAI's server ran pydantic 1) ---------------------------------------------------
+def _v1(error: dict[str, Any]) -> tuple[str, str]:
+    """(message, type with context) of one pydantic v2 error, in pydantic v1's words."""
+    t = error.get("type", "")
+    ctx = error.get("ctx") or {}
+
+    def limit(v1_type: str, text: str, key: str) -> tuple[str, str]:
+        value = ctx.get(key)
+        return f"{text} {value}", f"{v1_type}; limit_value={value}"
+
+    simple = {
+        "missing": ("field required", "value_error.missing"),
+        "extra_forbidden": ("extra fields not permitted", "value_error.extra"),
+        "float_parsing": ("value is not a valid float", "type_error.float"),
+        "float_type": ("value is not a valid float", "type_error.float"),
+        "int_parsing": ("value is not a valid integer", "type_error.integer"),
+        "int_type": ("value is not a valid integer", "type_error.integer"),
+        "int_from_float": ("value is not a valid integer", "type_error.integer"),
+        "bool_parsing": ("value could not be parsed to a boolean", "type_error.bool"),
+        "bool_type": ("value could not be parsed to a boolean", "type_error.bool"),
+        "string_type": ("str type expected", "type_error.str"),
+        "list_type": ("value is not a valid list", "type_error.list"),
+        "dict_type": ("value is not a valid dict", "type_error.dict"),
+        "model_type": ("value is not a valid dict", "type_error.dict"),
+        "model_attributes_type": ("value is not a valid dict", "type_error.dict"),
+        "none_required": ("value is not None", "type_error.not_none"),
+        "finite_number": ("ensure this value is a finite number", "value_error.number.not_finite_number"),
+    }
+    if t in simple:
+        return simple[t]
+    if t == "less_than_equal":
+        return limit("value_error.number.not_le", "ensure this value is less than or equal to", "le")
+    if t == "greater_than_equal":
+        return limit("value_error.number.not_ge", "ensure this value is greater than or equal to", "ge")
+    if t == "less_than":
+        return limit("value_error.number.not_lt", "ensure this value is less than", "lt")
+    if t == "greater_than":
+        return limit("value_error.number.not_gt", "ensure this value is greater than", "gt")
+    if t == "string_too_short":
+        n = ctx.get("min_length")
+        return f"ensure this value has at least {n} characters", f"value_error.any_str.min_length; limit_value={n}"
+    if t == "string_too_long":
+        n = ctx.get("max_length")
+        return f"ensure this value has at most {n} characters", f"value_error.any_str.max_length; limit_value={n}"
+    if t == "too_short":
+        n = ctx.get("min_length")
+        return f"ensure this value has at least {n} items", f"value_error.list.min_items; limit_value={n}"
+    if t == "too_long":
+        n = ctx.get("max_length")
+        return f"ensure this value has at most {n} items", f"value_error.list.max_items; limit_value={n}"
+    if t == "json_invalid":
+        return "Expecting value", "value_error.jsondecode"
+    if t == "string_pattern_mismatch":
+        p = ctx.get("pattern")
+        return f'string does not match regex "{p}"', f"value_error.str.regex; pattern={p}"
+    return str(error.get("msg", "invalid value")), "value_error"
+
+
+def validation_message(errors: list[dict[str, Any]]) -> str:
+    """``N validation error(s) for Request <loc -> path> <msg> (type=<v1 type>) ...`` on one line, as DirectAI's
+    handler printed pydantic v1's ``str(exc)`` with its newlines and indentation folded into single spaces."""
+    n = len(errors)
+    parts = [f"{n} validation error{'' if n == 1 else 's'} for Request"]
+    for e in errors:
+        loc = " -> ".join(str(p) for p in e.get("loc", ()))
+        msg, typ = _v1(e)
+        parts.append(f"{loc} {msg} (type={typ})")
+    return " ".join(parts)
+
+
+def unexpected(exc: Exception) -> JSONResponse:
+    """The envelope for an exception no handler took: a dependency's error code (BentoML exceptions carry one; 503 is
+    an encoder shedding load) or 500."""
+    status = getattr(exc, "error_code", None)
+    try:
+        code = int(status) if status is not None else 500
+    except (TypeError, ValueError):
+        code = 500
+    if not 400 <= code <= 599:
+        code = 500
+    if code == 503:
+        log.warning("encoder overloaded: %s", exc)
+        return envelope(503, OVERLOADED)
+    if code >= 500:
+        log.exception("unhandled error", exc_info=exc)
+    return envelope(code, "Internal server error." if code >= 500 else str(exc))
+
+
+def install(app: FastAPI) -> None:
+    """The envelope handlers and the two middlewares (body limit inside, catch-all outermost)."""
+
+    @app.exception_handler(ZssError)
+    async def _zss(_: Request, exc: ZssError) -> JSONResponse:
+        return envelope(exc.status_code, exc.message)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return envelope(422, validation_message(list(exc.errors())))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return envelope(exc.status_code, str(exc.detail))
+
+    app.add_middleware(BodyLimit)
+    app.add_middleware(CatchAll)  # added last, so outermost: it also answers for BodyLimit
+
+
+class CatchAll:
+    """Answer any exception that no exception handler took with the JSON envelope, here and without re-raising.
+
+    Starlette sends an ``@app.exception_handler(Exception)`` response from its outermost middleware and then re-raises,
+    and the server then closes the connection: the client saw a reset instead of the 503 or 500."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception as exc:
+            if started:  # part of a response is out: nothing sensible can follow it
+                raise
+            await unexpected(exc)(scope, receive, send)
+
+
+class BodyLimit:
+    """Refuse request bodies over ``app.state.settings.max_body_bytes`` with 413, by Content-Length and while
+    streaming (read per request, so the app needs no settings when it is built)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        max_bytes = int(scope["app"].state.settings.max_body_bytes)
+        too_big = f"Request body over {max_bytes} bytes."
+        length = dict(scope.get("headers", [])).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > max_bytes:
+            await envelope(413, too_big)(scope, receive, send)
+            return
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > max_bytes:
+                raise ZssError(too_big, 413)
+            return message
+
+        await self.app(scope, counted, send)

@@ -1,0 +1,102 @@
+"""The HTTP edge's bodies: the deploy bodies (defined with the deployment kinds in engine/configs.py, where the
+registry stores them) and the response bodies, in DirectAI's and photofield's shapes."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from engine.configs import (
+    ClassifierConfig,
+    DeployClassifierRequest,
+    DeployDetectorRequest,
+    DetectorConfig,
+)
+
+__all__ = [
+    "ClassifierConfig",
+    "ClassifyResult",
+    "DeployClassifierRequest",
+    "DeployDetectorRequest",
+    "DeployResponse",
+    "Detection",
+    "DetectorConfig",
+    "EmbedTextRequest",
+    "EmbeddingsResponse",
+    "ErrorResponse",
+    "PhotofieldImageResponse",
+    "PhotofieldTextRequest",
+    "PhotofieldTextResponse",
+]
+
+
+class DeployResponse(BaseModel):
+    deployed_id: str
+    message: str
+
+
+class ClassifyResult(BaseModel):
+    scores: dict[str, float]
+    pred: str
+    raw_scores: dict[str, float]
+
+
+class Detection(BaseModel):
+    tlbr: list[float] = Field(min_length=4, max_length=4)
+    score: float
+    class_: str = Field(alias="class")
+
+
+class EmbedTextRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    texts: list[str] = Field(max_length=10_000)
+    augment_examples: bool = False
+
+
+class EmbeddingsResponse(BaseModel):
+    embeddings: list[list[float]]
+
+
+class DeploymentSummary(BaseModel):
+    deployed_id: str
+    kind: str
+    n_classes: int
+    version: int
+    created_at: float
+    updated_at: float
+
+
+class DeploymentList(BaseModel):
+    deployments: list[DeploymentSummary]
+
+
+class PhotofieldTextRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # photofield may add fields; only texts matter
+    texts: list[str] = Field(max_length=10_000)
+
+
+class PhotofieldEmbedding(BaseModel):
+    embedding_f16_b64: str
+    embedding_inv_norm_f16_uint16: int
+
+
+class PhotofieldText(PhotofieldEmbedding):
+    text: str
+
+
+class PhotofieldImage(PhotofieldEmbedding):
+    field: str
+    filename: str | None
+
+
+class PhotofieldTextResponse(BaseModel):
+    texts: list[PhotofieldText]
+
+
+class PhotofieldImageResponse(BaseModel):
+    images: list[PhotofieldImage]
+
+
+class ErrorResponse(BaseModel):
+    status_code: int
+    message: str
+    data: None = None

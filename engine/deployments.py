@@ -1,0 +1,155 @@
+"""Deployments: the registry (shared by every API worker) plus this process's cache of compiled deployments.
+
+A compiled deployment is reused while the registry's version of its id is unchanged, so an update or delete made
+through any worker is what every worker serves on its next request. Compiles take a lock per deployed id (a cold
+compile of one id never waits on another's), and the cache is an LRU bounded by the bytes its tensors hold.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from cache.interfaces import DeploymentStore
+from cache.registry import Deployment
+from engine.configs import DeployRequest, Kind, kind_of, load_config, stored_config
+from engine.kinds import CompiledDetector, tensor_bytes
+from errors import NotFound, ZssError
+from semantic.classify import CompiledClassifier
+
+Compiled = CompiledClassifier | CompiledDetector
+CompileFn = Callable[[Kind, DeployRequest], Compiled]
+
+
+@dataclass(frozen=True)
+class DeployOutcome:
+    deployed_id: str
+    message: str
+
+
+@dataclass(frozen=True)
+class _Entry:
+    version: int
+    kind: Kind
+    compiled: Compiled
+    nbytes: int
+
+
+class _IdLock:
+    __slots__ = ("lock", "__weakref__")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+
+
+class Deployments:
+    def __init__(self, store: DeploymentStore, compile_fn: CompileFn, max_bytes: int) -> None:
+        self.store = store
+        self._compile = compile_fn
+        self.max_bytes = max_bytes
+        self._lru: OrderedDict[str, _Entry] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()  # guards _lru, _bytes and _id_locks; never held while compiling
+        self._id_locks: weakref.WeakValueDictionary[str, _IdLock] = weakref.WeakValueDictionary()
+
+    # -- the compiled cache -----------------------------------------------------------------------------------------
+    def _cached(self, deployed_id: str, version: int) -> _Entry | None:
+        with self._lock:
+            entry = self._lru.get(deployed_id)
+            if entry is None or entry.version != version:
+                return None
+            self._lru.move_to_end(deployed_id)
+            return entry
+
+    def _remember(self, deployed_id: str, entry: _Entry) -> None:
+        with self._lock:
+            old = self._lru.pop(deployed_id, None)
+            if old is not None:
+                self._bytes -= old.nbytes
+            self._lru[deployed_id] = entry
+            self._bytes += entry.nbytes
+            while self._bytes > self.max_bytes and len(self._lru) > 1:
+                _, evicted = self._lru.popitem(last=False)
+                self._bytes -= evicted.nbytes
+
+    def _forget(self, deployed_id: str) -> None:
+        with self._lock:
+            old = self._lru.pop(deployed_id, None)
+            if old is not None:
+                self._bytes -= old.nbytes
+
+    def _id_lock(self, deployed_id: str) -> _IdLock:
+        with self._lock:
+            lock = self._id_locks.get(deployed_id)
+            if lock is None:
+                lock = _IdLock()
+                self._id_locks[deployed_id] = lock
+            return lock
+
+    def cache_info(self) -> dict[str, int]:
+        with self._lock:
+            return {"entries": len(self._lru), "bytes": self._bytes, "max_bytes": self.max_bytes}
+
+    # -- use --------------------------------------------------------------------------------------------------------
+    def compiled(self, deployed_id: str, kind: Kind) -> Compiled:
+        """The compiled deployment for an id, recompiled only when the registry's version moved (blocking)."""
+        version = self.store.version(deployed_id)
+        if version is None:
+            self._forget(deployed_id)
+            raise NotFound()
+        entry = self._cached(deployed_id, version)
+        if entry is None:
+            id_lock = self._id_lock(deployed_id)  # a strong reference keeps the lock alive while it is used
+            with id_lock.lock:
+                dep = self.store.get(deployed_id)
+                if dep is None:
+                    self._forget(deployed_id)
+                    raise NotFound()
+                entry = self._cached(deployed_id, dep.version)
+                if entry is None:
+                    dep_kind = Kind(dep.kind)
+                    compiled = self._compile(dep_kind, load_config(dep_kind, dep.config))
+                    entry = _Entry(dep.version, dep_kind, compiled, tensor_bytes(compiled))
+                    self._remember(deployed_id, entry)
+        if entry.kind != kind:
+            raise ZssError(f"{deployed_id} is a {entry.kind}, not a {kind}.", 400)
+        return entry.compiled
+
+    def register(self, body: DeployRequest, compiled: Compiled) -> DeployOutcome:
+        """DirectAI's deploy semantics: a new id, an update of an existing id, or a new id for an unknown one."""
+        requested = body.deployed_id
+        if requested is None:
+            deployed_id, message = self.store.new_id(), "New model deployed."
+        elif self.store.get(requested) is not None:
+            deployed_id, message = requested, "Model updated."
+        else:
+            deployed_id = self.store.new_id()
+            message = f"{requested} model not found. Generated new model."
+        kind = kind_of(body)
+        dep, _ = self.store.put(deployed_id, kind.value, stored_config(body))
+        self._remember(deployed_id, _Entry(dep.version, kind, compiled, tensor_bytes(compiled)))
+        return DeployOutcome(deployed_id, message)
+
+    def get(self, deployed_id: str) -> Deployment:
+        dep = self.store.get(deployed_id)
+        if dep is None:
+            raise NotFound()
+        return dep
+
+    def config(self, deployed_id: str) -> dict[str, Any]:
+        """The deployed body as DirectAI returns it: the stored config with defaults filled, plus ``deployed_id``."""
+        dep = self.get(deployed_id)
+        body = load_config(Kind(dep.kind), dep.config)
+        return {**stored_config(body), "deployed_id": dep.id}
+
+    def list(self) -> list[Deployment]:
+        return self.store.list()
+
+    def delete(self, deployed_id: str) -> None:
+        if not self.store.delete(deployed_id):
+            raise NotFound()
+        self._forget(deployed_id)

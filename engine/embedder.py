@@ -1,0 +1,72 @@
+"""Example texts -> vectors through the embedding cache, with or without prompt-template ensembling.
+
+The encoder is any callable from prompts to L2-normalised vectors (an in-process ``ClipEncoder``, a remote BentoML
+encoder, the OWL text tower); the cache key is the model id + template version + text, so each text is encoded once
+per model and template setting, by whichever process meets it first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from cache.embeddings import namespace
+from cache.interfaces import VectorStore
+from semantic.templates import CLIP_TEMPLATES, TEMPLATE_VERSION, ensemble, expand
+
+EncodeFn = Callable[[list[str]], np.ndarray]
+
+
+@dataclass
+class EmbedStats:
+    hits: int = 0
+    misses: int = 0
+    prompts_encoded: int = 0
+    examples_encoded: int = 0
+
+
+@dataclass
+class TextEmbedder:
+    """Example texts -> vectors through the cache; misses are encoded once, with or without template ensembling."""
+
+    cache: VectorStore
+    model_id: str
+    encode: EncodeFn
+    templates: tuple[str, ...] = CLIP_TEMPLATES
+    template_version: str = TEMPLATE_VERSION
+    chunk: int = 512  # prompts per encoder call, below the encoder's max batch size
+    stats: EmbedStats = field(default_factory=EmbedStats)
+    # Called with each lookup's own stats (thread-safe per call, unlike deltas of the running totals).
+    on_lookup: Callable[[EmbedStats], None] | None = None
+
+    def _encode_chunked(self, prompts: list[str]) -> np.ndarray:
+        parts = [self.encode(prompts[i : i + self.chunk]) for i in range(0, len(prompts), self.chunk)]
+        self.stats.prompts_encoded += len(prompts)
+        return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+
+    def _encode_examples(self, texts: list[str], augment: bool) -> np.ndarray:
+        if not augment:
+            return self._encode_chunked(texts)
+        prompts = expand(texts, self.templates)
+        per_prompt = torch.from_numpy(np.asarray(self._encode_chunked(prompts), np.float32))
+        return ensemble(per_prompt, len(self.templates)).numpy()
+
+    def namespace(self, augment: bool) -> str:
+        return namespace(self.model_id, self.template_version if augment else None)
+
+    def embed(self, texts: Sequence[str], augment: bool) -> tuple[np.ndarray, EmbedStats]:
+        """Vectors [N, D] for texts, plus this call's hits/misses/prompts encoded."""
+        before = self.stats.prompts_encoded
+        vecs, lookup = self.cache.get_or_encode(
+            self.namespace(augment), list(texts), lambda todo: self._encode_examples(todo, augment)
+        )
+        self.stats.hits += lookup.hits
+        self.stats.misses += lookup.misses
+        self.stats.examples_encoded += lookup.encoded
+        call = EmbedStats(lookup.hits, lookup.misses, self.stats.prompts_encoded - before, lookup.encoded)
+        if self.on_lookup is not None:
+            self.on_lookup(call)
+        return vecs, call

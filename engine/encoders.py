@@ -1,0 +1,173 @@
+"""The encoder interface the engine depends on, with an in-process and a remote implementation.
+
+- ``Local*``: the models in this process (the folder tool, benchmarks, tests with fake models).
+- ``Remote*``: BentoML dependency clients of the encoder services (runners/*_service.py). The engine never imports
+  BentoML: a remote encoder only needs the handle's methods (``handle.info()``, ``handle.to_async.encode_pixels``).
+  The remote implementations own the retry of transient connection failures.
+
+Text encoding is synchronous (the engine calls it from worker threads while it holds the embedding cache's flow);
+image encoding is awaitable (many requests wait on one batching encoder at once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol, TypeVar
+
+import aiohttp
+import anyio.to_thread
+import numpy as np
+from PIL import Image
+
+from engine.kinds import BoxEncoding
+from errors import Unavailable
+from runners.owl_wire import unpack
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class ImageEncoder(Protocol):
+    def info(self) -> dict[str, Any]:
+        """``model_id``, ``dim`` and ``preprocess`` (open_clip's preprocess_cfg form)."""
+        ...
+
+    async def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 [N, H, W, 3] at the model's input size -> L2-normalised float32 [N, D]."""
+        ...
+
+
+class TextEncoder(Protocol):
+    def info(self) -> dict[str, Any]: ...
+
+    def encode(self, prompts: list[str]) -> np.ndarray:
+        """Prompts (templates already applied) -> L2-normalised float32 [N, D]."""
+        ...
+
+
+class DetectorEncoder(Protocol):
+    def info(self) -> dict[str, Any]:
+        """``enabled`` (and ``error`` when not), ``model_id``, ``input_size``, ``embed_dim``."""
+        ...
+
+    async def encode_images(self, images: list[Image.Image]) -> list[BoxEncoding]: ...
+
+    def encode_texts(self, prompts: list[str]) -> np.ndarray: ...
+
+
+# -- in-process -------------------------------------------------------------------------------------------------------
+class LocalClip:
+    """Both CLIP towers of an in-process ``runners.clip.ClipEncoder`` (or anything with its three members)."""
+
+    def __init__(self, encoder: Any) -> None:
+        self.encoder = encoder
+
+    def info(self) -> dict[str, Any]:
+        return dict(self.encoder.info)
+
+    async def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        return await anyio.to_thread.run_sync(self.encoder.encode_pixels, pixels)
+
+    def encode(self, prompts: list[str]) -> np.ndarray:
+        return np.asarray(self.encoder.encode_texts(prompts), dtype=np.float32)
+
+
+class LocalDetector:
+    """An in-process ``runners.owl.OwlDetector``, or ``None`` for a server without a detector."""
+
+    def __init__(self, detector: Any | None, error: str = "the detector is disabled on this server") -> None:
+        self.detector = detector
+        self.error = error
+
+    def info(self) -> dict[str, Any]:
+        d = self.detector
+        if d is None:
+            return {"enabled": False, "error": self.error}
+        return {"enabled": True, "model_id": d.model_id, "input_size": d.input_size, "embed_dim": d.embed_dim}
+
+    async def encode_images(self, images: list[Image.Image]) -> list[BoxEncoding]:
+        encs = await anyio.to_thread.run_sync(self.detector.encode_images, images)  # type: ignore[union-attr]
+        return [box_encoding(e) for e in encs]
+
+    def encode_texts(self, prompts: list[str]) -> np.ndarray:
+        return np.asarray(self.detector.encode_texts(prompts), dtype=np.float32)  # type: ignore[union-attr]
+
+
+def box_encoding(e: dict[str, np.ndarray]) -> BoxEncoding:
+    return BoxEncoding(e["boxes"], e["class_embeds"], e["logit_shift"], e["logit_scale"])
+
+
+# -- remote (BentoML dependency clients) ------------------------------------------------------------------------------
+# BentoML 1.4.39's dependency client closed its aiohttp session every 100 requests with requests in flight on it
+# (runners/serving.py keeps it from doing so); encoder calls are idempotent, so a connection failure is retried.
+TRANSIENT: tuple[type[BaseException], ...] = (aiohttp.ClientConnectionError,)
+ATTEMPTS = 3
+UNREACHABLE = "The encoder could not be reached; retry later."
+
+
+async def call_async(method: Callable[..., Awaitable[T]], *args: Any) -> T:
+    """``await method(*args)``, retrying transient connection failures; 503 if they persist."""
+    for attempt in range(1, ATTEMPTS + 1):
+        try:
+            return await method(*args)
+        except TRANSIENT as exc:
+            if attempt == ATTEMPTS:
+                raise Unavailable(UNREACHABLE) from exc
+            log.warning("encoder call failed (%s: %s); retry %d", type(exc).__name__, exc, attempt)
+            await asyncio.sleep(0.05 * attempt)
+    raise Unavailable(UNREACHABLE)
+
+
+def call_sync(method: Callable[..., T], *args: Any) -> T:
+    """The same for the blocking client (called from worker threads)."""
+    for attempt in range(1, ATTEMPTS + 1):
+        try:
+            return method(*args)
+        except TRANSIENT as exc:
+            if attempt == ATTEMPTS:
+                raise Unavailable(UNREACHABLE) from exc
+            log.warning("encoder call failed (%s: %s); retry %d", type(exc).__name__, exc, attempt)
+            time.sleep(0.05 * attempt)
+    raise Unavailable(UNREACHABLE)
+
+
+class RemoteClipImage:
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+
+    def info(self) -> dict[str, Any]:
+        return call_sync(self.handle.info)
+
+    async def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        out = await call_async(self.handle.to_async.encode_pixels, pixels)
+        return np.asarray(out, dtype=np.float32)
+
+
+class RemoteClipText:
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+
+    def info(self) -> dict[str, Any]:
+        return call_sync(self.handle.info)
+
+    def encode(self, prompts: list[str]) -> np.ndarray:
+        return np.asarray(call_sync(self.handle.encode, prompts), dtype=np.float32)
+
+
+class RemoteDetector:
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+
+    def info(self) -> dict[str, Any]:
+        return call_sync(self.handle.info)
+
+    async def encode_images(self, images: list[Image.Image]) -> list[BoxEncoding]:
+        packed = np.asarray(await call_async(self.handle.to_async.encode_images, images), dtype=np.float32)
+        return [box_encoding(unpack(one)) for one in packed]
+
+    def encode_texts(self, prompts: list[str]) -> np.ndarray:
+        return np.asarray(call_sync(self.handle.encode_texts, prompts), dtype=np.float32)

@@ -1,0 +1,200 @@
+"""The engine: one awaitable per route (deploy, classify, detect, embed, configs), no HTTP and no BentoML.
+
+It owns the deployments (registry + compiled cache), the text embedders (CLIP's and the detector's, both through the
+shared embedding cache) and the encoders (engine/encoders.py: in-process or remote). Blocking work (decoding, SQLite,
+compiling, scoring, synchronous encoder calls) runs in worker threads, never on the event loop. What it learns from
+the encoders (model ids, preprocessing) it learns lazily: the encoder services may start after the API.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any, ParamSpec, TypeVar
+
+import anyio.to_thread
+import numpy as np
+from PIL import Image
+from prometheus_client import Counter
+
+from cache.interfaces import DeploymentStore, VectorStore
+from cache.registry import Deployment
+from engine.configs import DeployRequest, Kind, check_classes, kind_of
+from engine.deployments import Compiled, Deployments, DeployOutcome
+from engine.embedder import EmbedStats, TextEmbedder
+from engine.encoders import DetectorEncoder, ImageEncoder, TextEncoder
+from engine.kinds import Classification, ClassifierKind, CompiledDetector, Detection, DetectorKind
+from errors import Invalid, Unavailable
+from imaging.geometry import shrink_to
+from imaging.preprocess import Preprocess
+from imaging.sources import ImageLimits, ImageSource, load_image
+from semantic.classify import CompiledClassifier
+from semantic.templates_detect import DETECTION_TEMPLATE_VERSION, DETECTION_TEMPLATES
+from settings import Settings
+
+log = logging.getLogger(__name__)
+
+EXAMPLES_ENCODED = Counter("zss_text_examples_encoded", "Example texts encoded (embedding-cache misses)")
+CACHE_HITS = Counter("zss_embedding_cache_hits", "Example texts found in the embedding cache")
+CACHE_MISSES = Counter("zss_embedding_cache_misses", "Example texts missing from the embedding cache")
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+async def in_thread(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+    return await anyio.to_thread.run_sync(lambda: fn(*args, **kwargs))
+
+
+def _record(stats: EmbedStats) -> None:
+    CACHE_HITS.inc(stats.hits)
+    CACHE_MISSES.inc(stats.misses)
+    EXAMPLES_ENCODED.inc(stats.examples_encoded)
+
+
+class Engine:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        image_encoder: ImageEncoder,
+        text_encoder: TextEncoder,
+        detector: DetectorEncoder,
+        registry: DeploymentStore,
+        cache: VectorStore,
+    ) -> None:
+        self.settings = settings
+        self.image_encoder = image_encoder
+        self.text_encoder = text_encoder
+        self.detector = detector
+        self.cache = cache
+        self.deployments = Deployments(registry, self._compile, max_bytes=settings.compiled_cache_mb * 2**20)
+        self.limits = ImageLimits(
+            max_pixels=settings.max_image_pixels,
+            max_bytes=settings.max_body_bytes,
+            allow_url_fetch=settings.allow_url_fetch,
+            url_allow_hosts=settings.url_allow_hosts,
+            url_timeout_s=settings.url_timeout_s,
+        )
+        self._lock = threading.Lock()  # guards the lazily learned fields below
+        self._embedder: TextEmbedder | None = None
+        self._det_embedder: TextEmbedder | None = None
+        self._det_info: dict[str, Any] | None = None
+        self._preprocess: Preprocess | None = None
+
+    # -- learned lazily from the encoders -------------------------------------------------------------------------
+    def text_embedder(self) -> TextEmbedder:
+        with self._lock:
+            if self._embedder is None:
+                self._embedder = TextEmbedder(
+                    self.cache, self.text_encoder.info()["model_id"], self.text_encoder.encode, on_lookup=_record
+                )
+            return self._embedder
+
+    def preprocess(self) -> Preprocess:
+        with self._lock:
+            if self._preprocess is None:
+                self._preprocess = Preprocess.from_open_clip(self.image_encoder.info()["preprocess"])
+            return self._preprocess
+
+    def detector_info(self) -> dict[str, Any]:
+        """The detector's info; 503 with the reason when this server has no detector."""
+        with self._lock:
+            if self._det_info is None or not self._det_info.get("enabled"):
+                self._det_info = self.detector.info()
+            info = self._det_info
+        if not info.get("enabled"):
+            raise Unavailable(f"Detection is unavailable: {info.get('error')}.")
+        return info
+
+    def detector_embedder(self) -> TextEmbedder:
+        info = self.detector_info()
+        with self._lock:
+            if self._det_embedder is None:
+                self._det_embedder = TextEmbedder(
+                    self.cache,
+                    info["model_id"],
+                    self.detector.encode_texts,
+                    templates=DETECTION_TEMPLATES,
+                    template_version=DETECTION_TEMPLATE_VERSION,
+                    on_lookup=_record,
+                )
+            return self._det_embedder
+
+    def _compile(self, kind: Kind, body: DeployRequest) -> Compiled:
+        if kind is Kind.DETECTOR:
+            return DetectorKind.compile(body, self.detector_embedder())  # type: ignore[arg-type]
+        return ClassifierKind.compile(body, self.text_embedder())  # type: ignore[arg-type]
+
+    # -- images -----------------------------------------------------------------------------------------------------
+    def _pixels(self, sources: list[ImageSource]) -> np.ndarray:
+        pre = self.preprocess()
+        return np.stack([pre.to_pixels(load_image(s, self.limits, pre.draft_size)) for s in sources])
+
+    def _for_detector(self, sources: list[ImageSource], side: int) -> list[tuple[Image.Image, float, float]]:
+        # Shrunk so the longer side is at most the detector's input size: less to send and to pad.
+        return [shrink_to(load_image(s, self.limits), side) for s in sources]
+
+    def compile(self, body: DeployRequest) -> Compiled:
+        """Compile a deploy body without registering it (blocking; the folder tool scores with it)."""
+        check_classes(body)
+        return self._compile(kind_of(body), body)
+
+    def close(self) -> None:
+        """Write the cache's snapshot and checkpoint its log, so the next process starts warm."""
+        self.cache.close()
+        self.deployments.store.close()
+
+    # -- the routes' work -------------------------------------------------------------------------------------------
+    async def deploy(self, body: DeployRequest) -> DeployOutcome:
+        """Embed every example now (once, through the cache), then register: a deployed id always scores."""
+        check_classes(body)
+        compiled = await in_thread(self._compile, kind_of(body), body)
+        return await in_thread(self.deployments.register, body, compiled)
+
+    async def classify(self, deployed_id: str, sources: list[ImageSource]) -> list[Classification]:
+        pixels = await in_thread(self._pixels, sources)  # an unreadable image is 422 whatever the id (DirectAI)
+        clf: CompiledClassifier = await in_thread(self.deployments.compiled, deployed_id, Kind.CLASSIFIER)
+        emb = await self.image_encoder.encode_pixels(pixels)
+        return await in_thread(ClassifierKind.score, emb, clf)
+
+    async def detect(self, deployed_id: str, sources: list[ImageSource]) -> list[list[Detection]]:
+        info = await in_thread(self.detector_info)
+        decoded = await in_thread(self._for_detector, sources, int(info["input_size"]))
+        det: CompiledDetector = await in_thread(self.deployments.compiled, deployed_id, Kind.DETECTOR)
+        encodings = await self.detector.encode_images([d[0] for d in decoded])
+
+        def score() -> list[list[Detection]]:
+            return [DetectorKind.score(e, det, (sx, sy)) for e, (_, sx, sy) in zip(encodings, decoded)]
+
+        return await in_thread(score)
+
+    async def embed_texts(self, texts: list[str], augment: bool) -> np.ndarray:
+        """Text embeddings exactly as classifiers use them (cached; templates averaged when ``augment``)."""
+        if any(not t.strip() for t in texts):
+            raise Invalid("Texts must not be empty.")
+        if not texts:
+            return np.zeros((0, 0), np.float32)
+
+        def embed() -> np.ndarray:
+            return self.text_embedder().embed(texts, augment)[0]
+
+        return await in_thread(embed)
+
+    async def embed_images(self, sources: list[ImageSource]) -> np.ndarray:
+        pixels = await in_thread(self._pixels, sources)
+        return await self.image_encoder.encode_pixels(pixels)
+
+    async def model_config(self, deployed_id: str) -> dict[str, Any]:
+        return await in_thread(self.deployments.config, deployed_id)
+
+    async def list_deployments(self) -> list[Deployment]:
+        return await in_thread(self.deployments.list)
+
+    async def delete(self, deployed_id: str) -> None:
+        await in_thread(self.deployments.delete, deployed_id)
+
+    def models_info(self) -> dict[str, Any]:
+        """The loaded models' ids and preprocessing (blocking; the API runs it in a thread)."""
+        return {"image": self.image_encoder.info(), "text": self.text_encoder.info(), "detector": self.detector.info()}

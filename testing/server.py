@@ -1,0 +1,129 @@
+"""A real `bentoml serve` of the project as a user starts it, for end-to-end tests and benchmarks, and a local stdlib
+HTTP server for testing clients (URL fetching, load generators)."""
+
+from __future__ import annotations
+
+import contextlib
+import http.server
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Server:
+    url: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+    def client(self, timeout: float = 120.0) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=timeout)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def metric(self, name: str) -> float:
+        """Sum of a Prometheus metric's samples (all label sets) from /metrics; a metric that is not there is an
+        error, not 0 (a renamed or unregistered metric must fail the test that reads it)."""
+        text = httpx.get(self.url + "/metrics", timeout=30).text
+        total, found = 0.0, False
+        for line in text.splitlines():
+            if line.startswith("#"):
+                continue
+            head, _, value = line.rpartition(" ")
+            metric = head.split("{", 1)[0]
+            if metric == name:
+                total += float(value)
+                found = True
+        if not found:
+            raise KeyError(f"metric {name!r} is not in {self.url}/metrics")
+        return total
+
+    def metric_lines(self, prefix: str) -> list[str]:
+        text = httpx.get(self.url + "/metrics", timeout=30).text
+        return [ln for ln in text.splitlines() if ln.startswith(prefix)]
+
+
+def start_server(env: dict[str, str], log_path: Path, timeout: float = 240.0, root: Path = ROOT) -> Server:
+    """Start `bentoml serve` from the repo root (or another checkout: ``root``) as a user would; wait until ready."""
+    port = free_port()
+    full_env = {**os.environ, **env}
+    full_env.setdefault("ZSS_DETECTOR_MODEL", "none")
+    full_env["PYTHONUNBUFFERED"] = "1"
+    fh = open(log_path, "wb")  # noqa: SIM115 - closed with the process
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bentoml", "serve", "service:ZeroShot", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=root,
+        env=full_env,
+        stdout=fh,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    server = Server(url, proc, log_path)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"bentoml serve exited with {proc.returncode}:\n{server.log()[-5000:]}")
+        try:
+            if httpx.get(url + "/readyz", timeout=5).status_code == 200:
+                # Dependencies answer too once the gateway is ready; this also warms them up.
+                r = httpx.get(url + "/healthz_models", timeout=120)
+                if r.status_code == 200:
+                    return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    stop_server(server)
+    raise RuntimeError(f"bentoml serve did not become ready in {timeout}s:\n{server.log()[-5000:]}")
+
+
+def stop_server(server: Server) -> None:
+    if server.proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.proc.pid, signal.SIGTERM)
+        try:
+            server.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(server.proc.pid, signal.SIGKILL)
+            server.proc.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def local_http_server(handler: type[http.server.BaseHTTPRequestHandler]) -> Iterator[int]:
+    """A threaded stdlib HTTP server on 127.0.0.1 inside the test process, for testing clients; yields its port."""
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield int(httpd.server_address[1])
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+@contextlib.contextmanager
+def running_server(env: dict[str, str], log_path: Path, root: Path = ROOT) -> Iterator[Server]:
+    server = start_server(env, log_path, root=root)
+    try:
+        yield server
+    finally:
+        stop_server(server)
