@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # ZeroShot Server's two commands (and their shared set-up step):
 #   ./dev.sh serve   set up .venv if needed, then `bentoml serve` on port 3000 (ZSS_* settings from the environment)
-#   ./dev.sh test    set up .venv if needed, then ruff (lint and format check) and the whole test suite (what .ci/run runs)
+#   ./dev.sh test    set up .venv if needed, then ruff (lint, format), the import contracts and the whole test suite
+#                    (what .ci/run runs)
 #   ./dev.sh setup   only the set-up step
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -37,6 +38,7 @@ case "${1:-}" in
     shift
     "$VENV/bin/ruff" check .
     "$VENV/bin/ruff" format --check .
+    "$VENV/bin/lint-imports"  # the layer contracts (pyproject.toml)
     export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
     exec "$VENV/bin/python" -m pytest "$@"
     ;;

@@ -8,11 +8,12 @@ starts, or build ``Settings(...)`` / ``get_settings({...})`` directly.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from collections.abc import Mapping
 from pathlib import Path
 
-from pydantic import ValidationError
+from pydantic import ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PREFIX = "ZSS_"
@@ -62,11 +63,22 @@ class Settings(BaseSettings):
     # Server-side fetching of image URLs: off unless enabled; comma-separated host allow-list ("" = any public host).
     allow_url_fetch: bool = False
     url_allow_hosts: str = ""
+    # Comma-separated addresses or CIDR networks trusted although not public (an internal image store), e.g.
+    # "10.1.2.0/24"; cloud-metadata addresses stay refused even inside them.
+    url_allow_networks: str = ""
     url_timeout_s: float = 10.0
     # Log level of the project's loggers.
     log_level: str = "INFO"
     # Compiled deployments kept per API worker (least recently used dropped first), by the bytes their tensors hold.
     compiled_cache_mb: int = 256
+
+    @field_validator("url_allow_networks")
+    @classmethod
+    def _networks(cls, value: str) -> str:
+        for item in value.split(","):
+            if item.strip():
+                ipaddress.ip_network(item.strip(), strict=False)  # ValueError names the bad entry
+        return value
 
     @property
     def registry_path(self) -> Path:

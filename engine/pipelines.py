@@ -75,6 +75,7 @@ class Engine:
             max_bytes=settings.max_body_bytes,
             allow_url_fetch=settings.allow_url_fetch,
             url_allow_hosts=settings.url_allow_hosts,
+            url_allow_networks=settings.url_allow_networks,
             url_timeout_s=settings.url_timeout_s,
         )
         self._lock = threading.Lock()  # guards the lazily learned fields below

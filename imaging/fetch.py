@@ -44,6 +44,7 @@ from imaging.decode import ImageInputError
 log = logging.getLogger(__name__)
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 USER_AGENT = "ZeroShotServer/0.1 (image fetch)"
 MAX_URL_LENGTH = 8192
@@ -152,18 +153,18 @@ def fetch_image_url(
     timeout_s: float,
     max_bytes: int,
     max_redirects: int = 3,
-    _allow_ips_for_tests: Collection[str] = (),
+    allow_networks: Collection[str] = (),
 ) -> bytes:
     """GET ``url`` and return the body of an ``image/*`` response, refusing anything that is not a public host.
 
     ``allow_hosts``: None or empty = any public host; otherwise exact host names, or ``*.example.com`` for any
     subdomain of example.com. Allow-listed hosts must still resolve to public addresses.
-    ``_allow_ips_for_tests``: exact addresses (e.g. ``{"127.0.0.1"}``) exempted from the public-address check, so
-    tests can use a local server; never set it outside tests.
+    ``allow_networks``: addresses or CIDR networks (``10.1.2.0/24``) the operator trusts although they are not public,
+    e.g. an internal image store (``ZSS_URL_ALLOW_NETWORKS``); cloud-metadata addresses stay refused even inside them.
     """
     deadline = _Deadline(timeout_s)
     allowed = {_normalise_host(h) for h in allow_hosts} if allow_hosts else None
-    exempt = {ipaddress.ip_address(a) for a in _allow_ips_for_tests}
+    exempt = parse_networks(allow_networks)
     current = url
     for hop in range(max_redirects + 1):
         target = _parse(current, allowed)
@@ -225,14 +226,23 @@ def _parse(url: str, allowed: set[str] | None) -> _Target:
     return _Target(scheme, host, port or (443 if scheme == "https" else 80), path)
 
 
-def _resolve_public(target: _Target, deadline: _Deadline, exempt: set[IPAddress]) -> list[IPAddress]:
+def parse_networks(values: Collection[str]) -> list[IPNetwork]:
+    """Addresses or CIDR networks -> networks (a bare address is a /32 or /128); a bad entry raises ValueError."""
+    return [ipaddress.ip_network(v.strip(), strict=False) for v in values if v.strip()]
+
+
+def _exempt(addr: IPAddress, networks: list[IPNetwork]) -> bool:
+    return addr not in METADATA_ADDRESSES and any(addr in n for n in networks if n.version == addr.version)
+
+
+def _resolve_public(target: _Target, deadline: _Deadline, exempt: list[IPNetwork]) -> list[IPAddress]:
     """All addresses of the host, or UrlFetchError(400) if any of them is not public (no mixing public + private)."""
     try:
         literal: IPAddress | None = ipaddress.ip_address(target.host)
     except ValueError:
         literal = None
     if literal is not None:
-        reason = None if literal in exempt else blocked_reason(literal)
+        reason = None if _exempt(literal, exempt) else blocked_reason(literal)
         if reason:
             raise UrlFetchError(f"URL refused: {target.host} is {reason}, not a public address.", 400)
         return [literal]
@@ -242,7 +252,7 @@ def _resolve_public(target: _Target, deadline: _Deadline, exempt: set[IPAddress]
         if addr not in addresses:
             addresses.append(addr)
     for addr in addresses:
-        reason = None if addr in exempt else blocked_reason(addr)
+        reason = None if _exempt(addr, exempt) else blocked_reason(addr)
         if reason:
             log.info("image URL refused: %s resolves to %s (%s)", target.host, addr, reason)
             break

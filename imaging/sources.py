@@ -32,6 +32,7 @@ class ImageLimits:
     max_bytes: int
     allow_url_fetch: bool = False
     url_allow_hosts: str = ""  # comma-separated; "" = any public host
+    url_allow_networks: str = ""  # comma-separated addresses / CIDRs trusted although not public
     url_timeout_s: float = 10.0
 
 
@@ -50,5 +51,6 @@ def load_image(src: ImageSource, limits: ImageLimits, draft: int = 0) -> Image.I
         allow_hosts=parse_allow_hosts(limits.url_allow_hosts),
         timeout_s=limits.url_timeout_s,
         max_bytes=limits.max_bytes,
+        allow_networks=limits.url_allow_networks.split(","),
     )
     return decode_image(blob, max_pixels=limits.max_pixels, draft_size=draft)

@@ -7,12 +7,17 @@ differ in colour embed differently and a test can predict the result with the re
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
+from cache.embeddings import EmbeddingCache
+from cache.registry import Registry
 from engine.kinds import BoxEncoding
+from engine.pipelines import Engine
+from settings import Settings
 
 DIM = 8
 PREPROCESS = {
@@ -83,3 +88,18 @@ class FakeDetector:
             k = len(boxes)
             out.append(BoxEncoding(boxes, embeds, np.zeros(k, np.float32), np.full(k, 4.0, np.float32)))
         return out
+
+
+def fake_engine(data_dir: Path, *, detector: bool = True, **settings: Any) -> tuple[Engine, FakeClip]:
+    """An engine over the fake encoders with a real registry and embedding cache under ``data_dir``."""
+    s = Settings(data_dir=data_dir, **settings)
+    clip = FakeClip()
+    engine = Engine(
+        s,
+        image_encoder=clip,
+        text_encoder=clip,
+        detector=FakeDetector(enabled=detector),
+        registry=Registry(s.registry_path),
+        cache=EmbeddingCache(s.cache_dir),
+    )
+    return engine, clip

@@ -107,3 +107,12 @@ def reference_box_scores(
     pos = [[max(fit(i, e) for e in p) for p, _ in classes] for i in range(len(class_embeds))]
     neg = [[max((fit(i, e) for e in n), default=0.0) for _, n in classes] for i in range(len(class_embeds))]
     return pos, neg
+
+
+def reference_scores(image: Any, classes: Sequence[dict[str, Any]], vectors: dict[str, Any]) -> dict[str, float]:
+    """``reference_raw`` for DirectAI class configs, given each example text's vector: {class name: raw score}."""
+    per_class = [
+        ([vectors[t] for t in c["examples_to_include"]], [vectors[t] for t in c.get("examples_to_exclude", [])])
+        for c in classes
+    ]
+    return dict(zip([c["name"] for c in classes], reference_raw(image, per_class)))

@@ -62,9 +62,16 @@ class Server:
 
 
 def start_server(env: dict[str, str], log_path: Path, timeout: float = 240.0, root: Path = ROOT) -> Server:
-    """Start `bentoml serve` from the repo root (or another checkout: ``root``) as a user would; wait until ready."""
+    """Start `bentoml serve` from the repo root (or another checkout: ``root``) as a user would; wait until ready.
+
+    Each server gets a BENTOML_HOME of its own (beside its log) unless ``env`` names one: `bentoml serve` empties
+    ``$BENTOML_HOME/prometheus_multiproc_dir`` when it starts, so a second server under the same home deletes the
+    first one's metric files and the first server's /metrics goes stale (tests/test_service.py shows it).
+    """
     port = free_port()
     full_env = {**os.environ, **env}
+    full_env.setdefault("BENTOML_HOME", str(log_path.parent / f"bentoml-home-{log_path.stem}"))
+    full_env.setdefault("BENTOML_DO_NOT_TRACK", "true")
     full_env.setdefault("ZSS_DETECTOR_MODEL", "none")
     full_env["PYTHONUNBUFFERED"] = "1"
     fh = open(log_path, "wb")  # noqa: SIM115 - closed with the process

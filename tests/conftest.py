@@ -39,8 +39,19 @@ def tiny_owl(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def server(tiny_clip: ClipFiles, tiny_owl: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """One real `bentoml serve` of the tiny CLIP and tiny OWLv2, shared by the API tests."""
+    """One real `bentoml serve` of the tiny CLIP and tiny OWLv2, shared by the API tests.
+
+    URL fetching is on, for test hosts on 127.0.0.1 only: the allow-list names that host and the trusted networks
+    that one address (the SSRF guard refuses loopback otherwise)."""
     base = tmp_path_factory.mktemp("server")
-    env = {**clip_env(tiny_clip, base / "data"), "ZSS_DETECTOR_MODEL": str(tiny_owl), "ZSS_DETECTOR_TOP_K": "48"}
+    env = {
+        **clip_env(tiny_clip, base / "data"),
+        "ZSS_DETECTOR_MODEL": str(tiny_owl),
+        "ZSS_DETECTOR_TOP_K": "48",
+        "ZSS_ALLOW_URL_FETCH": "true",
+        "ZSS_URL_ALLOW_HOSTS": "127.0.0.1",
+        "ZSS_URL_ALLOW_NETWORKS": "127.0.0.1/32",
+        "ZSS_URL_TIMEOUT_S": "5",
+    }
     with running_server(env, base / "serve.log") as srv:
         yield srv

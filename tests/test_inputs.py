@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import http.server
 import io
 from typing import Any
 
@@ -13,7 +14,7 @@ from PIL import Image
 from api.photofield import decode_embedding
 from testing.client import assert_error, deploy, files
 from testing.images import jpeg_bytes
-from testing.server import Server
+from testing.server import Server, local_http_server
 from tests import bad_inputs as bad
 
 pytestmark = pytest.mark.server
@@ -73,13 +74,41 @@ def test_base64_json_and_data_uri_equal_multipart(server: Server, deployed: str)
         ({"data": 5}, 422, "'data'"),
         ({"images": ["x"]}, 422, "JSON body must be an object"),
         ({}, 422, "No image"),
-        ({"url": "http://127.0.0.1/cat.jpg"}, 400, "Image URLs are disabled"),
+        ({"url": "http://localhost/cat.jpg"}, 400, "URL refused"),  # not on the allow-list (127.0.0.1 is)
+        ({"url": "file:///etc/passwd"}, 400, "URL refused"),
     ],
 )
 def test_json_image_errors(server: Server, deployed: str, body: dict[str, Any], status: int, message: str) -> None:
     with server.client() as c:
         assert_error(c.post("/classify", params={"deployed_id": deployed}, json=body), status, message)
     still_serving(server, deployed)
+
+
+def test_classify_by_url_from_an_allowed_test_host(server: Server, deployed: str) -> None:
+    """URL fetching turned on, through the service: a test host the allow-list permits serves the image."""
+    blob = jpeg_bytes(5)
+
+    class Images(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+            body, ctype = (blob, "image/jpeg") if self.path == "/cat.jpg" else (b"nope", "text/plain")
+            self.send_response(200 if self.path == "/cat.jpg" else 404)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    with local_http_server(Images) as port, server.client() as c:
+        url = f"http://127.0.0.1:{port}/cat.jpg"
+        by_upload = c.post("/classify", params={"deployed_id": deployed}, files=files(blob)).json()
+        by_json = c.post("/classify", params={"deployed_id": deployed}, json={"url": url}).json()
+        by_form = c.post("/classify", params={"deployed_id": deployed}, data={"data": url}, files={"x": b""}).json()
+        missing = c.post("/classify", params={"deployed_id": deployed}, json={"url": url.replace("cat", "dog")})
+    assert by_json["raw_scores"] == pytest.approx(by_upload["raw_scores"], abs=1e-6)
+    assert by_form["raw_scores"] == pytest.approx(by_upload["raw_scores"], abs=1e-6)
+    assert_error(missing, 400, "404")
 
 
 # -- photofield ---------------------------------------------------------------------------------------------------

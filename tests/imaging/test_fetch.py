@@ -1,7 +1,7 @@
 """imaging.fetch: SSRF guard, redirects, content type, size and time limits.
 
 Nothing here reaches the network: host names are answered by a fake resolver, and the only server is a local one on
-127.0.0.1, reachable only because the tests exempt that exact address (``_allow_ips_for_tests``).
+127.0.0.1, reachable only because the tests trust that address (``allow_networks``, ZSS_URL_ALLOW_NETWORKS).
 """
 
 from __future__ import annotations
@@ -236,7 +236,7 @@ def test_private_urls_are_refused_by_default(url: str) -> None:
 
 
 def test_the_local_server_itself_is_refused_without_the_test_exemption(server: str) -> None:
-    assert fetch(f"http://{server}/img.png", _allow_ips_for_tests=LOCAL) == PNG
+    assert fetch(f"http://{server}/img.png", allow_networks=LOCAL) == PNG
     err = refused(f"http://{server}/img.png")
     assert "loopback" in err.message
 
@@ -267,17 +267,17 @@ def test_a_host_resolving_to_any_private_address_is_refused(monkeypatch: pytest.
     ],
 )
 def test_bad_urls_are_400(url: str) -> None:
-    refused(url, _allow_ips_for_tests=LOCAL)
+    refused(url, allow_networks=LOCAL)
 
 
 # -- allow-list ----------------------------------------------------------------------------------------------------
 def test_allow_list(server: str) -> None:
     port = server.rsplit(":", 1)[1]
-    ok = fetch(f"http://img.test:{port}/img.png", allow_hosts={"img.test"}, _allow_ips_for_tests=LOCAL)
+    ok = fetch(f"http://img.test:{port}/img.png", allow_hosts={"img.test"}, allow_networks=LOCAL)
     assert ok == PNG
-    assert fetch(f"http://IMG.test.:{port}/img.png", allow_hosts={"img.test"}, _allow_ips_for_tests=LOCAL) == PNG
-    refused(f"http://img.test:{port}/img.png", allow_hosts={"other.test"}, _allow_ips_for_tests=LOCAL)
-    refused(f"http://{server}/img.png", allow_hosts={"img.test"}, _allow_ips_for_tests=LOCAL)
+    assert fetch(f"http://IMG.test.:{port}/img.png", allow_hosts={"img.test"}, allow_networks=LOCAL) == PNG
+    refused(f"http://img.test:{port}/img.png", allow_hosts={"other.test"}, allow_networks=LOCAL)
+    refused(f"http://{server}/img.png", allow_hosts={"img.test"}, allow_networks=LOCAL)
 
 
 def test_allow_list_wildcard_and_parsing(monkeypatch: pytest.MonkeyPatch, server: str) -> None:
@@ -285,9 +285,9 @@ def test_allow_list_wildcard_and_parsing(monkeypatch: pytest.MonkeyPatch, server
     monkeypatch.setattr(urlfetch, "_getaddrinfo", _fake_dns({"a.img.test": ["127.0.0.1"]}))
     hosts = parse_allow_hosts(" *.img.test , Other.Test. ")
     assert hosts == {"*.img.test", "other.test"}
-    assert fetch(f"http://a.img.test:{port}/img.png", allow_hosts=hosts, _allow_ips_for_tests=LOCAL) == PNG
-    refused(f"http://img.test:{port}/img.png", allow_hosts=hosts, _allow_ips_for_tests=LOCAL)
-    refused(f"http://evilimg.test:{port}/img.png", allow_hosts=hosts, _allow_ips_for_tests=LOCAL)
+    assert fetch(f"http://a.img.test:{port}/img.png", allow_hosts=hosts, allow_networks=LOCAL) == PNG
+    refused(f"http://img.test:{port}/img.png", allow_hosts=hosts, allow_networks=LOCAL)
+    refused(f"http://evilimg.test:{port}/img.png", allow_hosts=hosts, allow_networks=LOCAL)
     assert parse_allow_hosts("") is None and parse_allow_hosts(" , ") is None
 
 
@@ -308,7 +308,7 @@ def test_connects_to_the_checked_address_and_sends_the_host_name(monkeypatch: py
 
     monkeypatch.setattr(urlfetch, "_getaddrinfo", rebinding)
     _Handler.hosts_seen.clear()
-    assert fetch(f"http://rebind.test:{port}/img.png", _allow_ips_for_tests=LOCAL) == PNG
+    assert fetch(f"http://rebind.test:{port}/img.png", allow_networks=LOCAL) == PNG
     assert calls == ["rebind.test"]  # resolved once; the connection went to that answer
     assert _Handler.hosts_seen == [f"rebind.test:{port}"]
 
@@ -321,42 +321,42 @@ def test_default_port_is_omitted_from_host_header() -> None:
 
 # -- responses -----------------------------------------------------------------------------------------------------
 def test_fetches_an_image(server: str) -> None:
-    assert fetch(f"http://{server}/img.png", _allow_ips_for_tests=LOCAL) == PNG
-    assert fetch(f"http://{server}/img-params", _allow_ips_for_tests=LOCAL) == PNG
+    assert fetch(f"http://{server}/img.png", allow_networks=LOCAL) == PNG
+    assert fetch(f"http://{server}/img-params", allow_networks=LOCAL) == PNG
 
 
 @pytest.mark.parametrize("path", ["/html", "/no-type"])
 def test_non_image_content_type_is_422(server: str, path: str) -> None:
-    err = refused(f"http://{server}{path}", 422, _allow_ips_for_tests=LOCAL)
+    err = refused(f"http://{server}{path}", 422, allow_networks=LOCAL)
     assert "Content-Type" in err.message
 
 
 def test_upstream_error_status_is_400(server: str) -> None:
-    err = refused(f"http://{server}/missing", _allow_ips_for_tests=LOCAL)
+    err = refused(f"http://{server}/missing", allow_networks=LOCAL)
     assert "404" in err.message
 
 
 @pytest.mark.parametrize("path", ["/big-declared", "/big-stream", "/big-chunked"])
 def test_too_large_is_413(server: str, path: str) -> None:
     t0 = time.monotonic()
-    err = refused(f"http://{server}{path}", 413, _allow_ips_for_tests=LOCAL)
+    err = refused(f"http://{server}{path}", 413, allow_networks=LOCAL)
     assert str(MAX) in err.message
     assert time.monotonic() - t0 < 3
 
 
 def test_exact_size_limit(server: str) -> None:
-    assert fetch(f"http://{server}/img.png", max_bytes=len(PNG), _allow_ips_for_tests=LOCAL) == PNG
-    refused(f"http://{server}/img.png", 413, max_bytes=len(PNG) - 1, _allow_ips_for_tests=LOCAL)
+    assert fetch(f"http://{server}/img.png", max_bytes=len(PNG), allow_networks=LOCAL) == PNG
+    refused(f"http://{server}/img.png", 413, max_bytes=len(PNG) - 1, allow_networks=LOCAL)
 
 
 def test_short_body_is_400(server: str) -> None:
-    refused(f"http://{server}/short", _allow_ips_for_tests=LOCAL)
+    refused(f"http://{server}/short", allow_networks=LOCAL)
 
 
 @pytest.mark.parametrize("path", ["/slow-body", "/slow-headers"])
 def test_total_time_is_capped(server: str, path: str) -> None:
     t0 = time.monotonic()
-    err = refused(f"http://{server}{path}", 422, timeout_s=0.5, _allow_ips_for_tests=LOCAL)
+    err = refused(f"http://{server}{path}", 422, timeout_s=0.5, allow_networks=LOCAL)
     elapsed = time.monotonic() - t0
     assert "Timed out" in err.message
     assert 0.4 < elapsed < 2.0
@@ -377,24 +377,24 @@ def test_connection_refused_is_400() -> None:
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    refused(f"http://127.0.0.1:{port}/img.png", _allow_ips_for_tests=LOCAL)
+    refused(f"http://127.0.0.1:{port}/img.png", allow_networks=LOCAL)
 
 
 # -- redirects -----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("hops", [0, 1, 3])
 def test_up_to_three_redirects_are_followed(server: str, hops: int) -> None:
-    assert fetch(f"http://{server}/hops/{hops}", _allow_ips_for_tests=LOCAL) == PNG
+    assert fetch(f"http://{server}/hops/{hops}", allow_networks=LOCAL) == PNG
 
 
 def test_more_than_three_redirects_are_refused(server: str) -> None:
-    err = refused(f"http://{server}/hops/4", _allow_ips_for_tests=LOCAL)
+    err = refused(f"http://{server}/hops/4", allow_networks=LOCAL)
     assert "redirect" in err.message
 
 
 @pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
 def test_redirect_statuses(server: str, status: int) -> None:
     url = f"http://{server}/redirect?status={status}&to=http://{server}/img.png"
-    assert fetch(url, _allow_ips_for_tests=LOCAL) == PNG
+    assert fetch(url, allow_networks=LOCAL) == PNG
 
 
 @pytest.mark.parametrize(
@@ -413,18 +413,18 @@ def test_redirect_to_a_private_address_is_refused(server: str, target: str, monk
     monkeypatch.setattr(urlfetch, "_getaddrinfo", _fake_dns({"internal.test": ["192.168.0.10"]}))
     port = server.rsplit(":", 1)[1]
     url = f"http://{server}/redirect?to={target.format(port=port)}"
-    refused(url, _allow_ips_for_tests=LOCAL)
+    refused(url, allow_networks=LOCAL)
 
 
 def test_redirect_hops_are_checked_against_the_allow_list(server: str) -> None:
     port = server.rsplit(":", 1)[1]
     url = f"http://img.test:{port}/redirect?to=http://{server}/img.png"
-    err = refused(url, allow_hosts={"img.test"}, _allow_ips_for_tests=LOCAL)
+    err = refused(url, allow_hosts={"img.test"}, allow_networks=LOCAL)
     assert "allow-list" in err.message
 
 
 def test_redirect_without_location_is_400(server: str) -> None:
-    refused(f"http://{server}/redirect-no-location", _allow_ips_for_tests=LOCAL)
+    refused(f"http://{server}/redirect-no-location", allow_networks=LOCAL)
 
 
 # -- TLS -----------------------------------------------------------------------------------------------------------
@@ -466,6 +466,13 @@ def test_https_uses_the_host_name_for_sni_and_verifies_the_certificate(
     tls_server: tuple[int, list[str | None]],
 ) -> None:
     port, names = tls_server
-    err = refused(f"https://img.test:{port}/img.png", _allow_ips_for_tests=LOCAL)
+    err = refused(f"https://img.test:{port}/img.png", allow_networks=LOCAL)
     assert "certificate" in err.message
     assert names and names[-1] == "img.test"  # SNI carried the name although we connected to 127.0.0.1
+
+
+def test_trusted_networks_admit_private_hosts_but_never_cloud_metadata(server: str) -> None:
+    assert fetch(f"http://{server}/img.png", allow_networks=["127.0.0.0/8"]) == PNG
+    refused(f"http://{server}/img.png", allow_networks=["10.0.0.0/8"])  # another network: still refused
+    # The metadata endpoint stays refused inside a trusted network (no connection is attempted: refused at the check).
+    refused("http://169.254.169.254/latest/meta-data/", allow_networks=["169.254.0.0/16"])
