@@ -76,7 +76,7 @@ def main() -> None:
             t = time.perf_counter()
             enc.encode_pixels(pixels)
             best = max(best, args.batch_size / (time.perf_counter() - t))
-        engine.compile(classify_dir.parse_classes(classes), False)  # text side cached before timing
+        engine.compile(classify_dir.load_config(cfg))  # text side cached before timing
         t = time.perf_counter()
         summary = classify_dir.cmd_classify(ns, engine)
         tool = summary["classified"] / (time.perf_counter() - t)

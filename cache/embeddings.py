@@ -82,7 +82,21 @@ class EmbeddingCache:
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
         self._spaces: dict[str, _Space] = {}
+        self._remove_orphaned_temp_files()
         self._db = self._open_db()
+
+    def _remove_orphaned_temp_files(self) -> None:
+        """Snapshot temp files (``*.tmp-<pid>-<thread>``) of processes that died while writing them; a live
+        process's file (another API worker writing now) is left alone."""
+        for tmp in self.root.glob("*.tmp-*"):
+            try:
+                pid = int(tmp.suffix.split("-")[1])
+                os.kill(pid, 0)  # signal 0: is that process alive?
+            except ProcessLookupError:
+                tmp.unlink(missing_ok=True)
+                log.info("removed %s, left by a process that died while writing it", tmp.name)
+            except (ValueError, IndexError, PermissionError):
+                continue  # not our name pattern, or a live process of another user
 
     # -- storage -----------------------------------------------------------------------------------------------
     def _open_db(self) -> sqlite3.Connection:

@@ -67,7 +67,9 @@ class LaneBatcher:
     ``max_hold_s`` caps how long a free lane waits for its share while another lane is busy; the hold is also at most
     ``hold_fraction`` of a recent batch's run time, so a fast model (a GPU, a small tower) holds for correspondingly
     less. ``max_wait_s`` sheds requests that have queued longer than that (``Overloaded``) instead of running them
-    for a client that has likely given up. Create and use it from one event loop.
+    for a client that has likely given up. ``clock`` is read for every time the batcher measures (queueing, holds,
+    batch run times; tests drive it by hand); timeouts of its waits are still the event loop's. Create and use it
+    from one event loop.
     """
 
     def __init__(
@@ -79,6 +81,7 @@ class LaneBatcher:
         hold_fraction: float = 0.25,
         max_wait_s: float = 60.0,
         name: str = "batcher",
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if lanes < 1 or max_batch < 1:
             raise ValueError("lanes and max_batch must be >= 1")
@@ -88,6 +91,7 @@ class LaneBatcher:
         self.max_hold_s = max(0.0, max_hold_s)
         self.hold_fraction = hold_fraction
         self.max_wait_s = max_wait_s
+        self._clock = clock
         self.stats = BatcherStats()
         self._pool = ThreadPoolExecutor(max_workers=lanes, thread_name_prefix=f"{name}-lane")
         self._queue: deque[_Piece] = deque()
@@ -107,7 +111,7 @@ class LaneBatcher:
         loop = asyncio.get_running_loop()
         if n == 0:
             return await loop.run_in_executor(self._pool, self.fn, rows)
-        req = _Request(rows=rows, future=loop.create_future(), enqueued=time.monotonic(), pending=n)
+        req = _Request(rows=rows, future=loop.create_future(), enqueued=self._clock(), pending=n)
         self._queue.append(_Piece(req, 0, n))  # _take splits it when it is larger than a batch
         self._queued += n
         self._ensure_started()
@@ -152,7 +156,7 @@ class LaneBatcher:
 
     def _drop_dead(self) -> None:
         """Skip pieces whose client is gone (cancelled) and shed the ones that waited past ``max_wait_s``."""
-        now = time.monotonic()
+        now = self._clock()
         while self._queue:
             piece = self._queue[0]
             req = piece.req
@@ -176,7 +180,7 @@ class LaneBatcher:
             share = math.ceil((self._queued + self._running) / self.lanes)
             target = min(self.max_batch, share)
             if self._queued < target and self._free < self.lanes:
-                left = self.hold_s() - (time.monotonic() - self._queue[0].req.enqueued)
+                left = self.hold_s() - (self._clock() - self._queue[0].req.enqueued)
                 if left > 0:
                     self.stats.held += 1
                     await self._sleep_until_poked(left)
@@ -213,7 +217,7 @@ class LaneBatcher:
             if len(batch) == 1
             else np.concatenate([p.req.rows[p.start : p.stop] for p in batch])
         )
-        t0 = time.monotonic()
+        t0 = self._clock()
         try:
             out = await asyncio.get_running_loop().run_in_executor(self._pool, self.fn, rows)
             if len(out) != n:
@@ -227,7 +231,7 @@ class LaneBatcher:
         else:
             self._deliver(batch, out)
         finally:
-            dt = time.monotonic() - t0
+            dt = self._clock() - t0
             self._batch_s = dt if self._batch_s is None else 0.8 * self._batch_s + 0.2 * dt
             self._free += 1
             self._running -= n

@@ -3,20 +3,17 @@
 Each request's value is itself a batch (numpy arrays or lists at the boundary, never torch tensors). The image encoder
 batches requests itself, on lanes that share one queue (runners/batcher.py); the text encoder uses BentoML's adaptive
 batching (its work comes in bursts at deploy time). The API service calls ``encode_pixels`` with images already decoded
-and resized in its own process, so decoding overlaps the forward pass here; ``encode`` takes PIL images for other
-callers.
+and resized in its own process, so decoding overlaps the forward pass here.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from typing import Any
 
 import bentoml
 import numpy as np
-from PIL import Image
 from prometheus_client import Counter, Histogram
 
 from runners.batcher import LaneBatcher, Overloaded
@@ -27,7 +24,8 @@ from settings import configure_logging, get_settings
 
 log = logging.getLogger(__name__)
 
-# Decorator arguments are fixed when the class is defined, so these few settings are read once at import.
+# The one read of settings at import: decorator arguments (the text encoder's batch size and latency bound) are fixed
+# when the class is defined. Everything else is read in the constructors.
 _S = get_settings()
 
 IMAGES_ENCODED = Counter("zss_images_encoded", "Images encoded by the CLIP image tower")
@@ -112,11 +110,6 @@ class ClipImageEncoder:
     async def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 [N, H, W, 3] at the model's input size -> L2-normalised float32 [N, D]."""
         return await self._submit(pixels)
-
-    @bentoml.api
-    async def encode(self, images: list[Image.Image]) -> np.ndarray:
-        """RGB PIL images -> L2-normalised float32 [N, D]."""
-        return await self._submit(await asyncio.to_thread(self.encoder.images_to_pixels, images))
 
     @bentoml.api
     def info(self) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from settings import configure_logging, get_settings
 
 log = logging.getLogger(__name__)
 
+# The one read of settings at import: decorator arguments (batch sizes) are fixed when the class is defined.
 _S = get_settings()
 
 

@@ -1,24 +1,51 @@
-"""LaneBatcher: rows come back to their own request, lanes share the work, a free lane holds only under load."""
+"""LaneBatcher: rows come back to their own request, lanes share the work, a free lane holds only under load.
+
+No test here measures wall time or sleeps to let something happen: the batcher runs on a ``FakeClock`` the test moves
+by hand, and the tests wait on conditions (a batch started, a hold recorded, a request queued) with a generous deadline
+that only fails a test that would otherwise hang.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import threading
-import time
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import numpy as np
 import pytest
 
 from runners.batcher import LaneBatcher, Overloaded
 
+DEADLINE_S = 10.0  # a condition not met by then fails the test; a passing test never gets near it
+
+
+class FakeClock:
+    """The batcher's clock: frozen unless a test (or a fake model's batch) moves it."""
+
+    def __init__(self, t: float = 1000.0) -> None:
+        self.t = t
+        self._lock = threading.Lock()
+
+    def __call__(self) -> float:
+        with self._lock:
+            return self.t
+
+    def advance(self, dt: float) -> None:
+        with self._lock:
+            self.t += dt
+
 
 class Gate:
-    """A batch function whose first batch blocks until ``release()``: it keeps one lane busy on demand."""
+    """A batch function whose first batch blocks until ``release()``: it keeps one lane busy on demand. Every other
+    batch "takes" ``batch_s`` on ``clock`` (the clock moves while the batch runs)."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: FakeClock | None = None, batch_s: float = 0.0) -> None:
         self.first = threading.Event()
         self.started = threading.Event()
         self.sizes: list[int] = []
+        self.clock = clock
+        self.batch_s = batch_s
         self._lock = threading.Lock()
 
     def __call__(self, rows: np.ndarray) -> np.ndarray:
@@ -27,7 +54,10 @@ class Gate:
             first = len(self.sizes) == 1
         if first:
             self.started.set()
-            self.first.wait(10)
+            if not self.first.wait(DEADLINE_S):  # fail loudly rather than let a stuck test pass late
+                raise RuntimeError("the gate was never released")
+        elif self.clock is not None:
+            self.clock.advance(self.batch_s)
         return rows * 2
 
     def release(self) -> None:
@@ -38,9 +68,55 @@ def rows(n: int, start: int = 0) -> np.ndarray:
     return np.arange(start, start + n, dtype=np.float32)[:, None] * np.ones((1, 3), np.float32)
 
 
-async def _wait_started(gate: Gate) -> None:
-    while not gate.started.is_set():
+async def until(cond: Callable[[], bool], what: str) -> None:
+    """Wait for ``cond`` (checked every millisecond); fail the test if it is not met within the deadline."""
+    deadline = asyncio.get_running_loop().time() + DEADLINE_S
+    while not cond():
+        if asyncio.get_running_loop().time() > deadline:
+            pytest.fail(f"timed out waiting for: {what}")
         await asyncio.sleep(0.001)
+
+
+async def within_deadline(aw: Coroutine[Any, Any, Any] | asyncio.Future[Any]) -> Any:
+    try:
+        return await asyncio.wait_for(aw, DEADLINE_S)
+    except TimeoutError:
+        pytest.fail("the batcher did not answer (a hold or a queue that never ends)")
+
+
+class Submitter:
+    """Submits requests as tasks and knows when each is in the batcher's queue: ``submit`` queues the request before
+    its first await, so once a task has entered it, the request is queued."""
+
+    def __init__(self, b: LaneBatcher) -> None:
+        self.b = b
+        self.entered = 0
+
+    def __call__(self, r: np.ndarray) -> asyncio.Task[np.ndarray]:
+        async def go() -> np.ndarray:
+            self.entered += 1
+            return await self.b.submit(r)  # no await between the count and the enqueue
+
+        return asyncio.ensure_future(go())
+
+    async def queued(self, n: int) -> None:
+        await until(lambda: self.entered >= n, f"{n} requests queued")
+
+
+async def _lane_busy(b: LaneBatcher, gate: Gate) -> asyncio.Future[np.ndarray]:
+    """One row on an idle batcher; the gate holds it, so its lane stays busy until ``gate.release()``."""
+    busy = asyncio.ensure_future(b.submit(rows(1)))
+    await until(gate.started.is_set, "the gated batch started")
+    return busy
+
+
+async def _one_lane_busy(b: LaneBatcher, gate: Gate) -> asyncio.Future[np.ndarray]:
+    """8 rows on two idle lanes split 4 + 4; the gate holds the first half, so lane 1 stays busy with 4 rows."""
+    busy = asyncio.ensure_future(b.submit(rows(8)))
+    await until(gate.started.is_set, "the gated batch started")
+    await until(lambda: b.stats.batches == 1, "the second half's batch finished")
+    assert gate.sizes == [4, 4] and not busy.done()
+    return busy
 
 
 def test_each_request_gets_its_own_rows_back_in_order_even_when_split() -> None:
@@ -48,7 +124,7 @@ def test_each_request_gets_its_own_rows_back_in_order_even_when_split() -> None:
         b = LaneBatcher(lambda x: x * 2, lanes=2, max_batch=4)
         try:
             reqs = [rows(n, 100 * i) for i, n in enumerate([1, 10, 3, 4, 0, 7])]
-            outs = await asyncio.gather(*(b.submit(r) for r in reqs))
+            outs = await within_deadline(asyncio.gather(*(b.submit(r) for r in reqs)))
             for r, o in zip(reqs, outs):
                 np.testing.assert_array_equal(o, r * 2)
             assert max(b.stats.sizes) <= 4
@@ -65,7 +141,7 @@ def test_callers_array_is_not_modified() -> None:
         try:
             r = rows(5)
             before = r.copy()
-            await b.submit(r)
+            await within_deadline(b.submit(r))
             np.testing.assert_array_equal(r, before)
         finally:
             b.close()
@@ -75,51 +151,35 @@ def test_callers_array_is_not_modified() -> None:
 
 def test_idle_service_runs_a_lone_request_at_once() -> None:
     async def main() -> None:
-        b = LaneBatcher(lambda x: x, lanes=2, max_batch=64, max_hold_s=5.0)
+        # The clock never moves: a hold could never end, so the answer proves the idle batcher did not hold at all.
+        b = LaneBatcher(lambda x: x, lanes=2, max_batch=64, max_hold_s=5.0, clock=FakeClock())
         try:
-            t = time.monotonic()
-            await b.submit(rows(1))
-            assert time.monotonic() - t < 2.0  # far below the 5 s hold: an idle batcher does not hold
+            np.testing.assert_array_equal(await within_deadline(b.submit(rows(1))), rows(1))
             assert b.stats.held == 0
+            assert b.stats.sizes == [1]
         finally:
             b.close()
 
     asyncio.run(main())
 
 
-async def _lane_busy(b: LaneBatcher, gate: Gate) -> asyncio.Future[np.ndarray]:
-    """One row on an idle batcher; the gate holds it, so its lane stays busy until ``gate.release()``."""
-    busy = asyncio.ensure_future(b.submit(rows(1)))
-    await _wait_started(gate)
-    return busy
-
-
-async def _one_lane_busy(b: LaneBatcher, gate: Gate) -> asyncio.Future[np.ndarray]:
-    """8 rows on two idle lanes split 4 + 4; the gate holds the first half, so lane 1 stays busy with 4 rows."""
-    busy = asyncio.ensure_future(b.submit(rows(8)))
-    await _wait_started(gate)
-    while len(gate.sizes) < 2:
-        await asyncio.sleep(0.001)
-    await asyncio.sleep(0.01)  # let the second half's batch finish
-    assert gate.sizes == [4, 4] and not busy.done()
-    return busy
-
-
 def test_free_lane_holds_for_its_share_while_the_other_lane_is_busy() -> None:
     async def main() -> None:
-        gate = Gate()
-        # hold_fraction out of the way: the gate's batches take no time, so a quarter of that would be no hold at all.
-        b = LaneBatcher(gate, lanes=2, max_batch=64, max_hold_s=5.0, hold_fraction=1e6)
+        clock = FakeClock()
+        gate = Gate(clock, batch_s=1.0)
+        # hold_fraction out of the way (the hold is max_hold_s), and the clock never passes it: the hold can only end
+        # because the lane's share arrived.
+        b = LaneBatcher(gate, lanes=2, max_batch=64, max_hold_s=5.0, hold_fraction=1e6, clock=clock)
+        submit = Submitter(b)
         try:
             busy = await _one_lane_busy(b, gate)
-            t = time.monotonic()
-            first = asyncio.ensure_future(b.submit(rows(1, 100)))
-            await asyncio.sleep(0.05)
+            assert b.hold_s() == 5.0
+            first = submit(rows(1, 100))
+            await until(lambda: b.stats.held >= 1, "lane 2 decided to hold")
             assert gate.sizes == [4, 4]  # lane 2 holds instead of running a batch of 1
-            # Lane 2's share is ceil((4 running + q queued) / 2): reached at q = 4, long before the 5 s hold ends.
-            rest = [asyncio.ensure_future(b.submit(rows(1, 101 + i))) for i in range(3)]
-            outs = await asyncio.gather(first, *rest)
-            assert time.monotonic() - t < 2.0
+            # Lane 2's share is ceil((4 running + q queued) / 2): reached at q = 4.
+            rest = [submit(rows(1, 101 + i)) for i in range(3)]
+            outs = await within_deadline(asyncio.gather(first, *rest))
             assert gate.sizes == [4, 4, 4]
             for i, o in enumerate(outs):
                 np.testing.assert_array_equal(o, rows(1, 100 + i) * 2)
@@ -127,61 +187,84 @@ def test_free_lane_holds_for_its_share_while_the_other_lane_is_busy() -> None:
         finally:
             gate.release()
             b.close()
-        np.testing.assert_array_equal(await busy, rows(8) * 2)
+        np.testing.assert_array_equal(await within_deadline(busy), rows(8) * 2)
 
     asyncio.run(main())
 
 
 def test_hold_is_bounded() -> None:
     async def main() -> None:
-        gate = Gate()
-        b = LaneBatcher(gate, lanes=2, max_batch=64, max_hold_s=0.05, hold_fraction=1e6)
+        clock = FakeClock()
+        gate = Gate(clock, batch_s=1.0)
+        b = LaneBatcher(gate, lanes=2, max_batch=64, max_hold_s=0.05, hold_fraction=1e6, clock=clock)
         try:
             busy = await _one_lane_busy(b, gate)
-            t = time.monotonic()
-            out = await b.submit(rows(1, 50))  # share ceil(5 / 2) = 3, never reached: runs when the hold ends
-            assert 0.04 < time.monotonic() - t < 3.0
-            np.testing.assert_array_equal(out, rows(1, 50) * 2)
+            assert b.hold_s() == 0.05
+            late = asyncio.ensure_future(b.submit(rows(1, 50)))  # share ceil(5 / 2) = 3, never reached
+            await until(lambda: b.stats.held >= 1, "lane 2 decided to hold")
+            clock.advance(0.04)  # 40 ms of the 50 ms hold have passed: the lane goes on holding
+            held = b.stats.held
+            await until(lambda: b.stats.held > held, "lane 2 held again after 40 ms")
+            assert gate.sizes == [4, 4] and not late.done()
+            clock.advance(0.02)  # 60 ms: the hold is over, the lane runs what is queued
+            np.testing.assert_array_equal(await within_deadline(late), rows(1, 50) * 2)
             assert gate.sizes == [4, 4, 1]
             assert not busy.done()  # it ran while lane 1 was still blocked
-            assert b.stats.held >= 1
         finally:
             gate.release()
             b.close()
-        await busy
+        await within_deadline(busy)
 
     asyncio.run(main())
 
 
 def test_hold_is_a_fraction_of_a_recent_batch() -> None:
     async def main() -> None:
-        gate = Gate()
-        b = LaneBatcher(gate, lanes=2, max_batch=64, max_hold_s=5.0)
+        clock = FakeClock()
+        gate = Gate(clock, batch_s=0.4)  # each ungated batch takes 400 ms on the batcher's clock
+        b = LaneBatcher(gate, lanes=2, max_batch=64, max_hold_s=5.0, clock=clock)
         try:
             assert b.hold_s() == 5.0  # nothing measured yet
             busy = await _one_lane_busy(b, gate)
-            assert b.hold_s() < 0.01  # the finished half took microseconds
-            t = time.monotonic()
-            await b.submit(rows(1, 50))
-            assert time.monotonic() - t < 1.0
+            assert b.hold_s() == pytest.approx(0.1)  # a quarter of the 400 ms batch, not the 5 s cap
+            late = asyncio.ensure_future(b.submit(rows(1, 50)))
+            await until(lambda: b.stats.held >= 1, "lane 2 decided to hold")
+            clock.advance(0.09)
+            held = b.stats.held
+            await until(lambda: b.stats.held > held, "lane 2 held again after 90 ms")
+            assert gate.sizes == [4, 4] and not late.done()
+            clock.advance(0.02)  # 110 ms: past a quarter of the batch, far below max_hold_s
+            await within_deadline(late)
             assert gate.sizes == [4, 4, 1]
+            # The recent batch time is a moving average: 0.8 * 400 ms + 0.2 * 400 ms, then one batch of 900 ms.
+            assert b.hold_s() == pytest.approx(0.1)
+            gate.batch_s = 0.9
+            held = b.stats.held
+            nxt = asyncio.ensure_future(b.submit(rows(1, 60)))
+            await until(lambda: b.stats.held > held, "lane 2 held for the next request")
+            clock.advance(0.11)
+            await within_deadline(nxt)
+            assert gate.sizes == [4, 4, 1, 1] and not busy.done()
+            assert b.hold_s() == pytest.approx(0.125)  # a quarter of 0.8 * 400 ms + 0.2 * 900 ms = 500 ms
         finally:
             gate.release()
             b.close()
-        await busy
+        await within_deadline(busy)
 
     asyncio.run(main())
 
 
 def test_two_lanes_split_a_queue_fairly_instead_of_one_taking_everything() -> None:
     async def main() -> None:
-        def slow(x: np.ndarray) -> np.ndarray:
-            time.sleep(0.05)
+        both_running = threading.Barrier(2)
+
+        def together(x: np.ndarray) -> np.ndarray:
+            both_running.wait(DEADLINE_S)  # breaks (and fails the requests) unless both lanes run at once
             return x
 
-        b = LaneBatcher(slow, lanes=2, max_batch=64, max_hold_s=0.5)
+        b = LaneBatcher(together, lanes=2, max_batch=64, max_hold_s=0.5, clock=FakeClock())
         try:
-            await asyncio.gather(*(b.submit(rows(1, i)) for i in range(16)))
+            await within_deadline(asyncio.gather(*(b.submit(rows(1, i)) for i in range(16))))
             # 16 queued at once on two idle lanes: 8 each, not 16 on one lane and none on the other.
             assert sorted(b.stats.sizes) == [8, 8]
         finally:
@@ -193,13 +276,14 @@ def test_two_lanes_split_a_queue_fairly_instead_of_one_taking_everything() -> No
 def test_one_lane_takes_everything_queued_without_holding() -> None:
     async def main() -> None:
         gate = Gate()
-        b = LaneBatcher(gate, lanes=1, max_batch=64, max_hold_s=5.0)
+        b = LaneBatcher(gate, lanes=1, max_batch=64, max_hold_s=5.0, clock=FakeClock())
+        submit = Submitter(b)
         try:
             busy = await _lane_busy(b, gate)
-            later = [asyncio.ensure_future(b.submit(rows(1, i))) for i in range(5)]
-            await asyncio.sleep(0.02)
+            later = [submit(rows(1, i)) for i in range(5)]
+            await submit.queued(5)
             gate.release()
-            await asyncio.gather(busy, *later)
+            await within_deadline(asyncio.gather(busy, *later))
             assert gate.sizes == [1, 5]
             assert b.stats.held == 0
         finally:
@@ -222,8 +306,8 @@ def test_a_failing_batch_fails_its_requests_and_the_batcher_goes_on() -> None:
         b = LaneBatcher(flaky, lanes=1, max_batch=8)
         try:
             with pytest.raises(ValueError, match="boom"):
-                await b.submit(rows(2))
-            np.testing.assert_array_equal(await b.submit(rows(2)), rows(2))
+                await within_deadline(b.submit(rows(2)))
+            np.testing.assert_array_equal(await within_deadline(b.submit(rows(2))), rows(2))
         finally:
             b.close()
 
@@ -235,7 +319,7 @@ def test_wrong_row_count_from_the_model_is_an_error_not_a_misdelivery() -> None:
         b = LaneBatcher(lambda x: x[:1], lanes=1, max_batch=8)
         try:
             with pytest.raises(RuntimeError, match="returned 1 rows for 3"):
-                await b.submit(rows(3))
+                await within_deadline(b.submit(rows(3)))
         finally:
             b.close()
 
@@ -245,16 +329,18 @@ def test_wrong_row_count_from_the_model_is_an_error_not_a_misdelivery() -> None:
 def test_cancelled_request_is_never_run() -> None:
     async def main() -> None:
         gate = Gate()
-        b = LaneBatcher(gate, lanes=1, max_batch=8)
+        b = LaneBatcher(gate, lanes=1, max_batch=8, clock=FakeClock())
+        submit = Submitter(b)
         try:
             busy = await _lane_busy(b, gate)
-            gone = asyncio.ensure_future(b.submit(rows(3, 10)))
-            kept = asyncio.ensure_future(b.submit(rows(2, 20)))
-            await asyncio.sleep(0.01)
+            gone = submit(rows(3, 10))
+            kept = submit(rows(2, 20))
+            await submit.queued(2)  # both in the queue behind the busy lane
             gone.cancel()
             gate.release()
-            await busy
-            np.testing.assert_array_equal(await kept, rows(2, 20) * 2)
+            await within_deadline(busy)
+            np.testing.assert_array_equal(await within_deadline(kept), rows(2, 20) * 2)
+            assert gone.cancelled()
             assert gate.sizes == [1, 2]
         finally:
             gate.release()
@@ -265,18 +351,47 @@ def test_cancelled_request_is_never_run() -> None:
 
 def test_requests_queued_past_max_wait_are_shed_with_overloaded() -> None:
     async def main() -> None:
+        clock = FakeClock()
         gate = Gate()
-        b = LaneBatcher(gate, lanes=1, max_batch=8, max_wait_s=0.05)
+        b = LaneBatcher(gate, lanes=1, max_batch=8, max_wait_s=0.05, clock=clock)
+        submit = Submitter(b)
         try:
             busy = await _lane_busy(b, gate)
-            late = asyncio.ensure_future(b.submit(rows(1)))
-            await asyncio.sleep(0.15)
+            late = submit(rows(1, 30))
+            await submit.queued(1)
+            clock.advance(0.02)
+            recent = submit(rows(1, 40))
+            await submit.queued(2)
+            clock.advance(0.04)  # late has queued 60 ms (> 50 ms), recent 40 ms
             gate.release()
-            await busy
+            await within_deadline(busy)
             with pytest.raises(Overloaded):
-                await late
+                await within_deadline(late)
+            np.testing.assert_array_equal(await within_deadline(recent), rows(1, 40) * 2)
             assert b.stats.shed == 1
-            assert gate.sizes == [1]
+            assert gate.sizes == [1, 1]  # the shed request never ran
+        finally:
+            gate.release()
+            b.close()
+
+    asyncio.run(main())
+
+
+def test_nothing_is_shed_while_the_clock_stands_still() -> None:
+    """The shedding reads the batcher's clock, not the wall: the same queue with the clock frozen loses nothing."""
+
+    async def main() -> None:
+        gate = Gate()
+        b = LaneBatcher(gate, lanes=1, max_batch=8, max_wait_s=0.0, clock=FakeClock())
+        submit = Submitter(b)
+        try:
+            busy = await _lane_busy(b, gate)
+            queued = [submit(rows(1, 30 + i)) for i in range(3)]
+            await submit.queued(3)
+            gate.release()
+            await within_deadline(asyncio.gather(busy, *queued))
+            assert b.stats.shed == 0
+            assert gate.sizes == [1, 3]
         finally:
             gate.release()
             b.close()

@@ -5,14 +5,12 @@ from __future__ import annotations
 import os
 from unittest import mock
 
-import pytest
 import torch
 import torchvision
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import semantic.detect as detect_module
-from imaging.geometry import padded_square_cxcywh_to_xyxy
 from semantic.detect import (
     box_class_scores,
     box_example_fit,
@@ -257,28 +255,3 @@ def test_precomputed_graph_is_used() -> None:
         0,
         1,
     ]
-
-
-@pytest.mark.parametrize(("width", "height"), [(40, 90), (90, 40), (64, 64)])
-def test_padded_square_mapping(width: int, height: int) -> None:
-    side = max(width, height)
-    # A box exactly covering the image content inside the padded square maps to the full image.
-    full = torch.tensor([[width / side / 2, height / side / 2, width / side, height / side]])
-    torch.testing.assert_close(
-        padded_square_cxcywh_to_xyxy(full, width, height), torch.tensor([[0.0, 0.0, float(width), float(height)]])
-    )
-    # An interior box: square units times the longer side, no clipping needed.
-    box = torch.tensor([[0.2, 0.3, 0.1, 0.2]])
-    want = torch.tensor([[0.15 * side, 0.2 * side, 0.25 * side, 0.4 * side]])
-    got = padded_square_cxcywh_to_xyxy(box, width, height, clip=False)
-    torch.testing.assert_close(got, want)
-    # Boxes reaching into the padding are clipped to the image.
-    whole_square = torch.tensor([[0.5, 0.5, 1.0, 1.0]])
-    torch.testing.assert_close(
-        padded_square_cxcywh_to_xyxy(whole_square, width, height),
-        torch.tensor([[0.0, 0.0, float(width), float(height)]]),
-    )
-    torch.testing.assert_close(
-        padded_square_cxcywh_to_xyxy(whole_square, width, height, clip=False),
-        torch.tensor([[0.0, 0.0, float(side), float(side)]]),
-    )
