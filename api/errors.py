@@ -30,60 +30,55 @@ def envelope(status: int, message: str) -> JSONResponse:
 
 
 # -- pydantic v1's error wording (DirectAI's server ran pydantic 1) ---------------------------------------------------
+# pydantic v2 error type -> (v1 message, v1 type) for errors without context ...
+_SIMPLE: dict[str, tuple[str, str]] = {
+    "missing": ("field required", "value_error.missing"),
+    "extra_forbidden": ("extra fields not permitted", "value_error.extra"),
+    "float_parsing": ("value is not a valid float", "type_error.float"),
+    "float_type": ("value is not a valid float", "type_error.float"),
+    "int_parsing": ("value is not a valid integer", "type_error.integer"),
+    "int_type": ("value is not a valid integer", "type_error.integer"),
+    "int_from_float": ("value is not a valid integer", "type_error.integer"),
+    "bool_parsing": ("value could not be parsed to a boolean", "type_error.bool"),
+    "bool_type": ("value could not be parsed to a boolean", "type_error.bool"),
+    "string_type": ("str type expected", "type_error.str"),
+    "list_type": ("value is not a valid list", "type_error.list"),
+    "dict_type": ("value is not a valid dict", "type_error.dict"),
+    "model_type": ("value is not a valid dict", "type_error.dict"),
+    "model_attributes_type": ("value is not a valid dict", "type_error.dict"),
+    "none_required": ("value is not None", "type_error.not_none"),
+    "finite_number": ("ensure this value is a finite number", "value_error.number.not_finite_number"),
+    "json_invalid": ("Expecting value", "value_error.jsondecode"),
+}
+# ... and for limits: (v1 message with the limit, v1 type, the context key holding the limit).
+_LIMITS: dict[str, tuple[str, str, str]] = {
+    "less_than_equal": ("ensure this value is less than or equal to {}", "value_error.number.not_le", "le"),
+    "greater_than_equal": ("ensure this value is greater than or equal to {}", "value_error.number.not_ge", "ge"),
+    "less_than": ("ensure this value is less than {}", "value_error.number.not_lt", "lt"),
+    "greater_than": ("ensure this value is greater than {}", "value_error.number.not_gt", "gt"),
+    "string_too_short": (
+        "ensure this value has at least {} characters",
+        "value_error.any_str.min_length",
+        "min_length",
+    ),
+    "string_too_long": ("ensure this value has at most {} characters", "value_error.any_str.max_length", "max_length"),
+    "too_short": ("ensure this value has at least {} items", "value_error.list.min_items", "min_length"),
+    "too_long": ("ensure this value has at most {} items", "value_error.list.max_items", "max_length"),
+}
+
+
 def _v1(error: dict[str, Any]) -> tuple[str, str]:
     """(message, type with context) of one pydantic v2 error, in pydantic v1's words."""
     t = error.get("type", "")
-    ctx = error.get("ctx") or {}
-
-    def limit(v1_type: str, text: str, key: str) -> tuple[str, str]:
-        value = ctx.get(key)
-        return f"{text} {value}", f"{v1_type}; limit_value={value}"
-
-    simple = {
-        "missing": ("field required", "value_error.missing"),
-        "extra_forbidden": ("extra fields not permitted", "value_error.extra"),
-        "float_parsing": ("value is not a valid float", "type_error.float"),
-        "float_type": ("value is not a valid float", "type_error.float"),
-        "int_parsing": ("value is not a valid integer", "type_error.integer"),
-        "int_type": ("value is not a valid integer", "type_error.integer"),
-        "int_from_float": ("value is not a valid integer", "type_error.integer"),
-        "bool_parsing": ("value could not be parsed to a boolean", "type_error.bool"),
-        "bool_type": ("value could not be parsed to a boolean", "type_error.bool"),
-        "string_type": ("str type expected", "type_error.str"),
-        "list_type": ("value is not a valid list", "type_error.list"),
-        "dict_type": ("value is not a valid dict", "type_error.dict"),
-        "model_type": ("value is not a valid dict", "type_error.dict"),
-        "model_attributes_type": ("value is not a valid dict", "type_error.dict"),
-        "none_required": ("value is not None", "type_error.not_none"),
-        "finite_number": ("ensure this value is a finite number", "value_error.number.not_finite_number"),
-    }
-    if t in simple:
-        return simple[t]
-    if t == "less_than_equal":
-        return limit("value_error.number.not_le", "ensure this value is less than or equal to", "le")
-    if t == "greater_than_equal":
-        return limit("value_error.number.not_ge", "ensure this value is greater than or equal to", "ge")
-    if t == "less_than":
-        return limit("value_error.number.not_lt", "ensure this value is less than", "lt")
-    if t == "greater_than":
-        return limit("value_error.number.not_gt", "ensure this value is greater than", "gt")
-    if t == "string_too_short":
-        n = ctx.get("min_length")
-        return f"ensure this value has at least {n} characters", f"value_error.any_str.min_length; limit_value={n}"
-    if t == "string_too_long":
-        n = ctx.get("max_length")
-        return f"ensure this value has at most {n} characters", f"value_error.any_str.max_length; limit_value={n}"
-    if t == "too_short":
-        n = ctx.get("min_length")
-        return f"ensure this value has at least {n} items", f"value_error.list.min_items; limit_value={n}"
-    if t == "too_long":
-        n = ctx.get("max_length")
-        return f"ensure this value has at most {n} items", f"value_error.list.max_items; limit_value={n}"
-    if t == "json_invalid":
-        return "Expecting value", "value_error.jsondecode"
+    if t in _SIMPLE:
+        return _SIMPLE[t]
+    if t in _LIMITS:
+        text, v1_type, key = _LIMITS[t]
+        value = (error.get("ctx") or {}).get(key)
+        return text.format(value), f"{v1_type}; limit_value={value}"
     if t == "string_pattern_mismatch":
-        p = ctx.get("pattern")
-        return f'string does not match regex "{p}"', f"value_error.str.regex; pattern={p}"
+        pattern = (error.get("ctx") or {}).get("pattern")
+        return f'string does not match regex "{pattern}"', f"value_error.str.regex; pattern={pattern}"
     return str(error.get("msg", "invalid value")), "value_error"
 
 
