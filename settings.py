@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-from collections.abc import Mapping
+import threading
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from pydantic import ValidationError, field_validator
@@ -120,3 +122,28 @@ def configure_logging(settings: Settings) -> None:
         raise ValueError(f"ZSS_LOG_LEVEL: unknown level {settings.log_level!r}")
     for name in PROJECT_LOGGERS:
         logging.getLogger(name).setLevel(level)
+
+
+class LimitedLog:
+    """A warning logged at most once per ``interval_s``, with the count of those suppressed since: expected events
+    that come in floods (an overloaded encoder shedding requests) must not flood the log."""
+
+    def __init__(self, logger: logging.Logger, interval_s: float = 5.0, clock: Callable[[], float] = time.monotonic):
+        self.logger = logger
+        self.interval_s = interval_s
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._last: float | None = None
+        self._suppressed = 0
+
+    def warning(self, msg: str, *args: object) -> bool:
+        """Log (True) or count (False) one occurrence."""
+        with self._lock:
+            now = self.clock()
+            if self._last is not None and now - self._last < self.interval_s:
+                self._suppressed += 1
+                return False
+            self._last, suppressed, self._suppressed = now, self._suppressed, 0
+        more = f" (and {suppressed} more in the last {self.interval_s:g} s)" if suppressed else ""
+        self.logger.warning(msg + more, *args)
+        return True

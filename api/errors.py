@@ -19,10 +19,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from errors import ZssError
+from settings import LimitedLog
 
 log = logging.getLogger("zss.api")
 
 OVERLOADED = "The encoder is overloaded; retry later."
+_overload_log = LimitedLog(log)
 
 
 def envelope(status: int, message: str) -> JSONResponse:
@@ -104,8 +106,8 @@ def unexpected(exc: Exception) -> JSONResponse:
         code = 500
     if not 400 <= code <= 599:
         code = 500
-    if code == 503:
-        log.warning("encoder overloaded: %s", exc)
+    if code == 503:  # expected under overload: one WARNING line now and then, no traceback
+        _overload_log.warning("encoder overloaded: answered 503")
         return envelope(503, OVERLOADED)
     if code >= 500:
         log.exception("unhandled error", exc_info=exc)

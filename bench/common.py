@@ -131,6 +131,7 @@ class LoadResult:
     latencies_s: list[float] = field(default_factory=list)
     statuses: dict[int, int] = field(default_factory=dict)
     load: str = ""
+    by_status: dict[int, list[float]] = field(default_factory=dict)  # latencies of the counted requests, per status
 
     @property
     def per_s(self) -> float:
@@ -268,7 +269,10 @@ def steady_load(url: str, post: Post, concurrency: int, duration_s: float, ramp_
     statuses: dict[int, int] = {}
     for _, _, st in done:  # every response counts for errors, ramp included
         statuses[st] = statuses.get(st, 0) + 1
-    return LoadResult(len(counted), duration_s, [lat for lat, _ in counted], statuses, load_before)
+    by_status: dict[int, list[float]] = {}
+    for lat, st in counted:
+        by_status.setdefault(st, []).append(lat)
+    return LoadResult(len(counted), duration_s, [lat for lat, _ in counted], statuses, load_before, by_status)
 
 
 # -- the bare image tower, in worker processes ------------------------------------------------------------------------

@@ -36,8 +36,9 @@ class ImageEncoder(Protocol):
         """``model_id``, ``dim`` and ``preprocess`` (open_clip's preprocess_cfg form)."""
         ...
 
-    async def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
-        """uint8 [N, H, W, 3] at the model's input size -> L2-normalised float32 [N, D]."""
+    async def encode_pixels(self, pixels: np.ndarray, spent_s: float = 0.0) -> np.ndarray:
+        """uint8 [N, H, W, 3] at the model's input size -> L2-normalised float32 [N, D]; ``spent_s`` (time the request
+        already took) counts towards the encoder's latency bound."""
         ...
 
 
@@ -69,7 +70,7 @@ class LocalClip:
     def info(self) -> dict[str, Any]:
         return dict(self.encoder.info)
 
-    async def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
+    async def encode_pixels(self, pixels: np.ndarray, spent_s: float = 0.0) -> np.ndarray:
         return await anyio.to_thread.run_sync(self.encoder.encode_pixels, pixels)
 
     def encode(self, prompts: list[str]) -> np.ndarray:
@@ -142,8 +143,8 @@ class RemoteClipImage:
     def info(self) -> dict[str, Any]:
         return call_sync(self.handle.info)
 
-    async def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
-        out = await call_async(self.handle.to_async.encode_pixels, pixels)
+    async def encode_pixels(self, pixels: np.ndarray, spent_s: float = 0.0) -> np.ndarray:
+        out = await call_async(lambda: self.handle.to_async.encode_pixels(pixels, spent_s=spent_s))
         return np.asarray(out, dtype=np.float32)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, ParamSpec, TypeVar
 
@@ -155,9 +156,10 @@ class Engine:
         return await in_thread(self.deployments.register, body, compiled)
 
     async def classify(self, deployed_id: str, sources: list[ImageSource]) -> list[Classification]:
+        t0 = time.monotonic()
         pixels = await in_thread(self._pixels, sources)  # an unreadable image is 422 whatever the id (DirectAI)
         clf: CompiledClassifier = await in_thread(self.deployments.compiled, deployed_id, Kind.CLASSIFIER)
-        emb = await self.image_encoder.encode_pixels(pixels)
+        emb = await self.image_encoder.encode_pixels(pixels, time.monotonic() - t0)
         return await in_thread(ClassifierKind.score, emb, clf)
 
     async def detect(self, deployed_id: str, sources: list[ImageSource]) -> list[list[Detection]]:
@@ -184,8 +186,10 @@ class Engine:
         return await in_thread(embed)
 
     async def embed_images(self, sources: list[ImageSource]) -> np.ndarray:
+        t0 = time.monotonic()
         pixels = await in_thread(self._pixels, sources)
-        return await self.image_encoder.encode_pixels(pixels)
+        # The decoding time (which grows under load: decode threads queue) counts towards the encoder's latency bound.
+        return await self.image_encoder.encode_pixels(pixels, time.monotonic() - t0)
 
     async def model_config(self, deployed_id: str) -> dict[str, Any]:
         return await in_thread(self.deployments.config, deployed_id)

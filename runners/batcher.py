@@ -29,7 +29,7 @@ BatchFn = Callable[[np.ndarray], np.ndarray]
 
 
 class Overloaded(RuntimeError):
-    """A request waited in the queue longer than the batcher's ``max_wait_s``; it was not run."""
+    """A request could not be answered within the batcher's ``max_wait_s``; it was not run."""
 
 
 @dataclass
@@ -37,6 +37,7 @@ class _Request:
     rows: np.ndarray
     future: asyncio.Future[np.ndarray]
     enqueued: float
+    deadline: float  # by the batcher's clock: when the answer is due (its arrival upstream + max_wait_s)
     out: np.ndarray | None = None
     pending: int = 0  # rows not yet computed
 
@@ -66,10 +67,11 @@ class LaneBatcher:
 
     ``max_hold_s`` caps how long a free lane waits for its share while another lane is busy; the hold is also at most
     ``hold_fraction`` of a recent batch's run time, so a fast model (a GPU, a small tower) holds for correspondingly
-    less. ``max_wait_s`` sheds requests that have queued longer than that (``Overloaded``) instead of running them
-    for a client that has likely given up. ``clock`` is read for every time the batcher measures (queueing, holds,
-    batch run times; tests drive it by hand); timeouts of its waits are still the event loop's. Create and use it
-    from one event loop.
+    less. ``max_wait_s`` bounds a request's latency: a request is shed (``Overloaded``) as soon as it cannot be
+    answered within that bound, counting the time it spent before it got here (``submit(..., spent_s)``) and the
+    expected run time of a batch, so every answer, result or refusal, comes within the bound plus about one batch.
+    ``clock`` is read for every time the batcher measures (queueing, deadlines, holds, batch run times; tests drive it
+    by hand); timeouts of its waits are still the event loop's. Create and use it from one event loop.
     """
 
     def __init__(
@@ -104,14 +106,20 @@ class LaneBatcher:
         self._closed = False
 
     # -- public ---------------------------------------------------------------------------------------------------
-    async def submit(self, rows: np.ndarray) -> np.ndarray:
+    async def submit(self, rows: np.ndarray, spent_s: float = 0.0) -> np.ndarray:
+        """The rows' results; ``spent_s``: how long the request already took before it reached the batcher."""
         if self._closed:
             raise RuntimeError("batcher is closed")
         n = int(rows.shape[0])
         loop = asyncio.get_running_loop()
         if n == 0:
             return await loop.run_in_executor(self._pool, self.fn, rows)
-        req = _Request(rows=rows, future=loop.create_future(), enqueued=self._clock(), pending=n)
+        now = self._clock()
+        deadline = now - max(0.0, spent_s) + self.max_wait_s
+        req = _Request(rows=rows, future=loop.create_future(), enqueued=now, deadline=deadline, pending=n)
+        if self._hopeless(req, now):
+            self.stats.shed += 1
+            raise Overloaded(self._late_message())
         self._queue.append(_Piece(req, 0, n))  # _take splits it when it is larger than a batch
         self._queued += n
         self._ensure_started()
@@ -154,28 +162,49 @@ class LaneBatcher:
         except TimeoutError:
             pass
 
+    def _hopeless(self, req: _Request, now: float) -> bool:
+        """Past its deadline, or it would be even if a lane ran it now (a batch takes about ``_batch_s``).
+
+        Only the request's own batch is counted, not its place in the queue: counting every row ahead sheds so many
+        requests under a closed loop of clients that their immediate retries (each decoded by the API before it is
+        refused) took the CPU from the model, and throughput fell by two thirds (BENCHMARKS.md, overload)."""
+        return now + (self._batch_s or 0.0) > req.deadline
+
+    def _until_next_shed(self) -> float | None:
+        """Seconds until the first queued request becomes hopeless (None: nothing queued), so a refusal is not held
+        back until a lane frees up."""
+        if not self._queue:
+            return None
+        soonest = min(p.req.deadline for p in self._queue) - (self._batch_s or 0.0)
+        return max(0.0, soonest - self._clock()) + 1e-3
+
+    def _late_message(self) -> str:
+        return f"it cannot be answered within {self.max_wait_s:.1f} s"
+
     def _drop_dead(self) -> None:
-        """Skip pieces whose client is gone (cancelled) and shed the ones that waited past ``max_wait_s``."""
+        """Drop pieces whose client is gone (cancelled) and shed every queued request that can no longer be answered
+        within its bound (anywhere in the queue, so a refusal comes as early as it is certain)."""
+        if not self._queue:
+            return
         now = self._clock()
-        while self._queue:
-            piece = self._queue[0]
+        kept: deque[_Piece] = deque()
+        for piece in self._queue:
             req = piece.req
             if req.future.done():
-                self._queue.popleft()
                 self._queued -= piece.n
-            elif now - req.enqueued > self.max_wait_s:
-                self._queue.popleft()
+            elif self._hopeless(req, now):
                 self._queued -= piece.n
                 self.stats.shed += 1
-                req.future.set_exception(Overloaded(f"queued for more than {self.max_wait_s:.1f} s"))
+                req.future.set_exception(Overloaded(self._late_message()))
             else:
-                return
+                kept.append(piece)
+        self._queue = kept
 
     async def _dispatch(self) -> None:
         while True:
             self._drop_dead()
             if not self._queue or self._free == 0:
-                await self._sleep_until_poked(None)
+                await self._sleep_until_poked(self._until_next_shed())
                 continue
             share = math.ceil((self._queued + self._running) / self.lanes)
             target = min(self.max_batch, share)

@@ -15,12 +15,13 @@ from typing import Any
 import bentoml
 import numpy as np
 from prometheus_client import Counter, Histogram
+from starlette.responses import PlainTextResponse
 
 from runners.batcher import LaneBatcher, Overloaded
 from runners.clip import load_clip_encoder
 from runners.device import configure_threads, encoder_lanes, service_workers
 from runners.serving import RUNNER_CONNECTION, TRAFFIC
-from settings import configure_logging, get_settings
+from settings import LimitedLog, configure_logging, get_settings
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 _S = get_settings()
 
 IMAGES_ENCODED = Counter("zss_images_encoded", "Images encoded by the CLIP image tower")
+IMAGES_SHED = Counter("zss_images_shed", "Images refused (503) because they could not be answered within the bound")
 # CPU time of the image tower's forward passes, to tell the model's cost from serving's: the lane threads' own time,
 # which is all of it with 1 torch thread per lane (the CPU default with <= 3 cores); with more, helper threads' time
 # is not counted.
@@ -68,6 +70,7 @@ class ClipImageEncoder:
         self.size = tuple(self.encoder.preprocess.size)
         # Not BentoML's adaptive batching: its per-worker queues hand a free worker batches of 1-2 images under load
         # on a CPU (BENCHMARKS.md, P1). Created here; its dispatcher starts on the first request, in the server's loop.
+        self.shed_log = LimitedLog(log)
         self.batcher = LaneBatcher(
             self._forward,
             lanes=lanes,
@@ -100,16 +103,25 @@ class ClipImageEncoder:
             raise BadPixels(f"expected uint8 [N, {h}, {w}, 3] pixels, got {got}")
         return pixels
 
-    async def _submit(self, pixels: np.ndarray) -> np.ndarray:
-        try:
-            return await self.batcher.submit(self._check(pixels))
-        except Overloaded as exc:
-            raise bentoml.exceptions.ServiceUnavailable(f"image encoder overloaded: {exc}") from exc
-
     @bentoml.api
-    async def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
-        """uint8 [N, H, W, 3] at the model's input size -> L2-normalised float32 [N, D]."""
-        return await self._submit(pixels)
+    async def encode_pixels(self, pixels: np.ndarray, spent_s: float = 0.0, ctx=None) -> np.ndarray:  # noqa: ANN001
+        """uint8 [N, H, W, 3] at the model's input size -> L2-normalised float32 [N, D]. ``spent_s``: how long the
+        request already took in the API; it counts towards the latency bound (ZSS_IMAGE_MAX_LATENCY_MS).
+
+        A request that cannot be answered in time gets a 503 set on the response rather than raised: BentoML logs
+        every exception an API raises at ERROR with a traceback, and shedding under overload is expected (``ctx`` is
+        BentoML's request context; it stays unannotated so that BentoML recognises it by name). An in-process call
+        (no context) gets ``ServiceUnavailable`` raised.
+        """
+        try:
+            return await self.batcher.submit(self._check(pixels), spent_s)
+        except Overloaded as exc:
+            IMAGES_SHED.inc(len(pixels))
+            self.shed_log.warning("image encoder overloaded: a request was shed (%s)", exc)
+            if ctx is None:
+                raise bentoml.exceptions.ServiceUnavailable(f"image encoder overloaded: {exc}") from exc
+            ctx.response.status_code = 503  # BentoML copies the context's status onto whatever the API returns
+            return PlainTextResponse(f"image encoder overloaded: {exc}", status_code=503)  # type: ignore[return-value]
 
     @bentoml.api
     def info(self) -> dict[str, Any]:

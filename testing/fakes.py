@@ -54,7 +54,7 @@ class FakeClip:
         self.prompts_encoded += len(prompts)
         return np.stack([text_vector(p) for p in prompts]) if prompts else np.zeros((0, DIM), np.float32)
 
-    async def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
+    async def encode_pixels(self, pixels: np.ndarray, spent_s: float = 0.0) -> np.ndarray:
         self.images_encoded += len(pixels)
         mean = pixels.reshape(len(pixels), -1, 3).mean(axis=1) / 255.0  # [N, 3]
         feats = np.concatenate([mean - 0.5, np.ones((len(pixels), DIM - 3)) * 0.1], axis=1)

@@ -77,6 +77,8 @@ def test_steady_load_reports_server_errors() -> None:
         res = steady_load(url, post, concurrency=2, duration_s=0.5, ramp_s=0.0)
     assert res.statuses.get(500, 0) >= 1
     assert res.errors == res.statuses[500]
+    # Latencies per status cover exactly the counted requests.
+    assert sorted(res.by_status) in ([200, 500], [500]) and sum(map(len, res.by_status.values())) == res.requests
 
 
 @pytest.mark.parametrize("ramp", [0.0, 0.3])

@@ -349,27 +349,72 @@ def test_cancelled_request_is_never_run() -> None:
     asyncio.run(main())
 
 
-def test_requests_queued_past_max_wait_are_shed_with_overloaded() -> None:
+def test_requests_that_cannot_finish_in_time_are_shed_counting_the_expected_batch() -> None:
     async def main() -> None:
         clock = FakeClock()
         gate = Gate()
-        b = LaneBatcher(gate, lanes=1, max_batch=8, max_wait_s=0.05, clock=clock)
+        b = LaneBatcher(gate, lanes=1, max_batch=8, max_wait_s=1.0, clock=clock)
         submit = Submitter(b)
         try:
             busy = await _lane_busy(b, gate)
             late = submit(rows(1, 30))
             await submit.queued(1)
-            clock.advance(0.02)
+            clock.advance(0.3)
             recent = submit(rows(1, 40))
             await submit.queued(2)
-            clock.advance(0.04)  # late has queued 60 ms (> 50 ms), recent 40 ms
+            clock.advance(0.3)  # the gated batch took 0.6 s: the next batch is expected to take as long
             gate.release()
             await within_deadline(busy)
-            with pytest.raises(Overloaded):
+            # late: 0.6 s spent + 0.6 s expected > 1.0 s -> shed; recent: 0.3 + 0.6 <= 1.0 -> runs.
+            with pytest.raises(Overloaded, match="within 1.0 s"):
                 await within_deadline(late)
             np.testing.assert_array_equal(await within_deadline(recent), rows(1, 40) * 2)
             assert b.stats.shed == 1
             assert gate.sizes == [1, 1]  # the shed request never ran
+        finally:
+            gate.release()
+            b.close()
+
+    asyncio.run(main())
+
+
+def test_time_spent_before_the_batcher_counts() -> None:
+    async def main() -> None:
+        clock = FakeClock()
+        gate = Gate(clock, batch_s=0.5)
+        b = LaneBatcher(gate, lanes=1, max_batch=8, max_wait_s=1.0, clock=clock)
+        try:
+            gate.release()
+            await within_deadline(b.submit(rows(1)))  # the gated first batch (0 s on the clock)
+            await within_deadline(b.submit(rows(1)))  # a batch of 0.5 s on the clock
+            assert b._batch_s == pytest.approx(0.1)  # moving average: 0.8 * 0 s + 0.2 * 0.5 s
+            with pytest.raises(Overloaded):  # 0.95 s spent upstream + 0.1 s expected > 1.0 s: refused at once
+                await within_deadline(b.submit(rows(1), spent_s=0.95))
+            np.testing.assert_array_equal(await within_deadline(b.submit(rows(1, 9), spent_s=0.85)), rows(1, 9) * 2)
+            assert b.stats.shed == 1 and len(gate.sizes) == 3
+        finally:
+            b.close()
+
+    asyncio.run(main())
+
+
+def test_a_hopeless_request_deep_in_the_queue_is_refused_while_the_lane_is_still_busy() -> None:
+    async def main() -> None:
+        clock = FakeClock()
+        gate = Gate()
+        b = LaneBatcher(gate, lanes=1, max_batch=8, max_wait_s=2.0, clock=clock)
+        try:
+            busy = await _lane_busy(b, gate)
+            head = asyncio.ensure_future(b.submit(rows(1, 10)))
+            deep = asyncio.ensure_future(b.submit(rows(1, 20), spent_s=1.5))  # due 0.5 s from now
+            await until(lambda: b._queued == 2, "both requests queued")
+            clock.advance(0.55)  # deep is past due; head (due in 2 s) is not, even after a 0.55-s batch
+            # Nothing finishes and nothing arrives, yet the refusal comes: the batcher wakes for the due time.
+            with pytest.raises(Overloaded):
+                await within_deadline(deep)
+            assert not head.done() and not busy.done()
+            gate.release()
+            np.testing.assert_array_equal(await within_deadline(head), rows(1, 10) * 2)
         finally:
             gate.release()
             b.close()
