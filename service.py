@@ -33,7 +33,7 @@ from api.schemas import (
 )
 from cache.embeddings import EmbeddingCache
 from cache.registry import Registry
-from engine.encoders import RemoteClipImage, RemoteClipText, RemoteDetector
+from engine.encoders import LocalDetector, RemoteClipImage, RemoteClipText, RemoteDetector
 from engine.pipelines import Engine, in_thread
 from runners.clip_service import ClipImageEncoder, ClipTextEncoder
 from runners.owl_service import OwlDetectorEncoder
@@ -139,13 +139,19 @@ def build_app(engine: Engine | None = None, settings: Settings | None = None) ->
 
 app = build_app()
 
+# The one read of settings at import in this module: BentoML builds the service graph from the class attributes, so
+# a detector that is off (ZSS_DETECTOR_MODEL=none) is not declared at all: no process, no memory.
+_DETECTOR_ON = get_settings().detector_enabled
+DETECTOR_OFF = "the detector is disabled on this server (ZSS_DETECTOR_MODEL=none)"
+
 
 @bentoml.asgi_app(app, path="/")
 @bentoml.service(name="zeroshot", workers=1, threads=32, traffic={"timeout": 600})
 class ZeroShot:
     image_encoder = bentoml.depends(ClipImageEncoder)
     text_encoder = bentoml.depends(ClipTextEncoder)
-    detector = bentoml.depends(OwlDetectorEncoder)
+    if _DETECTOR_ON:
+        detector = bentoml.depends(OwlDetectorEncoder)
 
     def __init__(self) -> None:
         # Scoring here is small; more threads only spin against the encoders for the same cores.
@@ -157,7 +163,7 @@ class ZeroShot:
             settings,
             image_encoder=RemoteClipImage(self.image_encoder),
             text_encoder=RemoteClipText(self.text_encoder),
-            detector=RemoteDetector(self.detector),
+            detector=RemoteDetector(self.detector) if _DETECTOR_ON else LocalDetector(None, DETECTOR_OFF),
             registry=Registry(settings.registry_path),
             cache=EmbeddingCache(settings.cache_dir),
         )

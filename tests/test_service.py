@@ -223,6 +223,14 @@ def test_overloaded_image_encoder_is_a_503_and_the_server_goes_on(tiny_clip: Cli
         assert "image encoder overloaded: a request was shed" in log
         assert log.count("image encoder overloaded: a request was shed") < 3  # at most one line per 5 s
         assert server.metric("zss_images_shed_total") == 3
+        # The detector is off: no detector process runs (no memory), and /detect says why.
+        import psutil
+
+        services = [" ".join(p.cmdline()) for p in psutil.Process(server.proc.pid).children(recursive=True)]
+        assert any("clip_image_encoder" in cmd for cmd in services), services
+        assert not any("owl_detector" in cmd for cmd in services), services
+        r = c.post("/deploy_detector", json={"detector_configs": [{"name": "a", "examples_to_include": ["a"]}]})
+        assert_error(r, 503, "Detection is unavailable: the detector is disabled on this server")
 
 
 def _check_layout_and_no_reconnects(server: Server) -> None:
