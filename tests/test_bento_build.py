@@ -34,5 +34,16 @@ def test_bentoml_build_packages_the_service(tmp_path: Path) -> None:
     ):
         assert (src / rel).is_file(), rel
     assert not (src / "tests").exists() and not (src / ".venv").exists()
+    # The bento's code is self-contained: the service imports from the bento alone (no checkout on the path).
+    clean = {k: v for k, v in env.items() if k != "PYTHONPATH"}
+    imported = subprocess.run(
+        [sys.executable, "-c", "import service, sys; assert not any('/tests' in p for p in sys.path)"],
+        cwd=src,
+        env={**clean, "ZSS_DETECTOR_MODEL": "none"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert imported.returncode == 0, imported.stderr[-3000:]
     reqs = next((src.parent / "env" / "python").glob("requirements.txt")).read_text()
     assert "torch==2.14.1" in reqs and "bentoml" in reqs
