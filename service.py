@@ -4,19 +4,26 @@ Each route parses the request (api/), makes one engine call (engine/) and conver
 The encoders are separate BentoML services (runners/), composed with ``bentoml.depends``; the engine reaches them
 through its remote encoder interface. ``build_app()`` builds the routes on their own, so tests can run them
 in-process against an engine with fake encoders.
+
+API keys and tenants are the HTTP edge's (api/auth.py): a middleware of the routes' app identifies the caller, and
+each route that touches deployments hands that caller to the engine, whose registry shows it its tenant's only.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import socket
+import sys
 from typing import Annotated, Any
 
 import bentoml
 import torch
 from fastapi import Depends, FastAPI, Path, Query, Request
 
-from api import convert, errors
+from api import auth, convert, errors
 from api.inputs import image_sources
-from api.openapi import ERRORS, image_body
+from api.openapi import AUTH_ERRORS, ERRORS, image_body
 from api.schemas import (
     ClassifyResult,
     DeployClassifierRequest,
@@ -35,9 +42,12 @@ from cache.embeddings import EmbeddingCache
 from cache.registry import Registry
 from engine.encoders import LocalDetector, RemoteClipImage, RemoteClipText, RemoteDetector
 from engine.pipelines import Engine, in_thread
+from engine.tenancy import Tenant
 from runners.clip_service import ClipImageEncoder, ClipTextEncoder
 from runners.owl_service import OwlDetectorEncoder
 from settings import Settings, configure_logging, get_settings
+
+log = logging.getLogger("zss.api")
 
 
 def _engine(request: Request) -> Engine:
@@ -45,25 +55,30 @@ def _engine(request: Request) -> Engine:
 
 
 EngineDep = Annotated[Engine, Depends(_engine)]
+CallerDep = Annotated[Tenant, Depends(auth.caller)]
 DeployedId = Annotated[str, Query(max_length=128)]
 
 
 def build_app(engine: Engine | None = None, settings: Settings | None = None) -> FastAPI:
-    """The routes; the engine and settings are set here (tests) or by the service when it starts."""
+    """The routes; the engine and settings (and the API keys they name) are set here (tests) or by the service when
+    it starts."""
     app = FastAPI(
         title="ZeroShot Server",
-        description="Zero-shot image classification and detection defined in words, DirectAI-compatible.",
+        description="Zero-shot image classification and detection defined in words, DirectAI-compatible. With API "
+        "keys (ZSS_API_KEYS), every route needs one: 'Authorization: Bearer <key>' (the Authorize button).",
         version="0.1.0",
-        responses={400: {"model": ErrorResponse}, 422: {"model": ErrorResponse}},
+        responses={400: {"model": ErrorResponse}, 422: {"model": ErrorResponse}, **AUTH_ERRORS},
+        dependencies=auth.DOCUMENTED,
     )
     app.state.engine = engine
     app.state.settings = settings if settings is not None else (engine.settings if engine else None)
-    errors.install(app)
+    app.state.gate = auth.Gate.from_settings(app.state.settings) if app.state.settings is not None else None
+    errors.install(app, auth.ApiKeys)
 
     @app.post("/deploy_classifier", response_model=DeployResponse, responses=ERRORS)
-    async def deploy_classifier(body: DeployClassifierRequest, eng: EngineDep) -> DeployResponse:
+    async def deploy_classifier(body: DeployClassifierRequest, eng: EngineDep, who: CallerDep) -> DeployResponse:
         """Deploy (or update) a classifier defined by example texts; examples are embedded now, once."""
-        out = await eng.deploy(body)
+        out = await eng.deploy(body, caller=who)
         return DeployResponse(deployed_id=out.deployed_id, message=out.message)
 
     @app.post(
@@ -72,38 +87,38 @@ def build_app(engine: Engine | None = None, settings: Settings | None = None) ->
         responses=ERRORS,
         openapi_extra=image_body("data"),
     )
-    async def classify(request: Request, deployed_id: DeployedId, eng: EngineDep) -> Any:
+    async def classify(request: Request, deployed_id: DeployedId, eng: EngineDep, who: CallerDep) -> Any:
         """Classify one image (an object back) or several (a list back), multipart field ``data``."""
-        results = await eng.classify(deployed_id, await image_sources(request))
+        results = await eng.classify(deployed_id, await image_sources(request), caller=who)
         return convert.classifications(results)
 
     @app.post("/deploy_detector", response_model=DeployResponse, responses=ERRORS)
-    async def deploy_detector(body: DeployDetectorRequest, eng: EngineDep) -> DeployResponse:
+    async def deploy_detector(body: DeployDetectorRequest, eng: EngineDep, who: CallerDep) -> DeployResponse:
         """Deploy (or update) a detector defined by example texts, thresholds and NMS settings."""
-        out = await eng.deploy(body)
+        out = await eng.deploy(body, caller=who)
         return DeployResponse(deployed_id=out.deployed_id, message=out.message)
 
     @app.post("/detect", response_model=list[list[Detection]], responses=ERRORS, openapi_extra=image_body("data"))
-    async def detect(request: Request, deployed_id: DeployedId, eng: EngineDep) -> Any:
+    async def detect(request: Request, deployed_id: DeployedId, eng: EngineDep, who: CallerDep) -> Any:
         """Detect the deployed classes: one list of {"tlbr", "score", "class"} per image, best first."""
-        return convert.detections(await eng.detect(deployed_id, await image_sources(request)))
+        return convert.detections(await eng.detect(deployed_id, await image_sources(request), caller=who))
 
     @app.get("/model_config", responses=ERRORS)
-    async def model_config(deployed_id: DeployedId, eng: EngineDep) -> dict[str, Any]:
+    async def model_config(deployed_id: DeployedId, eng: EngineDep, who: CallerDep) -> dict[str, Any]:
         """The deployed body as it was deployed (defaults filled in), plus its ``deployed_id``."""
-        return await eng.model_config(deployed_id)
+        return await eng.model_config(deployed_id, caller=who)
 
     @app.get("/deployments", response_model=DeploymentList)
-    async def list_deployments(eng: EngineDep) -> dict[str, Any]:
-        """Every deployment with its kind, class count and timestamps."""
-        return {"deployments": [convert.deployment_summary(d) for d in await eng.list_deployments()]}
+    async def list_deployments(eng: EngineDep, who: CallerDep) -> dict[str, Any]:
+        """The caller's tenant's deployments (an admin key's: every tenant's) with kind, class count and timestamps."""
+        return {"deployments": [convert.deployment_summary(d) for d in await eng.list_deployments(caller=who)]}
 
     @app.delete("/deployments/{deployed_id}", response_model=DeployResponse, responses=ERRORS)
     async def delete_deployment(
-        deployed_id: Annotated[str, Path(pattern=r"^[A-Za-z0-9_.:-]{1,128}$")], eng: EngineDep
+        deployed_id: Annotated[str, Path(pattern=r"^[A-Za-z0-9_.:-]{1,128}$")], eng: EngineDep, who: CallerDep
     ) -> DeployResponse:
         """Delete a deployment; its cached example embeddings stay (other deployments may share them)."""
-        await eng.delete(deployed_id)
+        await eng.delete(deployed_id, caller=who)
         return DeployResponse(deployed_id=deployed_id, message="Model deleted.")
 
     @app.post("/embed_text", response_model=EmbeddingsResponse, responses=ERRORS)
@@ -145,6 +160,17 @@ _DETECTOR_ON = get_settings().detector_enabled
 DETECTOR_OFF = "the detector is disabled on this server (ZSS_DETECTOR_MODEL=none)"
 
 
+def _listening_host() -> str | None:
+    """The address this API worker serves on: BentoML hands the worker its listening socket as ``--fd N``."""
+    try:
+        fd = int(sys.argv[sys.argv.index("--fd") + 1])
+        with socket.socket(fileno=os.dup(fd)) as sock:
+            name = sock.getsockname()
+        return str(name[0]) if isinstance(name, tuple) else None
+    except (ValueError, IndexError, OSError):
+        return None
+
+
 @bentoml.asgi_app(app, path="/")
 @bentoml.service(name="zeroshot", workers=1, threads=32, traffic={"timeout": 600})
 class ZeroShot:
@@ -158,7 +184,13 @@ class ZeroShot:
         torch.set_num_threads(1)
         settings = get_settings()
         configure_logging(settings)
+        # An unusable ZSS_API_KEYS stops the start: never serve open by mistake.
+        gate = auth.Gate.from_settings(settings)
+        log.info("%s", gate.describe())
+        if gate.keys is None and (warning := auth.open_server_warning(_listening_host())):
+            log.warning("%s", warning)
         app.state.settings = settings
+        app.state.gate = gate
         app.state.engine = Engine(
             settings,
             image_encoder=RemoteClipImage(self.image_encoder),
@@ -167,3 +199,7 @@ class ZeroShot:
             registry=Registry(settings.registry_path),
             cache=EmbeddingCache(settings.cache_dir),
         )
+
+
+# /metrics is BentoML's own route, outside the routes' app: keyed here when ZSS_METRICS_REQUIRE_KEY is set.
+ZeroShot.add_asgi_middleware(auth.MetricsGuard, gate=lambda: getattr(app.state, "gate", None))

@@ -73,6 +73,21 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     # Compiled deployments kept per API worker (least recently used dropped first), by the bytes their tensors hold.
     compiled_cache_mb: int = 256
+    # API keys (api/keys.py): "" = no keys, every caller sees everything (today's behaviour); otherwise a path to a
+    # file of "key tenant [admin]" lines, re-read when it changes, or a comma-separated "key:tenant[:admin]" list.
+    api_keys: str = ""
+    # Requests per second allowed per API key (a token bucket; 0 = no limit) and its burst (0 = the rate, at least 1).
+    rate_limit_rps: float = 0.0
+    rate_limit_burst: int = 0
+    # With API keys: /metrics only for an admin key (it shows every tenant's counters); False leaves it open.
+    metrics_require_key: bool = False
+
+    @field_validator("rate_limit_rps", "rate_limit_burst")
+    @classmethod
+    def _not_negative(cls, value: float) -> float:
+        if not value >= 0:  # NaN too
+            raise ValueError("must be 0 (off) or more")
+        return value
 
     @field_validator("url_allow_networks")
     @classmethod

@@ -36,6 +36,7 @@ def deployment_summary(d: Deployment) -> dict[str, Any]:
     return {
         "deployed_id": d.id,
         "kind": d.kind,
+        "tenant": d.tenant,
         "n_classes": len(d.config.get(key, [])),
         "version": d.version,
         "created_at": d.created_at,

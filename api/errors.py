@@ -27,8 +27,8 @@ OVERLOADED = "The encoder is overloaded; retry later."
 _overload_log = LimitedLog(log)
 
 
-def envelope(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"status_code": status, "message": message, "data": None}, status_code=status)
+def envelope(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"status_code": status, "message": message, "data": None}, status_code=status, headers=headers)
 
 
 # -- pydantic v1's error wording (DirectAI's server ran pydantic 1) ---------------------------------------------------
@@ -114,8 +114,9 @@ def unexpected(exc: Exception) -> JSONResponse:
     return envelope(code, "Internal server error." if code >= 500 else str(exc))
 
 
-def install(app: FastAPI) -> None:
-    """The envelope handlers and the two middlewares (body limit inside, catch-all outermost)."""
+def install(app: FastAPI, *edge: type) -> None:
+    """The envelope handlers and the middlewares: the body limit innermost, then ``edge`` (the API keys: checked
+    before any body is read), the catch-all outermost."""
 
     @app.exception_handler(ZssError)
     async def _zss(_: Request, exc: ZssError) -> JSONResponse:
@@ -130,7 +131,9 @@ def install(app: FastAPI) -> None:
         return envelope(exc.status_code, str(exc.detail))
 
     app.add_middleware(BodyLimit)
-    app.add_middleware(CatchAll)  # added last, so outermost: it also answers for BodyLimit
+    for middleware in reversed(edge):
+        app.add_middleware(middleware)
+    app.add_middleware(CatchAll)  # added last, so outermost: it also answers for the others
 
 
 class CatchAll:

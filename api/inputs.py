@@ -9,6 +9,7 @@ from typing import Any
 from fastapi import Request
 from starlette.datastructures import UploadFile
 
+from api.auth import SCOPE_IMAGES
 from errors import Invalid, ZssError
 from imaging.sources import ImageSource
 
@@ -62,4 +63,5 @@ async def image_sources(request: Request, field: str | None = "data") -> list[Im
         raise Invalid(f"No image in field '{field}'." if field else "No image in the request.")
     if len(sources) > MAX_IMAGES_PER_REQUEST:
         raise ZssError(f"Too many images in one request (limit {MAX_IMAGES_PER_REQUEST}).", 413)
+    request.scope[SCOPE_IMAGES] = len(sources)  # counted per tenant when the request succeeds
     return sources

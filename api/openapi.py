@@ -10,11 +10,24 @@ from api.schemas import ErrorResponse
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": why}
     for code, why in (
-        (400, "Unknown deployed_id, or a refused image URL"),
+        (400, "Unknown deployed_id (or another tenant's), or a refused image URL"),
         (413, "Body, image or image count over the limits"),
         (422, "Malformed request or an image that cannot be opened"),
         (503, "Encoder overloaded"),
     )
+}
+# Every route but the public docs, on a server with API keys (ZSS_API_KEYS).
+AUTH_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {
+        "model": ErrorResponse,
+        "description": "Missing or invalid API key (with 'WWW-Authenticate: Bearer')",
+        "headers": {"WWW-Authenticate": {"schema": {"type": "string"}}},
+    },
+    429: {
+        "model": ErrorResponse,
+        "description": "Over the API key's rate limit (with 'Retry-After', seconds)",
+        "headers": {"Retry-After": {"schema": {"type": "integer"}}},
+    },
 }
 # A path the mounted app never sees (e.g. with a raw newline) gets BentoML's own plain-text 404.
 ERRORS[404] = {

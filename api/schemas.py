@@ -59,6 +59,7 @@ class EmbeddingsResponse(BaseModel):
 class DeploymentSummary(BaseModel):
     deployed_id: str
     kind: str
+    tenant: str
     n_classes: int
     version: int
     created_at: float

@@ -12,23 +12,35 @@ from typing import Any, Protocol
 import numpy as np
 
 from cache.embeddings import LookupStats
-from cache.registry import Deployment
+from cache.registry import DEFAULT_TENANT, Deployment
 
 
 class DeploymentStore(Protocol):
-    """Deployments by id, with a version that moves on every update (cheap enough to read per request)."""
+    """Deployments by id, with a version that moves on every update (cheap enough to read per request), each owned
+    by a tenant.
+
+    Tenancy is the store's: ``get``, ``version``, ``list`` and ``delete`` take the tenant whose deployments the
+    caller sees (``None`` = every tenant's, an admin) and treat another tenant's id exactly as an unknown one;
+    ``put`` creates a deployment owned by ``tenant`` or updates one that ``tenant`` owns, and raises
+    :class:`cache.registry.OtherTenant` for an id another tenant owns. A shared store (Redis, for several replicas)
+    keeps the tenant with the deployment (a field of its value, plus a set of ids per tenant for ``list``) and does
+    the owner check inside the same atomic step as the write (a transaction or script), so every replica gives a
+    tenant the same view. tests/cache/test_registry.py is the contract any store must pass.
+    """
 
     def new_id(self) -> str: ...
 
-    def put(self, deployed_id: str, kind: str, config: dict[str, Any]) -> tuple[Deployment, bool]: ...
+    def put(
+        self, deployed_id: str, kind: str, config: dict[str, Any], tenant: str = DEFAULT_TENANT
+    ) -> tuple[Deployment, bool]: ...
 
-    def get(self, deployed_id: str) -> Deployment | None: ...
+    def get(self, deployed_id: str, tenant: str | None = None) -> Deployment | None: ...
 
-    def version(self, deployed_id: str) -> int | None: ...
+    def version(self, deployed_id: str, tenant: str | None = None) -> int | None: ...
 
-    def list(self, kind: str | None = None) -> list[Deployment]: ...
+    def list(self, kind: str | None = None, tenant: str | None = None) -> list[Deployment]: ...
 
-    def delete(self, deployed_id: str) -> bool: ...
+    def delete(self, deployed_id: str, tenant: str | None = None) -> bool: ...
 
     def close(self) -> None: ...
 

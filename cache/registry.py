@@ -2,6 +2,10 @@
 
 Every API worker reads the same file, so a deployment made through one worker is served by all of them; the
 ``version`` column lets a worker notice that a deployment it compiled has since been updated.
+
+Every deployment belongs to a tenant (the ``tenant`` column). Reads take an optional ``tenant``: given, a deployment of
+another tenant is exactly as absent as an unknown id; ``None`` sees every tenant's (an admin). A file written before
+tenants existed is migrated in place when it is opened: its rows belong to :data:`DEFAULT_TENANT`.
 """
 
 from __future__ import annotations
@@ -19,16 +23,26 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-_SCHEMA = """
+# The tenant of deployments made while the server had no API keys, and of rows written before tenants existed.
+DEFAULT_TENANT = "default"
+
+_SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS deployments (
     id TEXT PRIMARY KEY,
     kind TEXT NOT NULL,
     config TEXT NOT NULL,
     version INTEGER NOT NULL,
     created_at REAL NOT NULL,
-    updated_at REAL NOT NULL
+    updated_at REAL NOT NULL,
+    tenant TEXT NOT NULL DEFAULT '{DEFAULT_TENANT}'
 );
 """
+_INDEX = "CREATE INDEX IF NOT EXISTS deployments_by_tenant ON deployments (tenant, created_at)"
+_COLUMNS = "id, kind, config, version, created_at, updated_at, tenant"
+
+
+class OtherTenant(Exception):
+    """``put`` on an id that another tenant owns: a store never hands a deployment from one tenant to another."""
 
 
 @dataclass(frozen=True)
@@ -39,6 +53,16 @@ class Deployment:
     version: int
     created_at: float
     updated_at: float
+    tenant: str = DEFAULT_TENANT
+
+
+def _row(r: tuple[Any, ...]) -> Deployment:
+    return Deployment(r[0], r[1], json.loads(r[2]), r[3], r[4], r[5], r[6])
+
+
+def _owned(tenant: str | None) -> tuple[str, tuple[str, ...]]:
+    """The WHERE clause (and its arguments) that keeps one tenant's rows, or every row for ``None``."""
+    return (" AND tenant = ?", (tenant,)) if tenant is not None else ("", ())
 
 
 class Registry:
@@ -64,61 +88,95 @@ class Registry:
         db = sqlite3.connect(self.path, timeout=30.0, check_same_thread=False, isolation_level=None)
         db.execute("PRAGMA journal_mode=WAL")
         db.executescript(_SCHEMA)
+        self._migrate(db)
         return db
+
+    def _migrate(self, db: sqlite3.Connection) -> None:
+        """Add the tenant column to a file written before tenants existed (its rows go to DEFAULT_TENANT). Several
+        workers may open the file at once: the change is checked again inside its write transaction."""
+
+        def has_tenant() -> bool:
+            return "tenant" in {r[1] for r in db.execute("PRAGMA table_info(deployments)")}
+
+        if not has_tenant():
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                if not has_tenant():
+                    db.execute(f"ALTER TABLE deployments ADD COLUMN tenant TEXT NOT NULL DEFAULT '{DEFAULT_TENANT}'")
+                    log.info("registry %s: added the tenant column (old rows: %r)", self.path, DEFAULT_TENANT)
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        db.execute(_INDEX)
 
     @staticmethod
     def new_id() -> str:
         return uuid.uuid4().hex
 
-    def put(self, deployed_id: str, kind: str, config: dict[str, Any]) -> tuple[Deployment, bool]:
-        """Insert or replace a deployment; returns it and whether it existed before."""
+    def put(
+        self, deployed_id: str, kind: str, config: dict[str, Any], tenant: str = DEFAULT_TENANT
+    ) -> tuple[Deployment, bool]:
+        """Insert a deployment owned by ``tenant``, or update the one with that id if ``tenant`` owns it; returns it
+        and whether it existed before. An id another tenant owns raises :class:`OtherTenant` and changes nothing."""
         now = time.time()
         body = json.dumps(config, ensure_ascii=False, sort_keys=True)
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                row = self._db.execute("SELECT version, created_at FROM deployments WHERE id = ?", (deployed_id,))
+                row = self._db.execute(
+                    "SELECT version, created_at, tenant FROM deployments WHERE id = ?", (deployed_id,)
+                )
                 prev = row.fetchone()
+                if prev is not None and prev[2] != tenant:
+                    raise OtherTenant(deployed_id)
                 version = (prev[0] + 1) if prev else 1
                 created = prev[1] if prev else now
                 self._db.execute(
-                    "INSERT OR REPLACE INTO deployments (id, kind, config, version, created_at, updated_at) "
-                    "VALUES (?,?,?,?,?,?)",
-                    (deployed_id, kind, body, version, created, now),
+                    f"INSERT OR REPLACE INTO deployments ({_COLUMNS}) VALUES (?,?,?,?,?,?,?)",
+                    (deployed_id, kind, body, version, created, now, tenant),
                 )
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
-        return Deployment(deployed_id, kind, config, version, created, now), prev is not None
+        return Deployment(deployed_id, kind, config, version, created, now, tenant), prev is not None
 
-    def get(self, deployed_id: str) -> Deployment | None:
+    def get(self, deployed_id: str, tenant: str | None = None) -> Deployment | None:
+        """The deployment, or None when there is none with that id that ``tenant`` owns (``None``: any tenant)."""
+        where, args = _owned(tenant)
         with self._lock:
             row = self._db.execute(
-                "SELECT id, kind, config, version, created_at, updated_at FROM deployments WHERE id = ?",
-                (deployed_id,),
+                f"SELECT {_COLUMNS} FROM deployments WHERE id = ?{where}", (deployed_id, *args)
             ).fetchone()
-        return None if row is None else Deployment(row[0], row[1], json.loads(row[2]), row[3], row[4], row[5])
+        return None if row is None else _row(row)
 
-    def version(self, deployed_id: str) -> int | None:
-        """The deployment's version, or None; a primary-key lookup cheap enough for every request."""
+    def version(self, deployed_id: str, tenant: str | None = None) -> int | None:
+        """The deployment's version, or None (as ``get``); a primary-key lookup cheap enough for every request."""
+        where, args = _owned(tenant)
         with self._lock:
-            row = self._db.execute("SELECT version FROM deployments WHERE id = ?", (deployed_id,)).fetchone()
+            row = self._db.execute(
+                f"SELECT version FROM deployments WHERE id = ?{where}", (deployed_id, *args)
+            ).fetchone()
         return None if row is None else int(row[0])
 
-    def list(self, kind: str | None = None) -> list[Deployment]:
-        q = "SELECT id, kind, config, version, created_at, updated_at FROM deployments"
+    def list(self, kind: str | None = None, tenant: str | None = None) -> list[Deployment]:
+        """Deployments oldest first, of one kind and one tenant when given."""
+        q = f"SELECT {_COLUMNS} FROM deployments WHERE 1 = 1"
         args: tuple[str, ...] = ()
         if kind is not None:
-            q += " WHERE kind = ?"
+            q += " AND kind = ?"
             args = (kind,)
+        where, owner = _owned(tenant)
         with self._lock:
-            rows = self._db.execute(q + " ORDER BY created_at", args).fetchall()
-        return [Deployment(r[0], r[1], json.loads(r[2]), r[3], r[4], r[5]) for r in rows]
+            rows = self._db.execute(q + where + " ORDER BY created_at", (*args, *owner)).fetchall()
+        return [_row(r) for r in rows]
 
-    def delete(self, deployed_id: str) -> bool:
+    def delete(self, deployed_id: str, tenant: str | None = None) -> bool:
+        """Delete it if ``tenant`` owns it (``None``: whoever does); whether something was deleted."""
+        where, args = _owned(tenant)
         with self._lock:
-            cur = self._db.execute("DELETE FROM deployments WHERE id = ?", (deployed_id,))
+            cur = self._db.execute(f"DELETE FROM deployments WHERE id = ?{where}", (deployed_id, *args))
         return cur.rowcount > 0
 
     def close(self) -> None:

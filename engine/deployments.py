@@ -3,6 +3,10 @@
 A compiled deployment is reused while the registry's version of its id is unchanged, so an update or delete made
 through any worker is what every worker serves on its next request. Compiles take a lock per deployed id (a cold
 compile of one id never waits on another's), and the cache is an LRU bounded by the bytes its tensors hold.
+
+Every use names its caller (engine/tenancy.py): the registry answers only with the caller's tenant's deployments (an
+admin's: all), so another tenant's id is an unknown id everywhere, checked on every request before the compiled
+cache is consulted (the cache itself is keyed by id: a deployment is the same for everyone allowed to see it).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from cache.interfaces import DeploymentStore
 from cache.registry import Deployment
 from engine.configs import DeployRequest, Kind, kind_of, load_config, stored_config
 from engine.kinds import CompiledDetector, tensor_bytes
+from engine.tenancy import Tenant
 from errors import NotFound, ZssError
 from semantic.classify import CompiledClassifier
 
@@ -82,6 +87,12 @@ class Deployments:
             if old is not None:
                 self._bytes -= old.nbytes
 
+    def _forget_if_gone(self, deployed_id: str) -> None:
+        """Drop a deleted deployment's compiled entry; another tenant's id is not the caller's to drop (a probe of it
+        must change nothing its owner could notice)."""
+        if self.store.version(deployed_id) is None:
+            self._forget(deployed_id)
+
     def _id_lock(self, deployed_id: str) -> _IdLock:
         with self._lock:
             lock = self._id_locks.get(deployed_id)
@@ -95,19 +106,20 @@ class Deployments:
             return {"entries": len(self._lru), "bytes": self._bytes, "max_bytes": self.max_bytes}
 
     # -- use --------------------------------------------------------------------------------------------------------
-    def compiled(self, deployed_id: str, kind: Kind) -> Compiled:
-        """The compiled deployment for an id, recompiled only when the registry's version moved (blocking)."""
-        version = self.store.version(deployed_id)
+    def compiled(self, deployed_id: str, kind: Kind, *, caller: Tenant) -> Compiled:
+        """The compiled deployment for an id the caller may see, recompiled only when the registry's version moved
+        (blocking)."""
+        version = self.store.version(deployed_id, caller.view)
         if version is None:
-            self._forget(deployed_id)
+            self._forget_if_gone(deployed_id)
             raise NotFound()
         entry = self._cached(deployed_id, version)
         if entry is None:
             id_lock = self._id_lock(deployed_id)  # a strong reference keeps the lock alive while it is used
             with id_lock.lock:
-                dep = self.store.get(deployed_id)
+                dep = self.store.get(deployed_id, caller.view)
                 if dep is None:
-                    self._forget(deployed_id)
+                    self._forget_if_gone(deployed_id)
                     raise NotFound()
                 entry = self._cached(deployed_id, dep.version)
                 if entry is None:
@@ -119,37 +131,42 @@ class Deployments:
             raise ZssError(f"{deployed_id} is a {entry.kind}, not a {kind}.", 400)
         return entry.compiled
 
-    def register(self, body: DeployRequest, compiled: Compiled) -> DeployOutcome:
-        """DirectAI's deploy semantics: a new id, an update of an existing id, or a new id for an unknown one."""
+    def register(self, body: DeployRequest, compiled: Compiled, *, caller: Tenant) -> DeployOutcome:
+        """DirectAI's deploy semantics: a new id, an update of an existing id, or a new id for an unknown one; an id
+        the caller may not see is an unknown one (never overwritten). A new deployment is the caller's tenant's; an
+        update (an admin's too) keeps the deployment's tenant."""
         requested = body.deployed_id
+        existing = None if requested is None else self.store.get(requested, caller.view)
+        owner = caller.name
         if requested is None:
             deployed_id, message = self.store.new_id(), "New model deployed."
-        elif self.store.get(requested) is not None:
-            deployed_id, message = requested, "Model updated."
+        elif existing is not None:
+            deployed_id, message, owner = requested, "Model updated.", existing.tenant
         else:
             deployed_id = self.store.new_id()
             message = f"{requested} model not found. Generated new model."
         kind = kind_of(body)
-        dep, _ = self.store.put(deployed_id, kind.value, stored_config(body))
+        dep, _ = self.store.put(deployed_id, kind.value, stored_config(body), owner)
         self._remember(deployed_id, _Entry(dep.version, kind, compiled, tensor_bytes(compiled)))
         return DeployOutcome(deployed_id, message)
 
-    def get(self, deployed_id: str) -> Deployment:
-        dep = self.store.get(deployed_id)
+    def get(self, deployed_id: str, *, caller: Tenant) -> Deployment:
+        dep = self.store.get(deployed_id, caller.view)
         if dep is None:
             raise NotFound()
         return dep
 
-    def config(self, deployed_id: str) -> dict[str, Any]:
+    def config(self, deployed_id: str, *, caller: Tenant) -> dict[str, Any]:
         """The deployed body as DirectAI returns it: the stored config with defaults filled, plus ``deployed_id``."""
-        dep = self.get(deployed_id)
+        dep = self.get(deployed_id, caller=caller)
         body = load_config(Kind(dep.kind), dep.config)
         return {**stored_config(body), "deployed_id": dep.id}
 
-    def list(self) -> list[Deployment]:
-        return self.store.list()
+    def list(self, *, caller: Tenant) -> list[Deployment]:
+        """The caller's tenant's deployments (an admin's: every tenant's), oldest first."""
+        return self.store.list(tenant=caller.view)
 
-    def delete(self, deployed_id: str) -> None:
-        if not self.store.delete(deployed_id):
+    def delete(self, deployed_id: str, *, caller: Tenant) -> None:
+        if not self.store.delete(deployed_id, caller.view):
             raise NotFound()
         self._forget(deployed_id)

@@ -26,6 +26,7 @@ from engine.deployments import Compiled, Deployments, DeployOutcome
 from engine.embedder import EmbedStats, TextEmbedder
 from engine.encoders import DetectorEncoder, ImageEncoder, TextEncoder
 from engine.kinds import Classification, ClassifierKind, CompiledDetector, Detection, DetectorKind
+from engine.tenancy import Tenant
 from errors import Invalid, Unavailable
 from imaging.geometry import shrink_to
 from imaging.preprocess import Preprocess
@@ -149,23 +150,26 @@ class Engine:
         self.deployments.store.close()
 
     # -- the routes' work -------------------------------------------------------------------------------------------
-    async def deploy(self, body: DeployRequest) -> DeployOutcome:
+    # Every call on deployments names its caller (engine/tenancy.py): another tenant's id is an unknown id.
+    async def deploy(self, body: DeployRequest, *, caller: Tenant) -> DeployOutcome:
         """Embed every example now (once, through the cache), then register: a deployed id always scores."""
         check_classes(body)
         compiled = await in_thread(self._compile, kind_of(body), body)
-        return await in_thread(self.deployments.register, body, compiled)
+        return await in_thread(self.deployments.register, body, compiled, caller=caller)
 
-    async def classify(self, deployed_id: str, sources: list[ImageSource]) -> list[Classification]:
+    async def classify(self, deployed_id: str, sources: list[ImageSource], *, caller: Tenant) -> list[Classification]:
         t0 = time.monotonic()
         pixels = await in_thread(self._pixels, sources)  # an unreadable image is 422 whatever the id (DirectAI)
-        clf: CompiledClassifier = await in_thread(self.deployments.compiled, deployed_id, Kind.CLASSIFIER)
+        clf: CompiledClassifier = await in_thread(
+            self.deployments.compiled, deployed_id, Kind.CLASSIFIER, caller=caller
+        )
         emb = await self.image_encoder.encode_pixels(pixels, time.monotonic() - t0)
         return await in_thread(ClassifierKind.score, emb, clf)
 
-    async def detect(self, deployed_id: str, sources: list[ImageSource]) -> list[list[Detection]]:
+    async def detect(self, deployed_id: str, sources: list[ImageSource], *, caller: Tenant) -> list[list[Detection]]:
         info = await in_thread(self.detector_info)
         decoded = await in_thread(self._for_detector, sources, int(info["input_size"]))
-        det: CompiledDetector = await in_thread(self.deployments.compiled, deployed_id, Kind.DETECTOR)
+        det: CompiledDetector = await in_thread(self.deployments.compiled, deployed_id, Kind.DETECTOR, caller=caller)
         encodings = await self.detector.encode_images([d[0] for d in decoded])
 
         def score() -> list[list[Detection]]:
@@ -191,14 +195,14 @@ class Engine:
         # The decoding time (which grows under load: decode threads queue) counts towards the encoder's latency bound.
         return await self.image_encoder.encode_pixels(pixels, time.monotonic() - t0)
 
-    async def model_config(self, deployed_id: str) -> dict[str, Any]:
-        return await in_thread(self.deployments.config, deployed_id)
+    async def model_config(self, deployed_id: str, *, caller: Tenant) -> dict[str, Any]:
+        return await in_thread(self.deployments.config, deployed_id, caller=caller)
 
-    async def list_deployments(self) -> list[Deployment]:
-        return await in_thread(self.deployments.list)
+    async def list_deployments(self, *, caller: Tenant) -> list[Deployment]:
+        return await in_thread(self.deployments.list, caller=caller)
 
-    async def delete(self, deployed_id: str) -> None:
-        await in_thread(self.deployments.delete, deployed_id)
+    async def delete(self, deployed_id: str, *, caller: Tenant) -> None:
+        await in_thread(self.deployments.delete, deployed_id, caller=caller)
 
     def models_info(self) -> dict[str, Any]:
         """The loaded models' ids and preprocessing (blocking; the API runs it in a thread)."""

@@ -20,6 +20,11 @@ def deploy(client: Any, classes: list[dict[str, Any]] = CLASSES, **extra: Any) -
     return r.json()
 
 
+def bearer(key: str | None) -> dict[str, str]:
+    """The header that sends an API key (none for None)."""
+    return {"Authorization": f"Bearer {key}"} if key is not None else {}
+
+
 def files(*blobs: bytes) -> list[tuple[str, tuple[str, bytes, str]]]:
     """Multipart ``data`` fields, one per image."""
     return [("data", (f"img{i}.jpg", b, "image/jpeg")) for i, b in enumerate(blobs)]

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import httpx
 
+from testing.client import bearer
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -32,9 +34,15 @@ class Server:
     url: str
     proc: subprocess.Popen[bytes]
     log_path: Path
+    # An admin API key for the helpers' own requests (readiness, /metrics) when the server has keys; None otherwise.
+    admin_key: str | None = None
 
-    def client(self, timeout: float = 120.0) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=timeout)
+    def client(self, timeout: float = 120.0, key: str | None = None) -> httpx.Client:
+        """A client; with ``key``, every request sends it as ``Authorization: Bearer <key>``."""
+        return httpx.Client(base_url=self.url, timeout=timeout, headers=bearer(key))
+
+    def _admin(self) -> dict[str, str]:
+        return bearer(self.admin_key)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -42,7 +50,7 @@ class Server:
     def metric(self, name: str) -> float:
         """Sum of a Prometheus metric's samples (all label sets) from /metrics; a metric that is not there is an
         error, not 0 (a renamed or unregistered metric must fail the test that reads it)."""
-        text = httpx.get(self.url + "/metrics", timeout=30).text
+        text = httpx.get(self.url + "/metrics", timeout=30, headers=self._admin()).text
         total, found = 0.0, False
         for line in text.splitlines():
             if line.startswith("#"):
@@ -57,12 +65,15 @@ class Server:
         return total
 
     def metric_lines(self, prefix: str) -> list[str]:
-        text = httpx.get(self.url + "/metrics", timeout=30).text
+        text = httpx.get(self.url + "/metrics", timeout=30, headers=self._admin()).text
         return [ln for ln in text.splitlines() if ln.startswith(prefix)]
 
 
-def start_server(env: dict[str, str], log_path: Path, timeout: float = 240.0, root: Path = ROOT) -> Server:
+def start_server(
+    env: dict[str, str], log_path: Path, timeout: float = 240.0, root: Path = ROOT, admin_key: str | None = None
+) -> Server:
     """Start `bentoml serve` from the repo root (or another checkout: ``root``) as a user would; wait until ready.
+    A server with API keys (ZSS_API_KEYS in ``env``) needs ``admin_key`` for the readiness check and /metrics.
 
     Each server gets a BENTOML_HOME of its own (beside its log) unless ``env`` names one: `bentoml serve` empties
     ``$BENTOML_HOME/prometheus_multiproc_dir`` when it starts, so a second server under the same home deletes the
@@ -84,7 +95,7 @@ def start_server(env: dict[str, str], log_path: Path, timeout: float = 240.0, ro
         start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
-    server = Server(url, proc, log_path)
+    server = Server(url, proc, log_path, admin_key)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -92,7 +103,7 @@ def start_server(env: dict[str, str], log_path: Path, timeout: float = 240.0, ro
         try:
             if httpx.get(url + "/readyz", timeout=5).status_code == 200:
                 # Dependencies answer too once the gateway is ready; this also warms them up.
-                r = httpx.get(url + "/healthz_models", timeout=120)
+                r = httpx.get(url + "/healthz_models", timeout=120, headers=bearer(admin_key))
                 if r.status_code == 200:
                     return server
         except httpx.HTTPError:
@@ -128,8 +139,10 @@ def local_http_server(handler: type[http.server.BaseHTTPRequestHandler]) -> Iter
 
 
 @contextlib.contextmanager
-def running_server(env: dict[str, str], log_path: Path, root: Path = ROOT) -> Iterator[Server]:
-    server = start_server(env, log_path, root=root)
+def running_server(
+    env: dict[str, str], log_path: Path, root: Path = ROOT, admin_key: str | None = None
+) -> Iterator[Server]:
+    server = start_server(env, log_path, root=root, admin_key=admin_key)
     try:
         yield server
     finally:

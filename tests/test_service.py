@@ -328,3 +328,10 @@ def test_restart_classifies_with_zero_text_encodes(tiny_clip: ClipFiles, tmp_pat
         assert srv.metric("zss_text_examples_encoded_total") == 0
         assert srv.metric("zss_text_prompts_encoded_total") == 0
         assert srv.metric("zss_embedding_cache_hits_total") > 0
+
+
+def test_an_open_server_on_loopback_logs_its_open_state_without_the_warning(server: Server) -> None:
+    # The shared server has no keys and listens on 127.0.0.1: said once, quietly (the loud warning is for an open
+    # server beyond loopback; tests/api/test_auth.py checks it and how the worker finds its address).
+    log = server.log()
+    assert log.count("API keys: none (ZSS_API_KEYS is empty)") == 1 and "WITHOUT API KEYS" not in log
