@@ -37,7 +37,8 @@ from engine.encoders import RemoteClipImage, RemoteClipText, RemoteDetector
 from engine.pipelines import Engine, in_thread
 from runners.clip_service import ClipImageEncoder, ClipTextEncoder
 from runners.owl_service import OwlDetectorEncoder
-from settings import Settings, configure_logging, get_settings
+from runners.serving import service_settings
+from settings import Settings, configure_logging
 
 
 def _engine(request: Request) -> Engine:
@@ -150,7 +151,7 @@ class ZeroShot:
     def __init__(self) -> None:
         # Scoring here is small; more threads only spin against the encoders for the same cores.
         torch.set_num_threads(1)
-        settings = get_settings()
+        settings = service_settings()  # the environment over the bento's arguments
         configure_logging(settings)
         app.state.settings = settings
         app.state.engine = Engine(

@@ -17,8 +17,9 @@ from PIL import Image
 from runners import clip, owl
 from runners.clip import load_clip_encoder, resolve_model
 from runners.owl import OwlDetector, model_id_for
-from runners.store import store_tag
-from settings import Settings
+from runners.serving import bento_arguments, bento_model, service_settings
+from runners.store import pin, store_tag
+from settings import Settings, get_settings
 from testing.models import TINY_CLIP_CFG, ClipFiles, write_tiny_clip
 from testing.owl import build_tiny_owlv2
 
@@ -127,3 +128,30 @@ def test_a_changed_stored_detector_is_refused(store: Path, tmp_path: Path) -> No
     cfg.write_text(cfg.read_text().replace('"owlv2"', '"owlv2" '))
     with pytest.raises(ValueError, match="content hash"):
         OwlDetector(f"bentoml:{tag}", device="cpu")
+
+
+def test_services_declare_stored_models_and_record_them_pinned(store: Path, tiny_clip: ClipFiles) -> None:
+    """What a service class attribute gets: a BentoModel pinned to the concrete version, recorded as the bento argument
+    a built bento restores; files, names and hub ids declare nothing and record nothing."""
+    tag, _ = clip.import_to_store(str(tiny_clip.config), str(tiny_clip.checkpoint), name="pinned")
+    for value in (str(tiny_clip.config), "ViT-B-32", "google/owlv2-base-patch16-ensemble", "none"):
+        assert bento_model("ZSS_CLIP_MODEL", value) is None
+    assert bento_arguments() == {}
+    ref = bento_model("ZSS_CLIP_MODEL", "bentoml:pinned")
+    assert str(ref.tag) == tag == pin("pinned")
+    assert bento_arguments() == {"ZSS_CLIP_MODEL": f"bentoml:{tag}"}
+    # A tag that is not stored is declared as given (`bentoml build` then fails naming it).
+    assert str(bento_model("ZSS_DETECTOR_MODEL", "bentoml:absent:v1").tag) == "absent:v1"
+
+
+def test_environment_wins_over_bento_arguments(store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    BentoMLContainer.bento_arguments.set({"ZSS_CLIP_MODEL": "bentoml:from-bento", "ZSS_DETECTOR_TOP_K": 12, "x": 1})
+    monkeypatch.delenv("ZSS_DETECTOR_TOP_K", raising=False)
+    monkeypatch.setenv("ZSS_CLIP_MODEL", "from-env")
+    s = service_settings()
+    assert (s.clip_model, s.detector_top_k) == ("from-env", 12)
+    monkeypatch.delenv("ZSS_CLIP_MODEL")
+    assert service_settings().clip_model == "bentoml:from-bento"
+    assert get_settings(fallback={"zss_fp16": "false"}).fp16 is False
+    with pytest.raises(ValueError, match="ZSS_DETECTOR_TOP_K"):
+        get_settings(fallback={"ZSS_DETECTOR_TOP_K": "many"})
