@@ -19,6 +19,8 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
+# What `./dev.sh serve` serves: the checkout's service.
+SERVICE = "service:ZeroShot"
 
 
 def free_port() -> int:
@@ -61,8 +63,18 @@ class Server:
         return [ln for ln in text.splitlines() if ln.startswith(prefix)]
 
 
-def start_server(env: dict[str, str], log_path: Path, timeout: float = 240.0, root: Path = ROOT) -> Server:
+def start_server(
+    env: dict[str, str],
+    log_path: Path,
+    timeout: float = 240.0,
+    root: Path = ROOT,
+    target: str = SERVICE,
+    unset: tuple[str, ...] = (),
+) -> Server:
     """Start `bentoml serve` from the repo root (or another checkout: ``root``) as a user would; wait until ready.
+
+    ``target`` is what to serve: the checkout's service, or a built bento's tag (served from ``root``, any folder);
+    ``unset`` names variables of this process's environment the server must not inherit.
 
     Each server gets a BENTOML_HOME of its own (beside its log) unless ``env`` names one: `bentoml serve` empties
     ``$BENTOML_HOME/prometheus_multiproc_dir`` when it starts, so a second server under the same home deletes the
@@ -70,13 +82,16 @@ def start_server(env: dict[str, str], log_path: Path, timeout: float = 240.0, ro
     """
     port = free_port()
     full_env = {**os.environ, **env}
+    for name in unset:
+        full_env.pop(name, None)
     full_env.setdefault("BENTOML_HOME", str(log_path.parent / f"bentoml-home-{log_path.stem}"))
     full_env.setdefault("BENTOML_DO_NOT_TRACK", "true")
-    full_env.setdefault("ZSS_DETECTOR_MODEL", "none")
+    if target == SERVICE:
+        full_env.setdefault("ZSS_DETECTOR_MODEL", "none")
     full_env["PYTHONUNBUFFERED"] = "1"
     fh = open(log_path, "wb")  # noqa: SIM115 - closed with the process
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bentoml", "serve", "service:ZeroShot", "--host", "127.0.0.1", "--port", str(port)],
+        [sys.executable, "-m", "bentoml", "serve", target, "--host", "127.0.0.1", "--port", str(port)],
         cwd=root,
         env=full_env,
         stdout=fh,
@@ -128,8 +143,10 @@ def local_http_server(handler: type[http.server.BaseHTTPRequestHandler]) -> Iter
 
 
 @contextlib.contextmanager
-def running_server(env: dict[str, str], log_path: Path, root: Path = ROOT) -> Iterator[Server]:
-    server = start_server(env, log_path, root=root)
+def running_server(
+    env: dict[str, str], log_path: Path, root: Path = ROOT, target: str = SERVICE, unset: tuple[str, ...] = ()
+) -> Iterator[Server]:
+    server = start_server(env, log_path, root=root, target=target, unset=unset)
     try:
         yield server
     finally:
