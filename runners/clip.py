@@ -76,7 +76,8 @@ def resolve_model(settings: Settings) -> ModelSpec:
     return _resolve(settings.clip_model, settings.clip_pretrained, settings.random_seed)
 
 
-def _resolve(model: str, pretrained: str, random_seed: int) -> ModelSpec:
+def _resolve(model: str, pretrained: str, random_seed: int, checkpoint_digest: str | None = None) -> ModelSpec:
+    """``checkpoint_digest``: the checkpoint file's digest where the caller has just computed it."""
     override: dict[str, Any] = {}
     model_path = Path(model)
     if _is_config_path(model):
@@ -106,7 +107,8 @@ def _resolve(model: str, pretrained: str, random_seed: int) -> ModelSpec:
     if pre.lower() == "random":
         return ModelSpec(name, None, f"{arch_id}@random-seed{random_seed}", override, random_seed)
     if Path(pre).is_file():
-        return ModelSpec(name, str(Path(pre).resolve()), f"{arch_id}@file:{_file_digest(Path(pre))}", override, None)
+        digest = checkpoint_digest or _file_digest(Path(pre))
+        return ModelSpec(name, str(Path(pre).resolve()), f"{arch_id}@file:{digest}", override, None)
     if pre in {"", "none"}:
         raise ValueError("ZSS_CLIP_PRETRAINED is empty: give a tag, a checkpoint path, or 'random'")
     return ModelSpec(name, pre, f"{arch_id}@{pre}", override, None)
@@ -116,10 +118,11 @@ def _resolve_stored(tag: str, random_seed: int) -> ModelSpec:
     """The spec of a stored model: its stored config and checkpoint, under the model id recorded at import."""
     entry = open_entry(tag, CLIP_KIND)
     config, checkpoint = entry.file("config"), entry.file("checkpoint")
+    digests = {path: _file_digest(path) for path in (config, checkpoint)}
     for path, key in ((config, "config_digest"), (checkpoint, "checkpoint_digest")):
-        if _file_digest(path) != entry.metadata[key]:
+        if digests[path] != entry.metadata[key]:
             raise ValueError(f"model {entry.tag}: {path.name} does not match the digest recorded at import")
-    spec = _resolve(str(config), str(checkpoint), random_seed)
+    spec = _resolve(str(config), str(checkpoint), random_seed, checkpoint_digest=digests[checkpoint])
     log.info("CLIP %s from BentoML's model store (%s)", entry.metadata["model_id"], entry.tag)
     return replace(spec, model_id=str(entry.metadata["model_id"]))
 
