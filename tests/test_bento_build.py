@@ -59,3 +59,22 @@ def test_bentoml_build_packages_the_gpu_variant(tmp_path: Path) -> None:
     assert "ENV PIP_BREAK_SYSTEM_PACKAGES=" in docker  # Ubuntu's pip may then install uv
     info = yaml.safe_load((src.parent / "bento.yaml").read_text())
     assert not info.get("args") and all(not s.get("models") for s in info["services"])
+
+
+def test_a_build_naming_a_model_that_is_not_in_the_store_fails_naming_it(tmp_path: Path) -> None:
+    env = {
+        **os.environ,
+        "BENTOML_HOME": str(tmp_path / "home"),
+        "BENTOML_DO_NOT_TRACK": "true",
+        "ZSS_CLIP_MODEL": "bentoml:no-such-clip",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "bentoml", "build", "--output", "tag"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode != 0 and "no-such-clip" in proc.stdout + proc.stderr
+    assert not (tmp_path / "home" / "bentos").exists() or not any((tmp_path / "home" / "bentos").rglob("bento.yaml"))
