@@ -45,7 +45,8 @@ from engine.pipelines import Engine, in_thread
 from engine.tenancy import Tenant
 from runners.clip_service import ClipImageEncoder, ClipTextEncoder
 from runners.owl_service import OwlDetectorEncoder
-from settings import Settings, configure_logging, get_settings
+from runners.serving import service_settings
+from settings import Settings, configure_logging
 
 log = logging.getLogger("zss.api")
 
@@ -156,7 +157,7 @@ app = build_app()
 
 # The one read of settings at import in this module: BentoML builds the service graph from the class attributes, so
 # a detector that is off (ZSS_DETECTOR_MODEL=none) is not declared at all: no process, no memory.
-_DETECTOR_ON = get_settings().detector_enabled
+_DETECTOR_ON = service_settings().detector_enabled
 DETECTOR_OFF = "the detector is disabled on this server (ZSS_DETECTOR_MODEL=none)"
 
 
@@ -182,7 +183,7 @@ class ZeroShot:
     def __init__(self) -> None:
         # Scoring here is small; more threads only spin against the encoders for the same cores.
         torch.set_num_threads(1)
-        settings = get_settings()
+        settings = service_settings()  # the environment over the bento's arguments
         configure_logging(settings)
         # An unusable ZSS_API_KEYS stops the start: never serve open by mistake.
         gate = auth.Gate.from_settings(settings)

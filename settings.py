@@ -2,14 +2,18 @@
 
 Each process of the service (API worker, encoder workers, the folder tool) reads it once, in its constructor, with
 ``get_settings()``, and passes it down; the only reads at import time are the few values BentoML decorator arguments
-need (runners/clip_service.py and runners/owl_service.py say which). Tests change the environment before a service
-starts, or build ``Settings(...)`` / ``get_settings({...})`` directly.
+and model references need (runners/clip_service.py and runners/owl_service.py say which). Tests change the environment
+before a service starts, or build ``Settings(...)`` / ``get_settings({...})`` directly.
+
+The services also take ``ZSS_*`` values from a bento's arguments (``bentoml build --arg ZSS_X=...``, stored in the
+bento): ``get_settings(fallback=...)`` reads those under the environment, so an environment variable always wins.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -24,11 +28,14 @@ PREFIX = "ZSS_"
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=PREFIX, frozen=True, extra="ignore")
 
-    # open_clip model name (e.g. ViT-B-32) or a path to an open_clip model-config JSON.
+    # open_clip model name (e.g. ViT-B-32), a path to an open_clip model-config JSON, or "bentoml:NAME[:VERSION]", a
+    # model imported into BentoML's model store (python -m tools.models clip), which holds config, weights and
+    # preprocessing (clip_pretrained is then not read).
     clip_model: str = "ViT-B-32"
     # open_clip pretrained tag, a path to a local checkpoint, or "random" (seeded random weights).
     clip_pretrained: str = "laion2b_s34b_b79k"
-    # Hugging Face id or local directory of an OWLv2 / OWL-ViT model; "none" disables the detector.
+    # Hugging Face id or local directory of an OWLv2 / OWL-ViT model, "bentoml:NAME[:VERSION]" (a model imported into
+    # BentoML's model store with python -m tools.models detector), "random", or "none" (disables the detector).
     detector_model: str = "google/owlv2-base-patch16-ensemble"
     # Boxes kept per image by objectness before scoring.
     detector_top_k: int = 300
@@ -110,12 +117,18 @@ class Settings(BaseSettings):
         return self.detector_model.strip().lower() not in {"", "none", "off"}
 
 
-def get_settings(environ: Mapping[str, str] | None = None) -> Settings:
+def get_settings(environ: Mapping[str, str] | None = None, *, fallback: Mapping[str, object] | None = None) -> Settings:
     """Settings from the process environment, or from ``environ`` alone (``ZSS_*`` keys); a bad value raises a
-    ValueError naming the variable."""
+    ValueError naming the variable.
+
+    ``fallback`` (``ZSS_*`` keys, e.g. a bento's arguments) fills in what the environment does not set."""
     try:
-        if environ is None:
+        if environ is None and not fallback:
             return Settings()
+        if environ is None:
+            environ = {k.upper(): v for k, v in os.environ.items() if k.upper().startswith(PREFIX)}
+        if fallback:
+            environ = {**{k.upper(): str(v) for k, v in fallback.items()}, **environ}
         values = {k[len(PREFIX) :].lower(): v for k, v in environ.items() if k.startswith(PREFIX)}
         known = {k: v for k, v in values.items() if k in Settings.model_fields}
         return Settings.model_validate(known)  # model_validate reads no environment source

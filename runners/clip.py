@@ -7,6 +7,8 @@ Model selection (see settings.py):
 - ``clip_model``: an open_clip model name, or a path to a model-config JSON. The JSON is either a plain open_clip
   config ({"embed_dim", "vision_cfg", "text_cfg"}, optionally with a "preprocess_cfg" key) or open_clip's
   ``open_clip_config.json`` form ({"model_cfg": ..., "preprocess_cfg": ...}); the preprocessing travels with it.
+  Or ``bentoml:NAME[:VERSION]``: a model ``import_to_store`` put into BentoML's model store (config, checkpoint and
+  preprocessing together; ``clip_pretrained`` is then not read), served under the model id of its original files.
 - ``clip_pretrained``: an open_clip pretrained tag (downloads through open_clip's own code where a hub is reachable),
   a path to a local checkpoint, or ``random`` (seeded random weights, for benchmarks and tests).
 
@@ -21,7 +23,7 @@ import json
 import logging
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,7 @@ from PIL import Image
 
 from imaging.preprocess import Preprocess
 from runners.device import select_device
+from runners.store import CLIP_KIND, KIND_KEY, open_entry, store_tag
 from settings import Settings
 
 log = logging.getLogger(__name__)
@@ -57,12 +60,27 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def _is_config_path(model: str) -> bool:
+    return model.endswith(".json") or Path(model).is_file()
+
+
 def resolve_model(settings: Settings) -> ModelSpec:
-    """Turn ZSS_CLIP_MODEL / ZSS_CLIP_PRETRAINED into open_clip arguments and a content-based model id."""
-    model = settings.clip_model
+    """Turn ZSS_CLIP_MODEL / ZSS_CLIP_PRETRAINED into open_clip arguments and a content-based model id.
+
+    A ``bentoml:`` tag in ZSS_CLIP_MODEL names a model imported into BentoML's model store (``import_to_store``); it
+    keeps the model id its original files or tag had, so the embedding cache does not depend on where weights live.
+    """
+    tag = store_tag(settings.clip_model)
+    if tag is not None:
+        return _resolve_stored(tag, settings.random_seed)
+    return _resolve(settings.clip_model, settings.clip_pretrained, settings.random_seed)
+
+
+def _resolve(model: str, pretrained: str, random_seed: int, checkpoint_digest: str | None = None) -> ModelSpec:
+    """``checkpoint_digest``: the checkpoint file's digest where the caller has just computed it."""
     override: dict[str, Any] = {}
     model_path = Path(model)
-    if model.endswith(".json") or model_path.is_file():
+    if _is_config_path(model):
         if not model_path.is_file():
             raise FileNotFoundError(f"ZSS_CLIP_MODEL: model config {model_path} not found")
         raw = json.loads(model_path.read_text())
@@ -85,14 +103,106 @@ def resolve_model(settings: Settings) -> ModelSpec:
     else:
         name = model
         arch_id = model
-    pre = settings.clip_pretrained.strip()
+    pre = pretrained.strip()
     if pre.lower() == "random":
-        return ModelSpec(name, None, f"{arch_id}@random-seed{settings.random_seed}", override, settings.random_seed)
+        return ModelSpec(name, None, f"{arch_id}@random-seed{random_seed}", override, random_seed)
     if Path(pre).is_file():
-        return ModelSpec(name, str(Path(pre).resolve()), f"{arch_id}@file:{_file_digest(Path(pre))}", override, None)
+        digest = checkpoint_digest or _file_digest(Path(pre))
+        return ModelSpec(name, str(Path(pre).resolve()), f"{arch_id}@file:{digest}", override, None)
     if pre in {"", "none"}:
         raise ValueError("ZSS_CLIP_PRETRAINED is empty: give a tag, a checkpoint path, or 'random'")
     return ModelSpec(name, pre, f"{arch_id}@{pre}", override, None)
+
+
+def _resolve_stored(tag: str, random_seed: int) -> ModelSpec:
+    """The spec of a stored model: its stored config and checkpoint, under the model id recorded at import."""
+    entry = open_entry(tag, CLIP_KIND)
+    config, checkpoint = entry.file("config"), entry.file("checkpoint")
+    digests = {path: _file_digest(path) for path in (config, checkpoint)}
+    for path, key in ((config, "config_digest"), (checkpoint, "checkpoint_digest")):
+        if digests[path] != entry.metadata[key]:
+            raise ValueError(f"model {entry.tag}: {path.name} does not match the digest recorded at import")
+    spec = _resolve(str(config), str(checkpoint), random_seed, checkpoint_digest=digests[checkpoint])
+    log.info("CLIP %s from BentoML's model store (%s)", entry.metadata["model_id"], entry.tag)
+    return replace(spec, model_id=str(entry.metadata["model_id"]))
+
+
+def import_to_store(model: str, pretrained: str, name: str | None = None) -> tuple[str, bool]:
+    """Copy an open_clip model into BentoML's model store; returns (tag, created).
+
+    ``model`` / ``pretrained`` are what ZSS_CLIP_MODEL / ZSS_CLIP_PRETRAINED take: a model-config JSON and a local
+    checkpoint, or an open_clip name with a pretrained tag (downloaded once through open_clip's own code, so this
+    needs the hub) or a local checkpoint. The entry holds the config (a JSON file is copied byte for byte, under its
+    own name: the model id hashes both; a named model's config is written out with the tag's preprocessing), the
+    checkpoint byte for byte, and in its metadata the model id ``resolve_model`` gives the original arguments.
+    """
+    from runners.store import content_version, create_entry, tag_name
+
+    if store_tag(model) is not None:
+        raise ValueError(f"{model} is already a model-store tag")
+    spec = _resolve(model, pretrained, 0)
+    if spec.pretrained is None:
+        raise ValueError("random weights: there is nothing to store (serve ZSS_CLIP_PRETRAINED=random directly)")
+    # Load it once: a broken checkpoint fails here, not when a container starts; a tag is downloaded here.
+    loaded = open_clip.create_model(
+        spec.name, pretrained=spec.pretrained, device="cpu", force_preprocess_cfg=spec.preprocess_override or None
+    )
+    preprocess = open_clip.get_model_preprocess_cfg(loaded)
+    del loaded
+    with tempfile.TemporaryDirectory(prefix="zss-clip-import-") as tmp:
+        if _is_config_path(model):
+            config = Path(model)
+        else:
+            model_cfg = open_clip.get_model_config(spec.name)
+            if model_cfg is None:
+                raise ValueError(f"{spec.name}: open_clip has no config of that name")
+            hf_tokenizer = model_cfg.get("text_cfg", {}).get("hf_tokenizer_name")
+            if hf_tokenizer:
+                raise ValueError(
+                    f"{spec.name} tokenises with the Hugging Face tokenizer {hf_tokenizer!r}, which would still come "
+                    "from the hub; only models with open_clip's own tokenizer can be stored"
+                )
+            config = Path(tmp) / "open_clip_config.json"
+            config.write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess}, indent=2))
+        if Path(spec.pretrained).is_file():
+            checkpoint = Path(spec.pretrained)
+        else:
+            checkpoint = Path(_download_pretrained(spec.name, spec.pretrained))
+        if config.name == checkpoint.name:
+            raise ValueError(f"the config and the checkpoint are both named {config.name}")
+        if _is_config_path(model):
+            stem = Path(model).stem
+        else:
+            stem = f"{model}-{checkpoint.stem if Path(pretrained).is_file() else pretrained}"
+        metadata = {
+            KIND_KEY: CLIP_KIND,
+            "model_id": spec.model_id,
+            "config": config.name,
+            "config_digest": _file_digest(config),
+            "checkpoint": checkpoint.name,
+            "checkpoint_digest": _file_digest(checkpoint),
+            "source_model": model if not _is_config_path(model) else Path(model).name,
+            "source_pretrained": pretrained if not Path(pretrained).is_file() else Path(pretrained).name,
+            "preprocess": json.dumps(preprocess),
+        }
+        version = content_version(spec.model_id, metadata["config_digest"], metadata["checkpoint_digest"])
+        return create_entry(
+            name or tag_name(stem),
+            version,
+            {config.name: config, checkpoint.name: checkpoint},
+            metadata,
+            {"project": "zeroshot-server", "kind": "clip"},
+        )
+
+
+def _download_pretrained(name: str, tag: str) -> str:
+    """The local file of an open_clip pretrained tag (downloaded into the hub cache if it is not there yet)."""
+    from open_clip.pretrained import download_pretrained, get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(name, tag)
+    if not cfg:
+        raise ValueError(f"{name}: open_clip has no pretrained tag {tag!r}")
+    return str(download_pretrained(cfg))
 
 
 class ClipEncoder:

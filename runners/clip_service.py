@@ -20,14 +20,17 @@ from starlette.responses import PlainTextResponse
 from runners.batcher import LaneBatcher, Overloaded
 from runners.clip import load_clip_encoder
 from runners.device import configure_threads, encoder_lanes, service_workers
-from runners.serving import RUNNER_CONNECTION, TRAFFIC
-from settings import LimitedLog, configure_logging, get_settings
+from runners.serving import RUNNER_CONNECTION, TRAFFIC, bento_model, service_settings
+from settings import LimitedLog, configure_logging
 
 log = logging.getLogger(__name__)
 
-# The one read of settings at import: decorator arguments (the text encoder's batch size and latency bound) are fixed
-# when the class is defined. Everything else is read in the constructors.
-_S = get_settings()
+# The one read of settings at import: decorator arguments (the text encoder's batch size and latency bound) and the
+# model reference are fixed when the class is defined. Everything else is read in the constructors.
+_S = service_settings()
+# ZSS_CLIP_MODEL=bentoml:NAME[:VERSION] (environment or bento argument): both encoders declare that stored model, so
+# `bentoml build` packs it into the bento and a served bento finds it there. Files, names and tags declare nothing.
+_CLIP_MODEL = bento_model("ZSS_CLIP_MODEL", _S.clip_model)
 
 IMAGES_ENCODED = Counter("zss_images_encoded", "Images encoded by the CLIP image tower")
 IMAGES_SHED = Counter("zss_images_shed", "Images refused (503) because they could not be answered within the bound")
@@ -60,8 +63,11 @@ class BadPixels(bentoml.exceptions.InvalidArgument):
     runner_connection=RUNNER_CONNECTION,
 )
 class ClipImageEncoder:
+    if _CLIP_MODEL is not None:
+        clip_model = _CLIP_MODEL
+
     def __init__(self) -> None:
-        settings = get_settings()
+        settings = service_settings()
         configure_logging(settings)
         workers = service_workers("clip_image_encoder", 1)
         lanes = encoder_lanes(settings.device, settings.image_lanes, workers)
@@ -130,8 +136,11 @@ class ClipImageEncoder:
 
 @bentoml.service(name="clip_text_encoder", workers=1, threads=4, traffic=TRAFFIC, runner_connection=RUNNER_CONNECTION)
 class ClipTextEncoder:
+    if _CLIP_MODEL is not None:
+        clip_model = _CLIP_MODEL
+
     def __init__(self) -> None:
-        settings = get_settings()
+        settings = service_settings()
         configure_logging(settings)
         self.threads = configure_threads(settings.torch_threads)
         self.encoder = load_clip_encoder(settings, towers="text")

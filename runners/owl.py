@@ -25,6 +25,7 @@ from PIL import Image
 
 from imaging.geometry import pad_to_square, padded_square_cxcywh_to_xyxy
 from runners.device import select_device
+from runners.store import DETECTOR_KIND, KIND_KEY, StoreEntry, open_entry, store_tag
 from settings import Settings
 
 log = logging.getLogger(__name__)
@@ -39,31 +40,109 @@ _ID_SUFFIXES = {".json", ".safetensors", ".bin", ".txt", ".model", ".pt", ".pth"
 ImageEncoding = dict[str, np.ndarray]
 
 
-def local_model_id(path: Path) -> str:
-    """Stable id of a local checkpoint directory: its resolved path plus a content hash of its config/weights files.
-
-    The hash makes cache keys change when the files are replaced in place (the path alone would not).
-    """
-    root = path.expanduser().resolve()
-    h = hashlib.sha256()
-    files = sorted(
+def _id_files(root: Path) -> list[Path]:
+    """The files whose content identifies a checkpoint directory (hidden files and folders left out)."""
+    return sorted(
         p
         for p in root.rglob("*")
         if p.is_file()
         and p.suffix in _ID_SUFFIXES
         and not any(part.startswith(".") for part in p.relative_to(root).parts)
     )
-    for f in files:
+
+
+def content_hash(path: Path) -> str:
+    """A hash of a checkpoint directory's config/weights/tokenizer files: their relative names and contents."""
+    root = path.expanduser().resolve()
+    h = hashlib.sha256()
+    for f in _id_files(root):
         h.update(str(f.relative_to(root)).encode() + b"\0")
         with f.open("rb") as fh:
             h.update(hashlib.file_digest(fh, "sha256").digest())
-    return f"{root}#sha256:{h.hexdigest()[:16]}"
+    return h.hexdigest()[:16]
+
+
+def local_model_id(path: Path) -> str:
+    """Stable id of a local checkpoint directory: its resolved path plus a content hash of its config/weights files.
+
+    The hash makes cache keys change when the files are replaced in place (the path alone would not).
+    """
+    return f"{path.expanduser().resolve()}#sha256:{content_hash(path)}"
 
 
 def model_id_for(source: str) -> str:
-    """The cache id of a ``detector_model`` value: a local directory's path+hash, else the Hugging Face id itself."""
+    """The cache id of a ``detector_model`` value: a local directory's path+hash, else the Hugging Face id itself.
+
+    A model in BentoML's model store (``bentoml:NAME[:VERSION]``) keeps the id its source had when it was imported.
+    """
+    tag = store_tag(source)
+    if tag is not None:
+        return str(_open_stored(tag).metadata["model_id"])
     p = Path(source).expanduser()
     return local_model_id(p) if p.is_dir() else source
+
+
+def _open_stored(tag: str) -> StoreEntry:
+    """A stored detector whose files still hash to what was recorded at import."""
+    entry = open_entry(tag, DETECTOR_KIND)
+    if content_hash(entry.path) != entry.metadata["content_hash"]:
+        raise ValueError(f"model {entry.tag}: its files do not match the content hash recorded at import")
+    return entry
+
+
+def import_to_store(source: str, name: str | None = None) -> tuple[str, bool]:
+    """Copy an OWLv2 / OWL-ViT checkpoint into BentoML's model store; returns (tag, created).
+
+    ``source`` is what ZSS_DETECTOR_MODEL takes: a local directory (``save_pretrained``) or a Hugging Face id, which
+    is downloaded here (config, tokenizer, processor and safetensors weights; this needs the hub). The entry holds the
+    directory's files (hidden ones left out) and, in its metadata, the model id ``model_id_for`` gives the source.
+    """
+    from transformers import AutoConfig
+
+    from runners.store import content_version, create_entry, tag_name
+
+    if store_tag(source) is not None:
+        raise ValueError(f"{source} is already a model-store tag")
+    if source.strip().lower() in {"", "none", "off", "random"}:
+        raise ValueError(f"{source!r} is not a checkpoint to store")
+    local = Path(source).expanduser()
+    root = local.resolve() if local.is_dir() else Path(_download_hub(source))
+    model_type = AutoConfig.from_pretrained(str(root)).model_type
+    if model_type not in {"owlv2", "owlvit"}:
+        raise ValueError(f"{source}: not an OWLv2/OWL-ViT checkpoint (model_type={model_type!r})")
+    files = {
+        str(p.relative_to(root)): p
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    }
+    model_id = model_id_for(str(local)) if local.is_dir() else source
+    digest = content_hash(root)
+    metadata = {
+        KIND_KEY: DETECTOR_KIND,
+        "model_id": model_id,
+        "content_hash": digest,
+        "model_type": model_type,
+        "source": source if not local.is_dir() else local.name,
+    }
+    stem = local.name if local.is_dir() else source.rsplit("/", 1)[-1]
+    return create_entry(
+        name or tag_name(stem),
+        content_version(model_id, digest),
+        files,
+        metadata,
+        {"project": "zeroshot-server", "kind": "detector"},
+    )
+
+
+def _download_hub(repo_id: str) -> str:
+    """A Hugging Face snapshot of the files a detector needs (safetensors weights, else the .bin ones)."""
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.txt", "*.model"]
+    path = snapshot_download(repo_id, allow_patterns=[*patterns, "*.safetensors"])
+    if not any(Path(path).glob("*.safetensors")):
+        path = snapshot_download(repo_id, allow_patterns=[*patterns, "*.bin"])
+    return path
 
 
 def _load_model(source: str, model_type: str) -> torch.nn.Module:
@@ -86,7 +165,9 @@ class OwlDetector:
     """An OWLv2 (or OWL-ViT) checkpoint ready to encode images into per-box data and texts into query embeddings.
 
     ``model`` is a Hugging Face id (resolved by transformers' own cache/download logic; set HF_HUB_OFFLINE=1 for
-    air-gapped deployments with a pre-filled cache) or a local directory written by ``save_pretrained``.
+    air-gapped deployments with a pre-filled cache), a local directory written by ``save_pretrained``, or
+    ``bentoml:NAME[:VERSION]``, a model ``import_to_store`` put into BentoML's model store (served under the model id
+    its source had, so the embedding cache does not depend on where the weights live).
     ``max_batch`` splits one ``encode_images`` call into several vision-tower passes (None: one pass per call); the
     caller's batch size (BentoML's adaptive batching) already bounds it, so it is only a memory guard.
     """
@@ -104,9 +185,15 @@ class OwlDetector:
 
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
-        local = Path(model).expanduser()
-        source = str(local.resolve()) if local.is_dir() else model
-        self.model_id: str = model_id_for(model)
+        tag = store_tag(model)
+        if tag is not None:
+            entry = _open_stored(tag)
+            source, self.model_id = str(entry.path), str(entry.metadata["model_id"])
+            log.info("detector %s from BentoML's model store (%s)", self.model_id, entry.tag)
+        else:
+            local = Path(model).expanduser()
+            source = str(local.resolve()) if local.is_dir() else model
+            self.model_id = model_id_for(model)
         self.top_k = top_k
         self.max_batch = max_batch
         self.device = select_device(device)

@@ -17,19 +17,25 @@ from PIL import Image
 from runners.device import configure_threads
 from runners.owl import OwlDetector, load_detector
 from runners.owl_wire import pack
-from runners.serving import RUNNER_CONNECTION, TRAFFIC
-from settings import configure_logging, get_settings
+from runners.serving import RUNNER_CONNECTION, TRAFFIC, bento_model, service_settings
+from settings import configure_logging
 
 log = logging.getLogger(__name__)
 
-# The one read of settings at import: decorator arguments (batch sizes) are fixed when the class is defined.
-_S = get_settings()
+# The one read of settings at import: decorator arguments (batch sizes) and the model reference are fixed when the
+# class is defined.
+_S = service_settings()
+# ZSS_DETECTOR_MODEL=bentoml:NAME[:VERSION]: declared, so `bentoml build` packs that stored model into the bento.
+_DETECTOR_MODEL = bento_model("ZSS_DETECTOR_MODEL", _S.detector_model) if _S.detector_enabled else None
 
 
 @bentoml.service(name="owl_detector", workers=1, threads=4, traffic=TRAFFIC, runner_connection=RUNNER_CONNECTION)
 class OwlDetectorEncoder:
+    if _DETECTOR_MODEL is not None:
+        detector_model = _DETECTOR_MODEL
+
     def __init__(self) -> None:
-        settings = get_settings()
+        settings = service_settings()
         configure_logging(settings)
         self.detector: OwlDetector | None = None
         self.error: str | None = None

@@ -1,8 +1,15 @@
-"""BentoML service settings shared by the encoder services (runners/clip_service.py, runners/owl_service.py)."""
+"""What the BentoML services share: traffic and connection settings, the settings of a service process (environment
+over bento arguments), and the model-store references that make `bentoml build` pack the configured models."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
+
+from runners.store import pin, store_tag, store_value
+from settings import PREFIX, Settings, get_settings
+
+log = logging.getLogger(__name__)
 
 # Long requests (a cold deploy of thousands of prompts) must not time out.
 TRAFFIC: dict[str, Any] = {"timeout": 600}
@@ -13,3 +20,55 @@ TRAFFIC: dict[str, Any] = {"timeout": 600}
 # P1 about half its throughput and gave multi-second p99 spikes (BENCHMARKS.md). The session is therefore never
 # replaced; the retry stays as a safety net.
 RUNNER_CONNECTION: dict[str, Any] = {"max_requests": 2**31 - 1, "max_age": 1e9}
+
+
+def bento_arguments() -> dict[str, str]:
+    """The ``ZSS_*`` bento arguments of this process (``bentoml build --arg ZSS_X=...``, or recorded by
+    ``bento_model``); a served bento restores the ones it was built with."""
+    import bentoml
+
+    args = vars(bentoml.use_arguments())
+    return {k.upper(): str(v) for k, v in args.items() if k.upper().startswith(PREFIX) and v is not None}
+
+
+def service_settings() -> Settings:
+    """The settings of a service process: ``ZSS_*`` environment variables over the bento's arguments over defaults."""
+    return get_settings(fallback=bento_arguments())
+
+
+def bento_model(setting: str, value: str) -> Any:
+    """The BentoML model reference for a setting that names a model-store tag (``bentoml:NAME[:VERSION]``), else None.
+
+    A service declares it as a class attribute, which is how `bentoml build` learns which models to pack into the
+    bento. The tag is pinned to its concrete version and recorded as the bento argument ``setting``, so a bento built
+    with ``ZSS_CLIP_MODEL=bentoml:shapes-clip bentoml build`` (or ``--arg ZSS_CLIP_MODEL=...``) serves exactly the
+    model it carries, with no environment variable, even after a newer version is imported into the store.
+    A tag that is not in the store is declared as given: `bentoml build` then fails naming it, and a server started
+    from the checkout reports it when the encoder loads (BentoML resolves only a served bento's models at start).
+    """
+    from bentoml.models import BentoModel
+
+    tag = store_tag(value)
+    if tag is None:
+        return None
+    try:
+        pinned = pin(tag)
+        ref = BentoModel(pinned)
+    except ValueError as exc:  # not a valid tag: the encoder's loader says so
+        log.error("%s=%r: %s", setting, value, exc)
+        return None
+    _record_argument(setting, store_value(pinned))
+    return ref
+
+
+def _record_argument(name: str, value: str) -> None:
+    # BentoML 1.4 stores the bento arguments of the build process in the bento (bento.yaml `args`) and restores them
+    # before a served bento is imported. There is no public setter; the container below is where `--arg` lands.
+    try:
+        from bentoml._internal.configuration.containers import BentoMLContainer
+
+        args = dict(BentoMLContainer.bento_arguments.get())
+        args[name] = value
+        BentoMLContainer.bento_arguments.set(args)
+    except Exception as exc:  # a private API that may move: the model is still declared and packed
+        log.warning("could not record %s=%s as a bento argument (%s); set it where the bento runs", name, value, exc)

@@ -21,6 +21,8 @@ import httpx
 from testing.client import bearer
 
 ROOT = Path(__file__).resolve().parents[1]
+# What `./dev.sh serve` serves: the checkout's service.
+SERVICE = "service:ZeroShot"
 
 
 def free_port() -> int:
@@ -70,10 +72,19 @@ class Server:
 
 
 def start_server(
-    env: dict[str, str], log_path: Path, timeout: float = 240.0, root: Path = ROOT, admin_key: str | None = None
+    env: dict[str, str],
+    log_path: Path,
+    timeout: float = 240.0,
+    root: Path = ROOT,
+    admin_key: str | None = None,
+    target: str = SERVICE,
+    unset: tuple[str, ...] = (),
 ) -> Server:
     """Start `bentoml serve` from the repo root (or another checkout: ``root``) as a user would; wait until ready.
     A server with API keys (ZSS_API_KEYS in ``env``) needs ``admin_key`` for the readiness check and /metrics.
+
+    ``target`` is what to serve: the checkout's service, or a built bento's tag (served from ``root``, any folder);
+    ``unset`` names variables of this process's environment the server must not inherit.
 
     Each server gets a BENTOML_HOME of its own (beside its log) unless ``env`` names one: `bentoml serve` empties
     ``$BENTOML_HOME/prometheus_multiproc_dir`` when it starts, so a second server under the same home deletes the
@@ -81,13 +92,16 @@ def start_server(
     """
     port = free_port()
     full_env = {**os.environ, **env}
+    for name in unset:
+        full_env.pop(name, None)
     full_env.setdefault("BENTOML_HOME", str(log_path.parent / f"bentoml-home-{log_path.stem}"))
     full_env.setdefault("BENTOML_DO_NOT_TRACK", "true")
-    full_env.setdefault("ZSS_DETECTOR_MODEL", "none")
+    if target == SERVICE:
+        full_env.setdefault("ZSS_DETECTOR_MODEL", "none")
     full_env["PYTHONUNBUFFERED"] = "1"
     fh = open(log_path, "wb")  # noqa: SIM115 - closed with the process
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bentoml", "serve", "service:ZeroShot", "--host", "127.0.0.1", "--port", str(port)],
+        [sys.executable, "-m", "bentoml", "serve", target, "--host", "127.0.0.1", "--port", str(port)],
         cwd=root,
         env=full_env,
         stdout=fh,
@@ -140,9 +154,14 @@ def local_http_server(handler: type[http.server.BaseHTTPRequestHandler]) -> Iter
 
 @contextlib.contextmanager
 def running_server(
-    env: dict[str, str], log_path: Path, root: Path = ROOT, admin_key: str | None = None
+    env: dict[str, str],
+    log_path: Path,
+    root: Path = ROOT,
+    admin_key: str | None = None,
+    target: str = SERVICE,
+    unset: tuple[str, ...] = (),
 ) -> Iterator[Server]:
-    server = start_server(env, log_path, root=root, admin_key=admin_key)
+    server = start_server(env, log_path, root=root, admin_key=admin_key, target=target, unset=unset)
     try:
         yield server
     finally:

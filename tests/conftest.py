@@ -20,6 +20,7 @@ if str(ROOT) not in sys.path:
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")  # BentoML's usage analytics (model saves in tests/runners)
 
 from testing.models import ClipFiles, clip_env, write_tiny_clip  # noqa: E402
 from testing.owl import build_tiny_owlv2  # noqa: E402
