@@ -8,11 +8,13 @@ in-process against an engine with fake encoders.
 
 from __future__ import annotations
 
+from pathlib import Path as FsPath
 from typing import Annotated, Any
 
 import bentoml
 import torch
 from fastapi import Depends, FastAPI, Path, Query, Request
+from fastapi.staticfiles import StaticFiles
 
 from api import convert, errors
 from api.inputs import image_sources
@@ -45,6 +47,7 @@ def _engine(request: Request) -> Engine:
 
 
 EngineDep = Annotated[Engine, Depends(_engine)]
+UI_DIR = FsPath(__file__).resolve().parent / "ui"
 DeployedId = Annotated[str, Query(max_length=128)]
 
 
@@ -134,6 +137,18 @@ def build_app(engine: Engine | None = None, settings: Settings | None = None) ->
         """The loaded models' ids and preprocessing (also warms the encoders up)."""
         return await in_thread(eng.models_info)
 
+    @app.get("/ui/settings.json", include_in_schema=False)
+    async def ui_settings(request: Request) -> dict[str, Any]:
+        """What the web page needs to know about this server (no secrets): URL fetching and the detector."""
+        s = request.app.state.settings
+        return {
+            "allow_url_fetch": bool(s and s.allow_url_fetch),
+            "detector_enabled": bool(s and s.detector_enabled),
+        }
+
+    # The web page (ui/: static HTML + JS, no build step) at /ui/.
+    if UI_DIR.is_dir():
+        app.mount("/ui", StaticFiles(directory=UI_DIR, html=True), name="ui")
     return app
 
 
