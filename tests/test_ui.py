@@ -7,6 +7,7 @@ artifacts/ui/ (gitignored). A missing browser fails these tests; it never skips 
 
 from __future__ import annotations
 
+import http.server
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ import pytest
 from testing.browser import artifacts_dir, chromium
 from testing.client import assert_error, files
 from testing.images import jpeg_bytes, png_bytes
-from testing.server import Server
+from testing.server import Server, local_http_server
 
 pytestmark = pytest.mark.server
 
@@ -286,3 +287,83 @@ def test_no_browser_is_an_error_not_a_skip(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setattr(tb.shutil, "which", lambda name: None)
     with pytest.raises(tb.NoBrowser, match="apt-get install -y chromium"):
         tb.chromium_path()
+
+
+def test_images_by_url_drop_and_paste_and_the_debounce(ui: UI, server: Server) -> None:
+    blob = jpeg_bytes(7)
+
+    class Images(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+            self.send_response(200)
+            self.send_header("Content-Type", "image/jpeg")
+            self.send_header("Content-Length", str(len(blob)))
+            self.end_headers()
+            self.wfile.write(blob)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    deploys: list[str] = []
+    ui.page.on("request", lambda r: deploys.append(r.url) if "/deploy_classifier" in r.url else None)
+    ui.page.locator("#classes .class .name").press_sequentially("cat")  # three input events, one debounced deploy
+    ui.page.locator("#classes .class .include").fill("cat")
+    assert ui.settle() == "done"
+    assert len(deploys) == 1, deploys
+
+    with local_http_server(Images) as port:
+        ui.page.fill("#url", f"http://127.0.0.1:{port}/cat.jpg")
+        ui.page.click("#url-form button")
+        # A dropped file and a pasted one, as the browser hands them to the page.
+        for event in ("drop", "paste"):
+            ui.page.evaluate(
+                """([event, bytes]) => {
+                    const dt = new DataTransfer();
+                    dt.items.add(new File([new Uint8Array(bytes)], event + '.jpg', {type: 'image/jpeg'}));
+                    const e = event === 'drop'
+                        ? new DragEvent('drop', {dataTransfer: dt, bubbles: true, cancelable: true})
+                        : new ClipboardEvent('paste', {clipboardData: dt, bubbles: true, cancelable: true});
+                    (event === 'drop' ? document.querySelector('#drop') : document).dispatchEvent(e);
+                }""",
+                ["drop", list(blob)] if event == "drop" else ["paste", list(blob)],
+            )
+        assert ui.settle() == "done"
+        shown = bars(ui)
+    assert ui.page.locator("#strip .card figcaption").all_inner_texts()[1:] == ["drop.jpg", "paste.jpg"]
+    assert len(shown) == 3 and shown[0] == shown[1] == shown[2]  # the same image three ways, the same scores
+    ui.shot("url-drop-paste")
+
+
+def test_import_a_json_file_then_update_the_deployment(ui: UI, server: Server) -> None:
+    body = {
+        "detector_configs": [
+            {"name": "cat", "examples_to_include": ["cat"], "examples_to_exclude": [], "detection_threshold": 0.3}
+        ],
+        "nms_threshold": 0.5,
+        "class_agnostic_nms": True,
+        "augment_examples": False,
+    }
+    with server.client() as c:
+        dep = c.post("/deploy_detector", json=body).json()["deployed_id"]
+    upload = {**body, "deployed_id": dep}
+    file = {"name": "d.json", "mimeType": "application/json", "buffer": json.dumps(upload).encode()}
+    ui.page.set_input_files("#import-file", files=[file])
+    ui.page.locator("#deploy-message", has_text="Imported d.json").wait_for()
+    assert ui.page.is_checked("#kind-detector") and ui.page.input_value("#deployed-id") == dep
+    assert ui.export() == body
+    ui.page.locator("#classes .class .include").fill("cat\nkitten")
+    ui.page.click("#deploy")
+    ui.page.locator("#deploy-message", has_text="Model updated.").wait_for()
+    with server.client() as c:
+        stored = c.get("/model_config", params={"deployed_id": dep}).json()
+    assert stored["detector_configs"][0]["examples_to_include"] == ["cat", "kitten"]
+    assert "/detect?deployed_id=" + dep in ui.page.input_value("#curl")
+
+
+def test_every_control_is_labelled(ui: UI) -> None:
+    ui.page.click("#add-class")
+    unlabelled = ui.page.evaluate(
+        """() => Array.from(document.querySelectorAll('input, textarea, select, button')).filter(el =>
+            !(el.labels && el.labels.length) && !el.getAttribute('aria-label') && !el.textContent.trim()
+        ).map(el => el.outerHTML)"""
+    )
+    assert unlabelled == []

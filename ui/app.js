@@ -446,7 +446,10 @@ async function refreshList() {
       .map((d) => {
         const tr = document.createElement("tr");
         tr.dataset.id = d.deployed_id;
-        const cells = [d.deployed_id, d.kind, String(d.n_classes), new Date(d.updated_at * 1000).toLocaleString()];
+        const draft = localStorage.getItem(DRAFT_STORE + d.kind) === d.deployed_id;
+        if (draft) tr.dataset.draft = "true";
+        const idText = draft ? `${d.deployed_id} (this page's draft)` : d.deployed_id;
+        const cells = [idText, d.kind, String(d.n_classes), new Date(d.updated_at * 1000).toLocaleString()];
         for (const text of cells) {
           const td = document.createElement("td");
           td.textContent = text;
