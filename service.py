@@ -37,6 +37,7 @@ from cache.embeddings import EmbeddingCache
 from cache.registry import Registry
 from engine.encoders import LocalDetector, RemoteClipImage, RemoteClipText, RemoteDetector
 from engine.pipelines import Engine, in_thread
+from errors import ZssError
 from runners.clip_service import ClipImageEncoder, ClipTextEncoder
 from runners.owl_service import OwlDetectorEncoder
 from settings import Settings, configure_logging, get_settings
@@ -138,13 +139,14 @@ def build_app(engine: Engine | None = None, settings: Settings | None = None) ->
         return await in_thread(eng.models_info)
 
     @app.get("/ui/settings.json", include_in_schema=False)
-    async def ui_settings(request: Request) -> dict[str, Any]:
+    async def ui_settings(request: Request, eng: EngineDep) -> dict[str, Any]:
         """What the web page needs to know about this server (no secrets): URL fetching and the detector."""
         s = request.app.state.settings
-        return {
-            "allow_url_fetch": bool(s and s.allow_url_fetch),
-            "detector_enabled": bool(s and s.detector_enabled),
-        }
+        try:  # the detector's info is cached once it has answered; an absent detector answers 503 with the reason
+            detector = bool(s and s.detector_enabled) and bool(await in_thread(eng.detector_info))
+        except ZssError:
+            detector = False
+        return {"allow_url_fetch": bool(s and s.allow_url_fetch), "detector_enabled": detector}
 
     # The web page (ui/: static HTML + JS, no build step) at /ui/.
     if UI_DIR.is_dir():
