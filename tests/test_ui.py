@@ -367,3 +367,28 @@ def test_every_control_is_labelled(ui: UI) -> None:
         ).map(el => el.outerHTML)"""
     )
     assert unlabelled == []
+
+
+def test_a_change_cancels_the_request_in_flight(ui: UI) -> None:
+    held: list[Any] = []
+    failed: list[str] = []
+
+    def hold_the_first(route: Any) -> None:
+        if not held:
+            held.append(route)  # never answered: the request stays in flight until the page cancels it
+        else:
+            route.continue_()
+
+    ui.page.route("**/classify?*", hold_the_first)
+    ui.page.on("requestfailed", lambda r: failed.append(f"{r.url} {r.failure}") if "/classify" in r.url else None)
+    ui.fill_class(0, "cat", ["cat"])
+    ui.upload(("a.jpg", jpeg_bytes(5), "image/jpeg"))
+    for _ in range(100):
+        if held:
+            break
+        ui.page.wait_for_timeout(100)
+    assert held and ui.page.evaluate("document.body.dataset.state") == "busy"
+    ui.page.locator("#classes .class .name").fill("kitty")
+    assert ui.settle() == "done"
+    assert [r["cls"] for r in bars(ui)[0]] == ["kitty"]
+    assert len(failed) == 1 and "ERR_ABORTED" in failed[0], failed
