@@ -2,7 +2,7 @@
 # ZeroShot Server's two commands (and their shared set-up step):
 #   ./dev.sh serve   set up .venv if needed, then `bentoml serve` on port 3000 (ZSS_* settings from the environment)
 #   ./dev.sh test    set up .venv if needed, then ruff (lint, format), the import contracts and the whole test suite
-#                    (what .ci/run runs)
+#                    (what .ci/run runs); installs Debian's chromium for the web page's tests if missing (as root)
 #   ./dev.sh setup   only the set-up step
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -24,6 +24,23 @@ setup() {
   echo "$want" > "$stamp"
 }
 
+# The web page's tests drive Debian's Chromium (never a downloaded browser): install it when it is missing and we are
+# root (CI); otherwise stop with the reason. The tests themselves fail, never skip, without a browser.
+ensure_chromium() {
+  local chromium=${ZSS_CHROMIUM:-/usr/bin/chromium}
+  [ -x "$chromium" ] && return 0
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "dev.sh: $chromium is missing; installing Debian's chromium (apt-get)" >&2
+    apt-get update -q >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null
+  fi
+  if [ ! -x "$chromium" ]; then
+    echo "dev.sh: the web page's tests need Chromium at $chromium: run 'apt-get install -y chromium' as root" \
+         "(or set ZSS_CHROMIUM to a Chromium binary); never 'playwright install'" >&2
+    exit 1
+  fi
+}
+
 case "${1:-}" in
   setup)
     setup
@@ -39,6 +56,7 @@ case "${1:-}" in
     "$VENV/bin/ruff" check .
     "$VENV/bin/ruff" format --check .
     "$VENV/bin/lint-imports"  # the layer contracts (pyproject.toml)
+    ensure_chromium
     export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
     exec "$VENV/bin/python" -m pytest "$@"
     ;;

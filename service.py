@@ -15,11 +15,13 @@ import logging
 import os
 import socket
 import sys
+from pathlib import Path as FsPath
 from typing import Annotated, Any
 
 import bentoml
 import torch
 from fastapi import Depends, FastAPI, Path, Query, Request
+from fastapi.staticfiles import StaticFiles
 
 from api import auth, convert, errors
 from api.inputs import image_sources
@@ -43,6 +45,7 @@ from cache.registry import Registry
 from engine.encoders import LocalDetector, RemoteClipImage, RemoteClipText, RemoteDetector
 from engine.pipelines import Engine, in_thread
 from engine.tenancy import Tenant
+from errors import ZssError
 from runners.clip_service import ClipImageEncoder, ClipTextEncoder
 from runners.owl_service import OwlDetectorEncoder
 from runners.serving import service_settings
@@ -57,6 +60,7 @@ def _engine(request: Request) -> Engine:
 
 EngineDep = Annotated[Engine, Depends(_engine)]
 CallerDep = Annotated[Tenant, Depends(auth.caller)]
+UI_DIR = FsPath(__file__).resolve().parent / "ui"
 DeployedId = Annotated[str, Query(max_length=128)]
 
 
@@ -150,6 +154,19 @@ def build_app(engine: Engine | None = None, settings: Settings | None = None) ->
         """The loaded models' ids and preprocessing (also warms the encoders up)."""
         return await in_thread(eng.models_info)
 
+    @app.get("/ui/settings.json", include_in_schema=False)
+    async def ui_settings(request: Request, eng: EngineDep) -> dict[str, Any]:
+        """What the web page needs to know about this server (no secrets): URL fetching and the detector."""
+        s = request.app.state.settings
+        try:  # the detector's info is cached once it has answered; an absent detector answers 503 with the reason
+            detector = bool(s and s.detector_enabled) and bool(await in_thread(eng.detector_info))
+        except ZssError:
+            detector = False
+        return {"allow_url_fetch": bool(s and s.allow_url_fetch), "detector_enabled": detector}
+
+    # The web page (ui/: static HTML + JS, no build step) at /ui/.
+    if UI_DIR.is_dir():
+        app.mount("/ui", StaticFiles(directory=UI_DIR, html=True), name="ui")
     return app
 
 

@@ -46,13 +46,21 @@ def test_bentoml_build_packages_the_gpu_variant(tmp_path: Path) -> None:
         "runners/owl_service.py",
         "semantic/classify.py",
         "cache/embeddings.py",
+        "ui/index.html",
+        "ui/app.js",
+        "ui/app.css",
     ):
         assert (src / rel).is_file(), rel
     assert not (src / "tests").exists() and not (src / ".venv").exists()
     # The bento's code is self-contained: the service imports from the bento alone (no checkout on the path).
     clean = {k: v for k, v in env.items() if k != "PYTHONPATH"}
     imported = subprocess.run(
-        [sys.executable, "-c", "import service, sys; assert not any('/tests' in p for p in sys.path)"],
+        [
+            sys.executable,
+            "-c",
+            "import service, sys; assert not any('/tests' in p for p in sys.path);"
+            " assert any(getattr(r, 'path', '') == '/ui' for r in service.app.routes)",  # the web page is mounted
+        ],
         cwd=src,
         env={**clean, "ZSS_DETECTOR_MODEL": "none"},
         capture_output=True,

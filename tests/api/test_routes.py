@@ -257,3 +257,19 @@ def test_openapi_matches_the_snapshot(client: TestClient) -> None:
 def test_image_urls_are_refused_unless_enabled(client: TestClient) -> None:
     r = client.post("/embed_image", json={"url": "http://127.0.0.1/cat.jpg"})
     assert_error(r, 400, "Image URLs are disabled on this server (set ZSS_ALLOW_URL_FETCH=true to enable).")
+
+
+def test_the_web_page_is_served_at_ui(client: TestClient, tmp_path: Path) -> None:
+    page = client.get("/ui/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert '<script src="app.js">' in page.text
+    for asset, ctype in (("app.js", "javascript"), ("app.css", "text/css")):
+        r = client.get(f"/ui/{asset}")
+        assert r.status_code == 200 and ctype in r.headers["content-type"], asset
+    assert client.get("/ui", follow_redirects=False).status_code in (307, 308)  # to /ui/
+    assert client.get("/ui/settings.json").json() == {"allow_url_fetch": False, "detector_enabled": True}
+    engine, _ = fake_engine(tmp_path / "off", detector=False)
+    with TestClient(build_app(engine)) as off:
+        assert off.get("/ui/settings.json").json()["detector_enabled"] is False
+    engine.close()
+    assert_error(client.get("/ui/nope.js"), 404)  # the envelope, as everywhere

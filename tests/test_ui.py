@@ -1,0 +1,394 @@
+"""The web page at /ui, driven in Debian's Chromium (Playwright) against the real `bentoml serve` of the session
+(tiny CLIP, tiny OWLv2): what the page shows equals what the API answers for the same images and configuration.
+
+One browser for the module, a fresh context (storage, downloads) per test. Screenshots of each state go to
+artifacts/ui/ (gitignored). A missing browser fails these tests; it never skips them.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from testing.browser import artifacts_dir, chromium
+from testing.client import assert_error, files
+from testing.images import jpeg_bytes, png_bytes
+from testing.server import Server, local_http_server
+
+pytestmark = pytest.mark.server
+
+INVALID_IMAGE = "Invalid image received, unable to open."
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    with chromium() as b:
+        yield b
+
+
+@dataclass
+class UI:
+    page: Any
+    server: Server
+    console: list[str] = field(default_factory=list)
+
+    def shot(self, name: str, full_page: bool = True) -> None:
+        self.page.screenshot(path=str(artifacts_dir() / f"{name}.png"), full_page=full_page)
+
+    def settle(self) -> str:
+        """Wait for the debounced run to finish; its outcome: done or error."""
+        self.page.wait_for_function(
+            "['done', 'error'].includes(document.body.dataset.state)"
+            " && document.body.getAttribute('aria-busy') !== 'true'"
+        )
+        return self.page.evaluate("document.body.dataset.state")
+
+    def fill_class(
+        self, i: int, name: str, include: list[str], exclude: list[str] = (), threshold: float | None = None
+    ) -> None:
+        node = self.page.locator("#classes .class").nth(i)
+        node.locator(".name").fill(name)
+        node.locator(".include").fill("\n".join(include))
+        node.locator(".exclude").fill("\n".join(exclude))
+        if threshold is not None:
+            set_range(node.locator(".threshold"), threshold)
+
+    def upload(self, *images: tuple[str, bytes, str]) -> None:
+        self.page.set_input_files("#file", files=[{"name": n, "mimeType": m, "buffer": b} for n, b, m in images])
+
+    def export(self) -> dict[str, Any]:
+        with self.page.expect_download() as d:
+            self.page.click("#export")
+        return json.loads(open(d.value.path()).read())
+
+    def errors(self) -> list[str]:
+        # Chromium reports every non-2xx fetch on the console as "Failed to load resource"; the API's 4xx answers the
+        # page shows on purpose are not errors of the page.
+        return [m for m in self.console if "Failed to load resource: the server responded with a status of 4" not in m]
+
+
+def set_range(locator: Any, value: float) -> None:
+    locator.evaluate(
+        "(el, v) => { el.value = String(v); el.dispatchEvent(new Event('input', {bubbles: true})); }", value
+    )
+
+
+def open_page(browser: Any, server: Server, width: int = 1280) -> UI:
+    ctx = browser.new_context(viewport={"width": width, "height": 900}, accept_downloads=True)
+    page = ctx.new_page()
+    ui = UI(page, server)
+    page.on("console", lambda m: ui.console.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: ui.console.append(f"page error: {e}"))
+    page.goto(server.url + "/ui/")
+    page.wait_for_selector("#classes .class")
+    return ui
+
+
+@pytest.fixture
+def ui(browser: Any, server: Server) -> Iterator[UI]:
+    ui = open_page(browser, server)
+    yield ui
+    errors = ui.errors()
+    ui.page.context.close()
+    assert not errors, errors
+
+
+def bars(ui: UI) -> list[list[dict[str, Any]]]:
+    return ui.page.eval_on_selector_all(
+        "#strip .card",
+        """cards => cards.map(c => Array.from(c.querySelectorAll('.bar')).map(b => ({
+            cls: b.dataset.class, score: Number(b.dataset.score), raw: Number(b.dataset.raw),
+            pred: b.classList.contains('pred'), title: b.title})))""",
+    )
+
+
+def boxes(ui: UI, visible_only: bool = False) -> list[dict[str, Any]]:
+    return ui.page.eval_on_selector_all(
+        "#strip .card .box",
+        """(els, visibleOnly) => els.filter(b => !visibleOnly || !b.hidden).map(b => ({
+            cls: b.dataset.class, score: Number(b.dataset.score), tlbr: b.dataset.tlbr.split(',').map(Number),
+            shown: b.getBoundingClientRect().width > 0}))""",
+        visible_only,
+    )
+
+
+def test_classifier_bars_equal_classify(ui: UI, server: Server) -> None:
+    ui.fill_class(0, "cat", ["cat", "kitten"], ["cartoon cat"])
+    ui.page.click("#add-class")
+    ui.fill_class(1, "car", ["car", "truck"])
+    images = [("a.jpg", jpeg_bytes(1), "image/jpeg"), ("b.png", png_bytes(2, (80, 60)), "image/png")]
+    ui.upload(*images)
+    assert ui.settle() == "done"
+    shown = bars(ui)
+    assert [len(b) for b in shown] == [2, 2]
+
+    body = {
+        "classifier_configs": [
+            {"name": "cat", "examples_to_include": ["cat", "kitten"], "examples_to_exclude": ["cartoon cat"]},
+            {"name": "car", "examples_to_include": ["car", "truck"], "examples_to_exclude": []},
+        ],
+        "augment_examples": True,
+    }
+    assert ui.export() == body
+    with server.client() as c:
+        dep = c.post("/deploy_classifier", json=body).json()["deployed_id"]
+        for (_, blob, mime), rows in zip(images, shown):
+            want = c.post("/classify", params={"deployed_id": dep}, files=[("data", ("x", blob, mime))]).json()
+            assert {r["cls"]: r["score"] for r in rows} == pytest.approx(want["scores"], abs=1e-6)
+            assert {r["cls"]: r["raw"] for r in rows} == pytest.approx(want["raw_scores"], abs=1e-6)
+            assert [r["cls"] for r in rows if r["pred"]] == [want["pred"]]
+            assert [r["score"] for r in rows] == sorted((r["score"] for r in rows), reverse=True)  # ranked
+            assert all(r["title"].startswith("raw score ") for r in rows)  # raw scores on hover
+    ui.shot("classifier")
+
+    # Phone width: one column, nothing wider than the screen.
+    ui.page.set_viewport_size({"width": 390, "height": 844})
+    assert ui.page.evaluate("document.documentElement.scrollWidth") <= 390
+    ui.shot("classifier-phone")
+
+
+def test_detector_boxes_equal_detect_and_the_slider_filters(ui: UI, server: Server) -> None:
+    ui.page.check("#kind-detector")
+    ui.fill_class(0, "cat", ["cat", "kitten"], ["cat toy"], threshold=0.0)
+    ui.page.click("#add-class")
+    ui.fill_class(1, "dog", ["dog"], threshold=0.0)
+    ui.page.uncheck("#agnostic")
+    blob = png_bytes(4, (60, 60))
+    ui.upload(("street.png", blob, "image/png"))
+    assert ui.settle() == "done"
+    drawn = boxes(ui)
+
+    body = ui.export()
+    assert body == {
+        "detector_configs": [
+            {
+                "name": "cat",
+                "examples_to_include": ["cat", "kitten"],
+                "examples_to_exclude": ["cat toy"],
+                "detection_threshold": 0.0,
+            },
+            {"name": "dog", "examples_to_include": ["dog"], "examples_to_exclude": [], "detection_threshold": 0.0},
+        ],
+        "nms_threshold": 0.4,
+        "class_agnostic_nms": False,
+        "augment_examples": True,
+    }
+    with server.client() as c:
+        dep = c.post("/deploy_detector", json=body).json()["deployed_id"]
+        want = c.post("/detect", params={"deployed_id": dep}, files=files(blob)).json()[0]
+    assert len(want) >= 2 and len(drawn) == len(want)
+    for got, exp in zip(drawn, want):
+        assert got["cls"] == exp["class"] and got["score"] == pytest.approx(exp["score"], abs=1e-6)
+        assert got["tlbr"] == pytest.approx(exp["tlbr"], abs=1e-3)
+        assert got["shown"]
+    ui.shot("detector")
+
+    scores = sorted(d["score"] for d in want)
+    thr = round((scores[0] + scores[-1]) / 2, 2)
+    n_requests = []
+    ui.page.on("request", lambda r: n_requests.append(r.url))
+    set_range(ui.page.locator("#min-score"), thr)
+    visible = boxes(ui, visible_only=True)
+    assert 0 < len(visible) < len(want)
+    assert len(visible) == sum(d["score"] >= thr for d in want)
+    assert all(b["score"] >= thr for b in visible)
+    assert not [u for u in n_requests if "/detect" in u or "/deploy" in u]  # filtered in the page, no new request
+    ui.shot("detector-slider")
+
+
+def test_deploy_import_by_id_in_a_fresh_page_and_delete(ui: UI, browser: Any, server: Server) -> None:
+    ui.fill_class(0, "red", ["red shape"], ["red square"])
+    ui.page.click("#add-class")
+    ui.fill_class(1, "other", ["blue shape", "green shape"])
+    ui.page.uncheck("#augment")
+    ui.page.click("#deploy")
+    msg = ui.page.locator("#deploy-message[data-id]")
+    msg.wait_for()
+    dep = msg.get_attribute("data-id")
+    assert ui.page.input_value("#deployed-id") == dep
+    assert "New model deployed." in msg.inner_text()
+    curl = ui.page.input_value("#curl")
+    assert f"/classify?deployed_id={dep}" in curl and curl.startswith("curl ")
+    exported = ui.export()
+    ui.shot("deployed")
+
+    fresh = open_page(browser, server)
+    try:
+        fresh.page.fill("#deployed-id", dep)
+        fresh.page.click("#import-id")
+        fresh.page.locator("#deploy-message", has_text=f"Imported {dep}").wait_for()
+        assert fresh.export() == exported
+        with server.client() as c:
+            stored = c.get("/model_config", params={"deployed_id": dep}).json()
+        assert {k: v for k, v in stored.items() if k != "deployed_id"} == exported
+        fresh.shot("imported")
+
+        fresh.page.click("#refresh")
+        row = fresh.page.locator(f'#deployment-rows tr[data-id="{dep}"]')
+        row.wait_for()
+        assert "classifier" in row.inner_text()
+        fresh.page.on("dialog", lambda d: d.accept())
+        row.locator(".delete").click()
+        row.wait_for(state="detached")
+        fresh.shot("deleted")
+        assert not fresh.errors(), fresh.errors()
+    finally:
+        fresh.page.context.close()
+    with server.client() as c:
+        assert_error(c.get("/model_config", params={"deployed_id": dep}), 400, "Key not found")
+
+
+def test_errors_shown_where_they_come_from(ui: UI) -> None:
+    ui.fill_class(0, "cat", ["cat"])
+    ui.upload(("good.jpg", jpeg_bytes(3), "image/jpeg"), ("corrupt.png", b"this is not an image", "image/png"))
+    assert ui.settle() == "error"
+    cards = ui.page.locator("#strip .card")
+    assert cards.nth(0).locator(".bar").count() == 1
+    assert cards.nth(0).locator(".error").is_hidden()
+    assert cards.nth(1).locator(".error").inner_text() == INVALID_IMAGE
+    ui.shot("corrupt-image")
+
+    ui.page.click("#classes .class .remove")
+    assert ui.settle() == "error"
+    assert ui.page.inner_text("#config-error") == "Class list is empty."
+    ui.shot("empty-class-list")
+
+
+def test_api_key_sent_as_bearer_and_401_focuses_the_field(ui: UI) -> None:
+    seen: list[str | None] = []
+    ui.page.on("request", lambda r: seen.append(r.headers.get("authorization")) if "/deployments" in r.url else None)
+    ui.page.fill("#api-key", "s3cret")
+    ui.page.dispatch_event("#api-key", "change")
+    ui.page.route(
+        "**/deployments",
+        lambda route: route.fulfill(
+            status=401,
+            content_type="application/json",
+            body=json.dumps({"status_code": 401, "message": "Invalid or missing API key.", "data": None}),
+        ),
+    )
+    ui.page.click("#refresh")
+    ui.page.locator("#api-key-error", has_text="Invalid or missing API key.").wait_for()
+    assert seen[-1] == "Bearer s3cret"
+    assert ui.page.evaluate("document.activeElement.id") == "api-key"
+    assert ui.page.evaluate("sessionStorage.getItem('zss.apiKey')") == "s3cret"
+    ui.shot("api-key-401")
+
+
+def test_no_browser_is_an_error_not_a_skip(monkeypatch: pytest.MonkeyPatch) -> None:
+    import testing.browser as tb
+
+    monkeypatch.setattr(tb, "CHROMIUM", "/nonexistent/chromium")
+    monkeypatch.setattr(tb.shutil, "which", lambda name: None)
+    with pytest.raises(tb.NoBrowser, match="apt-get install -y chromium"):
+        tb.chromium_path()
+
+
+def test_images_by_url_drop_and_paste_and_the_debounce(ui: UI, server: Server) -> None:
+    blob = jpeg_bytes(7)
+
+    class Images(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+            self.send_response(200)
+            self.send_header("Content-Type", "image/jpeg")
+            self.send_header("Content-Length", str(len(blob)))
+            self.end_headers()
+            self.wfile.write(blob)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    deploys: list[str] = []
+    ui.page.on("request", lambda r: deploys.append(r.url) if "/deploy_classifier" in r.url else None)
+    ui.page.locator("#classes .class .name").press_sequentially("cat")  # three input events, one debounced deploy
+    ui.page.locator("#classes .class .include").fill("cat")
+    assert ui.settle() == "done"
+    assert len(deploys) == 1, deploys
+
+    with local_http_server(Images) as port:
+        ui.page.fill("#url", f"http://127.0.0.1:{port}/cat.jpg")
+        ui.page.click("#url-form button")
+        # A dropped file and a pasted one, as the browser hands them to the page.
+        for event in ("drop", "paste"):
+            ui.page.evaluate(
+                """([event, bytes]) => {
+                    const dt = new DataTransfer();
+                    dt.items.add(new File([new Uint8Array(bytes)], event + '.jpg', {type: 'image/jpeg'}));
+                    const e = event === 'drop'
+                        ? new DragEvent('drop', {dataTransfer: dt, bubbles: true, cancelable: true})
+                        : new ClipboardEvent('paste', {clipboardData: dt, bubbles: true, cancelable: true});
+                    (event === 'drop' ? document.querySelector('#drop') : document).dispatchEvent(e);
+                }""",
+                ["drop", list(blob)] if event == "drop" else ["paste", list(blob)],
+            )
+        assert ui.settle() == "done"
+        shown = bars(ui)
+    assert ui.page.locator("#strip .card figcaption").all_inner_texts()[1:] == ["drop.jpg", "paste.jpg"]
+    assert len(shown) == 3 and shown[0] == shown[1] == shown[2]  # the same image three ways, the same scores
+    ui.shot("url-drop-paste")
+
+
+def test_import_a_json_file_then_update_the_deployment(ui: UI, server: Server) -> None:
+    body = {
+        "detector_configs": [
+            {"name": "cat", "examples_to_include": ["cat"], "examples_to_exclude": [], "detection_threshold": 0.3}
+        ],
+        "nms_threshold": 0.5,
+        "class_agnostic_nms": True,
+        "augment_examples": False,
+    }
+    with server.client() as c:
+        dep = c.post("/deploy_detector", json=body).json()["deployed_id"]
+    upload = {**body, "deployed_id": dep}
+    file = {"name": "d.json", "mimeType": "application/json", "buffer": json.dumps(upload).encode()}
+    ui.page.set_input_files("#import-file", files=[file])
+    ui.page.locator("#deploy-message", has_text="Imported d.json").wait_for()
+    assert ui.page.is_checked("#kind-detector") and ui.page.input_value("#deployed-id") == dep
+    assert ui.export() == body
+    ui.page.locator("#classes .class .include").fill("cat\nkitten")
+    ui.page.click("#deploy")
+    ui.page.locator("#deploy-message", has_text="Model updated.").wait_for()
+    with server.client() as c:
+        stored = c.get("/model_config", params={"deployed_id": dep}).json()
+    assert stored["detector_configs"][0]["examples_to_include"] == ["cat", "kitten"]
+    assert "/detect?deployed_id=" + dep in ui.page.input_value("#curl")
+
+
+def test_every_control_is_labelled(ui: UI) -> None:
+    ui.page.click("#add-class")
+    unlabelled = ui.page.evaluate(
+        """() => Array.from(document.querySelectorAll('input, textarea, select, button')).filter(el =>
+            !(el.labels && el.labels.length) && !el.getAttribute('aria-label') && !el.textContent.trim()
+        ).map(el => el.outerHTML)"""
+    )
+    assert unlabelled == []
+
+
+def test_a_change_cancels_the_request_in_flight(ui: UI) -> None:
+    held: list[Any] = []
+    failed: list[str] = []
+
+    def hold_the_first(route: Any) -> None:
+        if not held:
+            held.append(route)  # never answered: the request stays in flight until the page cancels it
+        else:
+            route.continue_()
+
+    ui.page.route("**/classify?*", hold_the_first)
+    ui.page.on("requestfailed", lambda r: failed.append(f"{r.url} {r.failure}") if "/classify" in r.url else None)
+    ui.fill_class(0, "cat", ["cat"])
+    ui.upload(("a.jpg", jpeg_bytes(5), "image/jpeg"))
+    for _ in range(100):
+        if held:
+            break
+        ui.page.wait_for_timeout(100)
+    assert held and ui.page.evaluate("document.body.dataset.state") == "busy"
+    ui.page.locator("#classes .class .name").fill("kitty")
+    assert ui.settle() == "done"
+    assert [r["cls"] for r in bars(ui)[0]] == ["kitty"]
+    assert len(failed) == 1 and "ERR_ABORTED" in failed[0], failed

@@ -1,0 +1,584 @@
+// ZeroShot Server's web page: build a classifier or detector from words, see it work on your images, deploy it.
+// Plain JS, no framework, no build step. Live results deploy a *draft* (one per kind, its id kept in localStorage and
+// updated on every change) and run /classify or /detect with it.
+"use strict";
+
+const $ = (sel, root = document) => root.querySelector(sel);
+const $$ = (sel, root = document) => Array.from(root.querySelectorAll(sel));
+const COLOURS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#9a6324", "#469990", "#808000"];
+const DEBOUNCE_MS = 400;
+const KEY_STORE = "zss.apiKey";
+const DRAFT_STORE = "zss.draft.";
+
+const state = {
+  settings: { allow_url_fetch: false, detector_enabled: true },
+  images: [], // {id, name, src (object URL or URL), blob (File) | url (string), el, result, error}
+  nextImage: 1,
+  timer: null,
+  controller: null,
+  lastDeployed: null, // JSON of the config the draft holds now
+};
+
+// -- HTTP: the API key, the envelope -----------------------------------------------------------------------------
+class ApiError extends Error {
+  constructor(status, message) {
+    super(message);
+    this.status = status;
+  }
+}
+
+async function api(path, { method = "GET", json, form, signal } = {}) {
+  const headers = {};
+  const key = $("#api-key").value.trim();
+  if (key) headers.Authorization = `Bearer ${key}`;
+  let body;
+  if (json !== undefined) {
+    headers["Content-Type"] = "application/json";
+    body = JSON.stringify(json);
+  } else if (form) {
+    body = form;
+  }
+  const res = await fetch(path, { method, headers, body, signal });
+  const text = await res.text();
+  let data = null;
+  try {
+    data = text ? JSON.parse(text) : null;
+  } catch {
+    data = null;
+  }
+  if (!res.ok) {
+    const message = data && typeof data.message === "string" ? data.message : `${res.status} ${res.statusText}`;
+    if (res.status === 401) showKeyError(message);
+    throw new ApiError(res.status, message);
+  }
+  clearError($("#api-key-error"));
+  return data;
+}
+
+function showKeyError(message) {
+  showError($("#api-key-error"), message);
+  $("#api-key").setAttribute("aria-invalid", "true");
+  $("#api-key").focus();
+}
+
+function showError(el, message) {
+  el.textContent = message;
+  el.hidden = false;
+}
+
+function clearError(el) {
+  el.textContent = "";
+  el.hidden = true;
+  if (el.id === "api-key-error") $("#api-key").removeAttribute("aria-invalid");
+}
+
+let inFlight = 0;
+function busy(delta) {
+  inFlight += delta;
+  $("#spinner").hidden = inFlight === 0;
+  document.body.setAttribute("aria-busy", inFlight > 0 ? "true" : "false");
+}
+
+async function tracked(promise) {
+  busy(1);
+  try {
+    return await promise;
+  } finally {
+    busy(-1);
+  }
+}
+
+// -- The configuration form ---------------------------------------------------------------------------------------
+function kind() {
+  return $('input[name="kind"]:checked').value;
+}
+
+function lines(text) {
+  return text.split("\n").map((s) => s.trim()).filter(Boolean);
+}
+
+function addClass(c = {}) {
+  const node = $("#class-template").content.firstElementChild.cloneNode(true);
+  $(".name", node).value = c.name || "";
+  $(".include", node).value = (c.examples_to_include || []).join("\n");
+  $(".exclude", node).value = (c.examples_to_exclude || []).join("\n");
+  const t = c.detection_threshold ?? 0.1;
+  $(".threshold", node).value = String(t);
+  $(".threshold-value", node).textContent = Number(t).toFixed(2);
+  $(".remove", node).addEventListener("click", () => {
+    node.remove();
+    renumber();
+    changed();
+  });
+  $(".threshold", node).addEventListener("input", (e) => {
+    $(".threshold-value", node).textContent = Number(e.target.value).toFixed(2);
+  });
+  $("#classes").append(node);
+  renumber();
+  return node;
+}
+
+function renumber() {
+  $$("#classes .class").forEach((node, i) => {
+    $(".n", node).textContent = String(i + 1);
+    $(".remove", node).setAttribute("aria-label", `Remove class ${i + 1}`);
+    node.style.borderLeftColor = COLOURS[i % COLOURS.length];
+  });
+}
+
+function currentConfig() {
+  const k = kind();
+  const classes = $$("#classes .class").map((node) => {
+    const c = {
+      name: $(".name", node).value.trim(),
+      examples_to_include: lines($(".include", node).value),
+      examples_to_exclude: lines($(".exclude", node).value),
+    };
+    if (k === "detector") c.detection_threshold = Number($(".threshold", node).value);
+    return c;
+  });
+  if (k === "detector") {
+    return {
+      detector_configs: classes,
+      nms_threshold: Number($("#nms").value),
+      class_agnostic_nms: $("#agnostic").checked,
+      augment_examples: $("#augment").checked,
+    };
+  }
+  return { classifier_configs: classes, augment_examples: $("#augment").checked };
+}
+
+function loadConfig(cfg) {
+  const isDetector = Array.isArray(cfg.detector_configs);
+  const classes = isDetector ? cfg.detector_configs : cfg.classifier_configs;
+  if (!Array.isArray(classes)) throw new Error("Not a classifier or detector configuration (no classifier_configs or detector_configs).");
+  $(`input[name="kind"][value="${isDetector ? "detector" : "classifier"}"]`).checked = true;
+  $("#classes").replaceChildren();
+  classes.forEach((c) => addClass(c));
+  $("#augment").checked = cfg.augment_examples ?? true;
+  if (isDetector) {
+    $("#nms").value = String(cfg.nms_threshold ?? 0.4);
+    $("#agnostic").checked = cfg.class_agnostic_nms ?? true;
+  }
+  syncKind();
+  changed();
+}
+
+function syncKind() {
+  document.body.dataset.kind = kind();
+  $("#nms-value").textContent = Number($("#nms").value).toFixed(2);
+  state.lastDeployed = null;
+  for (const img of state.images) renderResult(img);
+}
+
+// -- Images ---------------------------------------------------------------------------------------------------------
+function addImage(source) {
+  const img = { id: state.nextImage++, result: null, error: null, ...source };
+  const li = document.createElement("li");
+  li.className = "card";
+  li.dataset.image = String(img.id);
+  li.innerHTML = `<figure><div class="frame"><img alt=""><div class="boxes"></div></div>
+    <figcaption></figcaption></figure><p class="error" role="alert" hidden></p>
+    <ol class="bars" aria-label="Class scores"></ol><button type="button" class="remove-image"></button>`;
+  $("img", li).src = img.src;
+  $("img", li).alt = img.name;
+  $("figcaption", li).textContent = img.name;
+  $(".remove-image", li).textContent = "Remove";
+  $(".remove-image", li).setAttribute("aria-label", `Remove image ${img.name}`);
+  $(".remove-image", li).addEventListener("click", () => {
+    state.images = state.images.filter((x) => x !== img);
+    if (img.blob) URL.revokeObjectURL(img.src);
+    li.remove();
+  });
+  img.el = li;
+  state.images.push(img);
+  $("#strip").append(li);
+  changed();
+}
+
+function addFiles(files) {
+  for (const f of files) {
+    addImage({ name: f.name || "pasted image", src: URL.createObjectURL(f), blob: f });
+  }
+}
+
+// -- Results ------------------------------------------------------------------------------------------------------
+function renderResult(img) {
+  const li = img.el;
+  const err = $(".error", li);
+  if (img.error) showError(err, img.error);
+  else clearError(err);
+  const bars = $(".bars", li);
+  const boxes = $(".boxes", li);
+  bars.replaceChildren();
+  boxes.replaceChildren();
+  li.dataset.kind = "";
+  const r = img.result;
+  if (!r || img.error) return;
+  li.dataset.kind = r.kind;
+  if (r.kind === "classifier") {
+    const names = Object.keys(r.data.scores).sort((a, b) => r.data.scores[b] - r.data.scores[a]);
+    const order = Object.keys(r.data.scores);
+    for (const name of names) {
+      const score = r.data.scores[name];
+      const raw = r.data.raw_scores[name];
+      const row = document.createElement("li");
+      row.className = name === r.data.pred ? "bar pred" : "bar";
+      row.dataset.class = name;
+      row.dataset.score = String(score);
+      row.dataset.raw = String(raw);
+      row.title = `raw score ${raw.toFixed(4)}`;
+      row.style.setProperty("--w", `${(score * 100).toFixed(2)}%`);
+      row.style.setProperty("--c", COLOURS[order.indexOf(name) % COLOURS.length]);
+      const label = document.createElement("span");
+      label.className = "label";
+      label.textContent = name === r.data.pred ? `${name} (prediction)` : name;
+      const value = document.createElement("span");
+      value.className = "value";
+      value.textContent = score.toFixed(3);
+      row.append(label, value);
+      bars.append(row);
+    }
+  } else {
+    const node = $("img", li);
+    const w = node.naturalWidth || 1;
+    const h = node.naturalHeight || 1;
+    const order = r.classes;
+    for (const d of r.data) {
+      const [x1, y1, x2, y2] = d.tlbr;
+      const box = document.createElement("div");
+      box.className = "box";
+      box.dataset.class = d.class;
+      box.dataset.score = String(d.score);
+      box.dataset.tlbr = d.tlbr.join(",");
+      box.style.left = `${(100 * x1) / w}%`;
+      box.style.top = `${(100 * y1) / h}%`;
+      box.style.width = `${(100 * (x2 - x1)) / w}%`;
+      box.style.height = `${(100 * (y2 - y1)) / h}%`;
+      box.style.setProperty("--c", COLOURS[Math.max(0, order.indexOf(d.class)) % COLOURS.length]);
+      const tag = document.createElement("span");
+      tag.textContent = `${d.class} ${d.score.toFixed(2)}`;
+      box.append(tag);
+      boxes.append(box);
+    }
+    $(".bars", li).setAttribute("aria-label", `${r.data.length} boxes`);
+    filterBoxes();
+  }
+}
+
+function filterBoxes() {
+  const min = Number($("#min-score").value);
+  $("#min-score-value").textContent = min.toFixed(2);
+  for (const box of $$(".box")) box.hidden = Number(box.dataset.score) < min;
+}
+
+// -- The live loop: debounced, the previous run cancelled -----------------------------------------------------------
+function changed() {
+  document.body.dataset.state = "pending";
+  clearTimeout(state.timer);
+  state.timer = setTimeout(run, DEBOUNCE_MS);
+}
+
+async function whenImageLoaded(img) {
+  const node = $("img", img.el);
+  if (node.complete) return;
+  await new Promise((resolve) => {
+    node.addEventListener("load", resolve, { once: true });
+    node.addEventListener("error", resolve, { once: true });
+  });
+}
+
+async function run() {
+  if (state.controller) state.controller.abort();
+  const controller = new AbortController();
+  state.controller = controller;
+  const { signal } = controller;
+  const k = kind();
+  const cfg = currentConfig();
+  document.body.dataset.state = "busy";
+  clearError($("#run-error"));
+  busy(1);
+  try {
+    const draftKey = DRAFT_STORE + k;
+    const key = JSON.stringify(cfg);
+    let draft = localStorage.getItem(draftKey);
+    if (state.lastDeployed !== key || !draft) {
+      try {
+        const out = await api(`/deploy_${k}`, { method: "POST", json: { ...cfg, deployed_id: draft || undefined }, signal });
+        draft = out.deployed_id;
+        localStorage.setItem(draftKey, draft);
+        state.lastDeployed = key;
+        clearError($("#config-error"));
+        document.body.dataset.draft = draft;
+      } catch (e) {
+        if (signal.aborted) return;
+        state.lastDeployed = null;
+        showError($("#config-error"), e.message);
+        for (const img of state.images) {
+          img.result = null;
+          img.error = null;
+          renderResult(img);
+        }
+        document.body.dataset.state = "error";
+        return;
+      }
+    }
+    const classes = (cfg.detector_configs || cfg.classifier_configs).map((c) => c.name);
+    await Promise.all(
+      state.images.map(async (img) => {
+        const form = new FormData();
+        form.append("data", img.blob || img.url);
+        const route = k === "detector" ? "detect" : "classify";
+        try {
+          const data = await api(`/${route}?deployed_id=${encodeURIComponent(draft)}`, { method: "POST", form, signal });
+          if (k === "detector") await whenImageLoaded(img);
+          img.result = { kind: k, classes, data: k === "detector" ? data[0] : data };
+          img.error = null;
+        } catch (e) {
+          if (signal.aborted) return;
+          img.result = null;
+          img.error = e.message;
+        }
+        renderResult(img);
+      }),
+    );
+    if (signal.aborted) return;
+    document.body.dataset.state = state.images.some((i) => i.error) ? "error" : "done";
+  } catch (e) {
+    if (signal.aborted) return;
+    showError($("#run-error"), e.message);
+    document.body.dataset.state = "error";
+  } finally {
+    busy(-1);
+  }
+}
+
+// -- Import, export, deploy, deployments ------------------------------------------------------------------------
+function curlFor(id) {
+  const origin = window.location.origin;
+  const route = kind() === "detector" ? "detect" : "classify";
+  const key = $("#api-key").value.trim() ? " -H 'Authorization: Bearer $ZSS_API_KEY'" : "";
+  return `curl -s "${origin}/${route}?deployed_id=${id}"${key} -F data=@photo.jpg`;
+}
+
+function showDeployed(id, message) {
+  $("#deployed-id").value = id;
+  $("#deploy-message").textContent = message;
+  $("#deploy-message").dataset.id = id;
+  $("#curl").value = curlFor(id);
+  $("#deployed").hidden = false;
+}
+
+async function deploy() {
+  clearError($("#deploy-error"));
+  const id = $("#deployed-id").value.trim();
+  const body = { ...currentConfig() };
+  if (id) body.deployed_id = id;
+  try {
+    const out = await tracked(api(`/deploy_${kind()}`, { method: "POST", json: body }));
+    showDeployed(out.deployed_id, out.message);
+    refreshList();
+  } catch (e) {
+    showError($("#deploy-error"), e.message);
+  }
+}
+
+async function importById() {
+  clearError($("#deploy-error"));
+  const id = $("#deployed-id").value.trim();
+  if (!id) {
+    showError($("#deploy-error"), "Enter a deployed id to import.");
+    $("#deployed-id").focus();
+    return;
+  }
+  try {
+    const cfg = await tracked(api(`/model_config?deployed_id=${encodeURIComponent(id)}`));
+    delete cfg.deployed_id;
+    loadConfig(cfg);
+    showDeployed(id, `Imported ${id}.`);
+  } catch (e) {
+    showError($("#deploy-error"), e.message);
+  }
+}
+
+async function importFile(file) {
+  clearError($("#deploy-error"));
+  try {
+    const cfg = JSON.parse(await file.text());
+    const id = cfg.deployed_id;
+    delete cfg.deployed_id;
+    loadConfig(cfg);
+    $("#deployed-id").value = id || "";
+    $("#deploy-message").textContent = `Imported ${file.name}.`;
+  } catch (e) {
+    showError($("#deploy-error"), `Cannot import ${file.name}: ${e.message}`);
+  }
+}
+
+function exportJson() {
+  const cfg = currentConfig();
+  const blob = new Blob([JSON.stringify(cfg, null, 2) + "\n"], { type: "application/json" });
+  const a = document.createElement("a");
+  a.href = URL.createObjectURL(blob);
+  a.download = `${kind()}.json`;
+  document.body.append(a);
+  a.click();
+  a.remove();
+  setTimeout(() => URL.revokeObjectURL(a.href), 1000);
+}
+
+async function copy(text, what) {
+  try {
+    await navigator.clipboard.writeText(text);
+    $("#deploy-message").textContent = `${what} copied.`;
+  } catch {
+    $("#curl").select();
+    $("#deploy-message").textContent = `Select and copy the ${what.toLowerCase()} by hand.`;
+  }
+}
+
+async function refreshList() {
+  clearError($("#list-error"));
+  try {
+    const { deployments } = await tracked(api("/deployments"));
+    const rows = deployments
+      .sort((a, b) => b.updated_at - a.updated_at)
+      .map((d) => {
+        const tr = document.createElement("tr");
+        tr.dataset.id = d.deployed_id;
+        const draft = localStorage.getItem(DRAFT_STORE + d.kind) === d.deployed_id;
+        if (draft) tr.dataset.draft = "true";
+        const idText = draft ? `${d.deployed_id} (this page's draft)` : d.deployed_id;
+        const cells = [idText, d.kind, String(d.n_classes), new Date(d.updated_at * 1000).toLocaleString()];
+        for (const text of cells) {
+          const td = document.createElement("td");
+          td.textContent = text;
+          tr.append(td);
+        }
+        const td = document.createElement("td");
+        const load = document.createElement("button");
+        load.type = "button";
+        load.textContent = "Load";
+        load.className = "load";
+        load.setAttribute("aria-label", `Load ${d.deployed_id}`);
+        load.addEventListener("click", () => {
+          $("#deployed-id").value = d.deployed_id;
+          importById();
+        });
+        const del = document.createElement("button");
+        del.type = "button";
+        del.textContent = "Delete";
+        del.className = "delete";
+        del.setAttribute("aria-label", `Delete ${d.deployed_id}`);
+        del.addEventListener("click", () => deleteDeployment(d.deployed_id));
+        td.append(load, del);
+        tr.append(td);
+        return tr;
+      });
+    $("#deployment-rows").replaceChildren(...rows);
+  } catch (e) {
+    showError($("#list-error"), e.message);
+  }
+}
+
+async function deleteDeployment(id) {
+  if (!window.confirm(`Delete deployment ${id}?`)) return;
+  try {
+    await tracked(api(`/deployments/${encodeURIComponent(id)}`, { method: "DELETE" }));
+    for (const k of ["classifier", "detector"]) {
+      if (localStorage.getItem(DRAFT_STORE + k) === id) localStorage.removeItem(DRAFT_STORE + k);
+    }
+    await refreshList();
+  } catch (e) {
+    showError($("#list-error"), e.message);
+  }
+}
+
+// -- Wiring -------------------------------------------------------------------------------------------------------
+function wire() {
+  const key = $("#api-key");
+  key.value = sessionStorage.getItem(KEY_STORE) || "";
+  key.addEventListener("change", () => {
+    if (key.value.trim()) sessionStorage.setItem(KEY_STORE, key.value.trim());
+    else sessionStorage.removeItem(KEY_STORE);
+    clearError($("#api-key-error"));
+    state.lastDeployed = null;
+    changed();
+  });
+
+  $("#config").addEventListener("input", (e) => {
+    if (e.target.closest(".deploy")) return;
+    if (e.target.id === "nms") $("#nms-value").textContent = Number(e.target.value).toFixed(2);
+    changed();
+  });
+  for (const r of $$('input[name="kind"]')) {
+    r.addEventListener("change", () => {
+      syncKind();
+      changed();
+    });
+  }
+  $("#add-class").addEventListener("click", () => {
+    $(".name", addClass()).focus();
+    changed();
+  });
+
+  $("#file").addEventListener("change", (e) => {
+    addFiles(e.target.files);
+    e.target.value = "";
+  });
+  const drop = $("#drop");
+  drop.addEventListener("dragover", (e) => {
+    e.preventDefault();
+    drop.classList.add("over");
+  });
+  drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+  drop.addEventListener("drop", (e) => {
+    e.preventDefault();
+    drop.classList.remove("over");
+    addFiles(Array.from(e.dataTransfer.files).filter((f) => f.type.startsWith("image/")));
+  });
+  document.addEventListener("paste", (e) => {
+    const files = Array.from(e.clipboardData?.files || []).filter((f) => f.type.startsWith("image/"));
+    if (files.length) {
+      e.preventDefault();
+      addFiles(files);
+    }
+  });
+  $("#url-form").addEventListener("submit", (e) => {
+    e.preventDefault();
+    const url = $("#url").value.trim();
+    if (!url) return;
+    addImage({ name: url, src: url, url });
+    $("#url").value = "";
+  });
+  $("#min-score").addEventListener("input", filterBoxes);
+
+  $("#import-file").addEventListener("change", (e) => {
+    if (e.target.files[0]) importFile(e.target.files[0]);
+    e.target.value = "";
+  });
+  $("#import-id").addEventListener("click", importById);
+  $("#deploy").addEventListener("click", deploy);
+  $("#export").addEventListener("click", exportJson);
+  $("#copy-id").addEventListener("click", () => copy($("#deployed-id").value, "Id"));
+  $("#copy-curl").addEventListener("click", () => copy($("#curl").value, "Curl command"));
+  $("#refresh").addEventListener("click", refreshList);
+}
+
+async function start() {
+  wire();
+  try {
+    state.settings = await api("/ui/settings.json");
+  } catch {
+    // An older server: keep the defaults (no URL field).
+  }
+  $("#url-form").hidden = !state.settings.allow_url_fetch;
+  $("#kind-detector").disabled = !state.settings.detector_enabled;
+  addClass({ name: "", examples_to_include: [] });
+  syncKind();
+  document.body.dataset.state = "idle";
+  refreshList();
+}
+
+window.zss = { currentConfig, loadConfig };
+start();
