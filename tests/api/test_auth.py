@@ -134,8 +134,11 @@ def test_public_paths_need_no_key_and_the_docs_ask_for_one(keyed: Keyed) -> None
     assert schemes["APIKeyHeader"]["in"] == "header" and schemes["APIKeyHeader"]["name"] == "x-api-key"
     op = spec["paths"]["/classify"]["post"]
     assert {"HTTPBearer": []} in op["security"] and {"401", "429"} <= set(op["responses"])
-    # A static page under /ui (the web page's issue) passes the gate; its API calls carry the key like any client's.
-    assert c.get("/ui/index.html").status_code == 404  # no page yet: FastAPI's 404, not a 401
+    # The web page and its settings load without a key (the page asks for one); its API calls carry the key.
+    page = c.get("/ui/")
+    assert page.status_code == 200 and "<html" in page.text.lower()
+    assert c.get("/ui/settings.json").status_code == 200
+    assert_unauthorized(c.get("/deployments"), invalid=False)
     assert_unauthorized(c.get("/uix"), invalid=False)
 
 
