@@ -29,9 +29,10 @@ def test_schemathesis_finds_no_server_errors(server: Server, tmp_path: Path) -> 
         str(FUZZ_SECONDS),
         "--max-examples",
         "30",
-        # One worker: with two, Hypothesis's lambda descriptions call ast.parse from two threads at once, which CPython
-        # 3.11.7 can fail with "SystemError: AST constructor recursion depth mismatch" (gh-106905, fixed in 3.11.8):
-        # a crash of the fuzzer, not a finding about the server (seen once in a fresh-clone run).
+        # One worker: with two, Hypothesis's lambda descriptions call ast.parse from two threads at once, which this
+        # CPython 3.11.7 can fail with "SystemError: AST constructor recursion depth mismatch" (a CPython bug in the
+        # AST's recursion-depth tracking): a crash of the fuzzer, not a finding about the server (seen once in a
+        # fresh-clone run).
         "--workers",
         "1",
         "--seed",
