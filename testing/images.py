@@ -22,3 +22,10 @@ def png_bytes(seed: int = 0, size: tuple[int, int] = (64, 48)) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def encode_png(img: Image.Image) -> bytes:
+    """A PIL image as PNG bytes (lossless: what a test draws is what the server decodes)."""
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()

@@ -42,3 +42,15 @@ def clip_env(files: ClipFiles, data_dir: Path) -> dict[str, str]:
         "ZSS_CLIP_PRETRAINED": str(files.checkpoint),
         "ZSS_DATA_DIR": str(data_dir),
     }
+
+
+SHAPES_CLIP = Path(__file__).resolve().parents[1] / "models" / "shapes-clip"  # the project's trained toy CLIP
+
+
+def shapes_clip_env(data_dir: Path) -> dict[str, str]:
+    """Settings that serve the shipped shapes CLIP from its files."""
+    return {
+        "ZSS_CLIP_MODEL": str(SHAPES_CLIP / "shapes-clip.json"),
+        "ZSS_CLIP_PRETRAINED": str(SHAPES_CLIP / "shapes-clip.fp16.pt"),
+        "ZSS_DATA_DIR": str(data_dir),
+    }

@@ -8,7 +8,6 @@ and a start cost a minute or so each on 2 cores).
 
 from __future__ import annotations
 
-import io
 import os
 import subprocess
 import sys
@@ -23,12 +22,13 @@ import pytest
 import yaml
 from PIL import Image
 
+from testing.images import encode_png
+from testing.models import SHAPES_CLIP, shapes_clip_env
 from testing.server import ROOT, Server, running_server
 from tools import shapes
 
 pytestmark = pytest.mark.server
 
-SHAPES = ROOT / "models" / "shapes-clip"
 MODEL_SETTINGS = ("ZSS_CLIP_MODEL", "ZSS_CLIP_PRETRAINED", "ZSS_DETECTOR_MODEL")
 CLASSIFIER = {
     "classifier_configs": [
@@ -71,7 +71,13 @@ def built(tiny_owl: Path, tmp_path_factory: pytest.TempPathFactory) -> Built:
     home = tmp_path_factory.mktemp("bento") / "home"
     env = tool_env(home)
     py = sys.executable
-    clip = ["clip", "--model", str(SHAPES / "shapes-clip.json"), "--pretrained", str(SHAPES / "shapes-clip.fp16.pt")]
+    clip = [
+        "clip",
+        "--model",
+        str(SHAPES_CLIP / "shapes-clip.json"),
+        "--pretrained",
+        str(SHAPES_CLIP / "shapes-clip.fp16.pt"),
+    ]
     settings = {}
     for args in (clip, ["detector", "--model", str(tiny_owl), "--name", "tiny-owlv2"]):
         key, _, value = run([py, "-m", "tools.models", *args], env).strip().partition("=")
@@ -139,25 +145,14 @@ def image_server(built: Built, tmp_path_factory: pytest.TempPathFactory) -> Iter
 def checkout_server(tiny_owl: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """What `./dev.sh serve` serves with the same models from their files."""
     base = tmp_path_factory.mktemp("checkout-serve")
-    env = {
-        "ZSS_CLIP_MODEL": str(SHAPES / "shapes-clip.json"),
-        "ZSS_CLIP_PRETRAINED": str(SHAPES / "shapes-clip.fp16.pt"),
-        "ZSS_DETECTOR_MODEL": str(tiny_owl),
-        "ZSS_DATA_DIR": str(base / "data"),
-    }
+    env = {**shapes_clip_env(base / "data"), "ZSS_DETECTOR_MODEL": str(tiny_owl)}
     with running_server(env, base / "serve.log") as s:
         yield s
 
 
-def png(img: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def images() -> list[bytes]:
     rng = np.random.default_rng(11)
-    return [png(shapes.draw(c, s, rng)) for c, s in shapes.ALL_COMBOS for _ in range(2)]
+    return [encode_png(shapes.draw(c, s, rng)) for c, s in shapes.ALL_COMBOS for _ in range(2)]
 
 
 def answers(server: Server, deploy: str, body: dict[str, Any], route: str, blobs: list[bytes]) -> tuple[Any, Any]:
@@ -234,7 +229,7 @@ def test_served_bento_classifies_as_the_checkout_does(bento_server: Server, chec
 
 def test_served_bento_detects_as_the_checkout_does(bento_server: Server, checkout_server: Server) -> None:
     rng = np.random.default_rng(4)
-    blobs = [png(Image.fromarray((rng.random((48, 80, 3)) * 255).astype(np.uint8)))]
+    blobs = [encode_png(Image.fromarray((rng.random((48, 80, 3)) * 255).astype(np.uint8)))]
     _, got = answers(bento_server, "/deploy_detector", DETECTOR, "/detect", blobs)
     _, expected = answers(checkout_server, "/deploy_detector", DETECTOR, "/detect", blobs)
     assert len(got[0]) == len(expected[0]) > 0

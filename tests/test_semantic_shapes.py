@@ -6,7 +6,6 @@ measured behaviour with a margin (BENCHMARKS.md has the table).
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,30 +14,22 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from testing.server import ROOT, Server, running_server
+from testing.images import encode_png
+from testing.models import SHAPES_CLIP, shapes_clip_env
+from testing.server import Server, running_server
 from tools import shapes
 
 pytestmark = pytest.mark.server
-
-MODEL = ROOT / "models" / "shapes-clip"
 
 
 @pytest.fixture(scope="module")
 def shapes_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     base = tmp_path_factory.mktemp("shapes")
     env = {
-        "ZSS_CLIP_MODEL": str(MODEL / "shapes-clip.json"),
-        "ZSS_CLIP_PRETRAINED": str(MODEL / "shapes-clip.fp16.pt"),
-        "ZSS_DATA_DIR": str(base / "data"),
+        **shapes_clip_env(base / "data"),
     }
     with running_server(env, base / "serve.log") as srv:
         yield srv
-
-
-def png(img: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def predictions(server: Server, classes: list[dict[str, Any]], images: list[Image.Image], augment: bool) -> list[str]:
@@ -48,7 +39,9 @@ def predictions(server: Server, classes: list[dict[str, Any]], images: list[Imag
         deployed = r.json()["deployed_id"]
         preds: list[str] = []
         for start in range(0, len(images), 30):
-            files = [("data", (f"{i}.png", png(im), "image/png")) for i, im in enumerate(images[start : start + 30])]
+            files = [
+                ("data", (f"{i}.png", encode_png(im), "image/png")) for i, im in enumerate(images[start : start + 30])
+            ]
             out = c.post("/classify", params={"deployed_id": deployed}, files=files).json()
             preds += [o["pred"] for o in (out if isinstance(out, list) else [out])]
     return preds
@@ -99,5 +92,5 @@ def test_more_positive_examples_raise_recall_on_held_out_combos(shapes_server: S
 
 
 def test_shipped_model_files_are_small() -> None:
-    assert (MODEL / "shapes-clip.fp16.pt").stat().st_size < 20_000_000
-    assert Path(MODEL / "shapes-clip.json").is_file()
+    assert (SHAPES_CLIP / "shapes-clip.fp16.pt").stat().st_size < 20_000_000
+    assert Path(SHAPES_CLIP / "shapes-clip.json").is_file()
