@@ -136,36 +136,28 @@ def call_sync(method: Callable[..., T], *args: Any) -> T:
     raise Unavailable(UNREACHABLE)
 
 
-class RemoteClipImage:
+class _Remote:
+    """A BentoML dependency handle of one encoder service; every encoder service answers ``info``."""
+
     def __init__(self, handle: Any) -> None:
         self.handle = handle
 
     def info(self) -> dict[str, Any]:
         return call_sync(self.handle.info)
 
+
+class RemoteClipImage(_Remote):
     async def encode_pixels(self, pixels: np.ndarray, spent_s: float = 0.0) -> np.ndarray:
         out = await call_async(lambda: self.handle.to_async.encode_pixels(pixels, spent_s=spent_s))
         return np.asarray(out, dtype=np.float32)
 
 
-class RemoteClipText:
-    def __init__(self, handle: Any) -> None:
-        self.handle = handle
-
-    def info(self) -> dict[str, Any]:
-        return call_sync(self.handle.info)
-
+class RemoteClipText(_Remote):
     def encode(self, prompts: list[str]) -> np.ndarray:
         return np.asarray(call_sync(self.handle.encode, prompts), dtype=np.float32)
 
 
-class RemoteDetector:
-    def __init__(self, handle: Any) -> None:
-        self.handle = handle
-
-    def info(self) -> dict[str, Any]:
-        return call_sync(self.handle.info)
-
+class RemoteDetector(_Remote):
     async def encode_images(self, images: list[Image.Image]) -> list[BoxEncoding]:
         packed = np.asarray(await call_async(self.handle.to_async.encode_images, images), dtype=np.float32)
         return [box_encoding(unpack(one)) for one in packed]

@@ -25,7 +25,7 @@ from engine.configs import DeployRequest, Kind, check_classes, kind_of
 from engine.deployments import Compiled, Deployments, DeployOutcome
 from engine.embedder import EmbedStats, TextEmbedder
 from engine.encoders import DetectorEncoder, ImageEncoder, TextEncoder
-from engine.kinds import Classification, ClassifierKind, CompiledDetector, Detection, DetectorKind
+from engine.kinds import KINDS, Classification, ClassifierKind, CompiledDetector, Detection, DetectorKind
 from engine.tenancy import Tenant
 from errors import Invalid, Unavailable
 from imaging.geometry import shrink_to
@@ -126,9 +126,9 @@ class Engine:
             return self._det_embedder
 
     def _compile(self, kind: Kind, body: DeployRequest) -> Compiled:
-        if kind is Kind.DETECTOR:
-            return DetectorKind.compile(body, self.detector_embedder())  # type: ignore[arg-type]
-        return ClassifierKind.compile(body, self.text_embedder())  # type: ignore[arg-type]
+        # Detector examples are embedded by the detector's own text tower, classifier examples by CLIP's.
+        embedder = self.detector_embedder() if kind is Kind.DETECTOR else self.text_embedder()
+        return KINDS[kind].compile(body, embedder)  # type: ignore[arg-type]
 
     # -- images -----------------------------------------------------------------------------------------------------
     def _pixels(self, sources: list[ImageSource]) -> np.ndarray:
