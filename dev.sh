@@ -2,7 +2,8 @@
 # ZeroShot Server's two commands (and their shared set-up step):
 #   ./dev.sh serve   set up .venv if needed, then `bentoml serve` on port 3000 (ZSS_* settings from the environment)
 #   ./dev.sh test    set up .venv if needed, then ruff (lint, format), the import contracts and the whole test suite
-#                    (what .ci/run runs); installs Debian's chromium for the web page's tests if missing (as root)
+#                    (what .ci/run runs); installs Debian's chromium (the web page's tests) and redis-server (the
+#                    replica tests) if missing (as root)
 #   ./dev.sh setup   only the set-up step
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -41,6 +42,23 @@ ensure_chromium() {
   fi
 }
 
+# The replica tests run a real Redis (Debian's redis-server, started by the tests on a port of their own): install it
+# when missing and we are root (CI); otherwise stop with the reason. The tests fail, never skip, without it.
+ensure_redis() {
+  local server=${ZSS_REDIS_SERVER:-/usr/bin/redis-server}
+  [ -x "$server" ] && return 0
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "dev.sh: $server is missing; installing Debian's redis-server (apt-get)" >&2
+    apt-get update -q >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server >/dev/null
+  fi
+  if [ ! -x "$server" ]; then
+    echo "dev.sh: the replica tests need redis-server at $server: run 'apt-get install -y redis-server' as root" \
+         "(or set ZSS_REDIS_SERVER to a redis-server binary)" >&2
+    exit 1
+  fi
+}
+
 case "${1:-}" in
   setup)
     setup
@@ -57,6 +75,7 @@ case "${1:-}" in
     "$VENV/bin/ruff" format --check .
     "$VENV/bin/lint-imports"  # the layer contracts (pyproject.toml)
     ensure_chromium
+    ensure_redis
     export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
     exec "$VENV/bin/python" -m pytest "$@"
     ;;

@@ -40,8 +40,7 @@ from api.schemas import (
     PhotofieldTextRequest,
     PhotofieldTextResponse,
 )
-from cache.embeddings import EmbeddingCache
-from cache.registry import Registry
+from cache.stores import open_stores
 from engine.encoders import LocalDetector, RemoteClipImage, RemoteClipText, RemoteDetector
 from engine.pipelines import Engine, in_thread
 from engine.tenancy import Tenant
@@ -49,9 +48,10 @@ from errors import ZssError
 from runners.clip_service import ClipImageEncoder, ClipTextEncoder
 from runners.owl_service import OwlDetectorEncoder
 from runners.serving import service_settings
-from settings import Settings, configure_logging
+from settings import LimitedLog, Settings, configure_logging
 
 log = logging.getLogger("zss.api")
+_unready_log = LimitedLog(log)
 
 
 def _engine(request: Request) -> Engine:
@@ -209,14 +209,25 @@ class ZeroShot:
             log.warning("%s", warning)
         app.state.settings = settings
         app.state.gate = gate
+        registry, vectors = open_stores(settings)  # with ZSS_REDIS_URL: shared by the replicas through Redis
+        if settings.redis_url:
+            log.info("registry and example vectors shared through Redis (ZSS_REDIS_URL)")
         app.state.engine = Engine(
             settings,
             image_encoder=RemoteClipImage(self.image_encoder),
             text_encoder=RemoteClipText(self.text_encoder),
             detector=RemoteDetector(self.detector) if _DETECTOR_ON else LocalDetector(None, DETECTOR_OFF),
-            registry=Registry(settings.registry_path),
-            cache=EmbeddingCache(settings.cache_dir),
+            registry=registry,
+            cache=vectors,
         )
+
+    def __is_ready__(self) -> bool:
+        """/readyz: not ready while a shared store (Redis) does not answer; the log says why (BentoML's 503 body
+        does not)."""
+        reason = app.state.engine.unready()
+        if reason is not None:
+            _unready_log.warning("not ready: %s", reason)
+        return reason is None
 
 
 # /metrics is BentoML's own route, outside the routes' app: keyed here when ZSS_METRICS_REQUIRE_KEY is set.

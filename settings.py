@@ -43,6 +43,15 @@ class Settings(BaseSettings):
     detector_max_batch_size: int = 8
     # Where the deployment registry and the embedding cache live.
     data_dir: Path = Path("./.zss")
+    # Several replicas (README "Several replicas"): "" = the registry and the embedding cache on this machine only
+    # (SQLite + FAISS under data_dir); a Redis URL (redis://host:6379/0) = the registry and the example vectors shared
+    # there by every replica, each keeping a local read-through copy of the vectors under data_dir. The timeouts bound
+    # how long a request waits on an unreachable Redis before its 503 (one reconnect is tried: at most ~2x each).
+    redis_url: str = ""
+    redis_connect_timeout_s: float = 0.5
+    redis_timeout_s: float = 0.5
+    # Prefix of every key the server writes in Redis (several deployments of the server can share one Redis).
+    redis_prefix: str = "zss:"
     # "cpu", "cuda", or "auto" (cuda when available).
     device: str = "auto"
     # Half precision on CUDA (ignored on CPU).
@@ -94,6 +103,21 @@ class Settings(BaseSettings):
     def _not_negative(cls, value: float) -> float:
         if not value >= 0:  # NaN too
             raise ValueError("must be 0 (off) or more")
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str) -> str:
+        value = value.strip()
+        if value and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must be empty or a redis://, rediss:// or unix:// URL")
+        return value
+
+    @field_validator("redis_connect_timeout_s", "redis_timeout_s")
+    @classmethod
+    def _positive(cls, value: float) -> float:
+        if not value > 0:  # NaN too
+            raise ValueError("must be more than 0 seconds")
         return value
 
     @field_validator("url_allow_networks")

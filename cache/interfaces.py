@@ -1,7 +1,8 @@
 """The storage interfaces the engine depends on, so another backend (Redis) plugs in without touching the engine.
 
-Today's implementations: :class:`cache.registry.Registry` (SQLite) and :class:`cache.embeddings.EmbeddingCache`
-(SQLite + FAISS).
+Implementations: :class:`cache.registry.Registry` (SQLite) and :class:`cache.embeddings.EmbeddingCache` (SQLite +
+FAISS) on one machine; :class:`cache.redis_store.RedisRegistry` and :class:`cache.redis_store.SharedVectors` shared by
+several replicas through Redis.
 """
 
 from __future__ import annotations
@@ -13,6 +14,12 @@ import numpy as np
 
 from cache.embeddings import LookupStats
 from cache.registry import DEFAULT_TENANT, Deployment
+
+
+class StoreUnavailable(Exception):
+    """A shared store cannot be reached right now (Redis down, a timeout): the request that needs it fails with a 503
+    (the engine maps this to :class:`errors.Unavailable`; cache/ does not import the error type) and nothing is lost;
+    the next request tries again."""
 
 
 class DeploymentStore(Protocol):

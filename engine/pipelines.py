@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 from prometheus_client import Counter
 
-from cache.interfaces import DeploymentStore, VectorStore
+from cache.interfaces import DeploymentStore, StoreUnavailable, VectorStore
 from cache.registry import Deployment
 from engine.configs import DeployRequest, Kind, check_classes, kind_of
 from engine.deployments import Compiled, Deployments, DeployOutcome
@@ -46,7 +46,11 @@ T = TypeVar("T")
 
 
 async def in_thread(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
-    return await anyio.to_thread.run_sync(lambda: fn(*args, **kwargs))
+    """Run blocking work in a worker thread; a shared store that cannot be reached (Redis down) is a 503."""
+    try:
+        return await anyio.to_thread.run_sync(lambda: fn(*args, **kwargs))
+    except StoreUnavailable as exc:
+        raise Unavailable(f"{exc} (retry later)") from exc
 
 
 def _record(stats: EmbedStats) -> None:
@@ -203,6 +207,17 @@ class Engine:
 
     async def delete(self, deployed_id: str, *, caller: Tenant) -> None:
         await in_thread(self.deployments.delete, deployed_id, caller=caller)
+
+    def unready(self) -> str | None:
+        """Why this server cannot serve deployments now (a shared store unreachable), or None (blocking: readiness)."""
+        for store in (self.deployments.store, self.cache):
+            ping = getattr(store, "ping", None)  # only shared stores can be unreachable; local ones have no ping
+            if ping is not None:
+                try:
+                    ping()
+                except StoreUnavailable as exc:
+                    return str(exc)
+        return None
 
     def models_info(self) -> dict[str, Any]:
         """The loaded models' ids and preprocessing (blocking; the API runs it in a thread)."""

@@ -13,8 +13,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from cache.embeddings import EmbeddingCache
-from cache.registry import Registry
+from cache.stores import open_stores
 from engine.kinds import BoxEncoding
 from engine.pipelines import Engine
 from settings import Settings
@@ -91,15 +90,17 @@ class FakeDetector:
 
 
 def fake_engine(data_dir: Path, *, detector: bool = True, **settings: Any) -> tuple[Engine, FakeClip]:
-    """An engine over the fake encoders with a real registry and embedding cache under ``data_dir``."""
+    """An engine over the fake encoders with a real registry and embedding cache under ``data_dir`` (in Redis too
+    with ``redis_url=...``)."""
     s = Settings(data_dir=data_dir, **settings)
     clip = FakeClip()
+    registry, vectors = open_stores(s)
     engine = Engine(
         s,
         image_encoder=clip,
         text_encoder=clip,
         detector=FakeDetector(enabled=detector),
-        registry=Registry(s.registry_path),
-        cache=EmbeddingCache(s.cache_dir),
+        registry=registry,
+        cache=vectors,
     )
     return engine, clip

@@ -24,6 +24,7 @@ os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")  # BentoML's usage analyti
 
 from testing.models import ClipFiles, clip_env, write_tiny_clip  # noqa: E402
 from testing.owl import build_tiny_owlv2  # noqa: E402
+from testing.redis import RedisServer, running_redis  # noqa: E402
 from testing.server import Server, running_server  # noqa: E402
 
 
@@ -56,3 +57,19 @@ def server(tiny_clip: ClipFiles, tiny_owl: Path, tmp_path_factory: pytest.TempPa
     }
     with running_server(env, base / "serve.log") as srv:
         yield srv
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One real redis-server for the tests that share it; each test keeps its keys apart with a prefix of its own
+    (:func:`redis_prefix`). A test that kills Redis starts its own."""
+    with running_redis(tmp_path_factory.mktemp("redis")) as srv:
+        yield srv
+
+
+@pytest.fixture
+def redis_prefix() -> str:
+    """Key prefix of one test in the shared Redis."""
+    import uuid
+
+    return f"test-{uuid.uuid4().hex[:12]}:"

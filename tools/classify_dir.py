@@ -32,8 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cache.embeddings import EmbeddingCache
-from cache.registry import Registry
+from cache.stores import open_stores
 from engine.configs import ClassifierConfig, DeployClassifierRequest
 from engine.encoders import LocalClip, LocalDetector
 from engine.kinds import ClassifierKind
@@ -133,13 +132,14 @@ def build_engine(args: argparse.Namespace) -> Runtime:
     configure_threads(settings.torch_threads)
     encoder = load_clip_encoder(settings, towers="both")
     local = LocalClip(encoder)
+    registry, vectors = open_stores(settings)  # ZSS_REDIS_URL: the servers' shared deployments and vectors
     engine = Engine(
         settings,
         image_encoder=local,
         text_encoder=local,
         detector=LocalDetector(None),
-        registry=Registry(settings.registry_path),
-        cache=EmbeddingCache(settings.cache_dir),
+        registry=registry,
+        cache=vectors,
     )
     return Runtime(settings, encoder, engine)
 

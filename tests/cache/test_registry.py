@@ -1,28 +1,39 @@
 """The deployment store's contract (cache/interfaces.py DeploymentStore), tenants included, for every store: today the
-SQLite registry; a shared store for several replicas (Redis) adds itself to STORES and must pass the same tests. Plus
-the SQLite file's migration from before tenants."""
+SQLite registry and the Redis one (against a real redis-server) for several replicas. Plus the SQLite file's migration
+from before tenants."""
 
 from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from cache.interfaces import DeploymentStore
+from cache.redis_store import RedisRegistry, connect
 from cache.registry import DEFAULT_TENANT, OtherTenant, Registry
+from testing.redis import RedisServer
 
-STORES: dict[str, Callable[[Path], DeploymentStore]] = {
-    "sqlite": lambda tmp: Registry(tmp / "registry.sqlite3"),
+
+def _redis(request: pytest.FixtureRequest, tmp: Path) -> DeploymentStore:
+    server: RedisServer = request.getfixturevalue("redis_server")  # a real redis-server, keys under a test prefix
+    return RedisRegistry(connect(server.url), prefix=request.getfixturevalue("redis_prefix"))
+
+
+STORES: dict[str, Callable[[pytest.FixtureRequest, Path], DeploymentStore]] = {
+    "sqlite": lambda request, tmp: Registry(tmp / "registry.sqlite3"),
+    "redis": _redis,
 }
 CONFIG = {"classifier_configs": [{"name": "a", "examples_to_include": ["a"]}]}
 
 
 @pytest.fixture(params=sorted(STORES))
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> DeploymentStore:
-    return STORES[request.param](tmp_path)
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[DeploymentStore]:
+    s = STORES[request.param](request, tmp_path)
+    yield s
+    s.close()
 
 
 def test_a_deployment_belongs_to_its_tenant(store: DeploymentStore) -> None:
