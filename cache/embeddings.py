@@ -21,7 +21,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -265,6 +265,23 @@ class EmbeddingCache:
         if not texts:
             return np.zeros((0, 0), np.float32), stats
         return np.stack([found[i] for i in range(len(texts))]), stats
+
+    def rows(self, batch: int = 1000) -> Iterator[tuple[str, list[str], np.ndarray]]:
+        """Every cached vector as (namespace, texts, vectors [n, D]) batches, oldest first (a migration's reader)."""
+        last = 0
+        while True:
+            with self._lock:
+                got = self._db.execute(
+                    "SELECT id, ns, text, vec FROM vectors WHERE id > ? ORDER BY id LIMIT ?", (last, batch)
+                ).fetchall()
+            if not got:
+                return
+            last = got[-1][0]
+            by_ns: dict[str, list[tuple[str, bytes]]] = {}
+            for _, ns, text, blob in got:
+                by_ns.setdefault(ns, []).append((text, blob))
+            for ns, items in by_ns.items():
+                yield ns, [t for t, _ in items], np.stack([np.frombuffer(b, dtype=np.float32) for _, b in items])
 
     def count(self, ns: str | None = None) -> int:
         if ns is None:

@@ -95,6 +95,19 @@ return out
 """
 
 
+# restore (a migration): KEYS = dep:<id>, deps, tenant:<tenant>, seq; ARGV = id, kind, config, version, created_at,
+# updated_at, tenant. Writes only an absent id; returns 1 when written.
+_RESTORE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local seq = redis.call('INCR', KEYS[4])
+redis.call('HSET', KEYS[1], 'kind', ARGV[2], 'config', ARGV[3], 'version', ARGV[4], 'created_at', ARGV[5],
+           'updated_at', ARGV[6], 'tenant', ARGV[7], 'seq', seq)
+redis.call('ZADD', KEYS[2], seq, ARGV[1])
+redis.call('ZADD', KEYS[3], seq, ARGV[1])
+return 1
+"""
+
+
 def connect(url: str, connect_timeout_s: float = 0.5, timeout_s: float = 0.5) -> redis.Redis:
     """A client for ``url`` with bounded waits: the timeouts given and one reconnect (redis-py's default is ten
     retries with backoff, which would hold a request for seconds on a dead server)."""
@@ -153,6 +166,7 @@ class RedisRegistry:
         self.prefix = prefix
         self._put = client.register_script(_PUT)
         self._delete = client.register_script(_DELETE)
+        self._restore = client.register_script(_RESTORE)
 
     def _key(self, deployed_id: str) -> str:
         return f"{self.prefix}dep:{deployed_id}"
@@ -219,6 +233,15 @@ class RedisRegistry:
         return bool(self._delete(keys=keys, args=[deployed_id, f"{self.prefix}tenant:", tenant or ""]))
 
     @_guarded
+    def restore(self, dep: Deployment) -> bool:
+        """Write a deployment as it is (id, version, timestamps, tenant) unless its id is taken: a migration's writer
+        (called oldest first, it keeps the order). Whether it was written."""
+        keys = [self._key(dep.id), f"{self.prefix}deps", self._tenant_key(dep.tenant), f"{self.prefix}seq"]
+        body = json.dumps(dep.config, ensure_ascii=False, sort_keys=True)
+        args = [dep.id, dep.kind, body, dep.version, repr(dep.created_at), repr(dep.updated_at), dep.tenant]
+        return bool(self._restore(keys=keys, args=args))
+
+    @_guarded
     def ping(self) -> None:
         """Raises :class:`StoreUnavailable` when Redis does not answer (readiness)."""
         self.client.ping()
@@ -256,9 +279,11 @@ class SharedVectors:
                     found[text] = _vector(blob)
         return found
 
-    def _store(self, ns: str, texts: list[str], vectors: np.ndarray) -> np.ndarray:
-        """Write each vector unless another replica wrote that key first; the vectors that now stand in Redis."""
+    def _store(self, ns: str, texts: list[str], vectors: np.ndarray) -> tuple[np.ndarray, int]:
+        """Write each vector unless another replica wrote that key first; the vectors that now stand in Redis, and
+        how many of them this call wrote."""
         out = np.array(vectors, dtype=np.float32)  # a copy: the caller's array is not changed
+        added = 0
         for start in range(0, len(texts), self.BATCH):
             chunk = texts[start : start + self.BATCH]
             keys = [self._counts, *(self.key(ns, t) for t in chunk)]
@@ -266,7 +291,9 @@ class SharedVectors:
             for j, stored in enumerate(self._set(keys=keys, args=args)):
                 if stored != 0:  # lost the race: use the winner's vector
                     out[start + j] = _vector(stored)
-        return out
+                else:
+                    added += 1
+        return out, added
 
     @_guarded
     def get_or_encode(
@@ -281,7 +308,7 @@ class SharedVectors:
             new = [t for t in todo if t not in shared]
             if new:
                 stats.encoded = len(new)
-                vecs = self._store(ns, new, np.asarray(encode(new), dtype=np.float32))
+                vecs, _ = self._store(ns, new, np.asarray(encode(new), dtype=np.float32))
                 shared.update(zip(new, vecs))
             self.local.put(ns, todo, np.stack([shared[t] for t in todo]))
             remote_hits = sum(1 for i in missing if texts[i] not in new)
@@ -292,6 +319,12 @@ class SharedVectors:
         if not texts:
             return np.zeros((0, 0), np.float32), stats
         return np.stack([found[i] for i in range(len(texts))]), stats
+
+    @_guarded
+    def add(self, ns: str, texts: list[str], vectors: np.ndarray) -> int:
+        """Write vectors to Redis unless there already (a migration's writer; the local copy is not touched); how many
+        were new."""
+        return self._store(ns, texts, vectors)[1]
 
     @_guarded
     def count(self, ns: str | None = None) -> int:
