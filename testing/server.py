@@ -86,9 +86,9 @@ def start_server(
     ``target`` is what to serve: the checkout's service, or a built bento's tag (served from ``root``, any folder);
     ``unset`` names variables of this process's environment the server must not inherit.
 
-    Each server gets a BENTOML_HOME of its own (beside its log) unless ``env`` names one: `bentoml serve` empties
-    ``$BENTOML_HOME/prometheus_multiproc_dir`` when it starts, so a second server under the same home deletes the
-    first one's metric files and the first server's /metrics goes stale (tests/test_service.py shows it).
+    Each server gets a BENTOML_HOME of its own (beside its log) unless ``env`` names one, so no test touches the
+    user's. (Servers under one home no longer share their metrics: each has a Prometheus folder of its own, see
+    runners/serving.py ``own_metrics_dir`` and tests/test_service.py.)
     """
     port = free_port()
     full_env = {**os.environ, **env}
