@@ -15,6 +15,15 @@ def test_settings_name_the_bad_variable() -> None:
     assert get_settings({"ZSS_URL_ALLOW_NETWORKS": "10.1.2.0/24, 192.168.1.7"}).url_allow_networks
 
 
+def test_redis_settings() -> None:
+    assert get_settings({}).redis_url == ""  # the default: state on this machine only
+    assert get_settings({"ZSS_REDIS_URL": " redis://h:6379/0 "}).redis_url == "redis://h:6379/0"
+    with pytest.raises(ValueError, match="ZSS_REDIS_URL='h:6379'"):
+        get_settings({"ZSS_REDIS_URL": "h:6379"})
+    with pytest.raises(ValueError, match="ZSS_REDIS_TIMEOUT_S='0'"):
+        get_settings({"ZSS_REDIS_TIMEOUT_S": "0"})
+
+
 def test_limited_log_logs_once_per_interval_and_counts_the_rest(caplog: pytest.LogCaptureFixture) -> None:
     now = [100.0]
     limited = LimitedLog(logging.getLogger("zss.test"), interval_s=5.0, clock=lambda: now[0])
