@@ -78,7 +78,7 @@ def main() -> None:
                     pairs.append((a, b))
                     print(
                         f"round {r + 1}: local {a.per_s:.2f}, redis {b.per_s:.2f} img/s "
-                        f"(errors {a.errors}/{b.errors}; load {a.load_before}/{b.load_before})",
+                        f"(errors {a.errors}/{b.errors}; load {a.load}/{b.load})",
                         flush=True,
                     )
 
