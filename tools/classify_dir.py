@@ -9,11 +9,15 @@ settings (or --model, --pretrained, --data-dir).
     python -m tools.classify_dir eval FOLDER --mapping LOC_synset_mapping.txt --template "a photo of a {}." --out-dir r/
     python -m tools.classify_dir eval FOLDER --mapping LOC_synset_mapping.txt --augment --names first --out-dir r/
     python -m tools.classify_dir knn TRAIN_FOLDER VAL_FOLDER --k 5 --out-dir report/
+    python -m tools.classify_dir embed FOLDER --out embeddings/ [--faiss photos.faiss]
+    python -m tools.classify_dir classify CLASSIFIER.json FOLDER --out results.csv --ray[=ADDRESS]
 
 CLASSIFIER.json is the body of POST /deploy_classifier. ``classify`` is resumable (paths already in the CSV are
 skipped) and writes unreadable files to ``<out>.errors.csv`` instead of stopping; a row cut short by a kill is
-dropped and redone. Decoding and preprocessing run in a
-thread pool one batch ahead of the model, so they overlap the forward pass.
+dropped and redone. Decoding and preprocessing run in a thread pool one batch ahead of the model, so they overlap the
+forward pass. ``embed`` writes a resumable Parquet dataset (tools/embed_parquet.py). FOLDER may also be a list file or
+an fsspec URL (tools/image_files.py). With ``--ray`` every command runs as a Ray Data job (tools/ray_jobs.py) with the
+same results.
 """
 
 from __future__ import annotations

@@ -73,7 +73,9 @@ def start_local(cpus: int, quiet: bool = True) -> None:
         num_cpus=cpus,
         include_dashboard=False,
         object_store_memory=LOCAL_OBJECT_STORE_BYTES,
-        runtime_env={"env_vars": {"PYTHONPATH": pythonpath}},
+        # Ray runs workers at niceness 15, so they yield to every other process; the job is this machine's foreground
+        # work, as the in-process mode is, so its workers run at the driver's priority.
+        runtime_env={"env_vars": {"PYTHONPATH": pythonpath, "RAY_worker_niceness": "0"}},
         logging_level=logging.WARNING,
         log_to_driver=not quiet,
     )
