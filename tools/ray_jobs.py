@@ -160,16 +160,27 @@ def _plan(rt: Runtime, args: argparse.Namespace) -> tuple[int, float, float, int
     """(actors, CPUs and GPUs per actor, torch threads per actor) for the cluster this process is connected to."""
     import ray
 
-    gpus_total = float(ray.cluster_resources().get("GPU", 0.0))
+    resources = ray.cluster_resources()
+    gpus_total, cpus_total = float(resources.get("GPU", 0.0)), float(resources.get("CPU", 1.0))
     gpus = args.actor_gpus if args.actor_gpus is not None else (1.0 if gpus_total >= 1 else 0.0)
-    actors = args.actors or (int(gpus_total // gpus) if gpus > 0 else 1)
+    actors = max(1, args.actors or (int(gpus_total // gpus) if gpus > 0 else 1))
+    # The actors must leave a decoding task room: actors holding every CPU would wait forever for their input.
+    fit = (cpus_total - args.decode_cpus) / actors
+    if fit < 0.01:
+        raise SystemExit(
+            f"{actors} actors and a decoding task ({args.decode_cpus} CPU) do not fit in {cpus_total:g} CPUs: "
+            "lower --actors or --decode-cpus"
+        )
+    cpus = min(args.actor_cpus, round(fit, 2))
+    if cpus < args.actor_cpus:
+        log.warning("%d actors x %g CPUs leave no CPU to decode on: %g CPUs each", actors, args.actor_cpus, cpus)
     if rt.settings.torch_threads > 0:
         threads = rt.settings.torch_threads
     elif args.ray == "":  # a local Ray: the actors share this machine's cores
-        threads = max(1, int(ray.cluster_resources().get("CPU", 1)) // actors)
+        threads = max(1, int(cpus_total) // actors)
     else:
-        threads = max(1, math.ceil(args.actor_cpus))
-    return max(1, actors), args.actor_cpus, gpus, threads
+        threads = max(1, math.ceil(cpus))
+    return actors, cpus, gpus, threads
 
 
 def _dataset(paths: Sequence[str], rt: Runtime, args: argparse.Namespace, clf: CompiledClassifier | None) -> Any:

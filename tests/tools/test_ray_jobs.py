@@ -235,3 +235,19 @@ def test_an_address_that_is_not_one_is_refused() -> None:
         assert ray_jobs.check_address(ok) == ok
     with pytest.raises(SystemExit, match="not a Ray address"):
         ray_jobs.check_address("classifier.json")
+
+
+def test_actors_always_leave_a_decoding_task_room(ray_address: str) -> None:
+    """On the 2-CPU Ray: 2 actors of 1 CPU would hold every CPU and wait forever for pixels nobody may decode."""
+    from types import SimpleNamespace
+
+    rt = SimpleNamespace(settings=SimpleNamespace(torch_threads=0))
+
+    def plan(**kw: object) -> tuple[int, float, float, int]:
+        args = {"actors": 0, "actor_cpus": 1.0, "actor_gpus": None, "decode_cpus": 1.0, "ray": "", **kw}
+        return ray_jobs._plan(rt, SimpleNamespace(**args))  # type: ignore[arg-type]
+
+    assert plan() == (1, 1.0, 0.0, 2)  # one actor, two torch threads
+    assert plan(actors=2) == (2, 0.5, 0.0, 1)  # half a CPU each, one thread each
+    with pytest.raises(SystemExit, match="do not fit"):
+        plan(actors=2, decode_cpus=2.0)
