@@ -1,8 +1,10 @@
 """The folder tool on Ray Data (``--ray``): one real local Ray (2 CPUs) for the module, the tiny CLIP, and the same
 folders run in-process, whose results the Ray jobs must give.
 
-Scores are compared to 1e-6: the CSV prints 6 decimals, and the two modes encode the same pixels in batches of
-other compositions (Ray's batches hold other files), which may move a float32 result by an ulp.
+Scores and embeddings are compared to 1.5e-6 absolute: the two modes encode the same pixels with the same code, but in
+batches of other compositions (Ray's batches hold other files), which may move a float32 result by an ulp, and so a
+CSV value printed to 6 decimals by one unit of its last digit (1e-6, plus the float error of the printed decimals).
+A run by hand here (21 images, one unreadable) gave byte-identical CSVs in the two modes.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ CONFIG = {
     ],
     "augment_examples": False,
 }
-TOL = 1e-6
+TOL = 1.5e-6
 
 
 @pytest.fixture(scope="module")
