@@ -15,13 +15,13 @@ setup() {
   # Re-install only when the requirement files changed since the last set-up.
   local stamp="$VENV/.requirements.sha"
   local want
-  want=$(cat requirements.txt requirements-dev.txt | sha256sum | cut -d' ' -f1)
+  want=$(cat requirements.txt requirements-dev.txt requirements-ray.txt | sha256sum | cut -d' ' -f1)
   if [ -x "$VENV/bin/python" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
     return 0
   fi
   [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
   "$VENV/bin/python" -m pip install -q --upgrade pip
-  "$VENV/bin/python" -m pip install -q -r requirements-dev.txt
+  "$VENV/bin/python" -m pip install -q -r requirements-dev.txt -r requirements-ray.txt
   echo "$want" > "$stamp"
 }
 

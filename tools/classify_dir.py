@@ -9,11 +9,15 @@ settings (or --model, --pretrained, --data-dir).
     python -m tools.classify_dir eval FOLDER --mapping LOC_synset_mapping.txt --template "a photo of a {}." --out-dir r/
     python -m tools.classify_dir eval FOLDER --mapping LOC_synset_mapping.txt --augment --names first --out-dir r/
     python -m tools.classify_dir knn TRAIN_FOLDER VAL_FOLDER --k 5 --out-dir report/
+    python -m tools.classify_dir embed FOLDER --out embeddings/ [--faiss photos.faiss]
+    python -m tools.classify_dir classify CLASSIFIER.json FOLDER --out results.csv --ray[=ADDRESS]
 
 CLASSIFIER.json is the body of POST /deploy_classifier. ``classify`` is resumable (paths already in the CSV are
 skipped) and writes unreadable files to ``<out>.errors.csv`` instead of stopping; a row cut short by a kill is
-dropped and redone. Decoding and preprocessing run in a
-thread pool one batch ahead of the model, so they overlap the forward pass.
+dropped and redone. Decoding and preprocessing run in a thread pool one batch ahead of the model, so they overlap the
+forward pass. ``embed`` writes a resumable Parquet dataset (tools/embed_parquet.py). FOLDER may also be a list file or
+an fsspec URL (tools/image_files.py). With ``--ray`` every command runs as a Ray Data job (tools/ray_jobs.py) with the
+same results.
 """
 
 from __future__ import annotations
@@ -35,42 +39,18 @@ import torch
 from cache.stores import open_stores
 from engine.configs import ClassifierConfig, DeployClassifierRequest
 from engine.encoders import LocalClip, LocalDetector
-from engine.kinds import ClassifierKind
+from engine.kinds import Classification, ClassifierKind
 from engine.pipelines import Engine
 from errors import ZssError
-from imaging.decode import ImageInputError, decode_image
 from runners.clip import ClipEncoder, load_clip_encoder
 from runners.device import configure_threads
 from semantic.classify import CompiledClassifier, raw_scores
 from settings import Settings, get_settings
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".avif", ".ppm"}
-
-
-@dataclass
-class Loaded:
-    path: Path
-    pixels: np.ndarray | None
-    error: str | None
-
-
-def list_images(folder: Path) -> list[Path]:
-    """Every file with an image suffix below ``folder``, sorted (so runs and resumes are reproducible)."""
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-
-
-def _load(path: Path, encoder: ClipEncoder, max_pixels: int) -> Loaded:
-    try:
-        img = decode_image(path.read_bytes(), max_pixels=max_pixels, draft_size=encoder.preprocess.draft_size)
-        return Loaded(path, encoder.preprocess.to_pixels(img), None)
-    except ImageInputError as exc:
-        return Loaded(path, None, exc.message)
-    except Exception as exc:  # noqa: BLE001 - one bad file (unreadable, odd mode, vanished) never stops the run
-        return Loaded(path, None, f"{type(exc).__name__}: {exc}")
+from tools.image_files import Loaded, list_images, list_inputs, load_pixels
 
 
 def embed_batches(
-    paths: Sequence[Path], encoder: ClipEncoder, batch_size: int, workers: int, max_pixels: int, progress: bool = True
+    paths: Sequence[str], encoder: ClipEncoder, batch_size: int, workers: int, max_pixels: int, progress: bool = True
 ) -> Iterator[tuple[list[Loaded], np.ndarray]]:
     """(loaded items, embeddings of the readable ones) per batch; batch k+1 decodes while batch k is encoded."""
     from tqdm import tqdm
@@ -79,18 +59,45 @@ def embed_batches(
     bar = tqdm(total=len(paths), unit="img", disable=not progress, file=sys.stderr, smoothing=0.1)
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="decode") as pool:
 
-        def submit(batch: list[Path]) -> list[Future[Loaded]]:
-            return [pool.submit(_load, p, encoder, max_pixels) for p in batch]
+        def submit(batch: list[str]) -> list[Future[Loaded]]:
+            return [pool.submit(load_pixels, p, encoder.preprocess, max_pixels) for p in batch]
 
         pending = submit(batches[0]) if batches else []
         for k in range(len(batches)):
             items = [f.result() for f in pending]
             pending = submit(batches[k + 1]) if k + 1 < len(batches) else []
-            good = [it.pixels for it in items if it.pixels is not None]
+            good = [it.pixels for it in items if it.error is None]
             emb = encoder.encode_pixels(np.stack(good)) if good else np.zeros((0, encoder.dim), np.float32)
             bar.update(len(items))
             yield items, emb
     bar.close()
+
+
+Scored = list[tuple[Loaded, Classification | None]]
+
+
+def embedded(paths: Sequence[str], rt: Runtime, args: argparse.Namespace) -> Iterator[tuple[list[Loaded], np.ndarray]]:
+    """(items, embeddings of the readable ones) per batch: in this process, or on Ray with ``--ray``."""
+    if args.ray is not None:
+        from tools import ray_jobs
+
+        yield from ray_jobs.embedded(paths, rt, args)
+        return
+    max_pixels = rt.settings.max_image_pixels
+    yield from embed_batches(paths, rt.encoder, args.batch_size, args.workers, max_pixels, not args.quiet)
+
+
+def scored(paths: Sequence[str], clf: CompiledClassifier, rt: Runtime, args: argparse.Namespace) -> Iterator[Scored]:
+    """Each batch's items with their results (None for an unreadable one), scored by the engine's classifier kind:
+    here, or in the Ray actors with ``--ray``."""
+    if args.ray is not None:
+        from tools import ray_jobs
+
+        yield from ray_jobs.scored(paths, clf, rt, args)
+        return
+    for items, emb in embedded(paths, rt, args):
+        results = iter(ClassifierKind.score(emb, clf)) if len(emb) else iter(())
+        yield [(it, next(results) if it.error is None else None) for it in items]
 
 
 @dataclass
@@ -99,7 +106,7 @@ class Runtime:
 
     settings: Settings
     encoder: ClipEncoder
-    engine: Runtime
+    engine: Engine
 
     def compile(self, body: DeployClassifierRequest) -> CompiledClassifier:
         try:
@@ -170,14 +177,14 @@ def _done_paths(path: Path, header: list[str]) -> set[str]:
 
 def cmd_classify(args: argparse.Namespace, engine: Runtime) -> dict[str, Any]:
     clf = engine.compile(load_config(Path(args.config)))
-    folder, out = Path(args.folder), Path(args.out)
+    out = Path(args.out)
     errors_path = out.with_name(out.name + ".errors.csv")
     header = ["path", "pred", *clf.class_names]
     if args.raw:
         header += [f"raw:{c}" for c in clf.class_names]
     err_header = ["path", "error"]
     done = _done_paths(out, header) | _done_paths(errors_path, err_header)
-    todo = [p for p in list_images(folder) if str(p) not in done]
+    todo = [p for p in list_inputs(args.folder) if p not in done]
     n_ok = n_err = 0
     t0 = time.perf_counter()
     new_out = not out.exists() or out.stat().st_size == 0
@@ -188,21 +195,18 @@ def cmd_classify(args: argparse.Namespace, engine: Runtime) -> dict[str, Any]:
             w.writerow(header)
         if new_err:
             we.writerow(err_header)
-        for items, emb in embed_batches(
-            todo, engine.encoder, args.batch_size, args.workers, engine.settings.max_image_pixels, not args.quiet
-        ):
-            results = iter(ClassifierKind.score(emb, clf)) if len(emb) else iter(())
-            for it in items:
-                if it.error is not None:
-                    we.writerow([str(it.path), it.error])
+        for batch in scored(todo, clf, engine, args):
+            for it, r in batch:
+                if r is None:
+                    we.writerow([it.path, it.error])
                     n_err += 1
                     continue
-                r = next(results)
-                row = [str(it.path), r.label, *(f"{v:.6f}" for v in r.scores)]
+                row = [it.path, r.label, *(f"{v:.6f}" for v in r.scores)]
                 if args.raw:
                     row += [f"{v:.6f}" for v in r.raw_scores]
                 w.writerow(row)
                 n_ok += 1
+            # Whole batches reach the disk as they finish, so a killed job loses at most the batch in flight.
             fo.flush()
             fe.flush()
     elapsed = time.perf_counter() - t0
@@ -239,28 +243,26 @@ def parse_mapping(path: Path, template: str | None, names_mode: str = "all") -> 
     return specs
 
 
-def labelled_images(folder: Path) -> list[tuple[Path, str]]:
-    return [(p, d.name) for d in sorted(folder.iterdir()) if d.is_dir() for p in list_images(d)]
+def labelled_images(folder: Path) -> list[tuple[str, str]]:
+    return [(str(p), d.name) for d in sorted(folder.iterdir()) if d.is_dir() for p in list_images(d)]
 
 
 def _embed_labelled(
-    items: list[tuple[Path, str]], engine: Runtime, args: argparse.Namespace
+    items: list[tuple[str, str]], engine: Runtime, args: argparse.Namespace
 ) -> tuple[np.ndarray, list[str], list[str]]:
-    labels = dict(items)
-    embs, got, errors = [], [], []
-    for loaded, emb in embed_batches(
-        [p for p, _ in items],
-        engine.encoder,
-        args.batch_size,
-        args.workers,
-        engine.settings.max_image_pixels,
-        not args.quiet,
-    ):
-        embs.append(emb)
-        got += [labels[it.path] for it in loaded if it.pixels is not None]
-        errors += [f"{it.path}: {it.error}" for it in loaded if it.error is not None]
+    """Embeddings of the readable images in ``items`` order (a Ray job returns them in any order), their labels,
+    and the unreadable ones as "path: reason"."""
     dim = engine.encoder.dim
-    return (np.concatenate(embs) if embs else np.zeros((0, dim), np.float32)), got, errors
+    vectors: dict[str, np.ndarray] = {}
+    failed: dict[str, str] = {}
+    for loaded, emb in embedded([p for p, _ in items], engine, args):
+        good = [it for it in loaded if it.error is None]
+        vectors.update(zip((it.path for it in good), emb))
+        failed.update((it.path, str(it.error)) for it in loaded if it.error is not None)
+    kept = [(p, label) for p, label in items if p in vectors]
+    embs = np.stack([vectors[p] for p, _ in kept]).astype(np.float32, copy=False) if kept else np.zeros((0, dim))
+    errors = [f"{p}: {failed[p]}" for p, _ in items if p in failed]
+    return embs.astype(np.float32, copy=False), [label for _, label in kept], errors
 
 
 def metrics(truth: list[str], ranked: list[list[str]], names: Sequence[str]) -> dict[str, Any]:
@@ -375,6 +377,48 @@ def cmd_knn(args: argparse.Namespace, engine: Runtime) -> dict[str, Any]:
     return m
 
 
+# -- embed -----------------------------------------------------------------------------------------------------------
+def cmd_embed(args: argparse.Namespace, engine: Runtime) -> dict[str, Any]:
+    """Image embeddings (what /embed_image returns) into a resumable Parquet dataset; optionally a FAISS index."""
+    from tools import embed_parquet
+
+    out = Path(args.out)
+    errors_path = out.with_name(out.name + ".errors.csv")
+    err_header = ["path", "error"]
+    model_id = engine.encoder.model_id
+    done = embed_parquet.done_paths(out, model_id) | _done_paths(errors_path, err_header)
+    todo = [p for p in list_inputs(args.folder) if p not in done]
+    writer = embed_parquet.PartWriter(out, model_id, args.part_rows)
+    n_ok = n_err = 0
+    t0 = time.perf_counter()
+    new_err = not errors_path.exists() or errors_path.stat().st_size == 0
+    with open(errors_path, "a", newline="") as fe:
+        we = csv.writer(fe)
+        if new_err:
+            we.writerow(err_header)
+        for items, emb in embedded(todo, engine, args):
+            writer.add([it.path for it in items if it.error is None], emb)
+            for it in items:
+                if it.error is not None:
+                    we.writerow([it.path, it.error])
+            n_ok += len(emb)
+            n_err += len(items) - len(emb)
+            fe.flush()
+    writer.close()
+    elapsed = time.perf_counter() - t0
+    summary: dict[str, Any] = {
+        "embedded": n_ok,
+        "errors": n_err,
+        "skipped": len(done),
+        "seconds": elapsed,
+        "images_per_s": (n_ok + n_err) / elapsed if elapsed > 0 else 0.0,
+    }
+    if args.faiss:
+        summary["faiss"] = embed_parquet.write_index(out, Path(args.faiss), args.index)
+    print(json.dumps(summary), file=sys.stderr)
+    return summary
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m tools.classify_dir", description=__doc__.splitlines()[0])
     common = argparse.ArgumentParser(add_help=False)
@@ -384,10 +428,28 @@ def parser() -> argparse.ArgumentParser:
     common.add_argument("--batch-size", type=int, default=32)
     common.add_argument("--workers", type=int, default=4, help="decoding threads")
     common.add_argument("--quiet", action="store_true", help="no progress bar")
+    ray = common.add_argument_group("Ray (tools/ray_jobs.py; pip install -r requirements-ray.txt)")
+    ray.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="ADDRESS",
+        help="run the job on Ray Data: a local Ray started for the job, or the cluster at ADDRESS (host:port, "
+        "ray://host:port, auto); put it after the positional arguments or write --ray=ADDRESS",
+    )
+    ray.add_argument("--actors", type=int, default=0, help="encoder actors (default: one per GPU, else 1)")
+    ray.add_argument("--actor-cpus", type=float, default=1.0, help="CPUs Ray reserves per actor")
+    ray.add_argument("--actor-gpus", type=float, default=None, help="GPUs per actor (default: 1 on a GPU cluster)")
+    ray.add_argument("--decode-cpus", type=float, default=1.0, help="CPUs Ray reserves per decoding task")
+    ray.add_argument(
+        "--decode-tasks", type=int, default=0, help="decoding tasks at once (default: 2 per CPU actor, no cap on GPUs)"
+    )
+    ray.add_argument("--ray-cpus", type=int, default=0, help="CPUs of the local Ray (default: this process's quota)")
     sub = ap.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("classify", parents=[common], help="classify a folder into a CSV")
     c.add_argument("config")
-    c.add_argument("folder")
+    c.add_argument("folder", help="a folder, a list file (one path or URL a line) or an fsspec URL of a folder")
     c.add_argument("--out", required=True, help="CSV to write or resume; errors go to <out>.errors.csv")
     c.add_argument("--raw", action="store_true", help="also write each class's raw score (raw:<class> columns)")
     e = sub.add_parser("eval", parents=[common], help="accuracy on a labelled folder (one sub-folder per label)")
@@ -406,14 +468,29 @@ def parser() -> argparse.ArgumentParser:
     k.add_argument("val")
     k.add_argument("--k", type=int, default=5)
     k.add_argument("--out-dir", required=True)
+    m = sub.add_parser("embed", parents=[common], help="image embeddings of a folder into Parquet (+ a FAISS index)")
+    m.add_argument("folder", help="a folder, a list file (one path or URL a line) or an fsspec URL of a folder")
+    m.add_argument("--out", required=True, help="Parquet folder to write or resume; errors go to <out>.errors.csv")
+    m.add_argument("--part-rows", type=int, default=10_000, help="rows per Parquet part (what a kill can lose)")
+    m.add_argument("--faiss", help="also write a FAISS inner-product index of every embedding there")
+    m.add_argument("--index", choices=("auto", "flat", "ivf"), default="auto", help="flat up to 1M vectors, else ivf")
     return ap
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    commands = {"classify": cmd_classify, "eval": cmd_eval, "knn": cmd_knn, "embed": cmd_embed}
+    if args.ray is not None:
+        from tools import ray_jobs
+
+        ray_jobs.check_address(args.ray)  # before a model is loaded
     engine = build_engine(args)
     try:
-        {"classify": cmd_classify, "eval": cmd_eval, "knn": cmd_knn}[args.cmd](args, engine)
+        if args.ray is None:
+            commands[args.cmd](args, engine)
+        else:
+            with ray_jobs.session(args.ray, args.ray_cpus, args.quiet):
+                commands[args.cmd](args, engine)
     finally:
         engine.close()
     return 0
