@@ -14,6 +14,8 @@ import time
 from collections.abc import Callable
 from typing import Any, ParamSpec, TypeVar
 
+import anyio
+import anyio.from_thread
 import anyio.to_thread
 import numpy as np
 from PIL import Image
@@ -25,6 +27,7 @@ from engine.configs import DeployRequest, Kind, check_classes, kind_of
 from engine.deployments import Compiled, Deployments, DeployOutcome
 from engine.embedder import EmbedStats, TextEmbedder
 from engine.encoders import DetectorEncoder, ImageEncoder, TextEncoder
+from engine.exemplars import ImageEmbedder
 from engine.kinds import KINDS, Classification, ClassifierKind, CompiledDetector, Detection, DetectorKind
 from engine.tenancy import Tenant
 from errors import Invalid, Unavailable
@@ -85,6 +88,7 @@ class Engine:
         self._det_embedder: TextEmbedder | None = None
         self._det_info: dict[str, Any] | None = None
         self._preprocess: Preprocess | None = None
+        self._image_embedder: ImageEmbedder | None = None
 
     # -- learned lazily from the encoders -------------------------------------------------------------------------
     def text_embedder(self) -> TextEmbedder:
@@ -125,10 +129,37 @@ class Engine:
                 )
             return self._det_embedder
 
+    def image_embedder(self) -> ImageEmbedder:
+        """Image examples through the image encoder and the shared cache (engine/exemplars.py)."""
+        pre = self.preprocess()
+        with self._lock:
+            if self._image_embedder is None:
+                self._image_embedder = ImageEmbedder(
+                    self.cache,
+                    self.image_encoder.info()["model_id"],
+                    pre,
+                    self._encode_pixels_blocking,
+                    self.limits,
+                    on_lookup=_record,
+                )
+            return self._image_embedder
+
+    def _encode_pixels_blocking(self, pixels: np.ndarray) -> np.ndarray:
+        """The awaitable image encoder from blocking code: through the event loop that started this worker thread
+        (a route), or on an event loop of its own (the folder tool, which compiles outside any loop)."""
+        try:
+            return anyio.from_thread.run(self.image_encoder.encode_pixels, pixels)
+        except RuntimeError as exc:
+            if "worker thread" not in str(exc) and "event loop" not in str(exc):
+                raise
+            return anyio.run(self.image_encoder.encode_pixels, pixels)
+
     def _compile(self, kind: Kind, body: DeployRequest) -> Compiled:
-        # Detector examples are embedded by the detector's own text tower, classifier examples by CLIP's.
-        embedder = self.detector_embedder() if kind is Kind.DETECTOR else self.text_embedder()
-        return KINDS[kind].compile(body, embedder)  # type: ignore[arg-type]
+        # Detector examples are embedded by the detector's own text tower, classifier examples by CLIP's (image
+        # examples of a classifier by CLIP's image tower).
+        if kind is Kind.DETECTOR:
+            return KINDS[kind].compile(body, self.detector_embedder())  # type: ignore[arg-type]
+        return ClassifierKind.compile(body, self.text_embedder(), self.image_embedder())  # type: ignore[arg-type]
 
     # -- images -----------------------------------------------------------------------------------------------------
     def _pixels(self, sources: list[ImageSource]) -> np.ndarray:

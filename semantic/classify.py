@@ -53,6 +53,8 @@ class CompiledClassifier:
     # cos' = scale * cos + shift maps image-example cosines onto the text scale (see image_calibration).
     image_map: tuple[float, float] = IDENTITY
     has_images: bool = False
+    # Open set: (label, threshold on the best class's raw score), or None.
+    open_set: tuple[str, float] | None = None
 
     @property
     def n_classes(self) -> int:

@@ -1,0 +1,128 @@
+"""Image examples (few-shot exemplars) -> vectors through the embedding cache, encoded by the image encoder.
+
+Cache namespace: the image model's id + ``image-`` + a hash of its preprocessing (``Preprocess.as_dict``), so the same
+bytes give another vector under another model or another resize. Cache key: the sha256 (hex) of the image's encoded
+bytes as the client gave them (base64 decoded; a URL's fetched body), so one picture sent inline or by URL shares one
+vector, a changed picture behind the same URL gets a new one, and a cache hit needs no decoding. The store is any
+:class:`cache.interfaces.VectorStore` (namespace + string key), the one the texts use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from cache.embeddings import namespace
+from cache.interfaces import VectorStore
+from engine.configs import ClassifierConfig, ImageData, ImageUrl
+from engine.embedder import EmbedStats
+from errors import ZssError
+from imaging.decode import decode_image
+from imaging.preprocess import Preprocess
+from imaging.sources import ImageLimits, ImageSource, source_bytes
+
+PixelsFn = Callable[[np.ndarray], np.ndarray]  # uint8 [N, H, W, 3] -> L2-normalised float32 [N, D]
+IMAGE_BATCH = 64  # images per encoder call
+
+
+def preprocess_version(pre: Preprocess) -> str:
+    return hashlib.sha256(json.dumps(pre.as_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def image_key(blob: bytes) -> str:
+    return hashlib.sha256(blob).hexdigest()
+
+
+def example_source(example: ImageData | ImageUrl) -> ImageSource:
+    if isinstance(example, ImageData):
+        return ImageSource("base64", example.image)
+    return ImageSource("url", example.url.strip(), "url")
+
+
+@dataclass
+class ImageExamples:
+    """Per class, the (positive, negative) image examples' vectors [k, D], plus this lookup's cache stats."""
+
+    positives: list[np.ndarray]
+    negatives: list[np.ndarray]
+    stats: EmbedStats
+
+
+@dataclass
+class ImageEmbedder:
+    """Image examples -> vectors through the cache; misses are decoded and encoded once."""
+
+    cache: VectorStore
+    model_id: str
+    preprocess: Preprocess
+    encode_pixels: PixelsFn
+    limits: ImageLimits
+    on_lookup: Callable[[EmbedStats], None] | None = None
+
+    @property
+    def namespace(self) -> str:
+        return namespace(self.model_id, f"image-{preprocess_version(self.preprocess)}")
+
+    def _pixels(self, blob: bytes, where: str) -> np.ndarray:
+        try:
+            img = decode_image(blob, max_pixels=self.limits.max_pixels, draft_size=self.preprocess.draft_size)
+        except ZssError as exc:
+            raise ZssError(f"{where}: {exc.message}", exc.status_code) from exc
+        return self.preprocess.to_pixels(img)
+
+    def embed(self, blobs: Sequence[bytes], where: Sequence[str]) -> tuple[np.ndarray, EmbedStats]:
+        """Vectors [N, D] for encoded images; ``where`` names each one in an error ("Class 'cat',
+        examples_to_include[2]")."""
+        keys = [image_key(b) for b in blobs]
+        by_key = {k: (b, w) for k, b, w in zip(keys, blobs, where)}
+
+        def encode(todo: list[str]) -> np.ndarray:
+            parts = []
+            for i in range(0, len(todo), IMAGE_BATCH):
+                pixels = np.stack([self._pixels(*by_key[k]) for k in todo[i : i + IMAGE_BATCH]])
+                parts.append(np.asarray(self.encode_pixels(pixels), dtype=np.float32))
+            return np.concatenate(parts)
+
+        vecs, lookup = self.cache.get_or_encode(self.namespace, keys, encode)
+        stats = EmbedStats(lookup.hits, lookup.misses, lookup.encoded, lookup.encoded)
+        if self.on_lookup is not None:
+            self.on_lookup(stats)
+        return vecs, stats
+
+    def embed_classes(self, classes: Sequence[ClassifierConfig]) -> ImageExamples:
+        """Every class's image examples in one cache lookup; an image that cannot be read or fetched is a 4xx naming
+        its class and entry."""
+        blobs: list[bytes] = []
+        where: list[str] = []
+        counts: list[tuple[int, int]] = []
+        for c in classes:
+            n = []
+            for positive, field in ((True, "examples_to_include"), (False, "examples_to_exclude")):
+                images = c.images(positive)
+                for i, ex in images:
+                    label = f"Class {c.name!r}, {field}[{i}]"
+                    try:
+                        blobs.append(source_bytes(example_source(ex), self.limits))
+                    except ZssError as exc:
+                        raise ZssError(f"{label}: {exc.message}", exc.status_code) from exc
+                    where.append(label)
+                n.append(len(images))
+            counts.append((n[0], n[1]))
+        if not blobs:
+            return ImageExamples([], [], EmbedStats())
+        vecs, stats = self.embed(blobs, where)
+        positives, negatives, at = [], [], 0
+        for n_pos, n_neg in counts:
+            positives.append(vecs[at : at + n_pos])
+            at += n_pos
+            negatives.append(vecs[at : at + n_neg])
+            at += n_neg
+        return ImageExamples(positives, negatives, stats)
+
+
+def has_images(classes: Sequence[ClassifierConfig]) -> bool:
+    return any(c.images(True) or c.images(False) for c in classes)
