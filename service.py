@@ -101,7 +101,8 @@ def build_app(engine: Engine | None = None, settings: Settings | None = None) ->
 
     @app.post("/deploy_detector", response_model=DeployResponse, responses=ERRORS)
     async def deploy_detector(body: DeployDetectorRequest, eng: EngineDep, who: CallerDep) -> DeployResponse:
-        """Deploy (or update) a detector defined by example texts, thresholds and NMS settings."""
+        """Deploy (or update) a detector defined by example texts and/or images (OWL image queries), thresholds and
+        NMS settings."""
         out = await eng.deploy(body, caller=who)
         return DeployResponse(deployed_id=out.deployed_id, message=out.message)
 

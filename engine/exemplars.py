@@ -1,7 +1,10 @@
-"""Image examples (few-shot exemplars) -> vectors through the embedding cache, encoded by the image encoder.
+"""Image examples (few-shot exemplars) -> vectors through the embedding cache.
 
-Cache namespace: the image model's id + ``image-`` + a hash of its preprocessing (``Preprocess.as_dict``), so the same
-bytes give another vector under another model or another resize. Cache key: the sha256 (hex) of the image's encoded
+A classifier's image examples are encoded by CLIP's image tower; cache namespace: the image model's id + ``image-`` +
+a hash of its preprocessing (``Preprocess.as_dict``), so the same bytes give another vector under another model or
+another resize. A detector's become OWL query embeddings (OWLv2's image-guided detection: the class embedding of the
+example image's own box chosen by ``semantic.detect.image_query_index``); namespace: the detector's id +
+``image-query-<rule version>-<input size>``. Cache key (both): the sha256 (hex) of the image's encoded
 bytes as the client gave them (base64 decoded; a URL's fetched body), so one picture sent inline or by URL shares one
 vector, a changed picture behind the same URL gets a new one, and a cache hit needs no decoding. The store is any
 :class:`cache.interfaces.VectorStore` (namespace + string key), the one the texts use.
@@ -15,6 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from PIL import Image
 
 from cache.embeddings import namespace
 from cache.interfaces import VectorStore
@@ -52,27 +56,41 @@ class ImageExamples:
     stats: EmbedStats
 
 
+ImagesFn = Callable[[list[Image.Image]], np.ndarray]  # decoded RGB images -> one L2-normalised vector each
+
+
 @dataclass
 class ImageEmbedder:
     """Image examples -> vectors through the cache; misses are decoded and encoded once."""
 
     cache: VectorStore
-    model_id: str
-    preprocess: Preprocess
-    encode_pixels: PixelsFn
+    namespace: str
+    encode_images: ImagesFn
     limits: ImageLimits
+    draft_size: int = 0  # JPEG draft decoding down to this edge (what the encoder's input needs)
     on_lookup: Callable[[EmbedStats], None] | None = None
 
-    @property
-    def namespace(self) -> str:
-        return namespace(self.model_id, f"image-{preprocess_version(self.preprocess)}")
+    @classmethod
+    def for_clip(
+        cls,
+        cache: VectorStore,
+        model_id: str,
+        preprocess: Preprocess,
+        encode_pixels: PixelsFn,
+        limits: ImageLimits,
+        on_lookup: Callable[[EmbedStats], None] | None = None,
+    ) -> ImageEmbedder:
+        def encode(images: list[Image.Image]) -> np.ndarray:
+            return encode_pixels(np.stack([preprocess.to_pixels(im) for im in images]))
 
-    def _pixels(self, blob: bytes, where: str) -> np.ndarray:
+        ns = namespace(model_id, f"image-{preprocess_version(preprocess)}")
+        return cls(cache, ns, encode, limits, preprocess.draft_size, on_lookup)
+
+    def _decode(self, blob: bytes, where: str) -> Image.Image:
         try:
-            img = decode_image(blob, max_pixels=self.limits.max_pixels, draft_size=self.preprocess.draft_size)
+            return decode_image(blob, max_pixels=self.limits.max_pixels, draft_size=self.draft_size)
         except ZssError as exc:
             raise ZssError(f"{where}: {exc.message}", exc.status_code) from exc
-        return self.preprocess.to_pixels(img)
 
     def embed(self, blobs: Sequence[bytes], where: Sequence[str]) -> tuple[np.ndarray, EmbedStats]:
         """Vectors [N, D] for encoded images; ``where`` names each one in an error ("Class 'cat',
@@ -83,8 +101,8 @@ class ImageEmbedder:
         def encode(todo: list[str]) -> np.ndarray:
             parts = []
             for i in range(0, len(todo), IMAGE_BATCH):
-                pixels = np.stack([self._pixels(*by_key[k]) for k in todo[i : i + IMAGE_BATCH]])
-                parts.append(np.asarray(self.encode_pixels(pixels), dtype=np.float32))
+                images = [self._decode(*by_key[k]) for k in todo[i : i + IMAGE_BATCH]]
+                parts.append(np.asarray(self.encode_images(images), dtype=np.float32))
             return np.concatenate(parts)
 
         vecs, lookup = self.cache.get_or_encode(self.namespace, keys, encode)

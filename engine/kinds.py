@@ -23,7 +23,7 @@ from engine.exemplars import ImageEmbedder, has_images
 from errors import Invalid
 from imaging.geometry import scale_boxes
 from semantic.classify import CompiledClassifier, classify, compile_classifier, rejected
-from semantic.detect import box_class_scores, detect, iou_graph
+from semantic.detect import box_class_scores, detect, image_query_index, iou_graph
 
 
 @dataclass(frozen=True)
@@ -70,10 +70,15 @@ def tensor_bytes(compiled: CompiledClassifier | CompiledDetector) -> int:
 
 
 def compile_examples(
-    classes: Sequence[ClassifierConfig], embedder: TextEmbedder, augment: bool, images: ImageEmbedder | None = None
+    classes: Sequence[ClassifierConfig],
+    embedder: TextEmbedder,
+    augment: bool,
+    images: ImageEmbedder | None = None,
+    images_as_texts: bool = False,
 ) -> CompiledClassifier:
-    """Embed every text example of every class in one cache lookup (and every image example in another, through the
-    image encoder) and build the flat example matrix."""
+    """Embed every text example of every class in one cache lookup (and every image example in another, through
+    ``images``) and build the flat example matrix. ``images_as_texts``: the image vectors live in the text examples'
+    space (a detector's image queries), so they join the text examples' slots with no calibration."""
     texts: list[str] = []
     for c in classes:
         texts.extend(c.texts(True))
@@ -104,6 +109,10 @@ def compile_examples(
         raise Invalid(f"The text encoder's vectors ({emb.shape[1]}) and the image encoder's ({dim}) differ in size.")
     fix = [p if p.shape[0] else torch.zeros(0, dim) for p in positives]
     fixn = [n if n.shape[0] else torch.zeros(0, dim) for n in negatives]
+    if images_as_texts:
+        both_pos = [torch.cat([t, i]) for t, i in zip(fix, img_pos)]
+        both_neg = [torch.cat([t, i]) for t, i in zip(fixn, img_neg)]
+        return compile_classifier(names, both_pos, both_neg)
     return compile_classifier(names, fix, fixn, img_pos, img_neg)
 
 
@@ -152,13 +161,25 @@ class DetectorKind:
     schema = DeployDetectorRequest
 
     @staticmethod
-    def compile(body: DeployDetectorRequest, embedder: TextEmbedder) -> CompiledDetector:
+    def compile(
+        body: DeployDetectorRequest, embedder: TextEmbedder, images: ImageEmbedder | None = None
+    ) -> CompiledDetector:
+        # Image examples become query embeddings in the text queries' space: the same rule scores and vetoes them.
         return CompiledDetector(
-            examples=compile_examples(body.detector_configs, embedder, body.augment_examples),
+            examples=compile_examples(body.detector_configs, embedder, body.augment_examples, images, True),
             thresholds=torch.tensor([c.detection_threshold for c in body.detector_configs], dtype=torch.float32),
             nms_threshold=float(body.nms_threshold),
             class_agnostic_nms=bool(body.class_agnostic_nms),
         )
+
+    @staticmethod
+    def image_query(enc: BoxEncoding, size: tuple[int, int]) -> np.ndarray:
+        """An example image's query embedding: the class embedding of its box chosen as OWLv2's image-guided
+        detection does (``semantic.detect.image_query_index``); ``size`` is the (width, height) the detector saw."""
+        k = image_query_index(
+            torch.from_numpy(np.ascontiguousarray(enc.boxes, np.float32)), float(size[0]), float(size[1])
+        )
+        return np.asarray(enc.class_embeds[k], dtype=np.float32)
 
     @staticmethod
     def score(enc: BoxEncoding, det: CompiledDetector, scale_xy: tuple[float, float] = (1.0, 1.0)) -> list[Detection]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, ParamSpec, TypeVar
 
 import anyio
@@ -21,20 +21,22 @@ import numpy as np
 from PIL import Image
 from prometheus_client import Counter
 
+from cache.embeddings import namespace
 from cache.interfaces import DeploymentStore, VectorStore
 from cache.registry import Deployment
 from engine.configs import DeployRequest, Kind, check_classes, kind_of
 from engine.deployments import Compiled, Deployments, DeployOutcome
 from engine.embedder import EmbedStats, TextEmbedder
 from engine.encoders import DetectorEncoder, ImageEncoder, TextEncoder
-from engine.exemplars import ImageEmbedder
-from engine.kinds import KINDS, Classification, ClassifierKind, CompiledDetector, Detection, DetectorKind
+from engine.exemplars import ImageEmbedder, has_images
+from engine.kinds import Classification, ClassifierKind, CompiledDetector, Detection, DetectorKind
 from engine.tenancy import Tenant
 from errors import Invalid, Unavailable
 from imaging.geometry import shrink_to
 from imaging.preprocess import Preprocess
 from imaging.sources import ImageLimits, ImageSource, load_image
 from semantic.classify import CompiledClassifier
+from semantic.detect import QUERY_RULE_VERSION
 from semantic.templates_detect import DETECTION_TEMPLATE_VERSION, DETECTION_TEMPLATES
 from settings import Settings
 
@@ -89,6 +91,7 @@ class Engine:
         self._det_info: dict[str, Any] | None = None
         self._preprocess: Preprocess | None = None
         self._image_embedder: ImageEmbedder | None = None
+        self._det_image_embedder: ImageEmbedder | None = None
 
     # -- learned lazily from the encoders -------------------------------------------------------------------------
     def text_embedder(self) -> TextEmbedder:
@@ -130,36 +133,55 @@ class Engine:
             return self._det_embedder
 
     def image_embedder(self) -> ImageEmbedder:
-        """Image examples through the image encoder and the shared cache (engine/exemplars.py)."""
+        """A classifier's image examples through CLIP's image tower and the shared cache (engine/exemplars.py)."""
         pre = self.preprocess()
         with self._lock:
             if self._image_embedder is None:
-                self._image_embedder = ImageEmbedder(
+                self._image_embedder = ImageEmbedder.for_clip(
                     self.cache,
                     self.image_encoder.info()["model_id"],
                     pre,
-                    self._encode_pixels_blocking,
+                    lambda pixels: self._blocking(self.image_encoder.encode_pixels, pixels),
                     self.limits,
                     on_lookup=_record,
                 )
             return self._image_embedder
 
-    def _encode_pixels_blocking(self, pixels: np.ndarray) -> np.ndarray:
-        """The awaitable image encoder from blocking code: through the event loop that started this worker thread
-        (a route), or on an event loop of its own (the folder tool, which compiles outside any loop)."""
+    def detector_image_embedder(self) -> ImageEmbedder:
+        """A detector's image examples as OWL query embeddings (image-guided detection), through the shared cache."""
+        info = self.detector_info()
+        side = int(info["input_size"])
+
+        def encode(images: list[Image.Image]) -> np.ndarray:
+            shrunk = [shrink_to(im, side)[0] for im in images]
+            encodings = self._blocking(self.detector.encode_images, shrunk)
+            return np.stack([DetectorKind.image_query(e, im.size) for e, im in zip(encodings, shrunk)])
+
+        with self._lock:
+            if self._det_image_embedder is None:
+                ns = namespace(info["model_id"], f"image-query-{QUERY_RULE_VERSION}-{side}")
+                self._det_image_embedder = ImageEmbedder(self.cache, ns, encode, self.limits, on_lookup=_record)
+            return self._det_image_embedder
+
+    @staticmethod
+    def _blocking(fn: Callable[[Any], Awaitable[T]], arg: Any) -> T:
+        """An awaitable encoder call from blocking code: through the event loop that started this worker thread (a
+        route), or on an event loop of its own (the folder tool, which compiles outside any loop)."""
         try:
-            return anyio.from_thread.run(self.image_encoder.encode_pixels, pixels)
+            return anyio.from_thread.run(fn, arg)
         except RuntimeError as exc:
             if "worker thread" not in str(exc) and "event loop" not in str(exc):
                 raise
-            return anyio.run(self.image_encoder.encode_pixels, pixels)
+            return anyio.run(fn, arg)
 
     def _compile(self, kind: Kind, body: DeployRequest) -> Compiled:
-        # Detector examples are embedded by the detector's own text tower, classifier examples by CLIP's (image
-        # examples of a classifier by CLIP's image tower).
+        # Detector examples are embedded by the detector's own towers (image examples as OWL image queries),
+        # classifier examples by CLIP's (image examples by its image tower).
         if kind is Kind.DETECTOR:
-            return KINDS[kind].compile(body, self.detector_embedder())  # type: ignore[arg-type]
-        return ClassifierKind.compile(body, self.text_embedder(), self.image_embedder())  # type: ignore[arg-type]
+            images = self.detector_image_embedder() if has_images(body.classes) else None
+            return DetectorKind.compile(body, self.detector_embedder(), images)  # type: ignore[arg-type]
+        images = self.image_embedder() if has_images(body.classes) else None
+        return ClassifierKind.compile(body, self.text_embedder(), images)  # type: ignore[arg-type]
 
     # -- images -----------------------------------------------------------------------------------------------------
     def _pixels(self, sources: list[ImageSource]) -> np.ndarray:

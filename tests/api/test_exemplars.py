@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
@@ -126,9 +127,37 @@ def test_a_malformed_example_entry_is_422(served: tuple[TestClient, FakeClip, En
     assert_error(served[0].post("/deploy_classifier", json=body), 422)
 
 
-def test_detector_image_examples_are_refused_clearly(served: tuple[TestClient, FakeClip, Engine]) -> None:
-    body = {"detector_configs": [{"name": "a", "examples_to_include": [{"image": b64(RED)}]}]}
-    assert_error(served[0].post("/deploy_detector", json=body), 422, "Image examples are not supported")
+def detect(client: TestClient, body: dict[str, Any], blob: bytes) -> list[dict[str, Any]]:
+    r = client.post("/deploy_detector", json=body)
+    assert r.status_code == 200, r.text
+    got = client.post("/detect", params={"deployed_id": r.json()["deployed_id"]}, files=files(blob))
+    assert got.status_code == 200, got.text
+    return list(got.json()[0])
+
+
+def test_detector_image_examples_are_owl_image_queries(served: tuple[TestClient, FakeClip, Engine]) -> None:
+    client, _, engine = served
+    # The fake detector's boxes: two top quarters and the bottom half. The example's query is the bottom half's
+    # embedding (the box closest to the whole image); a same-coloured image's bottom half matches it exactly (cos 1).
+    bottom = [0.0, 12.0, 24.0, 24.0]
+    cls = {"name": "red thing", "examples_to_include": [{"image": b64(RED)}], "detection_threshold": 0.98}
+    got = detect(client, {"detector_configs": [cls], "nms_threshold": 1.0}, png(RED))
+    assert [(d["class"], d["tlbr"]) for d in got] == [("red thing", bottom)]
+    assert got[0]["score"] == pytest.approx(1 / (1 + np.exp(-4.0)), abs=1e-5)  # sigmoid((cos 1 + shift 0) * scale 4)
+    assert engine.cache.count(engine.detector_image_embedder().namespace) == 1
+    # The same picture as a negative example vetoes that box, exactly as a negative text would.
+    vetoed = {
+        "name": "thing",
+        "examples_to_include": ["thing"],
+        "examples_to_exclude": [{"image": b64(RED)}],
+        "detection_threshold": 0.0,
+    }
+    got = detect(client, {"detector_configs": [vetoed], "nms_threshold": 1.0}, png(RED))
+    assert bottom not in [d["tlbr"] for d in got]
+    plain = {**vetoed, "examples_to_exclude": []}
+    assert bottom in [d["tlbr"] for d in detect(client, {"detector_configs": [plain], "nms_threshold": 1.0}, png(RED))]
+    config = client.get("/deployments").json()["deployments"]
+    assert len(config) == 3
 
 
 def test_open_set_rejects_below_the_threshold(served: tuple[TestClient, FakeClip, Engine]) -> None:
