@@ -22,7 +22,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")  # BentoML's usage analytics (model saves in tests/runners)
 
-from testing.models import ClipFiles, clip_env, write_tiny_clip  # noqa: E402
+from testing.models import ClipFiles, clip_env, shapes_clip_env, write_tiny_clip  # noqa: E402
 from testing.owl import build_tiny_owlv2  # noqa: E402
 from testing.server import Server, running_server  # noqa: E402
 
@@ -55,4 +55,13 @@ def server(tiny_clip: ClipFiles, tiny_owl: Path, tmp_path_factory: pytest.TempPa
         "ZSS_URL_TIMEOUT_S": "5",
     }
     with running_server(env, base / "serve.log") as srv:
+        yield srv
+
+
+@pytest.fixture(scope="session")
+def shapes_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One real `bentoml serve` of the project's trained shapes CLIP (models/shapes-clip), shared by the modules that
+    test semantics with it (one start instead of one per module)."""
+    base = tmp_path_factory.mktemp("shapes")
+    with running_server(shapes_clip_env(base / "data"), base / "serve.log") as srv:
         yield srv

@@ -5,7 +5,6 @@ images); the veto and open-set tests assert the product goals themselves, the fe
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -23,18 +22,15 @@ from bench.bench_exemplars import (
     veto_body,
 )
 from testing.images import encode_png
-from testing.models import shapes_clip_env
-from testing.server import Server, running_server
+from testing.server import Server
 from tools.shapes import ALL_COMBOS, HELD_OUT, UNNAMED_COMBOS
 
 pytestmark = pytest.mark.server
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    base = tmp_path_factory.mktemp("exemplars")
-    with running_server(shapes_clip_env(base / "data"), base / "serve.log") as srv:
-        yield srv
+@pytest.fixture
+def server(shapes_server: Server) -> Server:
+    return shapes_server  # tests/conftest.py: one server of the shapes CLIP for the session
 
 
 def deploy(server: Server, body: dict[str, Any]) -> str:
