@@ -194,7 +194,8 @@ def run(per_pair: int) -> list[tuple[str, float, int]]:
         rows.append(("open set: in-class test images kept", 100 * float(np.mean(in_best >= t)), len(in_best)))
         rows.append(("open set: cyan/pink/grey shapes rejected", 100 * float(np.mean(out_best < t)), len(out_best)))
         for c in ("cyan", "pink", "grey"):
-            sel = [i for i, (cc, _) in enumerate(UNNAMED_COMBOS) for _ in range(per_pair * 2) if cc == c]
+            n = per_pair * 2  # images per pair, in UNNAMED_COMBOS order
+            sel = [k * n + j for k, (cc, _) in enumerate(UNNAMED_COMBOS) if cc == c for j in range(n)]
             rows.append((f"open set: {c} shapes rejected", 100 * float(np.mean(out_best[sel] < t)), len(sel)))
         sc.engine.close()
     return rows

@@ -13,13 +13,14 @@ and no per-request copy of the [B, E] matrix. d is monotone in cos, so it is app
 
 Image examples (few-shot exemplars) sit in two more slots per class (2C + j positive, 3C + j negative). Image-to-image
 cosines live on another scale than image-to-text ones (an unrelated photo is often closer to an exemplar than a
-matching caption is), so before they compete with text examples they are mapped onto the text scale by a per-modality
-z-score calibration fixed at deploy time (:func:`image_calibration`): cos' = mu_t + sigma_t * (cos - mu_i) / sigma_i,
-clamped to [-1, 1], where (mu_t, sigma_t) are the cosines between the deployment's image examples and its text
-examples of *other* slots and (mu_i, sigma_i) those between its image examples of different slots: unrelated pairs in
-each modality. The mapped cosine then takes part in the same rule (the most relevant example decides, a negative
-vetoes), so a class with text examples only scores exactly as before, and a deployment of image examples only uses
-plain image cosines. The map is monotone, so it too is applied to the slot maxima only.
+matching caption is), so before they compete with text examples they are mapped onto the text scale by an affine
+per-modality calibration fixed at deploy time from the deployment's own examples (:func:`image_calibration`): the mean
+cosine of unrelated image pairs goes to that of unrelated image-text pairs, and the mean of matching image pairs (two
+image examples of one class) to that of matching image-text pairs (an image example and its class's text), or, without
+matches in both modalities, the unrelated pairs' spreads are matched (a z-score); the result is clamped to [-1, 1].
+The mapped cosine then takes part in the same rule (the most relevant example decides, a negative vetoes), so a class
+with text examples only scores exactly as before, and a deployment of image examples only uses plain image cosines.
+The map is monotone, so it too is applied to the slot maxima only.
 """
 
 from __future__ import annotations
@@ -90,12 +91,17 @@ def _shrunk_stats(values: torch.Tensor, prior: tuple[float, float]) -> tuple[flo
 
 
 def image_calibration(examples: torch.Tensor, slot: torch.Tensor, is_image: torch.Tensor) -> tuple[float, float]:
-    """(scale, shift) mapping image-example cosines onto the text scale: the z-score of a cosine among unrelated
-    image-image pairs becomes the same z-score among unrelated image-text pairs.
+    """(scale, shift) of the affine map of image-example cosines onto the text scale.
 
-    Unrelated pairs are those of different slots (another class, or the other sign); each modality's mean and std
-    are shrunk towards its prior (TEXT_PRIOR, IMAGE_PRIOR) by PRIOR_WEIGHT pseudo-observations. Without text
-    examples, or without image examples, there is one modality only: the identity.
+    Anchors: the mean cosine of *unrelated* image pairs maps to that of unrelated image-text pairs, and, where the
+    deployment shows what a *match* looks like in both modalities, the mean cosine of matching image pairs maps to
+    that of matching image-text pairs (a typical match is equally strong evidence in either modality). Unrelated
+    pairs are those of different slots (another class, or the other sign); matching pairs are two image examples of
+    the same slot, and an image example with a text example of its slot. Without matches in both modalities the
+    slope is the ratio of the unrelated pairs' stds instead (a z-score among unrelated image pairs becomes the same
+    z-score among unrelated image-text pairs). Unrelated means and stds are shrunk towards their priors (TEXT_PRIOR,
+    IMAGE_PRIOR) by PRIOR_WEIGHT pseudo-observations. Without text examples, or without image examples, there is one
+    modality only: the identity.
     """
     is_text = ~is_image
     if not bool(is_image.any()) or not bool(is_text.any()):
@@ -104,11 +110,17 @@ def image_calibration(examples: torch.Tensor, slot: torch.Tensor, is_image: torc
     txt, txt_base = examples[is_text], slot[is_text]
     cos_t = img @ txt.T
     cos_i = img @ img.T
-    text_pairs = cos_t[base[:, None] != txt_base[None, :]]
-    image_pairs = cos_i[base[:, None] != base[None, :]]
-    mu_t, sd_t = _shrunk_stats(text_pairs, TEXT_PRIOR)
-    mu_i, sd_i = _shrunk_stats(image_pairs, IMAGE_PRIOR)
+    same_t = base[:, None] == txt_base[None, :]
+    same_i = base[:, None] == base[None, :]
+    mu_t, sd_t = _shrunk_stats(cos_t[~same_t], TEXT_PRIOR)
+    mu_i, sd_i = _shrunk_stats(cos_i[~same_i], IMAGE_PRIOR)
     scale = sd_t / sd_i
+    match_i = cos_i[same_i & ~torch.eye(len(base), dtype=torch.bool)]
+    match_t = cos_t[same_t]
+    if match_i.numel() and match_t.numel():
+        gap_i, gap_t = float(match_i.mean()) - mu_i, float(match_t.mean()) - mu_t
+        if gap_i > sd_i / 4 and gap_t > sd_t / 4:  # both modalities tell matches from unrelated pairs
+            scale = gap_t / gap_i
     return scale, mu_t - scale * mu_i
 
 

@@ -61,8 +61,8 @@ def test_image_exemplars_raise_accuracy_on_held_out_pairs(server: Server) -> Non
     images, truth = labelled_images(sorted(HELD_OUT), 20, TEST_SEED)
     zero = accuracy(classify(server, deploy(server, few_shot_body(0)), images), truth)
     five = accuracy(classify(server, deploy(server, few_shot_body(5)), images), truth)
-    # Measured on these 60 images: 68% -> 83%; BENCHMARKS.md has the curve (and why 90% is out of this model's reach).
-    assert five >= zero + 0.08, (zero, five)
+    # Measured on these 60 images: 68% -> 85%; BENCHMARKS.md has the curve (and why 90% is out of this model's reach).
+    assert five >= zero + 0.1, (zero, five)
 
 
 def test_one_negative_image_turns_away_its_look_alikes(server: Server) -> None:

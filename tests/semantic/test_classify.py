@@ -150,7 +150,7 @@ def test_unrelated_image_example_does_not_beat_a_matching_text() -> None:
 
 
 def test_negative_image_example_vetoes_like_a_negative_text() -> None:
-    red_shape, other = unit(1, 0.6, 0, 0), unit(0, 0, 1, 0)
+    red_shape, other = unit(1, 1.2, 0, 0), unit(0, 0, 1, 0)  # the text matches the square at cos 0.64
     red_square_photo = unit(1, 0, 0, 0.05)
     more = [unit(0, 0, 1, 1), unit(0, 1, 0, 1)]  # more image examples elsewhere, so the image scale is estimated
     clf = compile_classifier(
@@ -172,3 +172,26 @@ def test_open_set_rejects_below_the_threshold_on_the_best_raw_score() -> None:
     raw = torch.tensor([[0.7, 0.2], [0.55, 0.5], [0.59, 0.61]])
     assert rejected(raw, 0.6).tolist() == [False, True, False]
     assert rejected(raw, 0.0).tolist() == [False, False, False]
+
+
+def test_calibration_maps_matching_image_pairs_onto_matching_image_text_pairs() -> None:
+    # Classes with structure: each class's text and images lie around the class's centre, images with a common offset
+    # (another modality). The map sends the mean matching image pair to the mean matching image-text pair, exactly.
+    g = torch.Generator().manual_seed(8)
+    n_cls, dim = 6, 24
+    centres = torch.randn(n_cls, dim, generator=g)
+    offset = 1.5 * torch.randn(dim, generator=g)
+    texts = [F.normalize(centres[j] + 0.5 * torch.randn(1, dim, generator=g), dim=-1) for j in range(n_cls)]
+    imgs = [F.normalize(centres[j] + offset + 0.5 * torch.randn(3, dim, generator=g), dim=-1) for j in range(n_cls)]
+    none = [torch.zeros(0, dim)] * n_cls
+    clf = compile_classifier([str(j) for j in range(n_cls)], texts, none, imgs)
+    all_img, all_txt = torch.cat(imgs), torch.cat(texts)
+    cls_img = torch.arange(n_cls).repeat_interleave(3)
+    same = (cls_img[:, None] == cls_img[None, :]) & ~torch.eye(len(cls_img), dtype=torch.bool)
+    match_i = float((all_img @ all_img.T)[same].mean())
+    match_t = float((all_img @ all_txt.T)[cls_img[:, None] == torch.arange(n_cls)[None, :]].mean())
+    scale, shift = clf.image_map
+    assert scale * match_i + shift == pytest.approx(match_t, abs=1e-5)
+    # A query image near class 2's images is class 2 although its cosine to class 2's text is lower than to them.
+    query = F.normalize(centres[2] + offset, dim=0)[None]
+    assert int(raw_scores(query, clf).argmax()) == 2
