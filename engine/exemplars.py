@@ -6,7 +6,9 @@ another resize. A detector's become OWL query embeddings (OWLv2's image-guided d
 example image's own box chosen by ``semantic.detect.image_query_index``); namespace: the detector's id +
 ``image-query-<rule version>-<input size>``. Cache key (both): the sha256 (hex) of the image's encoded
 bytes as the client gave them (base64 decoded; a URL's fetched body), so one picture sent inline or by URL shares one
-vector, a changed picture behind the same URL gets a new one, and a cache hit needs no decoding. The store is any
+vector, and a cache hit needs no decoding. A URL example is fetched once: its vector is also kept under the URL
+itself (namespace + ``|url``), so later deploys and recompiles (another worker, an eviction from the compiled cache)
+never fetch again; to change the picture, send it inline or under a new URL. The store is any
 :class:`cache.interfaces.VectorStore` (namespace + string key), the one the texts use.
 """
 
@@ -111,33 +113,58 @@ class ImageEmbedder:
             self.on_lookup(stats)
         return vecs, stats
 
+    def _source_bytes(self, example: ImageData | ImageUrl, where: str) -> bytes:
+        try:
+            return source_bytes(example_source(example), self.limits)
+        except ZssError as exc:
+            raise ZssError(f"{where}: {exc.message}", exc.status_code) from exc
+
+    def _embed_urls(self, urls: list[str], where: dict[str, str]) -> np.ndarray:
+        """URL examples: fetched once per URL (its first fetch's vector is kept under the URL, namespace + ``|url``),
+        so recompiling a deployment on another worker, or after the compiled cache dropped it, never depends on the
+        remote host again."""
+
+        def fetch(todo: list[str]) -> np.ndarray:
+            blobs = [self._source_bytes(ImageUrl(url=u), where[u]) for u in todo]
+            return self.embed(blobs, [where[u] for u in todo])[0]
+
+        return self.cache.get_or_encode(f"{self.namespace}|url", urls, fetch)[0]
+
     def embed_classes(self, classes: Sequence[ClassifierConfig]) -> ImageExamples:
-        """Every class's image examples in one cache lookup; an image that cannot be read or fetched is a 4xx naming
-        its class and entry."""
-        blobs: list[bytes] = []
-        where: list[str] = []
+        """Every class's image examples (inline ones in one cache lookup, URLs in another); an image that cannot be
+        read or fetched is a 4xx naming its class and entry."""
+        entries: list[tuple[ImageData | ImageUrl, str]] = []
         counts: list[tuple[int, int]] = []
         for c in classes:
             n = []
             for positive, field in ((True, "examples_to_include"), (False, "examples_to_exclude")):
                 images = c.images(positive)
-                for i, ex in images:
-                    label = f"Class {c.name!r}, {field}[{i}]"
-                    try:
-                        blobs.append(source_bytes(example_source(ex), self.limits))
-                    except ZssError as exc:
-                        raise ZssError(f"{label}: {exc.message}", exc.status_code) from exc
-                    where.append(label)
+                entries += [(ex, f"Class {c.name!r}, {field}[{i}]") for i, ex in images]
                 n.append(len(images))
             counts.append((n[0], n[1]))
-        if not blobs:
+        if not entries:
             return ImageExamples([], [], EmbedStats())
-        vecs, stats = self.embed(blobs, where)
+        inline = [(i, ex, w) for i, (ex, w) in enumerate(entries) if isinstance(ex, ImageData)]
+        by_url = [(i, ex.url.strip(), w) for i, (ex, w) in enumerate(entries) if isinstance(ex, ImageUrl)]
+        vecs: list[np.ndarray | None] = [None] * len(entries)
+        stats = EmbedStats()
+        if inline:
+            found, stats = self.embed([self._source_bytes(ex, w) for _, ex, w in inline], [w for _, _, w in inline])
+            for (i, _, _), v in zip(inline, found):
+                vecs[i] = v
+        if by_url:
+            where: dict[str, str] = {}
+            for _, u, w in by_url:
+                where.setdefault(u, w)
+            found = self._embed_urls([u for _, u, _ in by_url], where)
+            for (i, _, _), v in zip(by_url, found):
+                vecs[i] = v
+        matrix = np.stack([v for v in vecs if v is not None])
         positives, negatives, at = [], [], 0
         for n_pos, n_neg in counts:
-            positives.append(vecs[at : at + n_pos])
+            positives.append(matrix[at : at + n_pos])
             at += n_pos
-            negatives.append(vecs[at : at + n_neg])
+            negatives.append(matrix[at : at + n_neg])
             at += n_neg
         return ImageExamples(positives, negatives, stats)
 

@@ -272,6 +272,10 @@ def test_image_examples_by_url_and_base64_through_the_service(server: Server) ->
             {"name": "b", "examples_to_include": ["b", {"url": url["url"].replace("ex", "no")}]},
         ]
         r = c.post("/deploy_classifier", json={"classifier_configs": broken})
+    with server.client() as c:  # the host is gone: the URL's vector was kept, a new deploy of it needs no fetch
+        classes = [{"name": "ex", "examples_to_include": [url]}, {"name": "b", "examples_to_include": ["b"]}]
+        again = c.post("/deploy_classifier", json={"classifier_configs": classes})
+    assert again.status_code == 200, again.text
     assert results[0]["raw_scores"] == pytest.approx(results[1]["raw_scores"], abs=1e-6)
     # Image examples only: the plain rule on image cosines, d = (1 + cos) / 2.
     assert results[0]["raw_scores"]["ex"] == pytest.approx((1 + float(emb[0] @ emb[1])) / 2, abs=1e-4)
