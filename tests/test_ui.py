@@ -428,3 +428,23 @@ def test_image_examples_in_the_form_equal_the_api(ui: UI, server: Server) -> Non
     # Removing the excluded image takes it out of the configuration.
     node.locator(".thumbs li.negative button").click()
     assert ui.export()["classifier_configs"][0]["examples_to_exclude"] == []
+
+
+def test_open_set_in_the_form(ui: UI) -> None:
+    ui.fill_class(0, "cat", ["cat"])
+    ui.upload(("a.jpg", jpeg_bytes(3), "image/jpeg"))
+    assert ui.settle() == "done"
+    assert ui.page.locator("#strip .rejected-note").count() == 0
+    ui.page.check("#open-set")
+    set_range(ui.page.locator("#open-threshold"), 1.0)  # every raw score is below 1: everything is rejected
+    ui.page.fill("#open-label", "something else")
+    assert ui.settle() == "done"
+    note = ui.page.locator("#strip .rejected-note")
+    note.wait_for()
+    assert note.get_attribute("data-rejected") == "something else"
+    assert ui.export()["open_set"] == {"label": "something else", "threshold": 1.0}
+    assert [len(b) for b in bars(ui)] == [1]  # the class's bar stays
+    ui.shot("open-set")
+    ui.page.uncheck("#open-set")
+    assert ui.settle() == "done"
+    assert "open_set" not in ui.export() and ui.page.locator("#strip .rejected-note").count() == 0

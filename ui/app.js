@@ -197,7 +197,11 @@ function currentConfig() {
       augment_examples: $("#augment").checked,
     };
   }
-  return { classifier_configs: classes, augment_examples: $("#augment").checked };
+  const cfg = { classifier_configs: classes, augment_examples: $("#augment").checked };
+  if ($("#open-set").checked) {
+    cfg.open_set = { label: $("#open-label").value.trim() || "none of these", threshold: Number($("#open-threshold").value) };
+  }
+  return cfg;
 }
 
 function loadConfig(cfg) {
@@ -208,6 +212,12 @@ function loadConfig(cfg) {
   $("#classes").replaceChildren();
   classes.forEach((c) => addClass(c));
   $("#augment").checked = cfg.augment_examples ?? true;
+  $("#open-set").checked = Boolean(cfg.open_set);
+  if (cfg.open_set) {
+    $("#open-label").value = cfg.open_set.label ?? "none of these";
+    $("#open-threshold").value = String(cfg.open_set.threshold);
+    $("#open-threshold-value").textContent = Number(cfg.open_set.threshold).toFixed(2);
+  }
   if (isDetector) {
     $("#nms").value = String(cfg.nms_threshold ?? 0.4);
     $("#agnostic").checked = cfg.class_agnostic_nms ?? true;
@@ -290,6 +300,14 @@ function renderResult(img) {
       value.textContent = score.toFixed(3);
       row.append(label, value);
       bars.append(row);
+    }
+    if (r.data.rejected) {
+      // Open set: the best class's evidence is below the threshold; the bars stay the deployment's scores.
+      const note = document.createElement("li");
+      note.className = "rejected-note";
+      note.dataset.rejected = r.data.pred;
+      note.textContent = `${r.data.pred} (rejected: best raw score below the open-set threshold)`;
+      bars.prepend(note);
     }
   } else {
     const node = $("img", li);
@@ -561,6 +579,7 @@ function wire() {
   $("#config").addEventListener("input", (e) => {
     if (e.target.closest(".deploy")) return;
     if (e.target.id === "nms") $("#nms-value").textContent = Number(e.target.value).toFixed(2);
+    if (e.target.id === "open-threshold") $("#open-threshold-value").textContent = Number(e.target.value).toFixed(2);
     changed();
   });
   for (const r of $$('input[name="kind"]')) {
