@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 EXAMPLES_ENCODED = Counter("zss_text_examples_encoded", "Example texts encoded (embedding-cache misses)")
 CACHE_HITS = Counter("zss_embedding_cache_hits", "Example texts found in the embedding cache")
 CACHE_MISSES = Counter("zss_embedding_cache_misses", "Example texts missing from the embedding cache")
+IMAGE_EXAMPLES_ENCODED = Counter("zss_image_examples_encoded", "Image examples encoded (embedding-cache misses)")
+IMAGE_EXAMPLE_HITS = Counter("zss_image_example_cache_hits", "Image examples found in the embedding cache")
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -52,6 +54,11 @@ T = TypeVar("T")
 
 async def in_thread(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
     return await anyio.to_thread.run_sync(lambda: fn(*args, **kwargs))
+
+
+def _record_images(stats: EmbedStats) -> None:
+    IMAGE_EXAMPLE_HITS.inc(stats.hits)
+    IMAGE_EXAMPLES_ENCODED.inc(stats.examples_encoded)
 
 
 def _record(stats: EmbedStats) -> None:
@@ -143,7 +150,7 @@ class Engine:
                     pre,
                     lambda pixels: self._blocking(self.image_encoder.encode_pixels, pixels),
                     self.limits,
-                    on_lookup=_record,
+                    on_lookup=_record_images,
                 )
             return self._image_embedder
 
@@ -160,7 +167,7 @@ class Engine:
         with self._lock:
             if self._det_image_embedder is None:
                 ns = namespace(info["model_id"], f"image-query-{QUERY_RULE_VERSION}-{side}")
-                self._det_image_embedder = ImageEmbedder(self.cache, ns, encode, self.limits, on_lookup=_record)
+                self._det_image_embedder = ImageEmbedder(self.cache, ns, encode, self.limits, on_lookup=_record_images)
             return self._det_image_embedder
 
     @staticmethod

@@ -79,7 +79,11 @@ def test_open_set_at_the_calibrated_threshold(server: Server) -> None:
     calibration, _ = labelled_images(ALL_COMBOS, 5, CALIBRATION_SEED)
     best = np.array([max(r["raw_scores"].values()) for r in classify(server, deploy(server, body), calibration)])
     t = threshold_for(best, TARGET_FRR)
+    encoded = server.metric("zss_image_examples_encoded_total")
     open_id = deploy(server, {**body, "open_set": {"label": "none of these", "threshold": t}})
+    # The same 90 image examples again: all from the embedding cache, none encoded.
+    assert server.metric("zss_image_examples_encoded_total") == encoded > 0
+    assert server.metric("zss_image_example_cache_hits_total") >= 90
 
     inside, truth = labelled_images(ALL_COMBOS, 5, TEST_SEED)
     got_in = classify(server, open_id, inside)
