@@ -20,6 +20,7 @@ Rules (v an image, t_j class j's text, e_jk its K exemplars; cosines of L2-norma
   the exemplars, shrunk towards a multiple of the identity by lambda);
 - leave-one-out text gate: at deploy time each class's text is dropped when that improves the leave-one-out
   accuracy of the deployment's own exemplars under the shipped rule (training-free, per deployment);
+- contradicted-text gate: a class's text is dropped when, alone, it claims an exemplar of another class;
 - mirrored exemplars: each exemplar's vector is the normalised mean of the embeddings of the image and its
   left-right mirror (Tip-Adapter builds its cache from augmented views likewise), with the shipped rule and alone.
 
@@ -154,6 +155,20 @@ def loo_text_gate(x: torch.Tensor, t: torch.Tensor, ex: torch.Tensor) -> torch.T
     return raw_scores(x, clf)
 
 
+def steal_text_gate(x: torch.Tensor, t: torch.Tensor, ex: torch.Tensor) -> torch.Tensor:
+    """Shipped rule, minus the texts that, alone, claim an exemplar of another class (a text the deployment's own
+    labelled images contradict)."""
+    c, k, dim = ex.shape
+    truth = torch.arange(c).repeat_interleave(k)
+    claimed = (ex.reshape(-1, dim) @ t.T).argmax(1)
+    keep = torch.bincount(claimed[claimed != truth], minlength=c) == 0
+    none = torch.zeros(0, dim)
+    clf = compile_classifier(
+        NAMES, [t[m : m + 1] if keep[m] else none for m in range(c)], [none] * c, list(ex), [none] * c
+    )
+    return raw_scores(x, clf)
+
+
 def mirror(img: Image.Image) -> Image.Image:
     return img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
 
@@ -222,6 +237,7 @@ def run(per_pair: int) -> list[tuple[str, str, str]]:
             (f"whitened nearest exemplar lambda={lam:g}, images alone", *curve(whitened_nn(lam), shots=(2, 5, 10)))
         )
     rows.append(("leave-one-out text gate + shipped rule (K = 2, 5)", *curve(loo_text_gate, shots=(2, 5))))
+    rows.append(("contradicted-text gate + shipped rule", *curve(steal_text_gate)))
     rows.append(("mirrored exemplars: text + K, shipped rule", *curve(shipped(True), mirrored)))
     rows.append(("mirrored exemplars: K images alone", *curve(shipped(False), mirrored)))
     return rows
