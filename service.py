@@ -82,13 +82,15 @@ def build_app(engine: Engine | None = None, settings: Settings | None = None) ->
 
     @app.post("/deploy_classifier", response_model=DeployResponse, responses=ERRORS)
     async def deploy_classifier(body: DeployClassifierRequest, eng: EngineDep, who: CallerDep) -> DeployResponse:
-        """Deploy (or update) a classifier defined by example texts; examples are embedded now, once."""
+        """Deploy (or update) a classifier defined by example texts and/or images (``{"image": base64}`` or
+        ``{"url": ...}``), optionally with an open set; examples are embedded now, once."""
         out = await eng.deploy(body, caller=who)
         return DeployResponse(deployed_id=out.deployed_id, message=out.message)
 
     @app.post(
         "/classify",
         response_model=ClassifyResult | list[ClassifyResult],
+        response_model_exclude_none=True,  # "rejected" only where the deployment has an open set
         responses=ERRORS,
         openapi_extra=image_body("data"),
     )
@@ -99,7 +101,8 @@ def build_app(engine: Engine | None = None, settings: Settings | None = None) ->
 
     @app.post("/deploy_detector", response_model=DeployResponse, responses=ERRORS)
     async def deploy_detector(body: DeployDetectorRequest, eng: EngineDep, who: CallerDep) -> DeployResponse:
-        """Deploy (or update) a detector defined by example texts, thresholds and NMS settings."""
+        """Deploy (or update) a detector defined by example texts and/or images (OWL image queries), thresholds and
+        NMS settings."""
         out = await eng.deploy(body, caller=who)
         return DeployResponse(deployed_id=out.deployed_id, message=out.message)
 

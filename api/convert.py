@@ -15,9 +15,13 @@ from imaging.sources import ImageSource
 
 
 def classification(c: Classification) -> dict[str, Any]:
-    """``{"scores", "pred", "raw_scores"}`` with classes in their deployed order."""
+    """``{"scores", "pred", "raw_scores"}`` with classes in their deployed order, plus ``"rejected"`` with an open
+    set."""
     names = c.class_names
-    return {"scores": dict(zip(names, c.scores)), "pred": c.label, "raw_scores": dict(zip(names, c.raw_scores))}
+    out = {"scores": dict(zip(names, c.scores)), "pred": c.label, "raw_scores": dict(zip(names, c.raw_scores))}
+    if c.rejected is not None:  # only a deployment with an open set says whether the image was turned away
+        out["rejected"] = c.rejected
+    return out
 
 
 def classifications(results: Sequence[Classification]) -> dict[str, Any] | list[dict[str, Any]]:

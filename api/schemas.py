@@ -38,6 +38,7 @@ class ClassifyResult(BaseModel):
     scores: dict[str, float]
     pred: str
     raw_scores: dict[str, float]
+    rejected: bool | None = Field(default=None, description="With an open set: true when pred is its label")
 
 
 class Detection(BaseModel):

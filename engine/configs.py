@@ -27,22 +27,60 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class ImageData(_Body):
+    """An image example sent inline: base64 (standard or URL-safe) or a ``data:image/...;base64,`` URI."""
+
+    image: str = Field(min_length=1)
+
+
+class ImageUrl(_Body):
+    """An image example the server fetches (only where URL fetching is allowed, through the SSRF-safe fetch)."""
+
+    url: str = Field(min_length=1, max_length=4096)
+
+
+# An example is a text (DirectAI's form) or an image; stored and returned exactly as given.
+Example = str | ImageData | ImageUrl
+
+
+def is_text(example: Example) -> bool:
+    return isinstance(example, str)
+
+
 class ClassifierConfig(_Body):
-    """One meta-class: a name, texts that describe it, and texts that must not be taken for it."""
+    """One meta-class: a name, examples (texts or images) that describe it, and examples that must not be taken for
+    it."""
 
     name: str = Field(min_length=1, max_length=512)
-    examples_to_include: list[str]
-    examples_to_exclude: list[str] = Field(default_factory=list)
+    examples_to_include: list[Example]
+    examples_to_exclude: list[Example] = Field(default_factory=list)
+
+    def texts(self, positive: bool) -> list[str]:
+        return [e for e in (self.examples_to_include if positive else self.examples_to_exclude) if isinstance(e, str)]
+
+    def images(self, positive: bool) -> list[tuple[int, ImageData | ImageUrl]]:
+        """(index in its list, example) of the image examples, in order."""
+        examples = self.examples_to_include if positive else self.examples_to_exclude
+        return [(i, e) for i, e in enumerate(examples) if not isinstance(e, str)]
 
 
 class DetectorConfig(ClassifierConfig):
     detection_threshold: float = Field(default=0.1, ge=0.0, le=1.0)
 
 
+class OpenSet(_Body):
+    """ "None of these": an image whose best class's raw score (its two-stage evidence, in [0, 1]) is below
+    ``threshold`` gets ``label`` as its prediction and ``"rejected": true``."""
+
+    label: str = Field(default="none of these", min_length=1, max_length=512)
+    threshold: float = Field(ge=0.0, le=1.0)
+
+
 class DeployClassifierRequest(_Body):
     classifier_configs: list[ClassifierConfig]
     deployed_id: str | None = Field(default=None, max_length=128)
     augment_examples: bool = True
+    open_set: OpenSet | None = None
 
     @property
     def classes(self) -> list[ClassifierConfig]:
@@ -74,8 +112,12 @@ def kind_of(body: DeployRequest) -> Kind:
 
 
 def stored_config(body: DeployRequest) -> dict[str, Any]:
-    """What the registry keeps: the validated body with every default filled in, without ``deployed_id``."""
-    return body.model_dump(mode="json", exclude={"deployed_id"})
+    """What the registry keeps: the validated body with every default filled in, without ``deployed_id`` (and without
+    ``open_set`` when it is not set, so a DirectAI client sees DirectAI's body)."""
+    exclude = {"deployed_id"}
+    if isinstance(body, DeployClassifierRequest) and body.open_set is None:
+        exclude.add("open_set")
+    return body.model_dump(mode="json", exclude=exclude)
 
 
 def load_config(kind: Kind, config: dict[str, Any]) -> DeployRequest:
@@ -95,5 +137,8 @@ def check_classes(body: DeployRequest) -> None:
         seen.add(c.name)
         if not c.examples_to_include:
             raise Invalid(f"Model lacks example_to_include for {c.name} class.")  # DirectAI's wording
-        if any(not ex.strip() for ex in (*c.examples_to_include, *c.examples_to_exclude)):
+        if any(not ex.strip() for ex in (*c.texts(True), *c.texts(False))):
             raise Invalid(f"Class {c.name!r} has an empty example.")
+    open_set = getattr(body, "open_set", None)
+    if open_set is not None and open_set.label in seen:
+        raise Invalid(f"The open-set label {open_set.label!r} is also a class name.")

@@ -7,7 +7,7 @@ semantic/ scores with; scoring turns encoder outputs into typed results (the API
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -19,9 +19,11 @@ from engine.configs import (
     Kind,
 )
 from engine.embedder import TextEmbedder
+from engine.exemplars import ImageEmbedder, has_images
+from errors import Invalid
 from imaging.geometry import scale_boxes
-from semantic.classify import CompiledClassifier, classify, compile_classifier
-from semantic.detect import box_class_scores, detect, iou_graph
+from semantic.classify import CompiledClassifier, classify, compile_classifier, rejected
+from semantic.detect import box_class_scores, detect, image_query_index, iou_graph
 
 
 @dataclass(frozen=True)
@@ -32,10 +34,13 @@ class Classification:
     scores: list[float]
     raw_scores: list[float]
     pred: int
+    # With an open set: the label a rejected image gets, and whether this one is rejected (None: no open set).
+    open_label: str | None = None
+    rejected: bool | None = None
 
     @property
     def label(self) -> str:
-        return self.class_names[self.pred]
+        return self.open_label if self.rejected and self.open_label is not None else self.class_names[self.pred]
 
 
 @dataclass(frozen=True)
@@ -64,21 +69,51 @@ def tensor_bytes(compiled: CompiledClassifier | CompiledDetector) -> int:
     return sum(t.element_size() * t.nelement() for t in tensors)
 
 
-def compile_examples(classes: Sequence[ClassifierConfig], embedder: TextEmbedder, augment: bool) -> CompiledClassifier:
-    """Embed every example of every class in one cache lookup and build the flat example matrix."""
+def compile_examples(
+    classes: Sequence[ClassifierConfig],
+    embedder: TextEmbedder,
+    augment: bool,
+    images: ImageEmbedder | None = None,
+    images_as_texts: bool = False,
+) -> CompiledClassifier:
+    """Embed every text example of every class in one cache lookup (and every image example in another, through
+    ``images``) and build the flat example matrix. ``images_as_texts``: the image vectors live in the text examples'
+    space (a detector's image queries), so they join the text examples' slots with no calibration."""
     texts: list[str] = []
     for c in classes:
-        texts.extend(c.examples_to_include)
-        texts.extend(c.examples_to_exclude)
-    vecs, _ = embedder.embed(texts, augment)
+        texts.extend(c.texts(True))
+        texts.extend(c.texts(False))
+    vecs, _ = embedder.embed(texts, augment) if texts else (np.zeros((0, 0), np.float32), None)
     emb = torch.from_numpy(np.ascontiguousarray(vecs, dtype=np.float32))
     positives, negatives, at = [], [], 0
     for c in classes:
-        positives.append(emb[at : at + len(c.examples_to_include)])
-        at += len(c.examples_to_include)
-        negatives.append(emb[at : at + len(c.examples_to_exclude)])
-        at += len(c.examples_to_exclude)
-    return compile_classifier([c.name for c in classes], positives, negatives)
+        n_pos, n_neg = len(c.texts(True)), len(c.texts(False))
+        positives.append(emb[at : at + n_pos])
+        at += n_pos
+        negatives.append(emb[at : at + n_neg])
+        at += n_neg
+    names = [c.name for c in classes]
+    if not has_images(classes):
+        return compile_classifier(names, positives, negatives)
+    if images is None:
+        raise Invalid("Image examples are not supported for this kind of deployment.")
+    found = images.embed_classes(classes)
+
+    def tensors(blocks: list[np.ndarray]) -> list[torch.Tensor]:
+        dim = next(b.shape[1] for b in found.positives + found.negatives if b.shape[0])
+        return [torch.from_numpy(np.ascontiguousarray(b, np.float32)).reshape(-1, dim) for b in blocks]
+
+    img_pos, img_neg = tensors(found.positives), tensors(found.negatives)
+    dim = img_pos[0].shape[1]
+    if texts and emb.shape[1] != dim:
+        raise Invalid(f"The text encoder's vectors ({emb.shape[1]}) and the image encoder's ({dim}) differ in size.")
+    fix = [p if p.shape[0] else torch.zeros(0, dim) for p in positives]
+    fixn = [n if n.shape[0] else torch.zeros(0, dim) for n in negatives]
+    if images_as_texts:
+        both_pos = [torch.cat([t, i]) for t, i in zip(fix, img_pos)]
+        both_neg = [torch.cat([t, i]) for t, i in zip(fixn, img_neg)]
+        return compile_classifier(names, both_pos, both_neg)
+    return compile_classifier(names, fix, fixn, img_pos, img_neg)
 
 
 class ClassifierKind:
@@ -86,16 +121,28 @@ class ClassifierKind:
     schema = DeployClassifierRequest
 
     @staticmethod
-    def compile(body: DeployClassifierRequest, embedder: TextEmbedder) -> CompiledClassifier:
-        return compile_examples(body.classifier_configs, embedder, body.augment_examples)
+    def compile(
+        body: DeployClassifierRequest, embedder: TextEmbedder, images: ImageEmbedder | None = None
+    ) -> CompiledClassifier:
+        clf = compile_examples(body.classifier_configs, embedder, body.augment_examples, images)
+        if body.open_set is not None:
+            clf = replace(clf, open_set=(body.open_set.label, float(body.open_set.threshold)))
+        return clf
 
     @staticmethod
     def score(image_embeddings: np.ndarray, clf: CompiledClassifier) -> list[Classification]:
-        """Image embeddings [B, D] -> one result per image."""
+        """Image embeddings [B, D] -> one result per image (with the open set's verdict when it has one)."""
         emb = torch.from_numpy(np.ascontiguousarray(image_embeddings, dtype=np.float32))
         raw, probs, pred = classify(emb, clf)
+        if clf.open_set is None:
+            return [
+                Classification(clf.class_names, p, r, k) for r, p, k in zip(raw.tolist(), probs.tolist(), pred.tolist())
+            ]
+        label, threshold = clf.open_set
+        out = rejected(raw, threshold).tolist()
         return [
-            Classification(clf.class_names, p, r, k) for r, p, k in zip(raw.tolist(), probs.tolist(), pred.tolist())
+            Classification(clf.class_names, p, r, k, label, bool(x))
+            for r, p, k, x in zip(raw.tolist(), probs.tolist(), pred.tolist(), out)
         ]
 
 
@@ -114,13 +161,25 @@ class DetectorKind:
     schema = DeployDetectorRequest
 
     @staticmethod
-    def compile(body: DeployDetectorRequest, embedder: TextEmbedder) -> CompiledDetector:
+    def compile(
+        body: DeployDetectorRequest, embedder: TextEmbedder, images: ImageEmbedder | None = None
+    ) -> CompiledDetector:
+        # Image examples become query embeddings in the text queries' space: the same rule scores and vetoes them.
         return CompiledDetector(
-            examples=compile_examples(body.detector_configs, embedder, body.augment_examples),
+            examples=compile_examples(body.detector_configs, embedder, body.augment_examples, images, True),
             thresholds=torch.tensor([c.detection_threshold for c in body.detector_configs], dtype=torch.float32),
             nms_threshold=float(body.nms_threshold),
             class_agnostic_nms=bool(body.class_agnostic_nms),
         )
+
+    @staticmethod
+    def image_query(enc: BoxEncoding, size: tuple[int, int]) -> np.ndarray:
+        """An example image's query embedding: the class embedding of its box chosen as OWLv2's image-guided
+        detection does (``semantic.detect.image_query_index``); ``size`` is the (width, height) the detector saw."""
+        k = image_query_index(
+            torch.from_numpy(np.ascontiguousarray(enc.boxes, np.float32)), float(size[0]), float(size[1])
+        )
+        return np.asarray(enc.class_embeds[k], dtype=np.float32)
 
     @staticmethod
     def score(enc: BoxEncoding, det: CompiledDetector, scale_xy: tuple[float, float] = (1.0, 1.0)) -> list[Detection]:

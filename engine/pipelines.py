@@ -11,27 +11,32 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, ParamSpec, TypeVar
 
+import anyio
+import anyio.from_thread
 import anyio.to_thread
 import numpy as np
 from PIL import Image
 from prometheus_client import Counter
 
+from cache.embeddings import namespace
 from cache.interfaces import DeploymentStore, StoreUnavailable, VectorStore
 from cache.registry import Deployment
 from engine.configs import DeployRequest, Kind, check_classes, kind_of
 from engine.deployments import Compiled, Deployments, DeployOutcome
 from engine.embedder import EmbedStats, TextEmbedder
 from engine.encoders import DetectorEncoder, ImageEncoder, TextEncoder
-from engine.kinds import KINDS, Classification, ClassifierKind, CompiledDetector, Detection, DetectorKind
+from engine.exemplars import ImageEmbedder, has_images
+from engine.kinds import Classification, ClassifierKind, CompiledDetector, Detection, DetectorKind
 from engine.tenancy import Tenant
 from errors import Invalid, Unavailable
 from imaging.geometry import shrink_to
 from imaging.preprocess import Preprocess
 from imaging.sources import ImageLimits, ImageSource, load_image
 from semantic.classify import CompiledClassifier
+from semantic.detect import QUERY_RULE_VERSION
 from semantic.templates_detect import DETECTION_TEMPLATE_VERSION, DETECTION_TEMPLATES
 from settings import Settings
 
@@ -40,6 +45,8 @@ log = logging.getLogger(__name__)
 EXAMPLES_ENCODED = Counter("zss_text_examples_encoded", "Example texts encoded (embedding-cache misses)")
 CACHE_HITS = Counter("zss_embedding_cache_hits", "Example texts found in the embedding cache")
 CACHE_MISSES = Counter("zss_embedding_cache_misses", "Example texts missing from the embedding cache")
+IMAGE_EXAMPLES_ENCODED = Counter("zss_image_examples_encoded", "Image examples encoded (embedding-cache misses)")
+IMAGE_EXAMPLE_HITS = Counter("zss_image_example_cache_hits", "Image examples found in the embedding cache")
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -51,6 +58,11 @@ async def in_thread(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         return await anyio.to_thread.run_sync(lambda: fn(*args, **kwargs))
     except StoreUnavailable as exc:
         raise Unavailable(f"{exc} (retry later)") from exc
+
+
+def _record_images(stats: EmbedStats) -> None:
+    IMAGE_EXAMPLE_HITS.inc(stats.hits)
+    IMAGE_EXAMPLES_ENCODED.inc(stats.examples_encoded)
 
 
 def _record(stats: EmbedStats) -> None:
@@ -89,6 +101,8 @@ class Engine:
         self._det_embedder: TextEmbedder | None = None
         self._det_info: dict[str, Any] | None = None
         self._preprocess: Preprocess | None = None
+        self._image_embedder: ImageEmbedder | None = None
+        self._det_image_embedder: ImageEmbedder | None = None
 
     # -- learned lazily from the encoders -------------------------------------------------------------------------
     def text_embedder(self) -> TextEmbedder:
@@ -129,10 +143,56 @@ class Engine:
                 )
             return self._det_embedder
 
+    def image_embedder(self) -> ImageEmbedder:
+        """A classifier's image examples through CLIP's image tower and the shared cache (engine/exemplars.py)."""
+        pre = self.preprocess()
+        with self._lock:
+            if self._image_embedder is None:
+                self._image_embedder = ImageEmbedder.for_clip(
+                    self.cache,
+                    self.image_encoder.info()["model_id"],
+                    pre,
+                    lambda pixels: self._blocking(self.image_encoder.encode_pixels, pixels),
+                    self.limits,
+                    on_lookup=_record_images,
+                )
+            return self._image_embedder
+
+    def detector_image_embedder(self) -> ImageEmbedder:
+        """A detector's image examples as OWL query embeddings (image-guided detection), through the shared cache."""
+        info = self.detector_info()
+        side = int(info["input_size"])
+
+        def encode(images: list[Image.Image]) -> np.ndarray:
+            shrunk = [shrink_to(im, side)[0] for im in images]
+            encodings = self._blocking(self.detector.encode_images, shrunk)
+            return np.stack([DetectorKind.image_query(e, im.size) for e, im in zip(encodings, shrunk)])
+
+        with self._lock:
+            if self._det_image_embedder is None:
+                ns = namespace(info["model_id"], f"image-query-{QUERY_RULE_VERSION}-{side}")
+                self._det_image_embedder = ImageEmbedder(self.cache, ns, encode, self.limits, on_lookup=_record_images)
+            return self._det_image_embedder
+
+    @staticmethod
+    def _blocking(fn: Callable[[Any], Awaitable[T]], arg: Any) -> T:
+        """An awaitable encoder call from blocking code: through the event loop that started this worker thread (a
+        route), or on an event loop of its own (the folder tool, which compiles outside any loop)."""
+        try:
+            return anyio.from_thread.run(fn, arg)
+        except RuntimeError as exc:
+            if "worker thread" not in str(exc) and "event loop" not in str(exc):
+                raise
+            return anyio.run(fn, arg)
+
     def _compile(self, kind: Kind, body: DeployRequest) -> Compiled:
-        # Detector examples are embedded by the detector's own text tower, classifier examples by CLIP's.
-        embedder = self.detector_embedder() if kind is Kind.DETECTOR else self.text_embedder()
-        return KINDS[kind].compile(body, embedder)  # type: ignore[arg-type]
+        # Detector examples are embedded by the detector's own towers (image examples as OWL image queries),
+        # classifier examples by CLIP's (image examples by its image tower).
+        if kind is Kind.DETECTOR:
+            images = self.detector_image_embedder() if has_images(body.classes) else None
+            return DetectorKind.compile(body, self.detector_embedder(), images)  # type: ignore[arg-type]
+        images = self.image_embedder() if has_images(body.classes) else None
+        return ClassifierKind.compile(body, self.text_embedder(), images)  # type: ignore[arg-type]
 
     # -- images -----------------------------------------------------------------------------------------------------
     def _pixels(self, sources: list[ImageSource]) -> np.ndarray:

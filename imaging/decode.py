@@ -113,6 +113,11 @@ def decode_base64_image(
 
     ``max_bytes`` (optional) bounds the decoded size: 413 without decoding when the text is obviously too long.
     """
+    return decode_image(base64_bytes(s, max_bytes=max_bytes), max_pixels=max_pixels, draft_size=draft_size)
+
+
+def base64_bytes(s: str, *, max_bytes: int | None = None) -> bytes:
+    """The bytes behind plain base64 or a ``data:...;base64,`` URI (the checks of :func:`decode_base64_image`)."""
     if not isinstance(s, str):
         raise ImageInputError("Invalid base64 image data: expected a string.", 422)
     text = s.strip()
@@ -148,7 +153,7 @@ def decode_base64_image(
         ) from exc
     if max_bytes is not None and len(raw) > max_bytes:
         raise ImageInputError(f"Image too large: {len(raw)} bytes exceeds the limit of {max_bytes} bytes.", 413)
-    return decode_image(raw, max_pixels=max_pixels, draft_size=draft_size)
+    return raw
 
 
 def _exif_upright(img: Image.Image) -> Image.Image:

@@ -12,7 +12,7 @@ from typing import Literal
 from PIL import Image
 
 from errors import ZssError
-from imaging.decode import decode_base64_image, decode_image
+from imaging.decode import base64_bytes, decode_base64_image, decode_image
 from imaging.fetch import fetch_image_url, parse_allow_hosts
 
 
@@ -44,13 +44,21 @@ def load_image(src: ImageSource, limits: ImageLimits, draft: int = 0) -> Image.I
         return decode_base64_image(
             str(src.value), max_pixels=limits.max_pixels, draft_size=draft, max_bytes=limits.max_bytes
         )
+    return decode_image(source_bytes(src, limits), max_pixels=limits.max_pixels, draft_size=draft)
+
+
+def source_bytes(src: ImageSource, limits: ImageLimits) -> bytes:
+    """The encoded bytes of one image as sent (base64 decoded, a URL fetched), without decoding pixels."""
+    if src.kind == "bytes":
+        return bytes(src.value)  # type: ignore[arg-type]
+    if src.kind == "base64":
+        return base64_bytes(str(src.value), max_bytes=limits.max_bytes)
     if not limits.allow_url_fetch:
         raise ZssError("Image URLs are disabled on this server (set ZSS_ALLOW_URL_FETCH=true to enable).", 400)
-    blob = fetch_image_url(
+    return fetch_image_url(
         str(src.value),
         allow_hosts=parse_allow_hosts(limits.url_allow_hosts),
         timeout_s=limits.url_timeout_s,
         max_bytes=limits.max_bytes,
         allow_networks=limits.url_allow_networks.split(","),
     )
-    return decode_image(blob, max_pixels=limits.max_pixels, draft_size=draft)

@@ -10,6 +10,17 @@ The per-class max is one scatter-max (``Tensor.scatter_reduce(..., "amax")``) of
 (class j's positives in slot j, its negatives in slot C + j; every example's slot is fixed at deploy time), so a batch
 of images against thousands of classes is one matmul and one scatter, with no Python loop over classes or examples
 and no per-request copy of the [B, E] matrix. d is monotone in cos, so it is applied to the [2C, B] maxima only.
+
+Image examples (few-shot exemplars) sit in two more slots per class (2C + j positive, 3C + j negative). Image-to-image
+cosines live on another scale than image-to-text ones (an unrelated photo is often closer to an exemplar than a
+matching caption is), so before they compete with text examples they are mapped onto the text scale by an affine
+per-modality calibration fixed at deploy time from the deployment's own examples (:func:`image_calibration`): the mean
+cosine of unrelated image pairs goes to that of unrelated image-text pairs, and the mean of matching image pairs (two
+image examples of one class) to that of matching image-text pairs (an image example and its class's text), or, without
+matches in both modalities, the unrelated pairs' spreads are matched (a z-score); the result is clamped to [-1, 1].
+The mapped cosine then takes part in the same rule (the most relevant example decides, a negative vetoes), so a class
+with text examples only scores exactly as before, and a deployment of image examples only uses plain image cosines.
+The map is monotone, so it too is applied to the slot maxima only.
 """
 
 from __future__ import annotations
@@ -20,6 +31,14 @@ import torch
 
 TEMPERATURE = 0.07
 
+# Calibration priors, as pseudo-observations (PRIOR_WEIGHT of them) that the deployment's own unrelated pairs outweigh
+# as they grow: what a deployment with a single image example (no unrelated image pair) falls back on. Unrelated
+# image pairs under CLIP-like models sit well above unrelated image-text pairs.
+TEXT_PRIOR = (0.0, 0.25)  # (mean, std) of unrelated image-text cosines
+IMAGE_PRIOR = (0.5, 0.2)  # (mean, std) of unrelated image-image cosines
+PRIOR_WEIGHT = 4.0
+IDENTITY = (1.0, 0.0)
+
 
 @dataclass(frozen=True)
 class CompiledClassifier:
@@ -29,12 +48,22 @@ class CompiledClassifier:
     examples: torch.Tensor  # [E, D] float32, L2-normalised
     example_class: torch.Tensor  # [E] int64, index into class_names
     example_positive: torch.Tensor  # [E] bool
-    # [E] int64: class for a positive example, n_classes + class for a negative one (the scatter-max target row).
+    # [E] int64: class for a positive example, n_classes + class for a negative one (the scatter-max target row);
+    # 2 * n_classes more for an image example.
     example_slot: torch.Tensor
+    # cos' = scale * cos + shift maps image-example cosines onto the text scale (see image_calibration).
+    image_map: tuple[float, float] = IDENTITY
+    has_images: bool = False
+    # Open set: (label, threshold on the best class's raw score), or None.
+    open_set: tuple[str, float] | None = None
 
     @property
     def n_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def n_slots(self) -> int:
+        return (4 if self.has_images else 2) * self.n_classes
 
 
 def example_slots(example_class: torch.Tensor, example_positive: torch.Tensor, n_classes: int) -> torch.Tensor:
@@ -52,34 +81,99 @@ def slot_max(values: torch.Tensor, slot: torch.Tensor, n_slots: int) -> torch.Te
     return out.scatter_reduce_(0, slot.unsqueeze(1).expand_as(values), values, reduce="amax", include_self=True)
 
 
+def _shrunk_stats(values: torch.Tensor, prior: tuple[float, float]) -> tuple[float, float]:
+    """Mean and std of ``values`` with PRIOR_WEIGHT pseudo-observations of the prior (mean, std)."""
+    n, (m0, s0) = values.numel(), prior
+    v = values.to(torch.float64)
+    mean = (float(v.sum()) + PRIOR_WEIGHT * m0) / (n + PRIOR_WEIGHT)
+    var = (float(((v - mean) ** 2).sum()) + PRIOR_WEIGHT * (s0**2 + (m0 - mean) ** 2)) / (n + PRIOR_WEIGHT)
+    return mean, max(var**0.5, 1e-3)
+
+
+def image_calibration(examples: torch.Tensor, slot: torch.Tensor, is_image: torch.Tensor) -> tuple[float, float]:
+    """(scale, shift) of the affine map of image-example cosines onto the text scale.
+
+    Anchors: the mean cosine of *unrelated* image pairs maps to that of unrelated image-text pairs, and, where the
+    deployment shows what a *match* looks like in both modalities, the mean cosine of matching image pairs maps to
+    that of matching image-text pairs (a typical match is equally strong evidence in either modality). Unrelated
+    pairs are those of different slots (another class, or the other sign); matching pairs are two image examples of
+    the same slot, and an image example with a text example of its slot. Without matches in both modalities the
+    slope is the ratio of the unrelated pairs' stds instead (a z-score among unrelated image pairs becomes the same
+    z-score among unrelated image-text pairs). Unrelated means and stds are shrunk towards their priors (TEXT_PRIOR,
+    IMAGE_PRIOR) by PRIOR_WEIGHT pseudo-observations. Without text examples, or without image examples, there is one
+    modality only: the identity.
+    """
+    is_text = ~is_image
+    if not bool(is_image.any()) or not bool(is_text.any()):
+        return IDENTITY
+    img, base = examples[is_image], slot[is_image]
+    txt, txt_base = examples[is_text], slot[is_text]
+    cos_t = img @ txt.T
+    cos_i = img @ img.T
+    same_t = base[:, None] == txt_base[None, :]
+    same_i = base[:, None] == base[None, :]
+    mu_t, sd_t = _shrunk_stats(cos_t[~same_t], TEXT_PRIOR)
+    mu_i, sd_i = _shrunk_stats(cos_i[~same_i], IMAGE_PRIOR)
+    scale = sd_t / sd_i
+    match_i = cos_i[same_i & ~torch.eye(len(base), dtype=torch.bool)]
+    match_t = cos_t[same_t]
+    if match_i.numel() and match_t.numel():
+        gap_i, gap_t = float(match_i.mean()) - mu_i, float(match_t.mean()) - mu_t
+        if gap_i > sd_i / 4 and gap_t > sd_t / 4:  # both modalities tell matches from unrelated pairs
+            scale = gap_t / gap_i
+    return scale, mu_t - scale * mu_i
+
+
 def compile_classifier(
     class_names: list[str],
     positives: list[torch.Tensor],
     negatives: list[torch.Tensor],
+    image_positives: list[torch.Tensor] | None = None,
+    image_negatives: list[torch.Tensor] | None = None,
 ) -> CompiledClassifier:
-    """Flatten per-class positive [P_j, D] and negative [N_j, D] example embeddings into one matrix."""
+    """Flatten per-class positive [P_j, D] and negative [N_j, D] example embeddings (texts), and optionally image
+    examples' embeddings in the same form, into one matrix; a class needs at least one positive of either kind."""
     if not class_names:
         raise ValueError("Class list is empty.")
-    if not (len(class_names) == len(positives) == len(negatives)):
+    n = len(class_names)
+    if not (n == len(positives) == len(negatives)):
         raise ValueError("class_names, positives and negatives must have the same length")
+    dim = next(t.shape[1] for t in (*positives, *negatives) if t.ndim == 2)
+    empty = [torch.zeros(0, dim)] * n
+    img_pos = image_positives if image_positives is not None else empty
+    img_neg = image_negatives if image_negatives is not None else empty
+    if not (n == len(img_pos) == len(img_neg)):
+        raise ValueError("image_positives and image_negatives must have one entry per class")
     blocks: list[torch.Tensor] = []
     cls: list[torch.Tensor] = []
     pos: list[torch.Tensor] = []
-    for j, (p, n) in enumerate(zip(positives, negatives)):
-        if p.shape[0] == 0:
+    image: list[torch.Tensor] = []
+    for j in range(n):
+        if positives[j].shape[0] == 0 and img_pos[j].shape[0] == 0:
             raise ValueError(f"class {class_names[j]!r} has no positive examples")
-        for block, is_pos in ((p, True), (n, False)):
+        for block, is_pos, is_img in (
+            (positives[j], True, False),
+            (negatives[j], False, False),
+            (img_pos[j], True, True),
+            (img_neg[j], False, True),
+        ):
             if block.shape[0]:
                 blocks.append(block.to(torch.float32))
                 cls.append(torch.full((block.shape[0],), j, dtype=torch.int64))
                 pos.append(torch.full((block.shape[0],), is_pos, dtype=torch.bool))
-    example_class, example_positive = torch.cat(cls), torch.cat(pos)
+                image.append(torch.full((block.shape[0],), is_img, dtype=torch.bool))
+    example_class, example_positive, example_image = torch.cat(cls), torch.cat(pos), torch.cat(image)
+    examples = torch.cat(blocks).contiguous()
+    base_slot = example_slots(example_class, example_positive, n)
+    has_images = bool(example_image.any())
     return CompiledClassifier(
         class_names=tuple(class_names),
-        examples=torch.cat(blocks).contiguous(),
+        examples=examples,
         example_class=example_class,
         example_positive=example_positive,
-        example_slot=example_slots(example_class, example_positive, len(class_names)),
+        example_slot=base_slot + 2 * n * example_image.to(torch.int64),
+        image_map=image_calibration(examples, base_slot, example_image) if has_images else IDENTITY,
+        has_images=has_images,
     )
 
 
@@ -93,10 +187,21 @@ def raw_scores(image_embeddings: torch.Tensor, clf: CompiledClassifier) -> torch
     # [E, B]: contiguous along examples, so the scatter runs down the leading dimension (as in semantic/detect.py).
     cos_t = clf.examples @ image_embeddings.to(torch.float32).T
     c = clf.n_classes
-    d = slot_max(cos_t, clf.example_slot, 2 * c).add_(1.0).div_(2.0).T  # [B, 2C]; a slot without examples stays -inf
+    best = slot_max(cos_t, clf.example_slot, clf.n_slots)
+    if clf.has_images:  # image slots onto the text scale (monotone, so on the maxima), then the max of both
+        scale, shift = clf.image_map
+        img = best[2 * c :]
+        mapped = img.mul(scale).add_(shift).clamp_(-1.0, 1.0)
+        best = torch.maximum(best[: 2 * c], torch.where(torch.isinf(img), img, mapped))
+    d = best.add_(1.0).div_(2.0).T  # [B, 2C]; a slot without examples stays -inf
     best_pos, best_neg = d[:, :c], d[:, c:]
     # Ties go to the positive example; a class without negatives has best_neg = -inf.
     return torch.where(best_pos >= best_neg, best_pos, 1.0 - best_neg)
+
+
+def rejected(raw: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Open set: [B] True where the best class's raw score (its evidence, in [0, 1]) is below ``threshold``."""
+    return raw.max(dim=-1).values < threshold
 
 
 def classify(

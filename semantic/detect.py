@@ -243,3 +243,22 @@ def detect(
         keep_ranked[by_class] = keep_sorted  # back to global rank order = the output order
         final = rank[keep_ranked]
     return box_p[final], cls_p[final], pos_p[final]
+
+
+QUERY_RULE_VERSION = "v1"  # the rule below; part of the cache namespace of image queries
+
+
+def image_query_index(boxes: torch.Tensor, width: float, height: float, ratio: float = 0.8) -> int:
+    """Which box of an example image stands for it (OWLv2's image-guided detection): among the boxes whose IoU with
+    the whole image is at least ``ratio`` times the best such IoU, the one with the highest objectness. ``boxes``
+    [k, 4] xyxy are sorted by objectness (the detector's order), so that is the first such box."""
+    if boxes.shape[0] == 0:
+        raise ValueError("the example image has no boxes")
+    b = boxes.to(torch.float32)
+    iw = (torch.minimum(b[:, 2], torch.tensor(width)) - b[:, 0].clamp(min=0.0)).clamp(min=0.0)
+    ih = (torch.minimum(b[:, 3], torch.tensor(height)) - b[:, 1].clamp(min=0.0)).clamp(min=0.0)
+    inter = iw * ih
+    area = (b[:, 2] - b[:, 0]).clamp(min=0.0) * (b[:, 3] - b[:, 1]).clamp(min=0.0)
+    iou = inter / (area + width * height - inter).clamp(min=1e-9)
+    keep = (iou >= ratio * iou.max()).nonzero(as_tuple=True)[0]
+    return int(keep[0])

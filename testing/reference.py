@@ -26,6 +26,30 @@ def reference_raw(image: Any, classes: Sequence[tuple[Sequence[Any], Sequence[An
     return out
 
 
+def reference_raw_mixed(
+    image: Any,
+    classes: Sequence[tuple[Sequence[Any], Sequence[Any], Sequence[Any], Sequence[Any]]],
+    image_map: tuple[float, float],
+) -> list[float]:
+    """The same rule with image examples: per class (text positives, text negatives, image positives, image
+    negatives); an image example's cosine is first mapped onto the text scale, cos' = clamp(scale * cos + shift,
+    -1, 1), then every example competes as a text example does."""
+    scale, shift = image_map
+    out = []
+    for pos, neg, ipos, ineg in classes:
+        best, best_is_pos = -math.inf, True
+        for vecs, is_pos, is_img in ((pos, True, False), (neg, False, False), (ipos, True, True), (ineg, False, True)):
+            for v in vecs:
+                cos = float(image @ v)
+                if is_img:
+                    cos = min(1.0, max(-1.0, scale * cos + shift))
+                d = (1 + cos) / 2
+                if d > best or (d == best and is_pos):
+                    best, best_is_pos = d, is_pos
+        out.append(best if best_is_pos else 1 - best)
+    return out
+
+
 Box = tuple[float, float, float, float]
 
 

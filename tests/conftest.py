@@ -22,7 +22,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")  # BentoML's usage analytics (model saves in tests/runners)
 
-from testing.models import ClipFiles, clip_env, write_tiny_clip  # noqa: E402
+from testing.models import ClipFiles, clip_env, shapes_clip_env, write_tiny_clip  # noqa: E402
 from testing.owl import build_tiny_owlv2  # noqa: E402
 from testing.redis import RedisServer, running_redis  # noqa: E402
 from testing.server import Server, running_server  # noqa: E402
@@ -73,3 +73,12 @@ def redis_prefix() -> str:
     import uuid
 
     return f"test-{uuid.uuid4().hex[:12]}:"
+
+
+@pytest.fixture(scope="session")
+def shapes_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One real `bentoml serve` of the project's trained shapes CLIP (models/shapes-clip), shared by the modules that
+    test semantics with it (one start instead of one per module)."""
+    base = tmp_path_factory.mktemp("shapes")
+    with running_server(shapes_clip_env(base / "data"), base / "serve.log") as srv:
+        yield srv

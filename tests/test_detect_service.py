@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import base64
 import io
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from runners.owl import OwlDetector
+from semantic.detect import image_query_index
 from semantic.templates_detect import DETECTION_TEMPLATES
 from testing.client import assert_error, deploy, files
 from testing.images import jpeg_bytes
@@ -68,6 +71,18 @@ def reference(tiny_owl: Path, image: Image.Image, body: dict[str, Any], scale: t
         ([example(t) for t in c["examples_to_include"]], [example(t) for t in c.get("examples_to_exclude", [])])
         for c in configs
     ]
+    return reference_with(owl, image, body, classes, scale)
+
+
+def reference_with(
+    owl: OwlDetector,
+    image: Image.Image,
+    body: dict[str, Any],
+    classes: list[tuple[list[Any], list[Any]]],
+    scale: tuple[float, float],
+) -> list[dict]:
+    """The expected detections for given example vectors per class (positives, negatives)."""
+    configs = body["detector_configs"]
     enc = owl.encode_images([image])[0]
     keep = [i for i, b in enumerate(enc["boxes"].tolist()) if b[2] > b[0] and b[3] > b[1]]  # not wholly padding
     boxes = [tuple(enc["boxes"][i].tolist()) for i in keep]
@@ -198,3 +213,29 @@ def test_detector_deploy_messages_config_and_errors(server: Server) -> None:
         assert_error(c.post("/deploy_detector", json=bad), 422, "detection_threshold")
         r = c.post("/detect", params={"deployed_id": first["deployed_id"]}, files=files(b"not an image"))
         assert_error(r, 422, "Invalid image received, unable to open.")
+
+
+def test_an_image_example_is_an_owl_image_query(server: Server, tiny_owl: Path) -> None:
+    """The example image's query is the class embedding of its box nearest the whole image with the most objectness
+    (OWLv2's image-guided detection); detecting with it follows the same rule as a text query's vector."""
+    example_blob, scene_blob = png(60, 40, seed=5), png(60, 40, seed=6)
+    body = {
+        "detector_configs": [
+            {
+                "name": "thing",
+                "examples_to_include": [{"image": base64.b64encode(example_blob).decode()}],
+                "detection_threshold": 0.0,
+            },
+        ],
+        "nms_threshold": 0.4,
+    }
+    dep = deploy_detector(server, body)
+    with server.client() as c:
+        r = c.post("/detect", params={"deployed_id": dep["deployed_id"]}, files=files(scene_blob))
+    assert r.status_code == 200, r.text
+    owl = OwlDetector(str(tiny_owl), top_k=48, device="cpu")
+    example = Image.open(io.BytesIO(example_blob)).convert("RGB")
+    enc = owl.encode_images([example])[0]
+    query = enc["class_embeds"][image_query_index(torch.from_numpy(enc["boxes"]), *example.size)]
+    scene = Image.open(io.BytesIO(scene_blob)).convert("RGB")
+    assert_same(r.json()[0], reference_with(owl, scene, body, [([query], [])], (1.0, 1.0)))

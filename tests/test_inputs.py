@@ -234,3 +234,50 @@ def test_long_unicode_and_emoji_examples(server: Server) -> None:
         cfg = c.get("/model_config", params={"deployed_id": dep["deployed_id"]}).json()
     assert r.status_code == 200 and set(r.json()["scores"]) == {"chat 🐱", "犬"}
     assert cfg["classifier_configs"][0]["name"] == "chat 🐱"
+
+
+def test_image_examples_by_url_and_base64_through_the_service(server: Server) -> None:
+    """An image example is the server's own image embedding of those bytes (by URL or inline alike), returned by
+    /model_config as given; an unreachable one is a 4xx naming its class and entry."""
+    example, probe = jpeg_bytes(21), jpeg_bytes(22)
+
+    class Images(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+            body, ctype = (example, "image/jpeg") if self.path == "/ex.jpg" else (b"nope", "text/plain")
+            self.send_response(200 if self.path == "/ex.jpg" else 404)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    inline = {"image": base64.b64encode(example).decode()}
+    with local_http_server(Images) as port, server.client() as c:
+        url = {"url": f"http://127.0.0.1:{port}/ex.jpg"}
+        results = []
+        for entry in (url, inline):
+            classes = [
+                {"name": "ex", "examples_to_include": [entry]},
+                {"name": "other", "examples_to_include": [{"image": base64.b64encode(jpeg_bytes(23)).decode()}]},
+            ]
+            dep = c.post("/deploy_classifier", json={"classifier_configs": classes}).json()["deployed_id"]
+            config = c.get("/model_config", params={"deployed_id": dep}).json()
+            assert config["classifier_configs"][0]["examples_to_include"] == [entry]
+            results.append(c.post("/classify", params={"deployed_id": dep}, files=files(probe)).json())
+        emb = np.asarray(c.post("/embed_image", files=files(example, probe)).json()["embeddings"])
+        broken = [
+            {"name": "a", "examples_to_include": ["a"]},
+            {"name": "b", "examples_to_include": ["b", {"url": url["url"].replace("ex", "no")}]},
+        ]
+        r = c.post("/deploy_classifier", json={"classifier_configs": broken})
+    with server.client() as c:  # the host is gone: the URL's vector was kept, a new deploy of it needs no fetch
+        classes = [{"name": "ex", "examples_to_include": [url]}, {"name": "b", "examples_to_include": ["b"]}]
+        again = c.post("/deploy_classifier", json={"classifier_configs": classes})
+    assert again.status_code == 200, again.text
+    assert results[0]["raw_scores"] == pytest.approx(results[1]["raw_scores"], abs=1e-6)
+    # Image examples only: the plain rule on image cosines, d = (1 + cos) / 2.
+    assert results[0]["raw_scores"]["ex"] == pytest.approx((1 + float(emb[0] @ emb[1])) / 2, abs=1e-4)
+    assert_error(r, 400)
+    assert r.json()["message"].startswith("Class 'b', examples_to_include[1]: "), r.json()

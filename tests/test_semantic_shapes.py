@@ -6,7 +6,6 @@ measured behaviour with a margin (BENCHMARKS.md has the table).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,21 +14,11 @@ import pytest
 from PIL import Image
 
 from testing.images import encode_png
-from testing.models import SHAPES_CLIP, shapes_clip_env
-from testing.server import Server, running_server
+from testing.models import SHAPES_CLIP
+from testing.server import Server
 from tools import shapes
 
 pytestmark = pytest.mark.server
-
-
-@pytest.fixture(scope="module")
-def shapes_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    base = tmp_path_factory.mktemp("shapes")
-    env = {
-        **shapes_clip_env(base / "data"),
-    }
-    with running_server(env, base / "serve.log") as srv:
-        yield srv
 
 
 def predictions(server: Server, classes: list[dict[str, Any]], images: list[Image.Image], augment: bool) -> list[str]:

@@ -7,6 +7,7 @@ artifacts/ui/ (gitignored). A missing browser fails these tests; it never skips 
 
 from __future__ import annotations
 
+import base64
 import http.server
 import json
 from collections.abc import Iterator
@@ -392,3 +393,58 @@ def test_a_change_cancels_the_request_in_flight(ui: UI) -> None:
     assert ui.settle() == "done"
     assert [r["cls"] for r in bars(ui)[0]] == ["kitty"]
     assert len(failed) == 1 and "ERR_ABORTED" in failed[0], failed
+
+
+def test_image_examples_in_the_form_equal_the_api(ui: UI, server: Server) -> None:
+    example, excluded = png_bytes(5, (40, 30)), png_bytes(6, (40, 30))
+    ui.fill_class(0, "thing", ["thing"])
+    node = ui.page.locator("#classes .class").nth(0)
+    node.locator(".include-images").set_input_files(
+        files=[{"name": "e.png", "mimeType": "image/png", "buffer": example}]
+    )
+    node.locator(".exclude-images").set_input_files(
+        files=[{"name": "x.png", "mimeType": "image/png", "buffer": excluded}]
+    )
+    ui.page.click("#add-class")
+    ui.fill_class(1, "other", ["other"])
+    node.locator(".thumbs li.negative").wait_for()
+    images = [("a.png", example, "image/png"), ("b.jpg", jpeg_bytes(7), "image/jpeg")]
+    ui.upload(*images)
+    assert ui.settle() == "done"
+    body = ui.export()
+    data_uri = "data:image/png;base64," + base64.b64encode(example).decode()
+    assert body["classifier_configs"][0]["examples_to_include"] == ["thing", {"image": data_uri}]
+    assert body["classifier_configs"][0]["examples_to_exclude"] == [
+        {"image": "data:image/png;base64," + base64.b64encode(excluded).decode()}
+    ]
+    shown = bars(ui)
+    with server.client() as c:
+        dep = c.post("/deploy_classifier", json=body).json()["deployed_id"]
+        for (_, blob, mime), rows in zip(images, shown):
+            want = c.post("/classify", params={"deployed_id": dep}, files=[("data", ("x", blob, mime))]).json()
+            assert {r["cls"]: r["raw"] for r in rows} == pytest.approx(want["raw_scores"], abs=1e-6)
+    assert shown[0][0]["cls"] == "thing" and shown[0][0]["pred"]  # the example itself: its own class, first
+    ui.shot("image-examples")
+    # Removing the excluded image takes it out of the configuration.
+    node.locator(".thumbs li.negative button").click()
+    assert ui.export()["classifier_configs"][0]["examples_to_exclude"] == []
+
+
+def test_open_set_in_the_form(ui: UI) -> None:
+    ui.fill_class(0, "cat", ["cat"])
+    ui.upload(("a.jpg", jpeg_bytes(3), "image/jpeg"))
+    assert ui.settle() == "done"
+    assert ui.page.locator("#strip .rejected-note").count() == 0
+    ui.page.check("#open-set")
+    set_range(ui.page.locator("#open-threshold"), 1.0)  # every raw score is below 1: everything is rejected
+    ui.page.fill("#open-label", "something else")
+    assert ui.settle() == "done"
+    note = ui.page.locator("#strip .rejected-note")
+    note.wait_for()
+    assert note.get_attribute("data-rejected") == "something else"
+    assert ui.export()["open_set"] == {"label": "something else", "threshold": 1.0}
+    assert [len(b) for b in bars(ui)] == [1]  # the class's bar stays
+    ui.shot("open-set")
+    ui.page.uncheck("#open-set")
+    assert ui.settle() == "done"
+    assert "open_set" not in ui.export() and ui.page.locator("#strip .rejected-note").count() == 0

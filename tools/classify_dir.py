@@ -8,9 +8,18 @@ settings (or --model, --pretrained, --data-dir).
     python -m tools.classify_dir eval FOLDER --config CLASSIFIER.json --out-dir report/
     python -m tools.classify_dir eval FOLDER --mapping LOC_synset_mapping.txt --template "a photo of a {}." --out-dir r/
     python -m tools.classify_dir eval FOLDER --mapping LOC_synset_mapping.txt --augment --names first --out-dir r/
+    python -m tools.classify_dir eval FOLDER --config CLASSIFIER.json --train TRAIN_FOLDER --shots 5 --out-dir r/
+    python -m tools.classify_dir eval FOLDER --train TRAIN_FOLDER --shots 5 --out-dir r/      # images only
+    python -m tools.classify_dir calibrate CLASSIFIER.json IN_FOLDER --frr 0.05 [--outside FOLDER] [--write OUT.json]
     python -m tools.classify_dir knn TRAIN_FOLDER VAL_FOLDER --k 5 --out-dir report/
     python -m tools.classify_dir embed FOLDER --out embeddings/ [--faiss photos.faiss]
     python -m tools.classify_dir classify CLASSIFIER.json FOLDER --out results.csv --ray[=ADDRESS]
+
+``eval --shots K`` adds the first K images (sorted by path) of each class's sub-folder of TRAIN_FOLDER to that class
+as image examples (classes without text examples when there is no --config / --mapping). ``calibrate`` picks the
+open-set threshold (on the predicted class's raw score) that rejects the share ``--frr`` of the in-distribution
+images below IN_FOLDER, prints the rates it gives (and the rejected share of --outside), and with --write saves the
+config with that ``open_set``.
 
 CLASSIFIER.json is the body of POST /deploy_classifier. ``classify`` is resumable (paths already in the CSV are
 skipped) and writes unreadable files to ``<out>.errors.csv`` instead of stopping; a row cut short by a kill is
@@ -23,6 +32,7 @@ same results.
 from __future__ import annotations
 
 import argparse
+import base64
 import csv
 import json
 import sys
@@ -37,7 +47,7 @@ import numpy as np
 import torch
 
 from cache.stores import open_stores
-from engine.configs import ClassifierConfig, DeployClassifierRequest
+from engine.configs import ClassifierConfig, DeployClassifierRequest, ImageData, OpenSet
 from engine.encoders import LocalClip, LocalDetector
 from engine.kinds import Classification, ClassifierKind
 from engine.pipelines import Engine
@@ -327,15 +337,44 @@ def write_report(m: dict[str, Any], out_dir: Path, title: str) -> None:
     plt.close(fig)
 
 
+def exemplar_images(train: Path, shots: int) -> dict[str, list[Path]]:
+    """The first ``shots`` images (sorted) of every labelled sub-folder of ``train``."""
+    if shots < 1:
+        raise SystemExit("--shots must be at least 1")
+    out: dict[str, list[Path]] = {}
+    for path, label in labelled_images(train):
+        if len(out.setdefault(label, [])) < shots:
+            out[label].append(path)
+    if not out:
+        raise SystemExit(f"no images in labelled sub-folders of {train}")
+    return out
+
+
+def with_exemplars(classes: list[ClassifierConfig], exemplars: dict[str, list[Path]]) -> list[ClassifierConfig]:
+    """Classes plus their folders' images as image examples; a folder without a class becomes an image-only class."""
+    known = {c.name for c in classes}
+    out = []
+    for c in [*classes, *(ClassifierConfig(name=n, examples_to_include=[]) for n in exemplars if n not in known)]:
+        images = [ImageData(image=base64.b64encode(p.read_bytes()).decode()) for p in exemplars.get(c.name, [])]
+        out.append(c.model_copy(update={"examples_to_include": [*c.examples_to_include, *images]}))
+    return out
+
+
 def cmd_eval(args: argparse.Namespace, engine: Runtime) -> dict[str, Any]:
+    classes: list[ClassifierConfig] = []
+    augment = False
     if args.mapping:
         template = None if args.augment else args.template
         if template is not None and "{}" not in template:
             raise SystemExit(f"--template must contain '{{}}' where the class name goes: {template!r}")
         classes, augment = parse_mapping(Path(args.mapping), template, args.names), args.augment
-    else:
+    elif args.config:
         config = load_config(Path(args.config))
         classes, augment = config.classifier_configs, config.augment_examples
+    elif not args.train:
+        raise SystemExit("eval needs --config, --mapping or --train with --shots")
+    if args.train:
+        classes = with_exemplars(classes, exemplar_images(Path(args.train), args.shots))
     items = labelled_images(Path(args.folder))
     unknown = sorted({label for _, label in items} - {c.name for c in classes})
     if unknown:
@@ -347,8 +386,61 @@ def cmd_eval(args: argparse.Namespace, engine: Runtime) -> dict[str, Any]:
     ranked = [[clf.class_names[j] for j in row] for row in order]
     m = metrics(truth, ranked, clf.class_names)
     m["unreadable"] = errors
-    write_report(m, Path(args.out_dir), f"zero-shot evaluation of {args.folder}")
+    if args.train:
+        m["shots"] = args.shots
+    kind = f"{args.shots}-shot" if args.train else "zero-shot"
+    write_report(m, Path(args.out_dir), f"{kind} evaluation of {args.folder}")
     return m
+
+
+# -- calibrate -------------------------------------------------------------------------------------------------------
+def best_raw_scores(folder: Path, clf: CompiledClassifier, engine: Runtime, args: argparse.Namespace) -> np.ndarray:
+    """The predicted class's raw score of every readable image below ``folder``."""
+    best = []
+    for _, emb in embed_batches(
+        list_images(folder),
+        engine.encoder,
+        args.batch_size,
+        args.workers,
+        engine.settings.max_image_pixels,
+        not args.quiet,
+    ):
+        if len(emb):
+            best.append(raw_scores(torch.from_numpy(emb), clf).max(dim=1).values.numpy())
+    return np.concatenate(best) if best else np.zeros(0, np.float32)
+
+
+def open_set_threshold(best: np.ndarray, frr: float) -> float:
+    """The threshold rejecting (about) a share ``frr`` of these in-distribution scores: a score below it is rejected,
+    so the threshold is the lowest score kept."""
+    if not len(best):
+        raise SystemExit("no readable in-distribution images to calibrate on")
+    if not 0.0 <= frr < 1.0:
+        raise SystemExit("--frr must be in [0, 1)")
+    return float(np.quantile(best, frr, method="lower"))
+
+
+def cmd_calibrate(args: argparse.Namespace, engine: Runtime) -> dict[str, Any]:
+    config = load_config(Path(args.config))
+    clf = engine.compile(config)
+    inside = best_raw_scores(Path(args.folder), clf, engine, args)
+    t = open_set_threshold(inside, args.frr)
+    out: dict[str, Any] = {
+        "threshold": t,
+        "score": "raw score of the predicted class",
+        "in_distribution_images": len(inside),
+        "false_rejection_rate": float(np.mean(inside < t)),
+    }
+    if args.outside:
+        outside = best_raw_scores(Path(args.outside), clf, engine, args)
+        out["outside_images"] = len(outside)
+        out["outside_rejection_rate"] = float(np.mean(outside < t)) if len(outside) else None
+    if args.write:
+        body = config.model_copy(update={"open_set": OpenSet(label=args.label, threshold=t)})
+        Path(args.write).write_text(body.model_dump_json(exclude_none=True, indent=2))
+        out["written"] = args.write
+    print(json.dumps(out, indent=2))
+    return out
 
 
 def cmd_knn(args: argparse.Namespace, engine: Runtime) -> dict[str, Any]:
@@ -454,7 +546,7 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--raw", action="store_true", help="also write each class's raw score (raw:<class> columns)")
     e = sub.add_parser("eval", parents=[common], help="accuracy on a labelled folder (one sub-folder per label)")
     e.add_argument("folder")
-    src = e.add_mutually_exclusive_group(required=True)
+    src = e.add_mutually_exclusive_group()
     src.add_argument("--config", help="classifier JSON whose class names are the folder names")
     src.add_argument("--mapping", help="'label description, other name' lines (LOC_synset_mapping.txt)")
     e.add_argument("--template", default="a photo of a {}.", help="prompt template for --mapping")
@@ -462,7 +554,16 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--names", choices=("all", "first"), default="all", help="--mapping: every comma-separated name, or the first"
     )
+    e.add_argument("--train", help="labelled folder whose first --shots images per class become image examples")
+    e.add_argument("--shots", type=int, default=5, help="image examples per class from --train")
     e.add_argument("--out-dir", required=True)
+    cal = sub.add_parser("calibrate", parents=[common], help="open-set threshold for a target false-rejection rate")
+    cal.add_argument("config")
+    cal.add_argument("folder", help="in-distribution images (any layout)")
+    cal.add_argument("--frr", type=float, default=0.05, help="share of in-distribution images to reject")
+    cal.add_argument("--outside", help="images of none of the classes: prints the share rejected")
+    cal.add_argument("--label", default="none of these", help="the open set's label (with --write)")
+    cal.add_argument("--write", help="write the config with this open_set to this file")
     k = sub.add_parser("knn", parents=[common], help="k-NN accuracy from a labelled train folder")
     k.add_argument("train")
     k.add_argument("val")
@@ -479,7 +580,13 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    commands = {"classify": cmd_classify, "eval": cmd_eval, "knn": cmd_knn, "embed": cmd_embed}
+    commands = {
+        "classify": cmd_classify,
+        "eval": cmd_eval,
+        "calibrate": cmd_calibrate,
+        "knn": cmd_knn,
+        "embed": cmd_embed,
+    }
     if args.ray is not None:
         from tools import ray_jobs
 

@@ -97,11 +97,63 @@ function lines(text) {
   return text.split("\n").map((s) => s.trim()).filter(Boolean);
 }
 
+// Image examples of a class: {"image": data URI} (files added here) or {"url": ...} (from an imported config), kept on
+// the class's node in order; texts stay in the textareas.
+function addImageExample(node, entry, positive) {
+  node.imageExamples = node.imageExamples || [];
+  const item = { entry, positive };
+  node.imageExamples.push(item);
+  const li = document.createElement("li");
+  li.className = positive ? "positive" : "negative";
+  const src = entry.image ? (entry.image.startsWith("data:") ? entry.image : `data:image/*;base64,${entry.image}`) : entry.url;
+  const n = node.imageExamples.length;
+  li.innerHTML = `<img alt=""><span class="sign"></span><button type="button">Remove</button>`;
+  $("img", li).src = src;
+  $("img", li).alt = `${positive ? "Included" : "Excluded"} image example ${n}`;
+  $(".sign", li).textContent = positive ? "+" : "−";
+  $("button", li).setAttribute("aria-label", `Remove ${positive ? "included" : "excluded"} image example ${n}`);
+  $("button", li).addEventListener("click", () => {
+    node.imageExamples = node.imageExamples.filter((x) => x !== item);
+    li.remove();
+    changed();
+  });
+  $(".thumbs", node).append(li);
+}
+
+function readDataUri(file) {
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(reader.result);
+    reader.onerror = () => reject(reader.error);
+    reader.readAsDataURL(file);
+  });
+}
+
+async function addImageFiles(node, files, positive) {
+  for (const f of files) addImageExample(node, { image: await readDataUri(f) }, positive);
+  changed();
+}
+
+function imageEntries(node, positive) {
+  return (node.imageExamples || []).filter((x) => x.positive === positive).map((x) => x.entry);
+}
+
 function addClass(c = {}) {
   const node = $("#class-template").content.firstElementChild.cloneNode(true);
   $(".name", node).value = c.name || "";
-  $(".include", node).value = (c.examples_to_include || []).join("\n");
-  $(".exclude", node).value = (c.examples_to_exclude || []).join("\n");
+  const isText = (e) => typeof e === "string";
+  $(".include", node).value = (c.examples_to_include || []).filter(isText).join("\n");
+  $(".exclude", node).value = (c.examples_to_exclude || []).filter(isText).join("\n");
+  for (const e of (c.examples_to_include || []).filter((x) => !isText(x))) addImageExample(node, e, true);
+  for (const e of (c.examples_to_exclude || []).filter((x) => !isText(x))) addImageExample(node, e, false);
+  $(".include-images", node).addEventListener("change", (e) => {
+    addImageFiles(node, Array.from(e.target.files), true);
+    e.target.value = "";
+  });
+  $(".exclude-images", node).addEventListener("change", (e) => {
+    addImageFiles(node, Array.from(e.target.files), false);
+    e.target.value = "";
+  });
   const t = c.detection_threshold ?? 0.1;
   $(".threshold", node).value = String(t);
   $(".threshold-value", node).textContent = Number(t).toFixed(2);
@@ -131,8 +183,8 @@ function currentConfig() {
   const classes = $$("#classes .class").map((node) => {
     const c = {
       name: $(".name", node).value.trim(),
-      examples_to_include: lines($(".include", node).value),
-      examples_to_exclude: lines($(".exclude", node).value),
+      examples_to_include: [...lines($(".include", node).value), ...imageEntries(node, true)],
+      examples_to_exclude: [...lines($(".exclude", node).value), ...imageEntries(node, false)],
     };
     if (k === "detector") c.detection_threshold = Number($(".threshold", node).value);
     return c;
@@ -145,7 +197,11 @@ function currentConfig() {
       augment_examples: $("#augment").checked,
     };
   }
-  return { classifier_configs: classes, augment_examples: $("#augment").checked };
+  const cfg = { classifier_configs: classes, augment_examples: $("#augment").checked };
+  if ($("#open-set").checked) {
+    cfg.open_set = { label: $("#open-label").value.trim() || "none of these", threshold: Number($("#open-threshold").value) };
+  }
+  return cfg;
 }
 
 function loadConfig(cfg) {
@@ -156,6 +212,12 @@ function loadConfig(cfg) {
   $("#classes").replaceChildren();
   classes.forEach((c) => addClass(c));
   $("#augment").checked = cfg.augment_examples ?? true;
+  $("#open-set").checked = Boolean(cfg.open_set);
+  if (cfg.open_set) {
+    $("#open-label").value = cfg.open_set.label ?? "none of these";
+    $("#open-threshold").value = String(cfg.open_set.threshold);
+    $("#open-threshold-value").textContent = Number(cfg.open_set.threshold).toFixed(2);
+  }
   if (isDetector) {
     $("#nms").value = String(cfg.nms_threshold ?? 0.4);
     $("#agnostic").checked = cfg.class_agnostic_nms ?? true;
@@ -238,6 +300,14 @@ function renderResult(img) {
       value.textContent = score.toFixed(3);
       row.append(label, value);
       bars.append(row);
+    }
+    if (r.data.rejected) {
+      // Open set: the best class's evidence is below the threshold; the bars stay the deployment's scores.
+      const note = document.createElement("li");
+      note.className = "rejected-note";
+      note.dataset.rejected = r.data.pred;
+      note.textContent = `${r.data.pred} (rejected: best raw score below the open-set threshold)`;
+      bars.prepend(note);
     }
   } else {
     const node = $("img", li);
@@ -509,6 +579,7 @@ function wire() {
   $("#config").addEventListener("input", (e) => {
     if (e.target.closest(".deploy")) return;
     if (e.target.id === "nms") $("#nms-value").textContent = Number(e.target.value).toFixed(2);
+    if (e.target.id === "open-threshold") $("#open-threshold-value").textContent = Number(e.target.value).toFixed(2);
     changed();
   });
   for (const r of $$('input[name="kind"]')) {

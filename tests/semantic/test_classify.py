@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from semantic.classify import classify, compile_classifier, raw_scores, relevance
-from testing.reference import reference_raw
+from semantic.classify import IDENTITY, classify, compile_classifier, raw_scores, rejected, relevance
+from testing.reference import reference_raw, reference_raw_mixed
 
 
 def unit(*xs: float) -> torch.Tensor:
@@ -72,3 +74,124 @@ def test_compile_rejects_bad_classes() -> None:
         compile_classifier([], [], [])
     with pytest.raises(ValueError, match="no positive examples"):
         compile_classifier(["a"], [torch.zeros(0, 2)], [unit(1, 0)])
+
+
+# -- image examples and the open set -----------------------------------------------------------------------------------
+def _random_mixed(g: torch.Generator, dim: int = 8) -> list[tuple[torch.Tensor, ...]]:
+    classes = []
+    for _ in range(int(torch.randint(1, 5, (1,), generator=g))):
+        sizes = [int(torch.randint(lo, 3, (1,), generator=g)) for lo in (0, 0, 0, 0)]
+        if sizes[0] + sizes[2] == 0:
+            sizes[2] = 1
+        classes.append(tuple(F.normalize(torch.randn(k, dim, generator=g), dim=-1) for k in sizes))
+    return classes
+
+
+def test_mixed_vectorised_matches_reference() -> None:
+    g = torch.Generator().manual_seed(3)
+    for _ in range(30):
+        classes = _random_mixed(g)
+        names = [str(i) for i in range(len(classes))]
+        clf = compile_classifier(names, *([c[k] for c in classes] for k in range(4)))
+        images = F.normalize(torch.randn(6, 8, generator=g), dim=-1)
+        raw = raw_scores(images, clf)
+        for b in range(6):
+            assert raw[b].tolist() == pytest.approx(reference_raw_mixed(images[b], classes, clf.image_map), abs=1e-5)
+
+
+def test_text_only_classes_keep_the_seed_rule_exactly() -> None:
+    # The same text examples with and without (empty) image lists: bit-identical scores, identity map, 2C slots.
+    g = torch.Generator().manual_seed(4)
+    pos = [F.normalize(torch.randn(2, 8, generator=g), dim=-1) for _ in range(3)]
+    neg = [F.normalize(torch.randn(1, 8, generator=g), dim=-1) for _ in range(3)]
+    images = F.normalize(torch.randn(5, 8, generator=g), dim=-1)
+    plain = compile_classifier(["a", "b", "c"], pos, neg)
+    with_empty = compile_classifier(["a", "b", "c"], pos, neg, [torch.zeros(0, 8)] * 3, [torch.zeros(0, 8)] * 3)
+    assert not with_empty.has_images and with_empty.image_map == IDENTITY and with_empty.n_slots == 6
+    assert torch.equal(raw_scores(images, plain), raw_scores(images, with_empty))
+
+
+def test_calibration_maps_unrelated_image_pairs_onto_unrelated_text_pairs() -> None:
+    g = torch.Generator().manual_seed(5)
+    # Many image examples (3 per class) and texts: the data outweighs the prior; a cosine at the mean of unrelated
+    # image pairs maps to the mean of unrelated image-text pairs.
+    n_cls, dim = 8, 16
+    texts = [F.normalize(torch.randn(1, dim, generator=g), dim=-1) for _ in range(n_cls)]
+    imgs = [F.normalize(torch.randn(3, dim, generator=g) + 2.0, dim=-1) for _ in range(n_cls)]  # a common offset
+    clf = compile_classifier([str(j) for j in range(n_cls)], texts, [torch.zeros(0, dim)] * n_cls, imgs)
+    all_img, all_txt = torch.cat(imgs), torch.cat(texts)
+    cls_img = torch.arange(n_cls).repeat_interleave(3)
+    img_pairs = (all_img @ all_img.T)[cls_img[:, None] != cls_img[None, :]]
+    txt_pairs = (all_img @ all_txt.T)[cls_img[:, None] != torch.arange(n_cls)[None, :]]
+    scale, shift = clf.image_map
+    mapped_mean = scale * float(img_pairs.mean()) + shift
+    assert abs(mapped_mean - float(txt_pairs.mean())) < 0.1
+    assert scale > 1  # unrelated image pairs are higher and tighter here: the map lowers and stretches them
+
+
+def test_images_only_deployment_uses_plain_image_cosines() -> None:
+    a, b = unit(1, 0, 0), unit(0, 1, 0)
+    clf = compile_classifier(["a", "b"], [torch.zeros(0, 3)] * 2, [torch.zeros(0, 3)] * 2, [a, b])
+    assert clf.image_map == IDENTITY
+    raw = raw_scores(unit(1, 0.1, 0), clf)
+    assert raw[0, 0].item() == pytest.approx(float(relevance(unit(1, 0.1, 0), a)[0, 0]))
+
+
+def test_unrelated_image_example_does_not_beat_a_matching_text() -> None:
+    # Class "x" has a text the image matches moderately (cos 0.4); class "y" has only image examples, one at cos 0.6
+    # from the image: the level of unrelated image pairs (IMAGE_PRIOR), so a plain max would wrongly give "y".
+    text_x = unit(1, 0, 0, 0)
+    ys = torch.cat([unit(0, 1, 0, 0), unit(0, 0, 1, 0)])
+    image = torch.tensor([[0.4, 0.6, 0.0, (1 - 0.16 - 0.36) ** 0.5]])
+    none = torch.zeros(0, 4)
+    clf = compile_classifier(["x", "y"], [text_x, none], [none, none], [none, ys])
+    assert int(raw_scores(image, replace(clf, image_map=IDENTITY)).argmax()) == 1  # uncalibrated: "y" wins
+    assert int(raw_scores(image, clf).argmax()) == 0
+
+
+def test_negative_image_example_vetoes_like_a_negative_text() -> None:
+    red_shape, other = unit(1, 1.2, 0, 0), unit(0, 0, 1, 0)  # the text matches the square at cos 0.64
+    red_square_photo = unit(1, 0, 0, 0.05)
+    more = [unit(0, 0, 1, 1), unit(0, 1, 0, 1)]  # more image examples elsewhere, so the image scale is estimated
+    clf = compile_classifier(
+        ["red", "other"],
+        [red_shape, other],
+        [torch.zeros(0, 4)] * 2,
+        [torch.zeros(0, 4), torch.cat(more)],
+        [red_square_photo, torch.zeros(0, 4)],
+    )
+    square = unit(1, 0, 0, 0.06)  # nearly the negative exemplar
+    raw = raw_scores(square, clf)
+    assert int(raw.argmax()) == 1
+    scale, shift = clf.image_map
+    d_neg = (1 + min(1.0, scale * float(square @ red_square_photo.T) + shift)) / 2
+    assert raw[0, 0].item() == pytest.approx(1 - d_neg, abs=1e-6)
+
+
+def test_open_set_rejects_below_the_threshold_on_the_best_raw_score() -> None:
+    raw = torch.tensor([[0.7, 0.2], [0.55, 0.5], [0.59, 0.61]])
+    assert rejected(raw, 0.6).tolist() == [False, True, False]
+    assert rejected(raw, 0.0).tolist() == [False, False, False]
+
+
+def test_calibration_maps_matching_image_pairs_onto_matching_image_text_pairs() -> None:
+    # Classes with structure: each class's text and images lie around the class's centre, images with a common offset
+    # (another modality). The map sends the mean matching image pair to the mean matching image-text pair, exactly.
+    g = torch.Generator().manual_seed(8)
+    n_cls, dim = 6, 24
+    centres = torch.randn(n_cls, dim, generator=g)
+    offset = 1.5 * torch.randn(dim, generator=g)
+    texts = [F.normalize(centres[j] + 0.5 * torch.randn(1, dim, generator=g), dim=-1) for j in range(n_cls)]
+    imgs = [F.normalize(centres[j] + offset + 0.5 * torch.randn(3, dim, generator=g), dim=-1) for j in range(n_cls)]
+    none = [torch.zeros(0, dim)] * n_cls
+    clf = compile_classifier([str(j) for j in range(n_cls)], texts, none, imgs)
+    all_img, all_txt = torch.cat(imgs), torch.cat(texts)
+    cls_img = torch.arange(n_cls).repeat_interleave(3)
+    same = (cls_img[:, None] == cls_img[None, :]) & ~torch.eye(len(cls_img), dtype=torch.bool)
+    match_i = float((all_img @ all_img.T)[same].mean())
+    match_t = float((all_img @ all_txt.T)[cls_img[:, None] == torch.arange(n_cls)[None, :]].mean())
+    scale, shift = clf.image_map
+    assert scale * match_i + shift == pytest.approx(match_t, abs=1e-5)
+    # A query image near class 2's images is class 2 although its cosine to class 2's text is lower than to them.
+    query = F.normalize(centres[2] + offset, dim=0)[None]
+    assert int(raw_scores(query, clf).argmax()) == 2

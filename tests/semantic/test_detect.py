@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from unittest import mock
 
+import pytest
 import torch
 import torchvision
 from hypothesis import given, settings
@@ -16,6 +17,7 @@ from semantic.detect import (
     box_example_fit,
     class_scores,
     detect,
+    image_query_index,
     iou_graph,
     iou_matrix,
 )
@@ -255,3 +257,13 @@ def test_precomputed_graph_is_used() -> None:
         0,
         1,
     ]
+
+
+def test_image_query_is_the_first_box_near_the_whole_image() -> None:
+    # Sorted by objectness: a small part first, then a box almost the whole 100 x 80 image, then the whole image.
+    boxes = torch.tensor([[10.0, 10.0, 30.0, 30.0], [2.0, 2.0, 98.0, 78.0], [0.0, 0.0, 100.0, 80.0]])
+    assert image_query_index(boxes, 100, 80) == 1  # IoU 0.93 >= 0.8 x 1.0, and more objectness than the whole box
+    assert image_query_index(boxes, 100, 80, ratio=0.95) == 2
+    assert image_query_index(boxes[:1], 100, 80) == 0
+    with pytest.raises(ValueError):
+        image_query_index(torch.zeros(0, 4), 100, 80)

@@ -221,3 +221,52 @@ def test_eval_with_the_shapes_model_knows_colours(tmp_path: Path) -> None:
     # Drawn with a fixed seed and scored by a fixed model, so the result is deterministic: every one right.
     assert m["images"] == 9 and m["top1"] == 1.0
     assert all(v["recall"] is not None for v in m["per_class"].values())
+
+
+def test_eval_with_shots_from_a_train_folder(tiny_clip: ClipFiles, tmp_path: Path) -> None:
+    for label, seed in (("red", 1), ("blue", 2), ("green", 3)):
+        make_folder(tmp_path / "data" / label, 3, seed)
+    cfg = tmp_path / "clf.json"
+    cfg.write_text(json.dumps(CONFIG))  # red and blue have texts; green only its images
+    out = tmp_path / "r"
+    data = str(tmp_path / "data")
+    argv = ["eval", data, "--config", str(cfg), "--train", data, "--shots", "3", "--out-dir", str(out)]
+    assert main([*argv, *model_args(tiny_clip, tmp_path)]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["shots"] == 3 and m["classes"] == ["red", "blue", "green"] and m["images"] == 9
+    # Images only, every image its own exemplar: each is nearest to itself (cos 1), so every one is right.
+    argv = ["eval", data, "--train", data, "--shots", "3", "--out-dir", str(out)]
+    assert main([*argv, *model_args(tiny_clip, tmp_path)]) == 0
+    assert json.loads((out / "metrics.json").read_text())["top1"] == 1.0
+    with pytest.raises(SystemExit, match="needs --config"):
+        main(["eval", data, "--out-dir", str(out), *model_args(tiny_clip, tmp_path)])
+
+
+def test_calibrate_picks_the_threshold_for_a_false_rejection_rate(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With the shapes model: classes named by colour; shapes in colours no class names are rejected."""
+    from tools import shapes
+
+    config, weights = SHAPES_MODEL / "shapes-clip.json", SHAPES_MODEL / "shapes-clip.fp16.pt"
+    rng = np.random.default_rng(11)
+    named, unnamed = ["red", "blue", "yellow", "green"], ["cyan", "pink", "grey"]
+    for folder, colours, n in (("in", named, 5), ("out", unnamed, 4)):
+        (tmp_path / folder).mkdir()
+        for c in colours:
+            for i in range(n):
+                shapes.draw(c, shapes.SHAPES[i % 3], rng).save(tmp_path / folder / f"{c}{i}.png")
+    cfg = tmp_path / "clf.json"
+    classes = [{"name": c, "examples_to_include": [f"a {c} shape"]} for c in named]
+    cfg.write_text(json.dumps({"classifier_configs": classes, "augment_examples": False}))
+    written = tmp_path / "open.json"
+    argv = ["calibrate", str(cfg), str(tmp_path / "in"), "--frr", "0.1", "--outside", str(tmp_path / "out")]
+    argv += ["--write", str(written), "--quiet"]
+    assert main([*argv, "--model", str(config), "--pretrained", str(weights), "--data-dir", str(tmp_path / "d")]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["in_distribution_images"] == 20 and out["outside_images"] == 12
+    assert out["false_rejection_rate"] <= 0.1
+    assert out["outside_rejection_rate"] >= 0.9, out
+    body = classify_dir.load_config(written)
+    assert body.open_set is not None and body.open_set.threshold == out["threshold"]
+    assert body.open_set.label == "none of these"
