@@ -6,8 +6,10 @@ run: the same model and weights, the same load, the two servers loaded in altern
 
 Each round is ``bench.common.steady_load`` (16 clients back to back with a 640x480 JPEG; only requests that end in
 the window count). Only one server is loaded at a time. The ratio is ours / baseline per pair of rounds (the last row:
-the median of the rounds' ratios, and the tails over all rounds). Before the rounds, both servers embed the same JPEG
-once and the cosine of the two vectors is printed (1.0000 for a float32 backend: the same model).
+the median of the rounds' ratios, and the tails over all rounds). Beside it, each server's images per CPU second of
+its own processes, and their ratio: on a machine shared with other work that ratio is the steadier one. Before the
+rounds, both servers embed the same JPEG once and the cosine of the two vectors is printed (1.0000 for a float32
+backend: the same model).
 """
 
 from __future__ import annotations
@@ -21,17 +23,18 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
 
-from bench.common import ROOT, image_post, jpeg, machine, merge, served, steady_load, table
+from bench.common import ROOT, LoadResult, image_post, jpeg, machine, merge, served, steady_load, table
 from testing.server import free_port
 
 
 @contextlib.contextmanager
-def baseline_server(workdir: Path, model: str, pretrained: str, timeout: float = 600.0) -> Iterator[str]:
-    """bench/onnx_baseline_server.py in its own process; yields its URL."""
+def baseline_server(workdir: Path, model: str, pretrained: str, timeout: float = 600.0) -> Iterator[tuple[str, int]]:
+    """bench/onnx_baseline_server.py in its own process; yields its URL and process id."""
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     log = open(workdir / "baseline.log", "wb")  # noqa: SIM115 - closed below
@@ -50,7 +53,7 @@ def baseline_server(workdir: Path, model: str, pretrained: str, timeout: float =
             if time.monotonic() > deadline:
                 raise RuntimeError("the baseline did not start")
             time.sleep(0.5)
-        yield url
+        yield url, proc.pid
     finally:
         proc.terminate()
         try:
@@ -58,6 +61,33 @@ def baseline_server(workdir: Path, model: str, pretrained: str, timeout: float =
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process and its live descendants (a server's workers)."""
+    import psutil
+
+    total = 0.0
+    try:
+        root = psutil.Process(pid)
+        for p in [root, *root.children(recursive=True)]:
+            with contextlib.suppress(psutil.Error):
+                t = p.cpu_times()
+                total += t.user + t.system
+    except psutil.Error:
+        pass
+    return total
+
+
+def measured(url: str, pid: int, post: Any, args: argparse.Namespace) -> tuple[LoadResult, float]:
+    """One round: the load's result and the images the server answered per CPU second it used. On a machine shared
+    with other work, a server's throughput follows its share of the cores; its images per CPU second do not (while
+    it is CPU-bound), so that ratio is the steadier one here."""
+    c0 = cpu_seconds(pid)
+    r = steady_load(url, post, args.concurrency, args.seconds, args.ramp)
+    used = cpu_seconds(pid) - c0
+    done = sum(n for s, n in r.statuses.items() if s == 200)  # ramp included: the CPU time covers it too
+    return r, done / max(used, 1e-9)
 
 
 def embedding(url: str, blob: bytes) -> np.ndarray:
@@ -91,21 +121,22 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp)
         baseline = baseline_server(base / "baseline", args.model, args.pretrained)
-        with baseline as onnx_url, served(env, base / "ours") as ours:
+        with baseline as (onnx_url, onnx_pid), served(env, base / "ours") as ours:
             a, b = embedding(onnx_url, blob), embedding(ours.url, blob)
             cos = float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
             print(f"cosine(baseline, ours) on one JPEG: {cos:.5f}", flush=True)
             for url in (onnx_url, ours.url):  # warm-up: first batches, allocator, connections
                 steady_load(url, post, args.concurrency, 8.0, ramp_s=0.0)
-            pairs = []
+            pairs, per_cpu = [], []
             for r in range(args.rounds):
-                x = steady_load(onnx_url, post, args.concurrency, args.seconds, args.ramp)
-                y = steady_load(ours.url, post, args.concurrency, args.seconds, args.ramp)
+                x, xc = measured(onnx_url, onnx_pid, post, args)
+                y, yc = measured(ours.url, ours.proc.pid, post, args)
                 pairs.append((x, y))
-                print(f"round {r + 1}: baseline {x.per_s:.2f}, ours {y.per_s:.2f} img/s", flush=True)
+                per_cpu.append((xc, yc))
+                print(f"round {r + 1}: baseline {x.per_s:.2f}, ours {y.per_s:.2f} img/s; per CPU-s {xc:.2f}, {yc:.2f}")
 
     rows = []
-    for i, (x, y) in enumerate(pairs, 1):
+    for i, ((x, y), (xc, yc)) in enumerate(zip(pairs, per_cpu, strict=True), 1):
         rows.append(
             [
                 i,
@@ -113,6 +144,8 @@ def main() -> None:
                 f"{x.per_s:.2f}",
                 f"{y.per_s:.2f}",
                 f"{y.per_s / x.per_s:.2f}",
+                f"{xc:.2f} / {yc:.2f}",
+                f"{yc / xc:.2f}",
                 f"{x.p50_ms:.0f} / {x.p99_ms:.0f}",
                 f"{y.p50_ms:.0f} / {y.p99_ms:.0f}",
                 f"{x.errors} / {y.errors}",
@@ -126,6 +159,8 @@ def main() -> None:
             f"{tx.per_s:.2f}",
             f"{ty.per_s:.2f}",
             f"**{statistics.median(y.per_s / x.per_s for x, y in pairs):.2f}** (median)",
+            "",
+            f"**{statistics.median(yc / xc for xc, yc in per_cpu):.2f}** (median)",
             f"{tx.p50_ms:.0f} / {tx.p99_ms:.0f} ({tx.p99_ms / tx.p50_ms:.2f}×)",
             f"{ty.p50_ms:.0f} / {ty.p99_ms:.0f} ({ty.p99_ms / ty.p50_ms:.2f}×)",
             f"{tx.errors} / {ty.errors}",
@@ -144,6 +179,8 @@ def main() -> None:
                 "ONNX baseline img/s",
                 "ours img/s",
                 "ratio",
+                "img per CPU-s baseline / ours",
+                "CPU ratio",
                 "baseline p50 / p99 ms",
                 "ours p50 / p99 ms",
                 "errors baseline / ours",
