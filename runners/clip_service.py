@@ -86,12 +86,12 @@ class ClipImageEncoder:
             name="clip-image",
         )
         log.info(
-            "image encoder %s ready on %s (%d lanes x %d threads, 1 of %d workers)",
+            "image encoder %s ready (%d lanes x %d torch threads, 1 of %d workers) on %s",
             self.encoder.model_id,
-            self.encoder.backend,
             lanes,
             self.threads,
             workers,
+            self.encoder.backend,
         )
 
     def _forward(self, pixels: np.ndarray) -> np.ndarray:
