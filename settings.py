@@ -23,6 +23,8 @@ from pydantic import ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PREFIX = "ZSS_"
+# ZSS_BACKEND's values (runners/backends.py implements them).
+BACKENDS = ("auto", "torch", "onnx", "openvino")
 
 
 class Settings(BaseSettings):
@@ -59,6 +61,10 @@ class Settings(BaseSettings):
     # "none", or "int8": dynamic int8 quantisation of the CLIP towers' Linear layers (CPU only; see BENCHMARKS.md for
     # its speed and accuracy). The model id, and so the embedding cache, differs from the float model's.
     clip_quantize: str = "none"
+    # Runtime of the CLIP image tower (runners/backends.py): "torch", "onnx" (ONNX Runtime), "openvino" (CPU only, no
+    # int8), or "auto": the fastest backend measured whose vectors match torch's (CPU: openvino for float32, onnx for
+    # int8; GPU: torch). ONNX Runtime and OpenVINO export the tower once, at the first start, under data_dir/exports.
+    backend: str = "auto"
     # Seed for "random" weights, so every worker of a random model holds the same weights.
     random_seed: int = 0
     # Batching of the image encoder (runners/batcher.py): rows per forward pass; requests queued longer than the
@@ -119,6 +125,13 @@ class Settings(BaseSettings):
         if not value > 0:  # NaN too
             raise ValueError("must be more than 0 seconds")
         return value
+
+    @field_validator("backend")
+    @classmethod
+    def _backend(cls, value: str) -> str:
+        if value.strip().lower() not in BACKENDS:
+            raise ValueError(f"must be one of {', '.join(BACKENDS)}")
+        return value.strip().lower()
 
     @field_validator("url_allow_networks")
     @classmethod

@@ -39,7 +39,10 @@ def img_per_s(enc: ClipEncoder, pixels: np.ndarray, reps: int) -> float:
 def speed(batches: list[int], rounds: int) -> str:
     threads = configure_threads(0)
     encs = {
-        mode: load_clip_encoder(get_settings({**VIT_B32_RANDOM, "ZSS_CLIP_QUANTIZE": mode}), towers="image")
+        # torch's own int8 (ZSS_BACKEND=torch); bench.bench_backends compares every backend.
+        mode: load_clip_encoder(
+            get_settings({**VIT_B32_RANDOM, "ZSS_BACKEND": "torch", "ZSS_CLIP_QUANTIZE": mode}), towers="image"
+        )
         for mode in ("none", "int8")
     }
     h, w = encs["none"].preprocess.size

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from imaging.preprocess import Preprocess
+from runners.backends import choose_backend, load_image_runtime
 from runners.device import select_device
 from runners.store import CLIP_KIND, KIND_KEY, open_entry, store_tag
 from settings import Settings
@@ -217,15 +218,21 @@ class ClipEncoder:
         device: torch.device,
         dtype: torch.dtype,
         text_batch_size: int = 256,
+        image_runtime: Any = None,
+        backend: str = "torch",
+        dim: int | None = None,
     ) -> None:
         self.model = model
+        # An exported image tower (runners/backends.py): uint8 pixels -> normalised float32; None = torch.
+        self.image_runtime = image_runtime
+        self.backend = backend
         self.tokenizer = tokenizer
         self.preprocess = preprocess
         self.model_id = model_id
         self.device = device
         self.dtype = dtype
         self.text_batch_size = text_batch_size
-        self.dim = int(getattr(model, "embed_dim", 0) or self._probe_dim())
+        self.dim = int(dim or getattr(model, "embed_dim", 0) or self._probe_dim())
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="clip-pre")
         # Trimming the context is exact only for causal text towers pooled at the EOT token.
         self.can_trim_context = (
@@ -251,6 +258,7 @@ class ClipEncoder:
             "preprocess": p.as_dict(),
             "context_length": int(getattr(self.model, "context_length", 77)),
             "device": str(self.device),
+            "backend": self.backend,
         }
 
     # -- images ------------------------------------------------------------------------------------------------
@@ -264,6 +272,8 @@ class ClipEncoder:
         """uint8 [N, H, W, 3] at the model's input size -> L2-normalised float32 [N, D]."""
         if pixels.shape[0] == 0:
             return np.zeros((0, self.dim), np.float32)
+        if self.image_runtime is not None:
+            return self.image_runtime(pixels)
         with torch.inference_mode():
             x = torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device)
             x = self.preprocess.normalise(x).to(self.dtype)
@@ -319,10 +329,16 @@ class ClipEncoder:
         return out.numpy()
 
 
-def load_clip_encoder(settings: Settings, towers: str = "both") -> ClipEncoder:
-    """Build the encoder described by ``settings``. ``towers`` = "image", "text" or "both" (drops the other tower)."""
+def load_clip_encoder(settings: Settings, towers: str = "both", lanes: int = 1) -> ClipEncoder:
+    """Build the encoder described by ``settings``. ``towers`` = "image", "text" or "both" (drops the other tower).
+
+    The image tower runs on ZSS_BACKEND (runners/backends.py; exported once and cached under ZSS_DATA_DIR) with
+    torch's current thread count per call; ``lanes``: how many image batches the caller runs at once (OpenVINO gives
+    each its own stream). The text tower runs in torch."""
     spec = resolve_model(settings)
     device = select_device(settings.device)
+    precision = quantize_mode(settings.clip_quantize, device)
+    backend = choose_backend(settings.backend, precision, device) if towers != "text" else "torch"
     if spec.pretrained is None:
         log.warning(
             "ZSS_CLIP_PRETRAINED=random: %s has RANDOM weights (seed %d). Predictions are meaningless; use this only "
@@ -349,12 +365,27 @@ def load_clip_encoder(settings: Settings, towers: str = "both") -> ClipEncoder:
         model.visual = None  # type: ignore[assignment]
     dtype = torch.float16 if (device.type == "cuda" and settings.fp16) else torch.float32
     model = model.to(device=device, dtype=dtype)
+    preprocess = Preprocess.from_open_clip(pp_cfg)
+    runtime, dim = None, None
+    if backend != "torch":
+        # The exported tower replaces torch's, whose weights are then dropped. Float32 backends give torch's vectors
+        # (cosine >= 0.9999, tested), so they share its model id and cached text vectors.
+        threads = torch.get_num_threads()
+        runtime, directory, _ = load_image_runtime(
+            model.visual, preprocess, spec.model_id, backend, precision, settings.data_dir, threads, lanes
+        )
+        dim = int(runtime(np.zeros((1, *preprocess.size, 3), np.uint8)).shape[1])
+        model.visual = None  # type: ignore[assignment]
+        log.info("CLIP image tower on %s (%s) from %s", backend, precision, directory)
     model_id = spec.model_id
-    if quantize_mode(settings.clip_quantize, device) == "int8":
-        model = quantize_int8(model)
+    if precision == "int8":
+        if backend == "torch" or towers != "image":  # the text tower is always torch's: quantised there
+            model = quantize_int8(model)
         model_id += "+int8"  # other vectors than the float model's: never share cache entries with it
     tokenizer = open_clip.get_tokenizer(spec.name)
-    return ClipEncoder(model, tokenizer, Preprocess.from_open_clip(pp_cfg), model_id, device, dtype)
+    return ClipEncoder(
+        model, tokenizer, preprocess, model_id, device, dtype, image_runtime=runtime, backend=backend, dim=dim
+    )
 
 
 QUANTIZE_MODES = ("none", "int8")

@@ -72,7 +72,7 @@ class ClipImageEncoder:
         workers = service_workers("clip_image_encoder", 1)
         lanes = encoder_lanes(settings.device, settings.image_lanes, workers)
         self.threads = configure_threads(settings.torch_threads, share=workers * lanes)
-        self.encoder = load_clip_encoder(settings, towers="image")
+        self.encoder = load_clip_encoder(settings, towers="image", lanes=lanes)
         self.size = tuple(self.encoder.preprocess.size)
         # Not BentoML's adaptive batching: its per-worker queues hand a free worker batches of 1-2 images under load
         # on a CPU (BENCHMARKS.md, P1). Created here; its dispatcher starts on the first request, in the server's loop.
@@ -86,11 +86,12 @@ class ClipImageEncoder:
             name="clip-image",
         )
         log.info(
-            "image encoder %s ready (%d lanes x %d torch threads, 1 of %d workers)",
+            "image encoder %s ready (%d lanes x %d torch threads, 1 of %d workers) on %s",
             self.encoder.model_id,
             lanes,
             self.threads,
             workers,
+            self.encoder.backend,
         )
 
     def _forward(self, pixels: np.ndarray) -> np.ndarray:

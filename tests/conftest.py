@@ -21,6 +21,10 @@ if str(ROOT) not in sys.path:
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")  # BentoML's usage analytics (model saves in tests/runners)
+# The suite's servers and encoders run the image tower in torch, the reference its exact-value tests were written
+# against, and without an export per server start; tests/runners/test_backends.py tests the exported backends and
+# what ZSS_BACKEND=auto picks (its own server included).
+os.environ.setdefault("ZSS_BACKEND", "torch")
 
 from testing.models import ClipFiles, clip_env, shapes_clip_env, write_tiny_clip  # noqa: E402
 from testing.owl import build_tiny_owlv2  # noqa: E402

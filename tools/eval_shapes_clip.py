@@ -45,6 +45,10 @@ class Loaded:
     model: open_clip.CLIP
     preprocess: Preprocess
     tokenizer: Tokenizer
+    # Another runtime of the same model (bench/bench_backends.py: the service's encoder on ONNX Runtime, OpenVINO,
+    # int8): images / texts -> L2-normalised float tensors, used instead of ``model``.
+    image_fn: Callable[[Sequence[Image.Image]], torch.Tensor] | None = None
+    text_fn: Callable[[Sequence[str]], torch.Tensor] | None = None
 
 
 def load(model_dir: Path = DEFAULT_DIR, device: str = "cpu") -> Loaded:
@@ -59,6 +63,8 @@ def load(model_dir: Path = DEFAULT_DIR, device: str = "cpu") -> Loaded:
 
 @torch.no_grad()
 def encode_images(m: Loaded, images: Sequence[Image.Image], batch: int = 256) -> torch.Tensor:
+    if m.image_fn is not None:
+        return torch.cat([m.image_fn(images[i : i + batch]) for i in range(0, len(images), batch)]).float()
     out = [
         m.model.encode_image(torch.stack([m.preprocess(im) for im in images[i : i + batch]]), normalize=True)
         for i in range(0, len(images), batch)
@@ -68,6 +74,8 @@ def encode_images(m: Loaded, images: Sequence[Image.Image], batch: int = 256) ->
 
 @torch.no_grad()
 def encode_texts(m: Loaded, texts: Sequence[str]) -> torch.Tensor:
+    if m.text_fn is not None:
+        return m.text_fn(list(texts)).float()
     return m.model.encode_text(m.tokenizer(list(texts)), normalize=True).float()
 
 

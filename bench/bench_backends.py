@@ -1,0 +1,150 @@
+"""The image tower's backends (ZSS_BACKEND, runners/backends.py): throughput at batch 1-32 on ViT-B-32 and accuracy
+against torch, in one process.
+
+    .venv/bin/python -m bench.bench_backends [--batches 1,2,4,8,16,32] [--rounds 2] [--threads 1]
+        [--data-dir .zss/bench-exports] [--only torch,onnx,openvino,torch+int8,onnx+int8] [--per-combo 150]
+        [--skip-speed] [--skip-accuracy]
+
+1. Speed: ViT-B-32 with seeded random weights (the released architecture and cost) loaded through
+   ``runners.clip.load_clip_encoder`` once per backend and precision (exports are cached in ``--data-dir``), each with
+   ``--threads`` threads (1: what one of the image encoder's two lanes has on 2 cores), calling ``encode_pixels`` on
+   ready uint8 batches. At each batch size the backends take turns, round after round, so a shared machine's slow
+   spells hit all alike; the best round of each is kept, in images per CPU second of the process (what an
+   oversubscribed machine distorts least) and per wall second. The cosine to torch float32's vectors of the same
+   pixels is printed beside each.
+2. Accuracy: ``tools.eval_shapes_clip`` on the project's shapes CLIP (models/shapes-clip) through each backend
+   (the service's encoder: its preprocessing, its text tower), against open_clip's own float32 model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench.common import ROOT, VIT_B32_RANDOM, machine, table
+from runners.clip import ClipEncoder, load_clip_encoder
+from runners.device import configure_threads
+from settings import get_settings
+from testing.models import shapes_clip_env
+from tools import eval_shapes_clip as ev
+
+CONFIGS = ("torch", "onnx", "openvino", "torch+int8", "onnx+int8")
+
+
+def encoder(config: str, env: dict[str, str], data_dir: Path) -> ClipEncoder:
+    backend, _, precision = config.partition("+")
+    s = {**env, "ZSS_BACKEND": backend, "ZSS_CLIP_QUANTIZE": precision or "none", "ZSS_DATA_DIR": str(data_dir)}
+    return load_clip_encoder(get_settings(s), towers="both" if "ZSS_CLIP_MODEL" in env else "image")
+
+
+def img_per_s(enc: ClipEncoder, pixels: np.ndarray, reps: int) -> tuple[float, float]:
+    """(images per second of wall time, images per CPU second of this process: all its threads, the runtimes' own
+    pools included). The second is what a shared, oversubscribed machine distorts least."""
+    enc.encode_pixels(pixels)  # warm-up at this shape
+    t, c = time.perf_counter(), time.process_time()
+    for _ in range(reps):
+        enc.encode_pixels(pixels)
+    n = reps * len(pixels)
+    return n / (time.perf_counter() - t), n / max(1e-9, time.process_time() - c)
+
+
+def speed(configs: list[str], batches: list[int], rounds: int, data_dir: Path, threads: int) -> str:
+    threads = configure_threads(threads)
+    t0 = time.perf_counter()
+    encs = {c: encoder(c, {**VIT_B32_RANDOM, "ZSS_DEVICE": "cpu"}, data_dir) for c in configs}
+    print(f"loaded (exports included) in {time.perf_counter() - t0:.0f} s", flush=True)
+    h, w = next(iter(encs.values())).preprocess.size
+    best: dict[tuple[str, int], float] = {}
+    best_cpu: dict[tuple[str, int], float] = {}
+    cos: dict[tuple[str, int], float] = {}
+    for b in batches:
+        pixels = np.random.default_rng(b).integers(0, 256, (b, h, w, 3), dtype=np.uint8)
+        ref = encs["torch"].encode_pixels(pixels) if "torch" in encs else None
+        for c, enc in encs.items():
+            if ref is not None:
+                cos[(c, b)] = float((enc.encode_pixels(pixels) * ref).sum(axis=1).min())
+        for _ in range(rounds):
+            for c, enc in encs.items():
+                wall, cpu = img_per_s(enc, pixels, reps=max(1, 16 // b))
+                best[(c, b)] = max(best.get((c, b), 0.0), wall)
+                best_cpu[(c, b)] = max(best_cpu.get((c, b), 0.0), cpu)
+        print(f"b{b}: " + ", ".join(f"{c} {best[(c, b)]:.1f} ({best_cpu[(c, b)]:.1f}/cpu-s)" for c in encs), flush=True)
+
+    def top(c: str, d: dict[tuple[str, int], float]) -> float:
+        return max(d[(c, b)] for b in batches)
+
+    rows = []
+    for c in configs:
+        row = [c] + [f"{best_cpu[(c, b)]:.1f} / {best[(c, b)]:.1f}" for b in batches]
+        if "torch" in encs:
+            row += [f"{top(c, best_cpu) / top('torch', best_cpu):.2f}", f"{min(cos[(c, b)] for b in batches):.5f}"]
+        rows.append(row)
+    headers = ["backend"] + [f"b{b}" for b in batches]
+    if "torch" in encs:
+        headers += ["best batch / torch's best (CPU time)", "min cos to torch"]
+    return (
+        f"ViT-B-32 image tower (random weights), {threads} thread{'s' if threads > 1 else ''}, best of {rounds} "
+        "alternating rounds; each cell: images per CPU second / images per wall second\n\n" + table(headers, rows)
+    )
+
+
+def accuracy(configs: list[str], data_dir: Path, per_combo: int) -> str:
+    torch.set_num_threads(configure_threads(0))
+    reference = ev.load(ev.DEFAULT_DIR)
+    ref_rows = ev.evaluate(reference, per_combo)
+    results = {}
+    for c in configs:
+        enc = encoder(c, shapes_clip_env(data_dir), data_dir)
+        m = ev.Loaded(
+            reference.model,
+            reference.preprocess,
+            reference.tokenizer,
+            image_fn=lambda images, enc=enc: torch.from_numpy(enc.encode_images(list(images))),
+            text_fn=lambda texts, enc=enc: torch.from_numpy(enc.encode_texts(list(texts))),
+        )
+        results[c] = ev.evaluate(m, per_combo)
+    rows = [
+        [r.name, f"{r.value:.1f}"] + [f"{results[c][i].value - r.value:+.1f}" for c in configs]
+        for i, r in enumerate(ref_rows)
+    ]
+    rows.append(
+        ["**largest difference**", ""]
+        + [f"**{max(abs(results[c][i].value - r.value) for i, r in enumerate(ref_rows)):.1f}**" for c in configs]
+    )
+    return (
+        f"models/shapes-clip, tools.eval_shapes_clip (per metric: open_clip float32 %, then each backend's difference "
+        f"in points; {ref_rows[0].n + ref_rows[1].n} images)\n\n"
+        + table(["metric", "open_clip float32 %"] + configs, rows)
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batches", default="1,2,4,8,16,32")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="threads per call (the service: 1 per lane on 2 cores)")
+    ap.add_argument("--data-dir", type=Path, default=ROOT / ".zss" / "bench-exports")
+    ap.add_argument("--only", default=",".join(CONFIGS))
+    ap.add_argument("--per-combo", type=int, default=150, help="shapes evaluation: images per colour/shape pair")
+    ap.add_argument("--skip-speed", action="store_true")
+    ap.add_argument("--skip-accuracy", action="store_true")
+    args = ap.parse_args()
+    configs = [c for c in args.only.split(",") if c]
+    print(f"machine: {machine()}", flush=True)
+    if not args.skip_speed:
+        print()
+        print(
+            speed(configs, [int(b) for b in args.batches.split(",")], args.rounds, args.data_dir, args.threads),
+            flush=True,
+        )
+    if not args.skip_accuracy:
+        print()
+        print(accuracy(configs, args.data_dir, args.per_combo))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,293 @@
+"""Runtimes of the CLIP image tower on a CPU: torch (the reference), ONNX Runtime and OpenVINO, float32 or int8.
+
+The tower is exported once, at the first start that asks for it, into ``ZSS_DATA_DIR/exports/`` under a key made of
+the model id, the precision, the export format version and the versions of every library the file depends on (torch's
+exporter, onnx, the runtime); a later start with the same key loads the file. Every export records its files' digests;
+a file that no longer matches (a crash mid-write, a disk error, an edit) is rebuilt, never loaded.
+
+The exported graph takes what ``ClipEncoder.encode_pixels`` takes, uint8 [N, H, W, 3] at the model's input size, and
+returns L2-normalised float32 [N, D]: normalisation happens inside it, with the model's own mean and std.
+
+Precision (ZSS_CLIP_QUANTIZE): ``none`` is float32 everywhere. ``int8`` is dynamic quantisation: weights int8 once,
+activations quantised per batch (torch: ``quantize_dynamic`` of the nn.Linear layers; ONNX Runtime:
+``onnxruntime.quantization.quantize_dynamic`` of every MatMul, with VNNI kernels where the CPU has them). OpenVINO has
+no int8 here: its weight compression needs NNCF, and ONNX Runtime's dynamically quantised graph ran slower on it than
+its own float32 (BENCHMARKS.md, issue 19).
+
+The text tower always runs in torch (deploys encode text in bursts; the image tower is the hot path).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from imaging.preprocess import Preprocess
+from settings import BACKENDS
+
+log = logging.getLogger(__name__)
+
+# Bump when the exported graph changes (inputs, outputs, what it computes): older exports are then not reused.
+EXPORT_VERSION = 1
+# What ``auto`` picks on a CPU, per precision: the fastest backend whose vectors match torch's (fp32: cosine >= 0.9999)
+# in bench/bench_backends.py on the development machine (BENCHMARKS.md, issue 19). On a GPU ``auto`` is torch.
+AUTO_CPU = {"none": "openvino", "int8": "onnx"}
+# Backends and the precisions they offer.
+PRECISIONS = {"torch": ("none", "int8"), "onnx": ("none", "int8"), "openvino": ("none",)}
+
+ImageRuntime = Callable[[np.ndarray], np.ndarray]
+
+
+def choose_backend(setting: str, precision: str, device: torch.device) -> str:
+    """The backend for ZSS_BACKEND ``setting`` at ``precision`` ("none" or "int8") on ``device``; ValueError naming
+    ZSS_BACKEND for a value it does not know or a combination that does not exist."""
+    name = setting.strip().lower()
+    if name not in BACKENDS:
+        raise ValueError(f"ZSS_BACKEND must be one of {', '.join(BACKENDS)}, not {setting!r}")
+    if name == "auto":
+        return "torch" if device.type != "cpu" else AUTO_CPU[precision]
+    if name != "torch" and device.type != "cpu":
+        raise ValueError(f"ZSS_BACKEND={name} is a CPU backend; on {device.type} use torch (or auto)")
+    if precision not in PRECISIONS[name]:
+        raise ValueError(
+            f"ZSS_BACKEND={name} has no {precision} precision (ZSS_CLIP_QUANTIZE); "
+            f"it offers {', '.join(PRECISIONS[name])}"
+        )
+    return name
+
+
+class ImageGraph(torch.nn.Module):
+    """What gets exported: uint8 [N, H, W, 3] -> normalise -> image tower -> L2-normalised [N, D]."""
+
+    def __init__(self, visual: torch.nn.Module, preprocess: Preprocess) -> None:
+        super().__init__()
+        self.visual = visual
+        # (x / 255 - mean) / std with one subtraction and one division.
+        self.register_buffer("mean", torch.tensor(preprocess.mean).view(1, 3, 1, 1) * 255.0)
+        self.register_buffer("std", torch.tensor(preprocess.std).view(1, 3, 1, 1) * 255.0)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = (pixels.permute(0, 3, 1, 2).float() - self.mean) / self.std
+        return F.normalize(self.visual(x), dim=-1)
+
+
+def export_onnx(visual: torch.nn.Module, preprocess: Preprocess, path: Path) -> None:
+    """Export the float32 image tower with its normalisation to one ONNX file, batch dimension dynamic."""
+    graph = ImageGraph(visual, preprocess).float().eval()
+    h, w = preprocess.size
+    example = torch.zeros((2, h, w, 3), dtype=torch.uint8)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    with torch.inference_mode(False), torch.no_grad():
+        torch.onnx.export(
+            graph,
+            (example,),
+            str(path),
+            input_names=["pixels"],
+            output_names=["embeddings"],
+            dynamic_shapes=({0: batch},),
+            dynamo=True,
+            external_data=False,
+            verbose=False,
+        )
+
+
+def _versions(backend: str) -> dict[str, str]:
+    import onnx
+
+    out = {"torch": torch.__version__, "onnx": onnx.__version__}
+    if backend == "onnx":
+        import onnxruntime
+
+        out["onnxruntime"] = onnxruntime.__version__
+    if backend == "openvino":
+        import openvino
+
+        out["openvino"] = openvino.__version__
+    return out
+
+
+def export_key(model_id: str, backend: str, precision: str, preprocess: Preprocess) -> dict[str, object]:
+    """Everything an export depends on; its digest names the export's directory."""
+    return {
+        "model_id": model_id,
+        "backend": backend,
+        "precision": precision,
+        "export_version": EXPORT_VERSION,
+        "preprocess": preprocess.as_dict(),
+        "versions": _versions(backend),
+    }
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+META = "export.json"
+
+
+def _intact(directory: Path, key: dict[str, object]) -> bool:
+    try:
+        meta = json.loads((directory / META).read_text())
+        if meta.get("key") != key:
+            return False
+        files = meta["files"]
+        return bool(files) and all(_digest(directory / name) == digest for name, digest in files.items())
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def cached_export(exports_dir: Path, key: dict[str, object], build: Callable[[Path], None]) -> tuple[Path, bool]:
+    """The directory of the export named by ``key``: reused when its files match their recorded digests, otherwise
+    (missing, partial, corrupt) built by ``build(directory)``. Returns (directory, built).
+
+    Building happens in a private temporary directory that is renamed into place, so processes that start together
+    never see each other's half-written files; when two build at once, the first rename wins and the other's copy is
+    dropped."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    final = exports_dir / f"{key['backend']}-{key['precision']}-{digest}"
+    if final.exists():
+        if _intact(final, key):
+            log.info("%s export of %s (%s) reused from %s", key["backend"], key["model_id"], key["precision"], final)
+            return final, False
+        log.warning("%s export at %s is incomplete or corrupt: rebuilding it", key["backend"], final)
+        trash = Path(tempfile.mkdtemp(prefix=".trash-", dir=exports_dir))
+        try:
+            final.rename(trash / final.name)
+        except OSError:
+            pass  # another process moved it first
+        shutil.rmtree(trash, ignore_errors=True)
+    exports_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=exports_dir))
+    try:
+        log.info("exporting %s to %s (%s) once, into %s", key["model_id"], key["backend"], key["precision"], final)
+        build(tmp)
+        files = {p.name: _digest(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        (tmp / META).write_text(json.dumps({"key": key, "files": files}, indent=2))
+        try:
+            os.rename(tmp, final)
+        except OSError:  # another process finished first: use its copy
+            if not _intact(final, key):
+                raise
+            return final, False
+        return final, True
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# -- the runtimes -----------------------------------------------------------------------------------------------------
+def _build_onnx(visual: torch.nn.Module, preprocess: Preprocess, precision: str) -> Callable[[Path], None]:
+    def build(directory: Path) -> None:
+        if precision == "none":
+            export_onnx(visual, preprocess, directory / "model.onnx")
+            return
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        float_path = directory / "float32.onnx.tmp"
+        export_onnx(visual, preprocess, float_path)
+        quantize_dynamic(float_path, directory / "model.onnx", weight_type=QuantType.QInt8)
+        float_path.unlink()
+
+    return build
+
+
+def _build_openvino(visual: torch.nn.Module, preprocess: Preprocess) -> Callable[[Path], None]:
+    def build(directory: Path) -> None:
+        import openvino as ov
+
+        float_path = directory / "float32.onnx.tmp"
+        export_onnx(visual, preprocess, float_path)
+        ov.save_model(ov.convert_model(str(float_path)), str(directory / "model.xml"), compress_to_fp16=False)
+        float_path.unlink()
+
+    return build
+
+
+def onnx_runtime(path: Path, threads: int) -> ImageRuntime:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    # Idle pool threads must not spin: the API's decoding shares these cores.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+    def run(pixels: np.ndarray) -> np.ndarray:
+        # Run is thread-safe: the image encoder's lanes call it concurrently, each with its own threads.
+        return np.asarray(session.run(None, {"pixels": np.ascontiguousarray(pixels)})[0], dtype=np.float32)
+
+    return run
+
+
+def openvino_runtime(path: Path, threads: int, lanes: int) -> ImageRuntime:
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(
+        str(path),
+        "CPU",
+        {
+            # One stream per lane, so the lanes' batches run side by side like torch's threads do.
+            "NUM_STREAMS": max(1, lanes),
+            "INFERENCE_NUM_THREADS": max(1, threads * lanes),
+            # Never bf16/fp16 behind our back (a CPU with AMX would otherwise pick it): vectors must match torch's.
+            "INFERENCE_PRECISION_HINT": "f32",
+            "ENABLE_CPU_PINNING": False,
+        },
+    )
+    local = threading.local()  # an infer request is not thread-safe: one per calling thread (lane)
+
+    def run(pixels: np.ndarray) -> np.ndarray:
+        req = getattr(local, "request", None)
+        if req is None:
+            req = local.request = compiled.create_infer_request()
+        req.infer({0: np.ascontiguousarray(pixels)})
+        return np.array(req.get_output_tensor(0).data, dtype=np.float32, copy=True)  # the request reuses its buffer
+
+    return run
+
+
+def load_image_runtime(
+    visual: torch.nn.Module,
+    preprocess: Preprocess,
+    model_id: str,
+    backend: str,
+    precision: str,
+    data_dir: Path,
+    threads: int,
+    lanes: int = 1,
+) -> tuple[ImageRuntime, Path, bool]:
+    """The image tower on ``backend`` ("onnx" or "openvino"): (runtime, export directory, whether it was built now).
+    ``threads`` per call (the torch threads of one lane), ``lanes``: how many calls run at once."""
+    key = export_key(model_id, backend, precision, preprocess)
+    exports = Path(data_dir) / "exports"
+    if backend == "onnx":
+        directory, built = cached_export(exports, key, _build_onnx(visual, preprocess, precision))
+        load = lambda d: onnx_runtime(d / "model.onnx", threads)  # noqa: E731
+    elif backend == "openvino":
+        directory, built = cached_export(exports, key, _build_openvino(visual, preprocess))
+        load = lambda d: openvino_runtime(d / "model.xml", threads, lanes)  # noqa: E731
+    else:
+        raise ValueError(f"no exported runtime for backend {backend!r}")
+    try:
+        return load(directory), directory, built
+    except Exception as exc:  # digests matched but the runtime refuses the file (e.g. written by a broken exporter)
+        log.warning("%s export at %s does not load (%s): rebuilding it", backend, directory, exc)
+        shutil.rmtree(directory, ignore_errors=True)
+        build = _build_onnx(visual, preprocess, precision) if backend == "onnx" else _build_openvino(visual, preprocess)
+        directory, built = cached_export(exports, key, build)
+        return load(directory), directory, built
