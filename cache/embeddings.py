@@ -28,6 +28,8 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from cache.sqlite_files import open_checked
+
 log = logging.getLogger(__name__)
 
 _SCHEMA = """
@@ -101,17 +103,15 @@ class EmbeddingCache:
     # -- storage -----------------------------------------------------------------------------------------------
     def _open_db(self) -> sqlite3.Connection:
         path = self.root / "keys.sqlite3"
-        try:
-            db = self._connect(path)
-            db.execute("SELECT count(*) FROM vectors").fetchone()
-            return db
-        except sqlite3.DatabaseError as exc:
-            aside = path.with_name(f"keys.corrupt-{int(time.time())}.sqlite3")
-            log.error("embedding cache %s is unreadable (%s); moved to %s and starting empty", path, exc, aside)
-            os.replace(path, aside)
+
+        def drop_snapshots() -> None:  # they index the rows of the file set aside
             for snap in self.root.glob("*.faiss"):
                 snap.unlink(missing_ok=True)
-            return self._connect(path)
+
+        aside = path.with_name(f"keys.corrupt-{int(time.time())}.sqlite3")
+        return open_checked(
+            path, self._connect, "SELECT count(*) FROM vectors", aside, "embedding cache", on_aside=drop_snapshots
+        )
 
     @staticmethod
     def _connect(path: Path) -> sqlite3.Connection:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sqlite3
 import threading
 import time
@@ -20,6 +19,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from cache.sqlite_files import open_checked
 
 log = logging.getLogger(__name__)
 
@@ -73,16 +74,11 @@ class Registry:
         self._db = self._open()
 
     def _open(self) -> sqlite3.Connection:
-        try:
-            db = self._connect()
-            db.execute("SELECT count(*) FROM deployments").fetchone()
-            return db
-        except sqlite3.DatabaseError as exc:
-            # Deployments are user data: keep the unreadable file for recovery rather than deleting it.
-            aside = self.path.with_name(f"{self.path.stem}.corrupt-{int(time.time())}{self.path.suffix}")
-            log.error("registry %s is unreadable (%s); moved to %s and starting empty", self.path, exc, aside)
-            os.replace(self.path, aside)
-            return self._connect()
+        # Deployments are user data: an unreadable file is kept aside for recovery, never deleted.
+        aside = self.path.with_name(f"{self.path.stem}.corrupt-{int(time.time())}{self.path.suffix}")
+        return open_checked(
+            self.path, lambda _p: self._connect(), "SELECT count(*) FROM deployments", aside, "registry"
+        )
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=30.0, check_same_thread=False, isolation_level=None)
