@@ -56,7 +56,7 @@ from runners.clip import ClipEncoder, load_clip_encoder
 from runners.device import configure_threads
 from semantic.classify import CompiledClassifier, raw_scores
 from settings import Settings, get_settings
-from tools.image_files import Loaded, list_images, list_inputs, load_pixels
+from tools.image_files import Loaded, list_images, list_inputs, load_pixels, read_bytes
 
 
 def embed_batches(
@@ -337,11 +337,11 @@ def write_report(m: dict[str, Any], out_dir: Path, title: str) -> None:
     plt.close(fig)
 
 
-def exemplar_images(train: Path, shots: int) -> dict[str, list[Path]]:
+def exemplar_images(train: Path, shots: int) -> dict[str, list[str]]:
     """The first ``shots`` images (sorted) of every labelled sub-folder of ``train``."""
     if shots < 1:
         raise SystemExit("--shots must be at least 1")
-    out: dict[str, list[Path]] = {}
+    out: dict[str, list[str]] = {}
     for path, label in labelled_images(train):
         if len(out.setdefault(label, [])) < shots:
             out[label].append(path)
@@ -350,12 +350,12 @@ def exemplar_images(train: Path, shots: int) -> dict[str, list[Path]]:
     return out
 
 
-def with_exemplars(classes: list[ClassifierConfig], exemplars: dict[str, list[Path]]) -> list[ClassifierConfig]:
+def with_exemplars(classes: list[ClassifierConfig], exemplars: dict[str, list[str]]) -> list[ClassifierConfig]:
     """Classes plus their folders' images as image examples; a folder without a class becomes an image-only class."""
     known = {c.name for c in classes}
     out = []
     for c in [*classes, *(ClassifierConfig(name=n, examples_to_include=[]) for n in exemplars if n not in known)]:
-        images = [ImageData(image=base64.b64encode(p.read_bytes()).decode()) for p in exemplars.get(c.name, [])]
+        images = [ImageData(image=base64.b64encode(read_bytes(p)).decode()) for p in exemplars.get(c.name, [])]
         out.append(c.model_copy(update={"examples_to_include": [*c.examples_to_include, *images]}))
     return out
 
@@ -394,17 +394,10 @@ def cmd_eval(args: argparse.Namespace, engine: Runtime) -> dict[str, Any]:
 
 
 # -- calibrate -------------------------------------------------------------------------------------------------------
-def best_raw_scores(folder: Path, clf: CompiledClassifier, engine: Runtime, args: argparse.Namespace) -> np.ndarray:
-    """The predicted class's raw score of every readable image below ``folder``."""
+def best_raw_scores(source: str, clf: CompiledClassifier, engine: Runtime, args: argparse.Namespace) -> np.ndarray:
+    """The predicted class's raw score of every readable image of ``source`` (a folder, list file or URL)."""
     best = []
-    for _, emb in embed_batches(
-        list_images(folder),
-        engine.encoder,
-        args.batch_size,
-        args.workers,
-        engine.settings.max_image_pixels,
-        not args.quiet,
-    ):
+    for _, emb in embedded(list_inputs(source), engine, args):
         if len(emb):
             best.append(raw_scores(torch.from_numpy(emb), clf).max(dim=1).values.numpy())
     return np.concatenate(best) if best else np.zeros(0, np.float32)
@@ -423,7 +416,7 @@ def open_set_threshold(best: np.ndarray, frr: float) -> float:
 def cmd_calibrate(args: argparse.Namespace, engine: Runtime) -> dict[str, Any]:
     config = load_config(Path(args.config))
     clf = engine.compile(config)
-    inside = best_raw_scores(Path(args.folder), clf, engine, args)
+    inside = best_raw_scores(args.folder, clf, engine, args)
     t = open_set_threshold(inside, args.frr)
     out: dict[str, Any] = {
         "threshold": t,
@@ -432,7 +425,7 @@ def cmd_calibrate(args: argparse.Namespace, engine: Runtime) -> dict[str, Any]:
         "false_rejection_rate": float(np.mean(inside < t)),
     }
     if args.outside:
-        outside = best_raw_scores(Path(args.outside), clf, engine, args)
+        outside = best_raw_scores(args.outside, clf, engine, args)
         out["outside_images"] = len(outside)
         out["outside_rejection_rate"] = float(np.mean(outside < t)) if len(outside) else None
     if args.write:
