@@ -219,5 +219,8 @@ class ZeroShot:
         )
 
 
+# Outermost of the service's middlewares: an exception out of BentoML's own routes (/readyz while a dependency is
+# still starting) is answered, not left to hang in BentoML's TimeoutMiddleware (issue 18).
+ZeroShot.add_asgi_middleware(errors.ServiceCatchAll)
 # /metrics is BentoML's own route, outside the routes' app: keyed here when ZSS_METRICS_REQUIRE_KEY is set.
 ZeroShot.add_asgi_middleware(auth.MetricsGuard, gate=lambda: getattr(app.state, "gate", None))
