@@ -23,8 +23,9 @@ from cache.interfaces import DeploymentStore, VectorStore
 from cache.registry import Deployment
 from engine.configs import DeployRequest, Kind, check_classes, kind_of
 from engine.deployments import Compiled, Deployments, DeployOutcome
-from engine.embedder import EmbedStats, TextEmbedder
+from engine.embedder import EmbedStats, Progress, TextEmbedder
 from engine.encoders import DetectorEncoder, ImageEncoder, TextEncoder
+from engine.jobs import Job, Jobs
 from engine.kinds import KINDS, Classification, ClassifierKind, CompiledDetector, Detection, DetectorKind
 from engine.tenancy import Tenant
 from errors import Invalid, Unavailable
@@ -85,6 +86,7 @@ class Engine:
         self._det_embedder: TextEmbedder | None = None
         self._det_info: dict[str, Any] | None = None
         self._preprocess: Preprocess | None = None
+        self.jobs = Jobs()
 
     # -- learned lazily from the encoders -------------------------------------------------------------------------
     def text_embedder(self) -> TextEmbedder:
@@ -125,9 +127,11 @@ class Engine:
                 )
             return self._det_embedder
 
-    def _compile(self, kind: Kind, body: DeployRequest) -> Compiled:
+    def _compile(self, kind: Kind, body: DeployRequest, progress: Progress | None = None) -> Compiled:
         # Detector examples are embedded by the detector's own text tower, classifier examples by CLIP's.
         embedder = self.detector_embedder() if kind is Kind.DETECTOR else self.text_embedder()
+        if progress is not None:
+            embedder = embedder.with_progress(progress)
         return KINDS[kind].compile(body, embedder)  # type: ignore[arg-type]
 
     # -- images -----------------------------------------------------------------------------------------------------
@@ -152,10 +156,20 @@ class Engine:
     # -- the routes' work -------------------------------------------------------------------------------------------
     # Every call on deployments names its caller (engine/tenancy.py): another tenant's id is an unknown id.
     async def deploy(self, body: DeployRequest, *, caller: Tenant) -> DeployOutcome:
-        """Embed every example now (once, through the cache), then register: a deployed id always scores."""
+        """Embed every example now (once, through the cache), then register: a deployed id always scores. Runs as
+        a job (engine/jobs.py) that finishes even if the caller stops waiting."""
+        return await self.jobs.wait(self.start_deploy(body, caller=caller))
+
+    def start_deploy(self, body: DeployRequest, *, caller: Tenant) -> Job:
+        """The deploy as a job, started now (call from a coroutine); a body that cannot deploy is refused here."""
         check_classes(body)
-        compiled = await in_thread(self._compile, kind_of(body), body)
-        return await in_thread(self.deployments.register, body, compiled, caller=caller)
+        kind = kind_of(body)
+
+        async def run(progress: Progress) -> DeployOutcome:
+            compiled = await in_thread(self._compile, kind, body, progress)
+            return await in_thread(self.deployments.register, body, compiled, caller=caller)
+
+        return self.jobs.start(kind.value, caller, run)
 
     async def classify(self, deployed_id: str, sources: list[ImageSource], *, caller: Tenant) -> list[Classification]:
         t0 = time.monotonic()

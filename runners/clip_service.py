@@ -49,6 +49,10 @@ TEXT_BATCH = Histogram(
 )
 
 
+# Prompts that take the text encoder's short lane (engine/encoders.py routes by count): one text with the 80 templates.
+SHORT_LANE_PROMPTS = 128
+
+
 class BadPixels(bentoml.exceptions.InvalidArgument):
     """A pixel batch that is not uint8 [N, H, W, 3] at the model's input size (400, before it can join a batch)."""
 
@@ -136,6 +140,9 @@ class ClipImageEncoder:
 
 @bentoml.service(name="clip_text_encoder", workers=1, threads=4, traffic=TRAFFIC, runner_connection=RUNNER_CONNECTION)
 class ClipTextEncoder:
+    """Two lanes: ``encode`` (BentoML's adaptive batching, for the chunks of deploys) and ``encode_now`` (a few
+    prompts at once, beside the batches; the service's 4 threads run both)."""
+
     if _CLIP_MODEL is not None:
         clip_model = _CLIP_MODEL
 
@@ -155,6 +162,16 @@ class ClipTextEncoder:
         out = self.encoder.encode_texts(texts)
         PROMPTS_ENCODED.inc(len(texts))
         TEXT_BATCH.observe(len(texts))
+        return out
+
+    @bentoml.api
+    def encode_now(self, texts: list[str]) -> np.ndarray:
+        """The short lane (issue 18): a few prompts (an /embed_text, a small deploy) encoded at once on a thread of
+        their own, not queued behind the chunks of a long deploy in ``encode``'s batches."""
+        if len(texts) > SHORT_LANE_PROMPTS:
+            raise bentoml.exceptions.InvalidArgument(f"at most {SHORT_LANE_PROMPTS} prompts in the short lane")
+        out = self.encoder.encode_texts(texts)
+        PROMPTS_ENCODED.inc(len(texts))
         return out
 
     @bentoml.api
