@@ -39,6 +39,7 @@ IMAGES_SHED = Counter("zss_images_shed", "Images refused (503) because they coul
 # is not counted.
 IMAGE_FORWARD_CPU = Counter("zss_image_forward_cpu_seconds", "CPU seconds spent in image-tower forward passes")
 PROMPTS_ENCODED = Counter("zss_text_prompts_encoded", "Prompts encoded by the CLIP text tower (templates expanded)")
+SHORT_LANE = Counter("zss_text_short_lane_prompts", "Prompts encoded in the text encoder's short lane (encode_now)")
 
 # Our own record of the batches the encoders run (BentoML's histogram stops after its warm-up phase).
 IMAGE_BATCH = Histogram(
@@ -172,6 +173,7 @@ class ClipTextEncoder:
             raise bentoml.exceptions.InvalidArgument(f"at most {SHORT_LANE_PROMPTS} prompts in the short lane")
         out = self.encoder.encode_texts(texts)
         PROMPTS_ENCODED.inc(len(texts))
+        SHORT_LANE.inc(len(texts))
         return out
 
     @bentoml.api
