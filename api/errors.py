@@ -120,7 +120,10 @@ def install(app: FastAPI, *edge: type) -> None:
 
     @app.exception_handler(ZssError)
     async def _zss(_: Request, exc: ZssError) -> JSONResponse:
-        return envelope(exc.status_code, exc.message)
+        retry = getattr(exc, "retry_after_s", None)  # an overloaded server says when to come back
+        if retry is not None:
+            _overload_log.warning("overloaded: refused before decoding (%s)", exc.message)
+        return envelope(exc.status_code, exc.message, {"Retry-After": str(int(retry))} if retry is not None else None)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
