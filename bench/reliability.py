@@ -3,7 +3,7 @@
     .venv/bin/python -m bench.reliability coldstart [--detector random] [--seconds 60]
     .venv/bin/python -m bench.reliability kill-deploy [--trials 3] [--texts 120]
     .venv/bin/python -m bench.reliability kill-cache [--trials 10]
-    .venv/bin/python -m bench.reliability soak [--minutes 10] [--clients 4]
+    .venv/bin/python -m bench.reliability soak [--minutes 10] [--clients 4] [--deploy-share 0.1]
 
 - coldstart: a fresh data dir, /readyz every 0.5 s from the launch; outcomes, the longest answer once the API worker
   answered, and how long a SIGTERM then takes to stop every process.
@@ -261,7 +261,7 @@ def soak(args: argparse.Namespace) -> None:
                     i += 1
                     op = rnd.random()
                     try:
-                        if op < 0.1:
+                        if op < args.deploy_share:
                             r = c.post(
                                 "/deploy_classifier",
                                 json={
@@ -271,13 +271,13 @@ def soak(args: argparse.Namespace) -> None:
                                     ]
                                 },
                             )
-                        elif op < 0.6:
+                        elif op < args.deploy_share + 0.5:
                             r = c.post(
                                 "/classify",
                                 params={"deployed_id": dep},
                                 files=[("data", ("a.jpg", image, "image/jpeg"))],
                             )
-                        elif op < 0.8:
+                        elif op < args.deploy_share + 0.7:
                             r = c.post("/embed_text", json={"texts": [f"soak text {k} {i}"]})
                         else:
                             r = c.post("/embed_image", files=[("data", ("a.jpg", image, "image/jpeg"))])
@@ -331,6 +331,7 @@ def main() -> None:
     p = sub.add_parser("soak")
     p.add_argument("--minutes", type=float, default=10)
     p.add_argument("--clients", type=int, default=4)
+    p.add_argument("--deploy-share", type=float, default=0.1, help="share of requests that deploy new texts")
     args = ap.parse_args()
     print(f"machine: {machine()}", flush=True)
     {"coldstart": coldstart, "kill-deploy": kill_deploy, "kill-cache": kill_cache, "soak": soak}[args.cmd](args)
