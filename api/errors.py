@@ -120,10 +120,7 @@ def install(app: FastAPI, *edge: type) -> None:
 
     @app.exception_handler(ZssError)
     async def _zss(_: Request, exc: ZssError) -> JSONResponse:
-        retry = getattr(exc, "retry_after_s", None)  # an overloaded server says when to come back
-        if retry is not None:
-            _overload_log.warning("overloaded: refused before decoding (%s)", exc.message)
-        return envelope(exc.status_code, exc.message, {"Retry-After": str(int(retry))} if retry is not None else None)
+        return envelope(exc.status_code, exc.message)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -21,7 +21,6 @@ from prometheus_client import Counter
 
 from cache.interfaces import DeploymentStore, VectorStore
 from cache.registry import Deployment
-from engine.admission import Admission
 from engine.configs import DeployRequest, Kind, check_classes, kind_of
 from engine.deployments import Compiled, Deployments, DeployOutcome
 from engine.embedder import EmbedStats, Progress, TextEmbedder
@@ -88,8 +87,6 @@ class Engine:
         self._det_info: dict[str, Any] | None = None
         self._preprocess: Preprocess | None = None
         self.jobs = Jobs()
-        # Image requests refused before decoding when the images queued ahead would take longer than the bound.
-        self.admission = Admission(settings.image_max_latency_ms / 1000)
 
     # -- learned lazily from the encoders -------------------------------------------------------------------------
     def text_embedder(self) -> TextEmbedder:
@@ -174,28 +171,14 @@ class Engine:
 
         return self.jobs.start(kind.value, caller, run)
 
-    async def _encode_admitted(self, sources: list[ImageSource], before_encode: Callable[[], Any]) -> np.ndarray:
-        """Decode and encode ``sources`` if admitted (503 + Retry-After first otherwise); ``before_encode`` runs
-        between the two (in a thread; what it returns is discarded)."""
-        self.admission.enter(len(sources))
-        answered = False
-        try:
-            t0 = time.monotonic()
-            pixels = await in_thread(self._pixels, sources)  # an unreadable image is 422 whatever the id (DirectAI)
-            await in_thread(before_encode)
-            # The decoding time (which grows under load: decode threads queue) counts towards the encoder's bound.
-            emb = await self.image_encoder.encode_pixels(pixels, time.monotonic() - t0)
-            answered = True
-            return emb
-        finally:
-            self.admission.leave(len(sources), answered)
-
     async def classify(self, deployed_id: str, sources: list[ImageSource], *, caller: Tenant) -> list[Classification]:
-        clf: list[CompiledClassifier] = []
-        emb = await self._encode_admitted(
-            sources, lambda: clf.append(self.deployments.compiled(deployed_id, Kind.CLASSIFIER, caller=caller))
+        t0 = time.monotonic()
+        pixels = await in_thread(self._pixels, sources)  # an unreadable image is 422 whatever the id (DirectAI)
+        clf: CompiledClassifier = await in_thread(
+            self.deployments.compiled, deployed_id, Kind.CLASSIFIER, caller=caller
         )
-        return await in_thread(ClassifierKind.score, emb, clf[0])
+        emb = await self.image_encoder.encode_pixels(pixels, time.monotonic() - t0)
+        return await in_thread(ClassifierKind.score, emb, clf)
 
     async def detect(self, deployed_id: str, sources: list[ImageSource], *, caller: Tenant) -> list[list[Detection]]:
         info = await in_thread(self.detector_info)
@@ -221,7 +204,10 @@ class Engine:
         return await in_thread(embed)
 
     async def embed_images(self, sources: list[ImageSource]) -> np.ndarray:
-        return await self._encode_admitted(sources, lambda: None)
+        t0 = time.monotonic()
+        pixels = await in_thread(self._pixels, sources)
+        # The decoding time (which grows under load: decode threads queue) counts towards the encoder's latency bound.
+        return await self.image_encoder.encode_pixels(pixels, time.monotonic() - t0)
 
     async def model_config(self, deployed_id: str, *, caller: Tenant) -> dict[str, Any]:
         return await in_thread(self.deployments.config, deployed_id, caller=caller)
