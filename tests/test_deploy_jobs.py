@@ -5,22 +5,15 @@ deploy still runs; a waiting deploy whose client gives up finishes as a job."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
 import httpx
 import pytest
 
-from testing.models import ClipFiles, clip_env
-from testing.server import Server, running_server
+from testing.server import Server
 
 pytestmark = pytest.mark.server
 
-
-@pytest.fixture(scope="module")
-def server(tiny_clip: ClipFiles, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    base = tmp_path_factory.mktemp("jobs")
-    with running_server(clip_env(tiny_clip, base / "data"), base / "serve.log") as srv:
-        yield srv
+# The session's shared server (tests/conftest.py: tiny CLIP and tiny OWLv2): no server of its own.
 
 
 def _classes(tag: str, n: int) -> list[dict[str, object]]:
