@@ -21,6 +21,7 @@ from typing import Annotated, Any
 import bentoml
 import torch
 from fastapi import Depends, FastAPI, Path, Query, Request
+from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from api import auth, convert, errors
@@ -36,12 +37,16 @@ from api.schemas import (
     EmbeddingsResponse,
     EmbedTextRequest,
     ErrorResponse,
+    JobAccepted,
+    JobList,
+    JobStatus,
     PhotofieldImageResponse,
     PhotofieldTextRequest,
     PhotofieldTextResponse,
 )
 from cache.stores import open_stores
 from engine.encoders import LocalDetector, RemoteClipImage, RemoteClipText, RemoteDetector
+from engine.jobs import Job
 from engine.pipelines import Engine, in_thread
 from engine.tenancy import Tenant
 from errors import ZssError
@@ -62,6 +67,16 @@ EngineDep = Annotated[Engine, Depends(_engine)]
 CallerDep = Annotated[Tenant, Depends(auth.caller)]
 UI_DIR = FsPath(__file__).resolve().parent / "ui"
 DeployedId = Annotated[str, Query(max_length=128)]
+Wait = Annotated[
+    bool,
+    Query(description="false: answer 202 with a job id at once; the deploy goes on as a job (GET /jobs/{job_id})"),
+]
+JOB_ACCEPTED: dict[int | str, dict[str, Any]] = {202: {"model": JobAccepted, "description": "Deploy started as a job"}}
+
+
+def _accepted(job: Job) -> JSONResponse:
+    body = JobAccepted(job_id=job.job_id, state=job.state, status_url=f"/jobs/{job.job_id}")
+    return JSONResponse(body.model_dump(), status_code=202, headers={"Location": body.status_url})
 
 
 def build_app(engine: Engine | None = None, settings: Settings | None = None) -> FastAPI:
@@ -80,10 +95,14 @@ def build_app(engine: Engine | None = None, settings: Settings | None = None) ->
     app.state.gate = auth.Gate.from_settings(app.state.settings) if app.state.settings is not None else None
     errors.install(app, auth.ApiKeys)
 
-    @app.post("/deploy_classifier", response_model=DeployResponse, responses=ERRORS)
-    async def deploy_classifier(body: DeployClassifierRequest, eng: EngineDep, who: CallerDep) -> DeployResponse:
+    @app.post("/deploy_classifier", response_model=DeployResponse, responses={**ERRORS, **JOB_ACCEPTED})
+    async def deploy_classifier(
+        body: DeployClassifierRequest, eng: EngineDep, who: CallerDep, wait: Wait = True
+    ) -> Any:
         """Deploy (or update) a classifier defined by example texts and/or images (``{"image": base64}`` or
         ``{"url": ...}``), optionally with an open set; examples are embedded now, once."""
+        if not wait:
+            return _accepted(eng.start_deploy(body, caller=who))
         out = await eng.deploy(body, caller=who)
         return DeployResponse(deployed_id=out.deployed_id, message=out.message)
 
@@ -99,10 +118,12 @@ def build_app(engine: Engine | None = None, settings: Settings | None = None) ->
         results = await eng.classify(deployed_id, await image_sources(request), caller=who)
         return convert.classifications(results)
 
-    @app.post("/deploy_detector", response_model=DeployResponse, responses=ERRORS)
-    async def deploy_detector(body: DeployDetectorRequest, eng: EngineDep, who: CallerDep) -> DeployResponse:
+    @app.post("/deploy_detector", response_model=DeployResponse, responses={**ERRORS, **JOB_ACCEPTED})
+    async def deploy_detector(body: DeployDetectorRequest, eng: EngineDep, who: CallerDep, wait: Wait = True) -> Any:
         """Deploy (or update) a detector defined by example texts and/or images (OWL image queries), thresholds and
         NMS settings."""
+        if not wait:
+            return _accepted(eng.start_deploy(body, caller=who))
         out = await eng.deploy(body, caller=who)
         return DeployResponse(deployed_id=out.deployed_id, message=out.message)
 
@@ -128,6 +149,19 @@ def build_app(engine: Engine | None = None, settings: Settings | None = None) ->
         """Delete a deployment; its cached example embeddings stay (other deployments may share them)."""
         await eng.delete(deployed_id, caller=who)
         return DeployResponse(deployed_id=deployed_id, message="Model deleted.")
+
+    @app.get("/jobs/{job_id}", response_model=JobStatus, responses=ERRORS)
+    async def job_status(job_id: Annotated[str, Path(max_length=64)], eng: EngineDep, who: CallerDep) -> Any:
+        """A deploy job's state and progress (jobs of this API worker, the caller's tenant's only)."""
+        job = eng.jobs.get(job_id, who)
+        if job is None:
+            raise ZssError("Job not found.", 404)
+        return job.report()
+
+    @app.get("/jobs", response_model=JobList)
+    async def list_jobs(eng: EngineDep, who: CallerDep) -> dict[str, Any]:
+        """The caller's tenant's deploy jobs of this API worker, running and recently finished."""
+        return {"jobs": [j.report() for j in eng.jobs.list(who)]}
 
     @app.post("/embed_text", response_model=EmbeddingsResponse, responses=ERRORS)
     async def embed_text(body: EmbedTextRequest, eng: EngineDep) -> dict[str, Any]:
@@ -237,5 +271,8 @@ class ZeroShot:
         return reason is None
 
 
+# Outermost of the service's middlewares: an exception out of BentoML's own routes (/readyz while a dependency is
+# still starting) is answered, not left to hang in BentoML's TimeoutMiddleware (issue 18).
+ZeroShot.add_asgi_middleware(errors.ServiceCatchAll)
 # /metrics is BentoML's own route, outside the routes' app: keyed here when ZSS_METRICS_REQUIRE_KEY is set.
 ZeroShot.add_asgi_middleware(auth.MetricsGuard, gate=lambda: getattr(app.state, "gate", None))

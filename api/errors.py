@@ -193,3 +193,48 @@ class BodyLimit:
             return message
 
         await self.app(scope, counted, send)
+
+
+# BentoML's health routes; an exception out of them means "not ready" (a dependency's probe timed out or failed).
+HEALTH_PATHS = frozenset({"/readyz", "/livez", "/healthz"})
+NOT_READY = "Not ready: a part of the server is still starting or does not answer; retry later."
+
+
+class ServiceCatchAll:
+    """A middleware of the BentoML service (outside the routes' app, so it covers BentoML's own routes): answer an
+    exception that escapes before a response started, instead of letting it rise.
+
+    BentoML's TimeoutMiddleware, above this one, waits for the first response message and only then for the app: an
+    app that raises without sending anything leaves the request waiting for the whole traffic timeout (600 s), and
+    the server cannot stop while it waits. /readyz raises exactly so during a cold start: it probes each dependency
+    with a 5 s timeout and lets the TimeoutError (or a refused connection) out. A health route's exception is 503
+    (not ready); any other is the routes' envelope (``unexpected``)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception as exc:
+            if started:
+                raise
+            if scope.get("path", "").rstrip("/") in HEALTH_PATHS:
+                _not_ready_log.warning("%s: %s: %s", scope["path"], type(exc).__name__, exc)
+                await envelope(503, NOT_READY, {"Retry-After": "1"})(scope, receive, send)
+            else:
+                await unexpected(exc)(scope, receive, send)
+
+
+_not_ready_log = LimitedLog(log)

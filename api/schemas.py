@@ -34,6 +34,33 @@ class DeployResponse(BaseModel):
     message: str
 
 
+class JobAccepted(BaseModel):
+    """A deploy sent with ``?wait=false``: its job, to poll at ``status_url``."""
+
+    job_id: str
+    state: str
+    status_url: str
+
+
+class JobStatus(BaseModel):
+    """A deploy job: ``running``, ``done`` (``deployed_id`` set) or ``failed`` (``message`` says why); ``done`` of
+    ``total`` example texts looked up so far (each committed to the embedding cache as it is encoded)."""
+
+    job_id: str
+    kind: str
+    state: str
+    done: int
+    total: int
+    deployed_id: str | None = None
+    message: str | None = None
+    created_at: float
+    finished_at: float | None = None
+
+
+class JobList(BaseModel):
+    jobs: list[JobStatus]
+
+
 class ClassifyResult(BaseModel):
     scores: dict[str, float]
     pred: str

@@ -1,7 +1,7 @@
 """Overload: many more clients than the CPU can serve, with a latency bound. Every answer, 200 or 503, must come
 within the bound plus about one batch (issue 18, item 2).
 
-    .venv/bin/python -m bench.overload [--clients 64] [--bound-ms 3000] [--seconds 40] [--ramp 5]
+    .venv/bin/python -m bench.overload [--clients 64] [--bound-ms 3000] [--seconds 40] [--ramp 5] [--root DIR]
 
 Serves ViT-B-32 with random weights (detector off) with ``ZSS_IMAGE_MAX_LATENCY_MS`` = the bound and loads
 ``/embed_image`` with a 640x480 JPEG from ``--clients`` back-to-back clients; prints the status counts and the latency
@@ -28,10 +28,12 @@ def main() -> None:
     ap.add_argument("--bound-ms", type=int, default=3000)
     ap.add_argument("--seconds", type=float, default=40.0)
     ap.add_argument("--ramp", type=float, default=5.0)
+    ap.add_argument("--root", type=Path, default=None, help="serve another checkout (an A/B against main)")
     args = ap.parse_args()
     print(f"machine: {machine()}", flush=True)
     env = {**VIT_B32_RANDOM, "ZSS_IMAGE_MAX_LATENCY_MS": str(args.bound_ms)}
-    with tempfile.TemporaryDirectory() as tmp, served(env, Path(tmp)) as server:
+    root = {"root": args.root} if args.root is not None else {}
+    with tempfile.TemporaryDirectory() as tmp, served(env, Path(tmp), **root) as server:
         res = steady_load(server.url, image_post("/embed_image", jpeg()), args.clients, args.seconds, args.ramp)
     rows = [
         [status, len(lat), f"{pct(lat, 0.5):.0f}", f"{pct(lat, 0.99):.0f}", f"{1000 * max(lat):.0f}"]

@@ -7,13 +7,14 @@ per model and template setting, by whichever process meets it first.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 
-from cache.embeddings import namespace
+from cache.embeddings import LookupStats, namespace
 from cache.interfaces import VectorStore
 from semantic.templates import CLIP_TEMPLATES, TEMPLATE_VERSION, ensemble, expand
 
@@ -29,6 +30,28 @@ class EmbedStats:
 
 
 @dataclass
+class Progress:
+    """Texts of one embed call looked up so far (a deploy job reports it); written by the embedding thread between
+    committed chunks, read by anyone."""
+
+    done: int = 0
+    total: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def start(self, total: int) -> None:
+        with self._lock:
+            self.done, self.total = 0, total
+
+    def advance(self, n: int) -> None:
+        with self._lock:
+            self.done += n
+
+    def snapshot(self) -> tuple[int, int]:
+        with self._lock:
+            return self.done, self.total
+
+
+@dataclass
 class TextEmbedder:
     """Example texts -> vectors through the cache; misses are encoded once, with or without template ensembling."""
 
@@ -41,6 +64,14 @@ class TextEmbedder:
     stats: EmbedStats = field(default_factory=EmbedStats)
     # Called with each lookup's own stats (thread-safe per call, unlike deltas of the running totals).
     on_lookup: Callable[[EmbedStats], None] | None = None
+    # Prompts per committed chunk of a lookup (issue 18): each chunk's vectors are in the cache as soon as it is
+    # encoded, so a killed process loses at most one chunk of a long deploy and a retry resumes from the cache.
+    commit_prompts: int = 1024
+    progress: Progress | None = None
+
+    def with_progress(self, progress: Progress) -> TextEmbedder:
+        """This embedder reporting its lookups to ``progress`` (same cache, encoder and running stats)."""
+        return replace(self, progress=progress)
 
     def _encode_chunked(self, prompts: list[str]) -> np.ndarray:
         parts = [self.encode(prompts[i : i + self.chunk]) for i in range(0, len(prompts), self.chunk)]
@@ -60,9 +91,7 @@ class TextEmbedder:
     def embed(self, texts: Sequence[str], augment: bool) -> tuple[np.ndarray, EmbedStats]:
         """Vectors [N, D] for texts, plus this call's hits/misses/prompts encoded."""
         before = self.stats.prompts_encoded
-        vecs, lookup = self.cache.get_or_encode(
-            self.namespace(augment), list(texts), lambda todo: self._encode_examples(todo, augment)
-        )
+        vecs, lookup = self._lookup_in_chunks(list(texts), augment)
         self.stats.hits += lookup.hits
         self.stats.misses += lookup.misses
         self.stats.examples_encoded += lookup.encoded
@@ -70,3 +99,25 @@ class TextEmbedder:
         if self.on_lookup is not None:
             self.on_lookup(call)
         return vecs, call
+
+    def _lookup_in_chunks(self, texts: list[str], augment: bool) -> tuple[np.ndarray, LookupStats]:
+        """The store's ``get_or_encode`` once per chunk of about ``commit_prompts`` prompts, so every store commits
+        as it goes (the store protocol is unchanged)."""
+        ns = self.namespace(augment)
+        step = max(1, self.commit_prompts // (len(self.templates) if augment else 1))
+        if self.progress is not None:
+            self.progress.start(len(texts))
+        parts: list[np.ndarray] = []
+        total = LookupStats()
+        for start in range(0, len(texts), step):
+            chunk = texts[start : start + step]
+            vecs, stats = self.cache.get_or_encode(ns, chunk, lambda todo: self._encode_examples(todo, augment))
+            parts.append(vecs)
+            total.hits += stats.hits
+            total.misses += stats.misses
+            total.encoded += stats.encoded
+            if self.progress is not None:
+                self.progress.advance(len(chunk))
+        if not parts:
+            return np.zeros((0, 0), np.float32), total
+        return (parts[0] if len(parts) == 1 else np.concatenate(parts)), total

@@ -152,9 +152,15 @@ class RemoteClipImage(_Remote):
         return np.asarray(out, dtype=np.float32)
 
 
+# Prompts that go to the text encoder's short lane (runners/clip_service.py ``encode_now``, the same number): short
+# requests are answered beside a long deploy's batches instead of queueing behind them.
+SHORT_LANE_PROMPTS = 128
+
+
 class RemoteClipText(_Remote):
     def encode(self, prompts: list[str]) -> np.ndarray:
-        return np.asarray(call_sync(self.handle.encode, prompts), dtype=np.float32)
+        method = self.handle.encode_now if len(prompts) <= SHORT_LANE_PROMPTS else self.handle.encode
+        return np.asarray(call_sync(method, prompts), dtype=np.float32)
 
 
 class RemoteDetector(_Remote):

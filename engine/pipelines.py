@@ -26,10 +26,11 @@ from cache.interfaces import DeploymentStore, StoreUnavailable, VectorStore
 from cache.registry import Deployment
 from engine.configs import DeployRequest, Kind, check_classes, kind_of
 from engine.deployments import Compiled, Deployments, DeployOutcome
-from engine.embedder import EmbedStats, TextEmbedder
+from engine.embedder import EmbedStats, Progress, TextEmbedder
 from engine.encoders import DetectorEncoder, ImageEncoder, TextEncoder
 from engine.exemplars import ImageEmbedder, has_images
-from engine.kinds import Classification, ClassifierKind, CompiledDetector, Detection, DetectorKind
+from engine.jobs import Job, Jobs
+from engine.kinds import KINDS, Classification, ClassifierKind, CompiledDetector, Detection, DetectorKind
 from engine.tenancy import Tenant
 from errors import Invalid, Unavailable
 from imaging.geometry import shrink_to
@@ -103,6 +104,7 @@ class Engine:
         self._preprocess: Preprocess | None = None
         self._image_embedder: ImageEmbedder | None = None
         self._det_image_embedder: ImageEmbedder | None = None
+        self.jobs = Jobs()
 
     # -- learned lazily from the encoders -------------------------------------------------------------------------
     def text_embedder(self) -> TextEmbedder:
@@ -185,14 +187,18 @@ class Engine:
                 raise
             return anyio.run(fn, arg)
 
-    def _compile(self, kind: Kind, body: DeployRequest) -> Compiled:
+    def _compile(self, kind: Kind, body: DeployRequest, progress: Progress | None = None) -> Compiled:
         # Detector examples are embedded by the detector's own towers (image examples as OWL image queries),
-        # classifier examples by CLIP's (image examples by its image tower).
+        # classifier examples by CLIP's (image examples by its image tower). Progress counts the texts.
         if kind is Kind.DETECTOR:
+            embedder = self.detector_embedder()
             images = self.detector_image_embedder() if has_images(body.classes) else None
-            return DetectorKind.compile(body, self.detector_embedder(), images)  # type: ignore[arg-type]
-        images = self.image_embedder() if has_images(body.classes) else None
-        return ClassifierKind.compile(body, self.text_embedder(), images)  # type: ignore[arg-type]
+        else:
+            embedder = self.text_embedder()
+            images = self.image_embedder() if has_images(body.classes) else None
+        if progress is not None:
+            embedder = embedder.with_progress(progress)
+        return KINDS[kind].compile(body, embedder, images)  # type: ignore[arg-type]
 
     # -- images -----------------------------------------------------------------------------------------------------
     def _pixels(self, sources: list[ImageSource]) -> np.ndarray:
@@ -216,10 +222,20 @@ class Engine:
     # -- the routes' work -------------------------------------------------------------------------------------------
     # Every call on deployments names its caller (engine/tenancy.py): another tenant's id is an unknown id.
     async def deploy(self, body: DeployRequest, *, caller: Tenant) -> DeployOutcome:
-        """Embed every example now (once, through the cache), then register: a deployed id always scores."""
+        """Embed every example now (once, through the cache), then register: a deployed id always scores. Runs as
+        a job (engine/jobs.py) that finishes even if the caller stops waiting."""
+        return await self.jobs.wait(self.start_deploy(body, caller=caller))
+
+    def start_deploy(self, body: DeployRequest, *, caller: Tenant) -> Job:
+        """The deploy as a job, started now (call from a coroutine); a body that cannot deploy is refused here."""
         check_classes(body)
-        compiled = await in_thread(self._compile, kind_of(body), body)
-        return await in_thread(self.deployments.register, body, compiled, caller=caller)
+        kind = kind_of(body)
+
+        async def run(progress: Progress) -> DeployOutcome:
+            compiled = await in_thread(self._compile, kind, body, progress)
+            return await in_thread(self.deployments.register, body, compiled, caller=caller)
+
+        return self.jobs.start(kind.value, caller, run)
 
     async def classify(self, deployed_id: str, sources: list[ImageSource], *, caller: Tenant) -> list[Classification]:
         t0 = time.monotonic()

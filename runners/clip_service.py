@@ -39,6 +39,7 @@ IMAGES_SHED = Counter("zss_images_shed", "Images refused (503) because they coul
 # is not counted.
 IMAGE_FORWARD_CPU = Counter("zss_image_forward_cpu_seconds", "CPU seconds spent in image-tower forward passes")
 PROMPTS_ENCODED = Counter("zss_text_prompts_encoded", "Prompts encoded by the CLIP text tower (templates expanded)")
+SHORT_LANE = Counter("zss_text_short_lane_prompts", "Prompts encoded in the text encoder's short lane (encode_now)")
 
 # Our own record of the batches the encoders run (BentoML's histogram stops after its warm-up phase).
 IMAGE_BATCH = Histogram(
@@ -47,6 +48,10 @@ IMAGE_BATCH = Histogram(
 TEXT_BATCH = Histogram(
     "zss_text_batch_size", "Prompts per text-encoder call", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 )
+
+
+# Prompts that take the text encoder's short lane (engine/encoders.py routes by count): one text with the 80 templates.
+SHORT_LANE_PROMPTS = 128
 
 
 class BadPixels(bentoml.exceptions.InvalidArgument):
@@ -137,6 +142,9 @@ class ClipImageEncoder:
 
 @bentoml.service(name="clip_text_encoder", workers=1, threads=4, traffic=TRAFFIC, runner_connection=RUNNER_CONNECTION)
 class ClipTextEncoder:
+    """Two lanes: ``encode`` (BentoML's adaptive batching, for the chunks of deploys) and ``encode_now`` (a few
+    prompts at once, beside the batches; the service's 4 threads run both)."""
+
     if _CLIP_MODEL is not None:
         clip_model = _CLIP_MODEL
 
@@ -156,6 +164,17 @@ class ClipTextEncoder:
         out = self.encoder.encode_texts(texts)
         PROMPTS_ENCODED.inc(len(texts))
         TEXT_BATCH.observe(len(texts))
+        return out
+
+    @bentoml.api
+    def encode_now(self, texts: list[str]) -> np.ndarray:
+        """The short lane (issue 18): a few prompts (an /embed_text, a small deploy) encoded at once on a thread of
+        their own, not queued behind the chunks of a long deploy in ``encode``'s batches."""
+        if len(texts) > SHORT_LANE_PROMPTS:
+            raise bentoml.exceptions.InvalidArgument(f"at most {SHORT_LANE_PROMPTS} prompts in the short lane")
+        out = self.encoder.encode_texts(texts)
+        PROMPTS_ENCODED.inc(len(texts))
+        SHORT_LANE.inc(len(texts))
         return out
 
     @bentoml.api

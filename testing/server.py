@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import psutil
 
 from testing.client import bearer
 
@@ -85,6 +86,36 @@ def start_server(
 
     ``target`` is what to serve: the checkout's service, or a built bento's tag (served from ``root``, any folder);
     ``unset`` names variables of this process's environment the server must not inherit.
+    """
+    server = launch_server(env, log_path, root=root, admin_key=admin_key, target=target, unset=unset)
+    url, proc = server.url, server.proc
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"bentoml serve exited with {proc.returncode}:\n{server.log()[-5000:]}")
+        try:
+            if httpx.get(url + "/readyz", timeout=5).status_code == 200:
+                # Dependencies answer too once the gateway is ready; this also warms them up.
+                r = httpx.get(url + "/healthz_models", timeout=120, headers=bearer(admin_key))
+                if r.status_code == 200:
+                    return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    stop_server(server)
+    raise RuntimeError(f"bentoml serve did not become ready in {timeout}s:\n{server.log()[-5000:]}")
+
+
+def launch_server(
+    env: dict[str, str],
+    log_path: Path,
+    root: Path = ROOT,
+    admin_key: str | None = None,
+    target: str = SERVICE,
+    unset: tuple[str, ...] = (),
+) -> Server:
+    """Start `bentoml serve` (arguments as ``start_server``) and return at once, without waiting for it to be ready
+    (start-up tests send requests from the first moment).
 
     Each server gets a BENTOML_HOME of its own (beside its log) unless ``env`` names one, so no test touches the
     user's. (Servers under one home no longer share their metrics: each has a Prometheus folder of its own, see
@@ -108,26 +139,13 @@ def start_server(
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    url = f"http://127.0.0.1:{port}"
-    server = Server(url, proc, log_path, admin_key)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"bentoml serve exited with {proc.returncode}:\n{server.log()[-5000:]}")
-        try:
-            if httpx.get(url + "/readyz", timeout=5).status_code == 200:
-                # Dependencies answer too once the gateway is ready; this also warms them up.
-                r = httpx.get(url + "/healthz_models", timeout=120, headers=bearer(admin_key))
-                if r.status_code == 200:
-                    return server
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    stop_server(server)
-    raise RuntimeError(f"bentoml serve did not become ready in {timeout}s:\n{server.log()[-5000:]}")
+    return Server(f"http://127.0.0.1:{port}", proc, log_path, admin_key)
 
 
 def stop_server(server: Server) -> None:
+    """SIGTERM, then SIGKILL after 30 s. BentoML's workers run in process groups of their own: any still alive after
+    the server's are killed by pid, so a worker that does not stop never outlives its test."""
+    workers = _descendants(server.proc.pid)
     if server.proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(server.proc.pid, signal.SIGTERM)
@@ -137,6 +155,17 @@ def stop_server(server: Server) -> None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(server.proc.pid, signal.SIGKILL)
             server.proc.wait(timeout=10)
+    for proc in workers:
+        with contextlib.suppress(psutil.Error):
+            if proc.is_running():
+                proc.kill()
+
+
+def _descendants(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return []
 
 
 @contextlib.contextmanager

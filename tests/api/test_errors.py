@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 
 def test_unhandled_exceptions_get_the_envelope_without_reraising() -> None:
     import bentoml
@@ -34,6 +36,42 @@ def test_unhandled_exceptions_get_the_envelope_without_reraising() -> None:
         assert r.status_code == 503 and "overloaded" in r.json()["message"]
         r = c.get("/bad")
         assert r.status_code == 400 and r.json()["message"] == "expected uint8 pixels"
+
+
+def test_service_catch_all_answers_what_bentomls_own_routes_raise() -> None:
+    """Below BentoML's TimeoutMiddleware an exception that escapes without a response held the request for the whole
+    traffic timeout: /readyz raising while a dependency starts is 503 here, anything else the envelope."""
+
+    from starlette.responses import StreamingResponse
+    from starlette.routing import Route, Router
+    from starlette.testclient import TestClient
+
+    from api.errors import ServiceCatchAll
+
+    async def readyz(_: object) -> None:
+        raise TimeoutError()  # what aiohttp raises when a probe times out
+
+    async def other(_: object) -> None:
+        raise RuntimeError("internal detail")
+
+    async def broken_stream(_: object) -> StreamingResponse:
+        async def body():  # type: ignore[no-untyped-def]
+            yield b"partial"
+            raise RuntimeError("mid-body")
+
+        return StreamingResponse(body())
+
+    # A bare router: Starlette's own error middleware, which would answer 500 first, sits above BentoML's timeout.
+    app = Router(routes=[Route("/readyz", readyz), Route("/other", other), Route("/stream", broken_stream)])
+    with TestClient(ServiceCatchAll(app), raise_server_exceptions=True) as c:
+        r = c.get("/readyz")
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        assert r.json()["status_code"] == 503 and "Not ready" in r.json()["message"]
+        r = c.get("/other")
+        assert r.status_code == 500 and r.json()["message"] == "Internal server error."
+        # Once part of a response is out nothing can follow it: the exception goes on (the server closes).
+        with pytest.raises(RuntimeError, match="mid-body"):
+            c.get("/stream")
 
 
 def test_validation_message_uses_pydantic_v1_wording_for_limits_and_unknown_types() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import aiohttp
+import numpy as np
 import pytest
 
 from engine.encoders import call_async as call_encoder
@@ -55,3 +56,27 @@ def test_other_errors_are_not_retried() -> None:
     with pytest.raises(ValueError):
         call_encoder_sync(boom, 1)
     assert len(calls) == 1
+
+
+def test_short_prompt_lists_take_the_text_encoders_short_lane() -> None:
+    """A few prompts (an /embed_text) go to ``encode_now``, beside a long deploy's batches; the engine's threshold is
+    the service's (runners/clip_service.py refuses more)."""
+    from engine.encoders import SHORT_LANE_PROMPTS, RemoteClipText
+    from runners.clip_service import SHORT_LANE_PROMPTS as SERVICE_LIMIT
+
+    calls: list[tuple[str, int]] = []
+
+    class Handle:
+        def encode(self, prompts: list[str]) -> np.ndarray:
+            calls.append(("encode", len(prompts)))
+            return np.zeros((len(prompts), 4), np.float32)
+
+        def encode_now(self, prompts: list[str]) -> np.ndarray:
+            calls.append(("encode_now", len(prompts)))
+            return np.zeros((len(prompts), 4), np.float32)
+
+    text = RemoteClipText(Handle())
+    text.encode(["a"] * SHORT_LANE_PROMPTS)
+    text.encode(["a"] * (SHORT_LANE_PROMPTS + 1))
+    assert calls == [("encode_now", SHORT_LANE_PROMPTS), ("encode", SHORT_LANE_PROMPTS + 1)]
+    assert SHORT_LANE_PROMPTS == SERVICE_LIMIT

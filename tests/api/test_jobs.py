@@ -1,0 +1,126 @@
+"""Deploys as jobs through the routes (issue 18): ``?wait=false`` answers 202 with a job to poll; a waiting deploy
+behaves as before; a job outlives a waiting request that is cancelled; jobs are per tenant."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from starlette.testclient import TestClient
+
+from engine.tenancy import Tenant
+from service import build_app
+from testing.client import CLASSES, assert_error
+from testing.fakes import FakeClip, fake_engine
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[tuple[TestClient, FakeClip]]:
+    engine, clip = fake_engine(tmp_path / "data")
+    with TestClient(build_app(engine), raise_server_exceptions=True) as client:
+        yield client, clip
+    engine.close()
+
+
+def _poll(c: TestClient, url: str, until: str = "done", timeout: float = 60) -> dict:
+    start = time.monotonic()
+    while True:
+        job = c.get(url).json()
+        if job["state"] == until:
+            return job
+        assert job["state"] == "running" and time.monotonic() - start < timeout, job
+        time.sleep(0.02)
+
+
+def test_deploy_without_waiting_answers_202_and_the_job_reports_progress_to_done(
+    served: tuple[TestClient, FakeClip],
+) -> None:
+    c, clip = served
+    gate = threading.Event()
+    real = clip.encode
+
+    def slow(prompts: list[str]) -> np.ndarray:
+        gate.wait(30)
+        return real(prompts)
+
+    clip.encode = slow  # type: ignore[method-assign]
+    classes = [{"name": f"c{i}", "examples_to_include": [f"thing {i}"]} for i in range(30)]
+    r = c.post("/deploy_classifier", params={"wait": "false"}, json={"classifier_configs": classes})
+    assert r.status_code == 202, r.text
+    accepted = r.json()
+    assert accepted["state"] == "running" and r.headers["location"] == accepted["status_url"]
+    running = c.get(accepted["status_url"]).json()
+    assert running["state"] == "running" and running["deployed_id"] is None
+    assert running["total"] in (0, 30) and running["done"] == 0  # 0 of 0 until the lookup starts
+    gate.set()
+    done = _poll(c, accepted["status_url"])
+    assert (done["done"], done["total"], done["kind"]) == (30, 30, "classifier") and done["finished_at"]
+    config = c.get("/model_config", params={"deployed_id": done["deployed_id"]}).json()
+    assert [cl["name"] for cl in config["classifier_configs"]] == [f"c{i}" for i in range(30)]
+    assert [j["job_id"] for j in c.get("/jobs").json()["jobs"]] == [accepted["job_id"]]
+
+
+def test_waiting_deploy_is_unchanged_and_bad_bodies_are_refused_before_any_job(
+    served: tuple[TestClient, FakeClip],
+) -> None:
+    c, _ = served
+    r = c.post("/deploy_classifier", json={"classifier_configs": CLASSES})
+    assert r.status_code == 200 and r.json()["message"] == "New model deployed."
+    assert_error(c.post("/deploy_classifier", params={"wait": "false"}, json={"classifier_configs": []}), 422)
+    assert_error(c.post("/deploy_detector", params={"wait": "false"}, json={"detector_configs": []}), 422)
+    assert [j["state"] for j in c.get("/jobs").json()["jobs"]] == ["done"]  # the waiting deploy was a job too
+    assert_error(c.get("/jobs/no-such-job"), 404, "Job not found")
+
+
+def test_a_detector_deploy_job_and_a_failed_job_report(served: tuple[TestClient, FakeClip]) -> None:
+    c, _ = served
+    body = {"detector_configs": [{"name": "cat", "examples_to_include": ["cat"]}]}
+    r = c.post("/deploy_detector", params={"wait": "false"}, json=body)
+    assert r.status_code == 202
+    done = _poll(c, r.json()["status_url"])
+    assert done["kind"] == "detector" and done["deployed_id"]
+
+
+def test_a_failed_job_reports_what_the_waiting_request_would_have_answered(tmp_path: Path) -> None:
+    engine, _ = fake_engine(tmp_path / "data", detector=False)
+    with TestClient(build_app(engine), raise_server_exceptions=True) as c:
+        body = {"detector_configs": [{"name": "cat", "examples_to_include": ["cat"]}]}
+        assert_error(c.post("/deploy_detector", json=body), 503, "Detection is unavailable")
+        r = c.post("/deploy_detector", params={"wait": "false"}, json=body)
+        assert r.status_code == 202
+        failed = _poll(c, r.json()["status_url"], until="failed")
+        assert "Detection is unavailable" in failed["message"] and failed["deployed_id"] is None
+    engine.close()
+
+
+def test_a_job_outlives_its_waiting_request_and_is_its_tenants_only(tmp_path: Path) -> None:
+    engine, clip = fake_engine(tmp_path / "data")
+    gate = threading.Event()
+    real = clip.encode
+    clip.encode = lambda prompts: (gate.wait(30), real(prompts))[1]  # type: ignore[method-assign]
+    a, b, admin = Tenant("a"), Tenant("b"), Tenant("ops", admin=True)
+    from engine.configs import DeployClassifierRequest
+
+    body = DeployClassifierRequest.model_validate({"classifier_configs": CLASSES})
+
+    async def scenario() -> None:
+        waiting = asyncio.ensure_future(engine.deploy(body, caller=a))
+        await asyncio.sleep(0.2)
+        (job,) = engine.jobs.list(a)
+        waiting.cancel()  # the client went away
+        await asyncio.sleep(0.1)
+        assert job.state == "running"
+        gate.set()
+        out = await engine.jobs.wait(job)
+        assert job.state == "done" and job.deployed_id == out.deployed_id
+        assert engine.jobs.get(job.job_id, b) is None and engine.jobs.list(b) == []
+        assert engine.jobs.get(job.job_id, admin) is job
+
+    asyncio.run(scenario())
+    assert engine.deployments.store.get(engine.jobs.list(a)[0].deployed_id, "a") is not None
+    engine.close()

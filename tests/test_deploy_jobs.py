@@ -1,0 +1,70 @@
+"""Long deploys as jobs through a real `bentoml serve` (issue 18, item 3): a deploy sent with ``?wait=false`` reports
+its progress to the end; a one-text /embed_text sent meanwhile is answered in the text encoder's short lane while the
+deploy still runs; a waiting deploy whose client gives up finishes as a job."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+
+from testing.server import Server
+
+pytestmark = pytest.mark.server
+
+# The session's shared server (tests/conftest.py: tiny CLIP and tiny OWLv2): no server of its own.
+
+
+def _classes(tag: str, n: int) -> list[dict[str, object]]:
+    # Templates on: 80 prompts per text. The tiny CLIP encodes a few hundred prompts per second on 2 busy cores, so
+    # n texts take about n / 5 seconds.
+    return [{"name": f"{tag} {i}", "examples_to_include": [f"{tag} example {i}"]} for i in range(n)]
+
+
+def _wait_done(c: httpx.Client, job_id: str, timeout: float = 300) -> tuple[dict, list[tuple[int, int]]]:
+    seen: list[tuple[int, int]] = []
+    start = time.monotonic()
+    while True:
+        job = c.get(f"/jobs/{job_id}").json()
+        seen.append((job["done"], job["total"]))
+        if job["state"] != "running":
+            return job, seen
+        assert time.monotonic() - start < timeout, job
+        time.sleep(0.1)
+
+
+def test_a_deploy_job_reports_progress_and_short_texts_take_their_own_lane(server: Server) -> None:
+    with server.client(timeout=60) as c:
+        r = c.post("/deploy_classifier", params={"wait": "false"}, json={"classifier_configs": _classes("long", 120)})
+        assert r.status_code == 202, r.text
+        job_id = r.json()["job_id"]
+        while c.get(f"/jobs/{job_id}").json()["done"] == 0:  # the first chunk (12 texts) is committed
+            time.sleep(0.1)
+        lane_before = server.metric("zss_text_short_lane_prompts_total")
+        r = c.post("/embed_text", json={"texts": ["one short text"], "augment_examples": False})
+        assert r.status_code == 200, r.text
+        # Answered in the short lane while the deploy was still encoding (not after it, not inside its batches).
+        assert c.get(f"/jobs/{job_id}").json()["state"] == "running"
+        assert server.metric("zss_text_short_lane_prompts_total") == lane_before + 1
+        job, seen = _wait_done(c, job_id)
+        assert job["state"] == "done" and (job["done"], job["total"]) == (120, 120), job
+        assert any(0 < done < 120 for done, _ in seen) and seen == sorted(seen)  # progress, in whole chunks
+        assert c.get("/model_config", params={"deployed_id": job["deployed_id"]}).status_code == 200
+
+
+def test_a_waiting_deploy_whose_client_gives_up_finishes_as_a_job(server: Server) -> None:
+    body = {"classifier_configs": _classes("abandoned", 200)}
+    with server.client(timeout=1.0) as impatient, pytest.raises(httpx.ReadTimeout):
+        impatient.post("/deploy_classifier", json=body)
+    with server.client(timeout=60) as c:
+        jobs = [j for j in c.get("/jobs").json()["jobs"] if j["total"] in (0, 200) and j["state"] == "running"]
+        assert len(jobs) == 1, c.get("/jobs").json()
+        job, _ = _wait_done(c, jobs[0]["job_id"])
+        assert job["state"] == "done", job
+        ids = [d["deployed_id"] for d in c.get("/deployments").json()["deployments"]]
+        assert job["deployed_id"] in ids
+        # The same deploy again is all cache hits: the abandoned request's work was kept.
+        before = server.metric("zss_embedding_cache_misses_total")
+        assert c.post("/deploy_classifier", json=body).status_code == 200
+        assert server.metric("zss_embedding_cache_misses_total") == before
