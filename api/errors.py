@@ -162,7 +162,11 @@ class CatchAll:
         except Exception as exc:
             if started:  # part of a response is out: nothing sensible can follow it
                 raise
-            await unexpected(exc)(scope, receive, send)
+            await self.answer(scope, exc)(scope, receive, send)
+
+    def answer(self, scope: Scope, exc: Exception) -> ASGIApp:
+        """The response to an exception that escaped before a response started."""
+        return unexpected(exc)
 
 
 class BodyLimit:
@@ -200,7 +204,7 @@ HEALTH_PATHS = frozenset({"/readyz", "/livez", "/healthz"})
 NOT_READY = "Not ready: a part of the server is still starting or does not answer; retry later."
 
 
-class ServiceCatchAll:
+class ServiceCatchAll(CatchAll):
     """A middleware of the BentoML service (outside the routes' app, so it covers BentoML's own routes): answer an
     exception that escapes before a response started, instead of letting it rise.
 
@@ -210,31 +214,11 @@ class ServiceCatchAll:
     with a 5 s timeout and lets the TimeoutError (or a refused connection) out. A health route's exception is 503
     (not ready); any other is the routes' envelope (``unexpected``)."""
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = False
-
-        async def tracked(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
-        try:
-            await self.app(scope, receive, tracked)
-        except Exception as exc:
-            if started:
-                raise
-            if scope.get("path", "").rstrip("/") in HEALTH_PATHS:
-                _not_ready_log.warning("%s: %s: %s", scope["path"], type(exc).__name__, exc)
-                await envelope(503, NOT_READY, {"Retry-After": "1"})(scope, receive, send)
-            else:
-                await unexpected(exc)(scope, receive, send)
+    def answer(self, scope: Scope, exc: Exception) -> ASGIApp:
+        if scope.get("path", "").rstrip("/") in HEALTH_PATHS:
+            _not_ready_log.warning("%s: %s: %s", scope["path"], type(exc).__name__, exc)
+            return envelope(503, NOT_READY, {"Retry-After": "1"})
+        return unexpected(exc)
 
 
 _not_ready_log = LimitedLog(log)
