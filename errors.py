@@ -12,6 +12,7 @@ class ZssError(Exception):
     """An expected failure: ``status_code`` is the HTTP status to answer with, ``message`` the text to show."""
 
     status_code: int = 400
+    headers: dict[str, str] | None = None  # extra response headers (a 503's Retry-After)
 
     def __init__(self, message: str, status_code: int | None = None) -> None:
         super().__init__(message)

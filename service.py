@@ -25,6 +25,7 @@ from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from api import auth, convert, errors
+from api.arrival import Arrival, arrived
 from api.inputs import image_sources
 from api.openapi import AUTH_ERRORS, ERRORS, image_body
 from api.schemas import (
@@ -94,6 +95,7 @@ def build_app(engine: Engine | None = None, settings: Settings | None = None) ->
     app.state.settings = settings if settings is not None else (engine.settings if engine else None)
     app.state.gate = auth.Gate.from_settings(app.state.settings) if app.state.settings is not None else None
     errors.install(app, auth.ApiKeys)
+    app.add_middleware(Arrival)  # outermost: the image latency bound counts from here (the service stamps earlier)
 
     @app.post("/deploy_classifier", response_model=DeployResponse, responses={**ERRORS, **JOB_ACCEPTED})
     async def deploy_classifier(
@@ -115,7 +117,7 @@ def build_app(engine: Engine | None = None, settings: Settings | None = None) ->
     )
     async def classify(request: Request, deployed_id: DeployedId, eng: EngineDep, who: CallerDep) -> Any:
         """Classify one image (an object back) or several (a list back), multipart field ``data``."""
-        results = await eng.classify(deployed_id, await image_sources(request), caller=who)
+        results = await eng.classify(deployed_id, await image_sources(request), caller=who, arrived=arrived(request))
         return convert.classifications(results)
 
     @app.post("/deploy_detector", response_model=DeployResponse, responses={**ERRORS, **JOB_ACCEPTED})
@@ -171,7 +173,8 @@ def build_app(engine: Engine | None = None, settings: Settings | None = None) ->
     @app.post("/embed_image", response_model=EmbeddingsResponse, responses=ERRORS, openapi_extra=image_body("data"))
     async def embed_image(request: Request, eng: EngineDep) -> dict[str, Any]:
         """Image embeddings exactly as classifiers use them; multipart field ``data``, one or more files."""
-        return {"embeddings": (await eng.embed_images(await image_sources(request))).tolist()}
+        sources = await image_sources(request)
+        return {"embeddings": (await eng.embed_images(sources, arrived=arrived(request))).tolist()}
 
     @app.post("/text-embeddings", response_model=PhotofieldTextResponse, responses=ERRORS)
     async def photofield_text_embeddings(body: PhotofieldTextRequest, eng: EngineDep) -> dict[str, Any]:
@@ -184,7 +187,7 @@ def build_app(engine: Engine | None = None, settings: Settings | None = None) ->
     async def photofield_image_embeddings(request: Request, eng: EngineDep) -> dict[str, Any]:
         """photofield-compatible image embeddings; multipart files under any field names."""
         sources = await image_sources(request, field=None)
-        return convert.photofield_images(sources, await eng.embed_images(sources))
+        return convert.photofield_images(sources, await eng.embed_images(sources, arrived=arrived(request)))
 
     @app.get("/healthz_models")
     async def healthz_models(eng: EngineDep) -> dict[str, Any]:
@@ -273,7 +276,9 @@ class ZeroShot:
         return reason is None
 
 
-# Outermost of the service's middlewares: an exception out of BentoML's own routes (/readyz while a dependency is
+# First of the service's middlewares: the time a request arrived, from which its image latency bound counts.
+ZeroShot.add_asgi_middleware(Arrival)
+# Outermost of the others: an exception out of BentoML's own routes (/readyz while a dependency is
 # still starting) is answered, not left to hang in BentoML's TimeoutMiddleware (issue 18).
 ZeroShot.add_asgi_middleware(errors.ServiceCatchAll)
 # /metrics is BentoML's own route, outside the routes' app: keyed here when ZSS_METRICS_REQUIRE_KEY is set.

@@ -120,7 +120,7 @@ def install(app: FastAPI, *edge: type) -> None:
 
     @app.exception_handler(ZssError)
     async def _zss(_: Request, exc: ZssError) -> JSONResponse:
-        return envelope(exc.status_code, exc.message)
+        return envelope(exc.status_code, exc.message, exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:

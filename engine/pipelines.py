@@ -11,7 +11,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Any, ParamSpec, TypeVar
 
 import anyio
@@ -24,6 +25,7 @@ from prometheus_client import Counter
 from cache.embeddings import namespace
 from cache.interfaces import DeploymentStore, StoreUnavailable, VectorStore
 from cache.registry import Deployment
+from engine.admission import Admission
 from engine.configs import DeployRequest, Kind, check_classes, kind_of
 from engine.deployments import Compiled, Deployments, DeployOutcome
 from engine.embedder import EmbedStats, Progress, TextEmbedder
@@ -105,6 +107,7 @@ class Engine:
         self._image_embedder: ImageEmbedder | None = None
         self._det_image_embedder: ImageEmbedder | None = None
         self.jobs = Jobs()
+        self.admission = Admission(settings.image_max_latency_ms / 1000)
 
     # -- learned lazily from the encoders -------------------------------------------------------------------------
     def text_embedder(self) -> TextEmbedder:
@@ -237,13 +240,16 @@ class Engine:
 
         return self.jobs.start(kind.value, caller, run)
 
-    async def classify(self, deployed_id: str, sources: list[ImageSource], *, caller: Tenant) -> list[Classification]:
-        t0 = time.monotonic()
-        pixels = await in_thread(self._pixels, sources)  # an unreadable image is 422 whatever the id (DirectAI)
-        clf: CompiledClassifier = await in_thread(
-            self.deployments.compiled, deployed_id, Kind.CLASSIFIER, caller=caller
-        )
-        emb = await self.image_encoder.encode_pixels(pixels, time.monotonic() - t0)
+    async def classify(
+        self, deployed_id: str, sources: list[ImageSource], *, caller: Tenant, arrived: float | None = None
+    ) -> list[Classification]:
+        """``arrived``: when the request arrived (``time.monotonic()``); given, the image latency bound applies."""
+        async with self._admitted(len(sources), arrived) as t0:
+            pixels = await in_thread(self._pixels, sources)  # an unreadable image is 422 whatever the id (DirectAI)
+            clf: CompiledClassifier = await in_thread(
+                self.deployments.compiled, deployed_id, Kind.CLASSIFIER, caller=caller
+            )
+            emb = await self.image_encoder.encode_pixels(pixels, time.monotonic() - t0)
         return await in_thread(ClassifierKind.score, emb, clf)
 
     async def detect(self, deployed_id: str, sources: list[ImageSource], *, caller: Tenant) -> list[list[Detection]]:
@@ -269,11 +275,22 @@ class Engine:
 
         return await in_thread(embed)
 
-    async def embed_images(self, sources: list[ImageSource]) -> np.ndarray:
-        t0 = time.monotonic()
-        pixels = await in_thread(self._pixels, sources)
-        # The decoding time (which grows under load: decode threads queue) counts towards the encoder's latency bound.
-        return await self.image_encoder.encode_pixels(pixels, time.monotonic() - t0)
+    async def embed_images(self, sources: list[ImageSource], *, arrived: float | None = None) -> np.ndarray:
+        """``arrived``: as for :meth:`classify`."""
+        async with self._admitted(len(sources), arrived) as t0:
+            pixels = await in_thread(self._pixels, sources)
+            return await self.image_encoder.encode_pixels(pixels, time.monotonic() - t0)
+
+    @asynccontextmanager
+    async def _admitted(self, n: int, arrived: float | None) -> AsyncIterator[float]:
+        """Wait for admission (engine/admission.py) when the request's arrival is known; yields the time the latency
+        bound counts from. The time before the encoder (waiting here, decoding, which grows under load as decode
+        threads queue) counts towards the encoder's bound too."""
+        if arrived is None or n == 0:
+            yield time.monotonic()
+            return
+        async with self.admission.admit(n, arrived):
+            yield arrived
 
     async def model_config(self, deployed_id: str, *, caller: Tenant) -> dict[str, Any]:
         return await in_thread(self.deployments.config, deployed_id, caller=caller)

@@ -100,7 +100,8 @@ class LaneBatcher:
         self._queued = 0  # rows in the queue
         self._running = 0  # rows in batches being computed
         self._free = lanes
-        self._batch_s: float | None = None  # moving average of a batch's run time
+        self._batch_s: float | None = None  # moving average of a batch's run time (for holds)
+        self._row_s: float | None = None  # moving average of a batch's run time per row (for deadlines)
         self._wake = asyncio.Event()  # set on every arrival and every finished batch
         self._task: asyncio.Task[None] | None = None
         self._closed = False
@@ -131,6 +132,11 @@ class LaneBatcher:
         if self._batch_s is None:
             return self.max_hold_s
         return min(self.max_hold_s, self.hold_fraction * self._batch_s)
+
+    def _cost(self, rows: int) -> float:
+        """Expected run time of a batch of ``rows``: a batch's time grows with its rows on a CPU (BENCHMARKS.md,
+        overload: batches of 32 took 9 s where batches of 1 took 0.5 s, so a per-batch average misjudged both)."""
+        return (self._row_s or 0.0) * rows
 
     def close(self) -> None:
         """Stop dispatching; queued requests fail. Batches already running finish on their threads."""
@@ -163,19 +169,28 @@ class LaneBatcher:
             pass
 
     def _hopeless(self, req: _Request, now: float) -> bool:
-        """Past its deadline, or it would be even if a lane ran it now (a batch takes about ``_batch_s``).
+        """Past its deadline, or it would be even if a lane ran its rows alone now.
 
-        Only the request's own batch is counted, not its place in the queue: counting every row ahead sheds so many
+        Only the request's own rows are counted, not its place in the queue: counting every row ahead sheds so many
         requests under a closed loop of clients that their immediate retries (each decoded by the API before it is
-        refused) took the CPU from the model, and throughput fell by two thirds (BENCHMARKS.md, overload)."""
-        return now + (self._batch_s or 0.0) > req.deadline
+        refused) took the CPU from the model, and throughput fell by two thirds (BENCHMARKS.md, overload). The API
+        keeps the queue short instead (engine/admission.py), and a lane takes no more rows than fit before the
+        deadline of the oldest (``_fit``)."""
+        return now + self._cost(min(req.pending, self.max_batch)) > req.deadline
+
+    def _fit(self, now: float) -> int:
+        """How many rows a batch may take so that it ends before the head of the queue is due (at least 1)."""
+        if not self._row_s:
+            return self.max_batch
+        left = self._queue[0].req.deadline - now
+        return max(1, int(left / self._row_s))
 
     def _until_next_shed(self) -> float | None:
         """Seconds until the first queued request becomes hopeless (None: nothing queued), so a refusal is not held
         back until a lane frees up."""
         if not self._queue:
             return None
-        soonest = min(p.req.deadline for p in self._queue) - (self._batch_s or 0.0)
+        soonest = min(p.req.deadline - self._cost(min(p.req.pending, self.max_batch)) for p in self._queue)
         return max(0.0, soonest - self._clock()) + 1e-3
 
     def _late_message(self) -> str:
@@ -207,7 +222,7 @@ class LaneBatcher:
                 await self._sleep_until_poked(self._until_next_shed())
                 continue
             share = math.ceil((self._queued + self._running) / self.lanes)
-            target = min(self.max_batch, share)
+            target = min(self.max_batch, share, self._fit(self._clock()))
             if self._queued < target and self._free < self.lanes:
                 left = self.hold_s() - (self._clock() - self._queue[0].req.enqueued)
                 if left > 0:
@@ -262,6 +277,8 @@ class LaneBatcher:
         finally:
             dt = self._clock() - t0
             self._batch_s = dt if self._batch_s is None else 0.8 * self._batch_s + 0.2 * dt
+            row_s = dt / n
+            self._row_s = row_s if self._row_s is None else 0.8 * self._row_s + 0.2 * row_s
             self._free += 1
             self._running -= n
             self.stats.batches += 1

@@ -7,7 +7,9 @@ checked quickly and without models.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from engine.admission import Refused
 from service import build_app
 from testing.client import CLASSES, assert_error, deploy, files
 from testing.fakes import FakeClip, fake_engine
@@ -273,3 +276,34 @@ def test_the_web_page_is_served_at_ui(client: TestClient, tmp_path: Path) -> Non
         assert off.get("/ui/settings.json").json()["detector_enabled"] is False
     engine.close()
     assert_error(client.get("/ui/nope.js"), 404)  # the envelope, as everywhere
+
+
+# -- the image latency bound: admission before decoding (engine/admission.py) ----------------------------------------
+def test_image_routes_count_the_bound_from_arrival_and_a_refusal_is_a_503_with_retry_after(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = client.app.state.engine  # type: ignore[attr-defined]
+    dep = deploy(client)
+    seen: list[tuple[int, float]] = []
+
+    @asynccontextmanager
+    async def refuse(n: int, arrived: float) -> AsyncIterator[None]:
+        seen.append((n, arrived))
+        raise Refused("The image encoder cannot answer within 3 s now (ZSS_IMAGE_MAX_LATENCY_MS); retry later.", 2.2)
+        yield  # pragma: no cover - never admitted
+
+    monkeypatch.setattr(engine.admission, "admit", refuse)
+    before = time.monotonic()
+    for route, params in [
+        ("/embed_image", {}),
+        ("/image-embeddings", {}),
+        ("/classify", {"deployed_id": dep["deployed_id"]}),
+    ]:
+        r = client.post(route, params=params, files=files(jpeg_bytes(), jpeg_bytes(2)))
+        assert_error(r, 503, "cannot answer within 3 s")
+        assert r.headers["retry-after"] == "3"
+    after = time.monotonic()
+    # Each route asked before decoding, with its images and the arrival its middleware stamped.
+    assert [n for n, _ in seen] == [2, 2, 2]
+    assert all(before <= t <= after for _, t in seen)
+    assert sorted(t for _, t in seen) == [t for _, t in seen]

@@ -387,7 +387,7 @@ def test_time_spent_before_the_batcher_counts() -> None:
             gate.release()
             await within_deadline(b.submit(rows(1)))  # the gated first batch (0 s on the clock)
             await within_deadline(b.submit(rows(1)))  # a batch of 0.5 s on the clock
-            assert b._batch_s == pytest.approx(0.1)  # moving average: 0.8 * 0 s + 0.2 * 0.5 s
+            assert b._row_s == pytest.approx(0.1)  # moving average per row: 0.8 * 0 s + 0.2 * 0.5 s
             with pytest.raises(Overloaded):  # 0.95 s spent upstream + 0.1 s expected > 1.0 s: refused at once
                 await within_deadline(b.submit(rows(1), spent_s=0.95))
             np.testing.assert_array_equal(await within_deadline(b.submit(rows(1, 9), spent_s=0.85)), rows(1, 9) * 2)
@@ -447,3 +447,50 @@ def test_nothing_is_shed_while_the_clock_stands_still() -> None:
 def test_invalid_layout_is_refused() -> None:
     with pytest.raises(ValueError):
         LaneBatcher(lambda x: x, lanes=0, max_batch=8)
+
+
+def test_a_batch_takes_no_more_rows_than_fit_before_the_oldest_is_due() -> None:
+    """A batch's run time grows with its rows: under a queue, a lane takes what it can finish before the head of the
+    queue is due, not its whole share (which on a CPU ran for 9 s against a 3 s bound, BENCHMARKS.md overload)."""
+
+    async def main() -> None:
+        clock = FakeClock()
+        gate = Gate()  # the first batch is held; later batches take no time on the clock
+        b = LaneBatcher(gate, lanes=1, max_batch=8, max_wait_s=2.0, clock=clock)
+        submit = Submitter(b)
+        try:
+            busy = await _lane_busy(b, gate)
+            queued = [submit(rows(1, 10 + i)) for i in range(6)]
+            await submit.queued(6)
+            clock.advance(0.5)  # the held batch of 1 row took 0.5 s: 0.5 s a row
+            gate.release()
+            out = await within_deadline(asyncio.gather(busy, *queued))
+            # 1.5 s left for the oldest at 0.5 s a row: batches of 3, not one batch of 6.
+            assert gate.sizes == [1, 3, 3]
+            for i, got in enumerate(out[1:]):
+                np.testing.assert_array_equal(got, rows(1, 10 + i) * 2)
+            assert b.stats.shed == 0
+        finally:
+            gate.release()
+            b.close()
+
+    asyncio.run(main())
+
+
+def test_a_request_whose_own_rows_cannot_finish_in_time_is_shed() -> None:
+    async def main() -> None:
+        clock = FakeClock()
+        gate = Gate(clock, batch_s=0.5)
+        b = LaneBatcher(gate, lanes=1, max_batch=8, max_wait_s=2.0, clock=clock)
+        try:
+            gate.release()
+            await within_deadline(b.submit(rows(1)))  # the gated first batch: 0 s
+            await within_deadline(b.submit(rows(1)))  # 0.5 s for 1 row: 0.1 s a row on the moving average
+            with pytest.raises(Overloaded):  # 1.3 s spent: 8 rows x 0.1 s do not fit in the 0.7 s left
+                await within_deadline(b.submit(rows(8), spent_s=1.3))
+            out = await within_deadline(b.submit(rows(4, 20), spent_s=1.3))  # 4 x 0.1 s do
+            np.testing.assert_array_equal(out, rows(4, 20) * 2)
+        finally:
+            b.close()
+
+    asyncio.run(main())
