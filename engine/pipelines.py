@@ -25,7 +25,7 @@ from prometheus_client import Counter
 from cache.embeddings import namespace
 from cache.interfaces import DeploymentStore, StoreUnavailable, VectorStore
 from cache.registry import Deployment
-from engine.admission import Admission
+from engine.admission import Admission, Refused
 from engine.configs import DeployRequest, Kind, check_classes, kind_of
 from engine.deployments import Compiled, Deployments, DeployOutcome
 from engine.embedder import EmbedStats, Progress, TextEmbedder
@@ -41,7 +41,7 @@ from imaging.sources import ImageLimits, ImageSource, load_image
 from semantic.classify import CompiledClassifier
 from semantic.detect import QUERY_RULE_VERSION
 from semantic.templates_detect import DETECTION_TEMPLATE_VERSION, DETECTION_TEMPLATES
-from settings import Settings
+from settings import LimitedLog, Settings
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,9 @@ CACHE_HITS = Counter("zss_embedding_cache_hits", "Example texts found in the emb
 CACHE_MISSES = Counter("zss_embedding_cache_misses", "Example texts missing from the embedding cache")
 IMAGE_EXAMPLES_ENCODED = Counter("zss_image_examples_encoded", "Image examples encoded (embedding-cache misses)")
 IMAGE_EXAMPLE_HITS = Counter("zss_image_example_cache_hits", "Image examples found in the embedding cache")
+IMAGE_REQUESTS_REFUSED = Counter(
+    "zss_image_requests_refused", "Image requests refused before decoding: not answerable within the latency bound"
+)
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -108,6 +111,7 @@ class Engine:
         self._det_image_embedder: ImageEmbedder | None = None
         self.jobs = Jobs()
         self.admission = Admission(settings.image_max_latency_ms / 1000)
+        self._refused_log = LimitedLog(log)  # expected under overload: a WARNING line now and then
 
     # -- learned lazily from the encoders -------------------------------------------------------------------------
     def text_embedder(self) -> TextEmbedder:
@@ -289,8 +293,13 @@ class Engine:
         if arrived is None or n == 0:
             yield time.monotonic()
             return
-        async with self.admission.admit(n, arrived):
-            yield arrived
+        try:
+            async with self.admission.admit(n, arrived):
+                yield arrived
+        except Refused:
+            IMAGE_REQUESTS_REFUSED.inc()
+            self._refused_log.warning("image request refused: not answerable within the latency bound now")
+            raise
 
     async def model_config(self, deployed_id: str, *, caller: Tenant) -> dict[str, Any]:
         return await in_thread(self.deployments.config, deployed_id, caller=caller)

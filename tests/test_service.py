@@ -268,6 +268,9 @@ def _check_batching(server: Server) -> None:
     # Fewer encoder calls than requests: requests shared batches.
     images = server.metric("zss_image_batch_size_sum")
     assert images > total
+    # Each batch's wall time is recorded too (the "one batch" of the latency bound, bench/overload.py reads it).
+    assert server.metric("zss_image_batch_seconds_count") == total
+    assert server.metric("zss_image_batch_seconds_sum") > 0
 
 
 def test_openapi_lists_the_routes(server: Server) -> None:
