@@ -16,7 +16,9 @@ prompts at batch 1-256) and accuracy against torch, in one process.
 2. Text speed: the ViT-B-32 text tower on each backend (``--text-threads``, 0 = the CPU quota: the text encoder's
    threads), ``encode_texts`` on deploy prompts (labels expanded with the 80 CLIP templates, so 8-20 tokens each, the
    context trimmed to each batch's longest as the service does), alternating rounds, best kept; prompts per CPU
-   second / per wall second, and the cosine to torch float32's vectors.
+   second / per wall second, and the cosine to torch float32's vectors. Then the short lane (issue 18): the latency of
+   one prompt encoded alone and beside a long deploy's batch in another thread, as ``encode_now`` runs beside
+   ``encode`` in the text encoder (a runtime that serialises calls makes the one prompt wait for the batch).
 3. Accuracy: ``tools.eval_shapes_clip`` on the project's shapes CLIP (models/shapes-clip) through each backend
    (the service's encoder: its preprocessing, its text tower), against open_clip's own float32 model.
 """
@@ -24,6 +26,7 @@ prompts at batch 1-256) and accuracy against torch, in one process.
 from __future__ import annotations
 
 import argparse
+import threading
 import time
 from pathlib import Path
 
@@ -135,6 +138,21 @@ def text_speed(configs: list[str], batches: list[int], rounds: int, data_dir: Pa
                 best[(c, b)] = max(best.get((c, b), 0.0), wall)
                 best_cpu[(c, b)] = max(best_cpu.get((c, b), 0.0), cpu)
         print(f"b{b}: " + ", ".join(f"{c} {best[(c, b)]:.1f} ({best_cpu[(c, b)]:.1f}/cpu-s)" for c in encs), flush=True)
+    lane_rows = []
+    for c, enc in encs.items():
+        alone, beside = [], []
+        for _ in range(rounds):
+            t = time.perf_counter()
+            enc.encode_texts(prompts[:1])
+            alone.append(time.perf_counter() - t)
+            long = threading.Thread(target=enc.encode_texts, args=(prompts[:512],))
+            long.start()
+            time.sleep(0.2)  # the long batch is running
+            t = time.perf_counter()
+            enc.encode_texts(prompts[1:2])
+            beside.append(time.perf_counter() - t)
+            long.join()
+        lane_rows.append([c, f"{1000 * min(alone):.0f}", f"{1000 * min(beside):.0f}"])
     rows = []
     for c in configs:
         row = [c] + [f"{best_cpu[(c, b)]:.0f} / {best[(c, b)]:.0f}" for b in batches]
@@ -147,7 +165,10 @@ def text_speed(configs: list[str], batches: list[int], rounds: int, data_dir: Pa
         headers += [f"b{b} / torch (CPU)" for b in batches] + ["min cos to torch"]
     return (
         f"ViT-B-32 text tower (random weights), {threads} thread{'s' if threads > 1 else ''}, best of {rounds} "
-        "alternating rounds; each cell: prompts per CPU second / prompts per wall second\n\n" + table(headers, rows)
+        "alternating rounds; each cell: prompts per CPU second / prompts per wall second\n\n"
+        + table(headers, rows)
+        + f"\n\nOne prompt (best of {rounds}), alone and beside a 512-prompt batch running in another thread\n\n"
+        + table(["backend", "alone ms", "beside a long batch ms"], lane_rows)
     )
 
 

@@ -47,7 +47,10 @@ TEXT_EXPORT_VERSION = 1
 # What ``auto`` picks on a CPU, per precision: the fastest backend whose vectors match torch's (fp32: cosine >= 0.9999)
 # in bench/bench_backends.py on the development machine (BENCHMARKS.md, issue 19). On a GPU ``auto`` is torch.
 AUTO_CPU = {"none": "openvino", "int8": "onnx"}  # the image tower
-AUTO_CPU_TEXT = {"none": "onnx", "int8": "onnx"}  # the text tower
+# The text tower: ONNX Runtime. OpenVINO's float32 costs a few per cent less CPU per prompt, but its one stream runs
+# concurrent calls one after another, so the text encoder's short lane (``encode_now``: one prompt) would wait
+# behind a deploy's batch (0.75 s against ONNX Runtime's 25 ms, BENCHMARKS.md); ONNX Runtime runs them side by side.
+AUTO_CPU_TEXT = {"none": "onnx", "int8": "onnx"}
 # Backends and the precisions they offer.
 PRECISIONS = {"torch": ("none", "int8"), "onnx": ("none", "int8"), "openvino": ("none",)}
 
