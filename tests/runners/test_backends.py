@@ -91,6 +91,20 @@ def test_float_text_backend_gives_torchs_vectors(
     assert len(list((exports_dir / "exports").glob(f"text-{backend}-none-*/export.json"))) == 1
 
 
+def test_text_tower_that_cannot_be_exported_stays_in_torch(
+    tiny_clip: ClipFiles, torch_encoder: ClipEncoder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A text tower TextGraph would not reproduce (not open_clip's causal transformer) runs in torch (here untrimmed,
+    as such a tower must be), exported never."""
+    import runners.clip
+
+    monkeypatch.setattr(runners.clip, "text_exportable", lambda model: False)
+    enc = load_clip_encoder(settings_for(tiny_clip, tmp_path, backend="onnx"), towers="text")
+    assert enc.info["text_backend"] == "torch" and enc.text_runtime is None
+    np.testing.assert_allclose(enc.encode_texts(TEXTS[:3]), torch_encoder.encode_texts(TEXTS[:3]), atol=1e-5)
+    assert not (tmp_path / "exports").exists()
+
+
 def test_both_towers_on_one_backend(tiny_clip: ClipFiles, torch_encoder: ClipEncoder, exports_dir: Path) -> None:
     enc = load_clip_encoder(settings_for(tiny_clip, exports_dir, backend="onnx"))
     assert (enc.info["backend"], enc.info["text_backend"]) == ("onnx", "onnx")
