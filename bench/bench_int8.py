@@ -8,6 +8,9 @@
    of each is kept.
 2. Accuracy: ``tools.eval_shapes_clip`` on models/shapes-clip, float32 and int8, on the same freshly drawn images,
    plus the cosine between the two models' image embeddings of those images.
+
+This is torch's int8 alone; ``bench.bench_backends`` measures every backend's, ONNX Runtime's int8 (what ``auto``
+serves with ZSS_CLIP_QUANTIZE=int8, both towers) included.
 """
 
 from __future__ import annotations

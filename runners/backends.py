@@ -1,12 +1,15 @@
-"""Runtimes of the CLIP image tower on a CPU: torch (the reference), ONNX Runtime and OpenVINO, float32 or int8.
+"""Runtimes of the CLIP towers on a CPU: torch (the reference), ONNX Runtime and OpenVINO, float32 or int8.
 
-The tower is exported once, at the first start that asks for it, into ``ZSS_DATA_DIR/exports/`` under a key made of
+Each tower is exported once, at the first start that asks for it, into ``ZSS_DATA_DIR/exports/`` under a key made of
 the model id, the precision, the export format version and the versions of every library the file depends on (torch's
 exporter, onnx, the runtime); a later start with the same key loads the file. Every export records its files' digests;
 a file that no longer matches (a crash mid-write, a disk error, an edit) is rebuilt, never loaded.
 
-The exported graph takes what ``ClipEncoder.encode_pixels`` takes, uint8 [N, H, W, 3] at the model's input size, and
-returns L2-normalised float32 [N, D]: normalisation happens inside it, with the model's own mean and std.
+The exported image graph takes what ``ClipEncoder.encode_pixels`` takes, uint8 [N, H, W, 3] at the model's input size,
+and returns L2-normalised float32 [N, D]: normalisation happens inside it, with the model's own mean and std. The text
+graph takes int64 tokens [N, L] with L dynamic (2 .. the context length) and returns L2-normalised float32 [N, D]: the
+caller trims the context to the longest prompt of the batch, exact for causal text towers pooled at the EOT token (the
+only ones exported; others stay in torch), as torch's own path does.
 
 Precision (ZSS_CLIP_QUANTIZE): ``none`` is float32 everywhere. ``int8`` is dynamic quantisation: weights int8 once,
 activations quantised per batch (torch: ``quantize_dynamic`` of the nn.Linear layers; ONNX Runtime:
@@ -14,7 +17,7 @@ activations quantised per batch (torch: ``quantize_dynamic`` of the nn.Linear la
 no int8 here: its weight compression needs NNCF, and ONNX Runtime's dynamically quantised graph ran slower on it than
 its own float32 (BENCHMARKS.md, issue 19).
 
-The text tower always runs in torch (deploys encode text in bursts; the image tower is the hot path).
+``auto`` picks per tower and precision (AUTO_CPU, AUTO_CPU_TEXT), from bench/bench_backends.py's measurements.
 """
 
 from __future__ import annotations
@@ -38,25 +41,32 @@ from settings import BACKENDS
 
 log = logging.getLogger(__name__)
 
-# Bump when the exported graph changes (inputs, outputs, what it computes): older exports are then not reused.
+# Bump when an exported graph changes (inputs, outputs, what it computes): older exports are then not reused.
 EXPORT_VERSION = 1
+TEXT_EXPORT_VERSION = 1
 # What ``auto`` picks on a CPU, per precision: the fastest backend whose vectors match torch's (fp32: cosine >= 0.9999)
 # in bench/bench_backends.py on the development machine (BENCHMARKS.md, issue 19). On a GPU ``auto`` is torch.
-AUTO_CPU = {"none": "openvino", "int8": "onnx"}
+AUTO_CPU = {"none": "openvino", "int8": "onnx"}  # the image tower
+# The text tower: ONNX Runtime. OpenVINO's float32 costs a few per cent less CPU per prompt, but its one stream runs
+# concurrent calls one after another, so the text encoder's short lane (``encode_now``: one prompt) would wait
+# behind a deploy's batch (0.75 s against ONNX Runtime's 25 ms, BENCHMARKS.md); ONNX Runtime runs them side by side.
+AUTO_CPU_TEXT = {"none": "onnx", "int8": "onnx"}
 # Backends and the precisions they offer.
 PRECISIONS = {"torch": ("none", "int8"), "onnx": ("none", "int8"), "openvino": ("none",)}
 
-ImageRuntime = Callable[[np.ndarray], np.ndarray]
+Runtime = Callable[[np.ndarray], np.ndarray]
+ImageRuntime = Runtime  # uint8 pixels [N, H, W, 3] -> normalised float32 [N, D]
+TextRuntime = Runtime  # int64 tokens [N, L] -> normalised float32 [N, D]
 
 
-def choose_backend(setting: str, precision: str, device: torch.device) -> str:
-    """The backend for ZSS_BACKEND ``setting`` at ``precision`` ("none" or "int8") on ``device``; ValueError naming
-    ZSS_BACKEND for a value it does not know or a combination that does not exist."""
+def choose_backend(setting: str, precision: str, device: torch.device, tower: str = "image") -> str:
+    """The backend of ``tower`` ("image" or "text") for ZSS_BACKEND ``setting`` at ``precision`` ("none" or "int8")
+    on ``device``; ValueError naming ZSS_BACKEND for a value it does not know or a combination that does not exist."""
     name = setting.strip().lower()
     if name not in BACKENDS:
         raise ValueError(f"ZSS_BACKEND must be one of {', '.join(BACKENDS)}, not {setting!r}")
     if name == "auto":
-        return "torch" if device.type != "cpu" else AUTO_CPU[precision]
+        return "torch" if device.type != "cpu" else (AUTO_CPU if tower == "image" else AUTO_CPU_TEXT)[precision]
     if name != "torch" and device.type != "cpu":
         raise ValueError(f"ZSS_BACKEND={name} is a CPU backend; on {device.type} use torch (or auto)")
     if precision not in PRECISIONS[name]:
@@ -82,24 +92,77 @@ class ImageGraph(torch.nn.Module):
         return F.normalize(self.visual(x), dim=-1)
 
 
-def export_onnx(visual: torch.nn.Module, preprocess: Preprocess, path: Path) -> None:
-    """Export the float32 image tower with its normalisation to one ONNX file, batch dimension dynamic."""
-    graph = ImageGraph(visual, preprocess).float().eval()
-    h, w = preprocess.size
-    example = torch.zeros((2, h, w, 3), dtype=torch.uint8)
-    batch = torch.export.Dim("batch", min=1, max=4096)
+def text_exportable(model: torch.nn.Module) -> bool:
+    """Whether ``model``'s text tower is one TextGraph reproduces exactly with a trimmed context: open_clip's CLIP
+    text transformer, causal, pooled at the EOT token (CustomTextCLIP's Hugging Face towers stay in torch)."""
+    return (
+        getattr(model, "attn_mask", None) is not None
+        and getattr(model, "text_pool_type", "argmax") in {"argmax", "eos"}
+        and all(getattr(model, a, None) is not None for a in ("token_embedding", "transformer", "ln_final"))
+    )
+
+
+class TextGraph(torch.nn.Module):
+    """What gets exported: int64 tokens [N, L] (L <= the context, trimmed by the caller) -> text tower ->
+    L2-normalised [N, D]; the computation of ``ClipEncoder``'s trimmed torch path, step for step."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.token_embedding = model.token_embedding
+        self.positional_embedding = model.positional_embedding
+        self.transformer = model.transformer
+        self.ln_final = model.ln_final
+        self.text_projection = model.text_projection
+        self.register_buffer("attn_mask", model.attn_mask.clone())
+        self.pool_type = getattr(model, "text_pool_type", "argmax")
+        self.eos_id = getattr(model, "text_eos_id", None)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        import open_clip
+
+        n = tokens.shape[1]
+        x = self.token_embedding(tokens)
+        x = x + self.positional_embedding[:n]
+        x = self.transformer(x, attn_mask=self.attn_mask[:n, :n])
+        x = self.ln_final(x)
+        x = open_clip.transformer.text_global_pool(x, tokens, self.pool_type, eos_token_id=self.eos_id)
+        proj = self.text_projection
+        if proj is not None:
+            x = proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj
+        return F.normalize(x, dim=-1)
+
+
+def _export(graph: torch.nn.Module, example: torch.Tensor, name: str, dims: dict[int, object], path: Path) -> None:
     with torch.inference_mode(False), torch.no_grad():
         torch.onnx.export(
             graph,
             (example,),
             str(path),
-            input_names=["pixels"],
+            input_names=[name],
             output_names=["embeddings"],
-            dynamic_shapes=({0: batch},),
+            dynamic_shapes=(dims,),
             dynamo=True,
             external_data=False,
             verbose=False,
         )
+
+
+def export_onnx(visual: torch.nn.Module, preprocess: Preprocess, path: Path) -> None:
+    """Export the float32 image tower with its normalisation to one ONNX file, batch dimension dynamic."""
+    graph = ImageGraph(visual, preprocess).float().eval()
+    h, w = preprocess.size
+    example = torch.zeros((2, h, w, 3), dtype=torch.uint8)
+    _export(graph, example, "pixels", {0: torch.export.Dim("batch", min=1, max=4096)}, path)
+
+
+def export_text_onnx(model: torch.nn.Module, path: Path) -> None:
+    """Export the float32 text tower to one ONNX file, batch and sequence length dynamic (2 .. the context)."""
+    graph = TextGraph(model).float().eval()
+    context = int(model.attn_mask.shape[0])
+    example = torch.zeros((2, min(3, context)), dtype=torch.int64)
+    example[:, -1] = 1  # any EOT position: argmax pooling must not be traced at a constant index
+    dims = {0: torch.export.Dim("batch", min=1, max=4096), 1: torch.export.Dim("length", min=2, max=context)}
+    _export(graph, example, "tokens", dims, path)
 
 
 def _versions(backend: str) -> dict[str, str]:
@@ -118,13 +181,26 @@ def _versions(backend: str) -> dict[str, str]:
 
 
 def export_key(model_id: str, backend: str, precision: str, preprocess: Preprocess) -> dict[str, object]:
-    """Everything an export depends on; its digest names the export's directory."""
+    """Everything an image export depends on; its digest names the export's directory."""
     return {
         "model_id": model_id,
         "backend": backend,
         "precision": precision,
         "export_version": EXPORT_VERSION,
         "preprocess": preprocess.as_dict(),
+        "versions": _versions(backend),
+    }
+
+
+def text_export_key(model_id: str, backend: str, precision: str, context_length: int) -> dict[str, object]:
+    """Everything a text export depends on (the model id covers the weights and the tokenizer's model name)."""
+    return {
+        "model_id": model_id,
+        "tower": "text",
+        "backend": backend,
+        "precision": precision,
+        "export_version": TEXT_EXPORT_VERSION,
+        "context_length": context_length,
         "versions": _versions(backend),
     }
 
@@ -159,7 +235,8 @@ def cached_export(exports_dir: Path, key: dict[str, object], build: Callable[[Pa
     never see each other's half-written files; when two build at once, the first rename wins and the other's copy is
     dropped."""
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-    final = exports_dir / f"{key['backend']}-{key['precision']}-{digest}"
+    tower = "text-" if key.get("tower") == "text" else ""  # image exports keep their original names
+    final = exports_dir / f"{tower}{key['backend']}-{key['precision']}-{digest}"
     if final.exists():
         if _intact(final, key):
             log.info("%s export of %s (%s) reused from %s", key["backend"], key["model_id"], key["precision"], final)
@@ -190,34 +267,37 @@ def cached_export(exports_dir: Path, key: dict[str, object], build: Callable[[Pa
 
 
 # -- the runtimes -----------------------------------------------------------------------------------------------------
-def _build_onnx(visual: torch.nn.Module, preprocess: Preprocess, precision: str) -> Callable[[Path], None]:
+Exporter = Callable[[Path], None]  # writes the float32 ONNX graph of a tower to the path given
+
+
+def _build_onnx(export: Exporter, precision: str) -> Callable[[Path], None]:
     def build(directory: Path) -> None:
         if precision == "none":
-            export_onnx(visual, preprocess, directory / "model.onnx")
+            export(directory / "model.onnx")
             return
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
         float_path = directory / "float32.onnx.tmp"
-        export_onnx(visual, preprocess, float_path)
+        export(float_path)
         quantize_dynamic(float_path, directory / "model.onnx", weight_type=QuantType.QInt8)
         float_path.unlink()
 
     return build
 
 
-def _build_openvino(visual: torch.nn.Module, preprocess: Preprocess) -> Callable[[Path], None]:
+def _build_openvino(export: Exporter) -> Callable[[Path], None]:
     def build(directory: Path) -> None:
         import openvino as ov
 
         float_path = directory / "float32.onnx.tmp"
-        export_onnx(visual, preprocess, float_path)
+        export(float_path)
         ov.save_model(ov.convert_model(str(float_path)), str(directory / "model.xml"), compress_to_fp16=False)
         float_path.unlink()
 
     return build
 
 
-def onnx_runtime(path: Path, threads: int) -> ImageRuntime:
+def onnx_runtime(path: Path, threads: int) -> Runtime:
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -226,15 +306,16 @@ def onnx_runtime(path: Path, threads: int) -> ImageRuntime:
     # Idle pool threads must not spin: the API's decoding shares these cores.
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
 
-    def run(pixels: np.ndarray) -> np.ndarray:
+    def run(inputs: np.ndarray) -> np.ndarray:
         # Run is thread-safe: the image encoder's lanes call it concurrently, each with its own threads.
-        return np.asarray(session.run(None, {"pixels": np.ascontiguousarray(pixels)})[0], dtype=np.float32)
+        return np.asarray(session.run(None, {name: np.ascontiguousarray(inputs)})[0], dtype=np.float32)
 
     return run
 
 
-def openvino_runtime(path: Path, threads: int, lanes: int) -> ImageRuntime:
+def openvino_runtime(path: Path, threads: int, lanes: int) -> Runtime:
     import openvino as ov
 
     compiled = ov.Core().compile_model(
@@ -251,14 +332,37 @@ def openvino_runtime(path: Path, threads: int, lanes: int) -> ImageRuntime:
     )
     local = threading.local()  # an infer request is not thread-safe: one per calling thread (lane)
 
-    def run(pixels: np.ndarray) -> np.ndarray:
+    def run(inputs: np.ndarray) -> np.ndarray:
         req = getattr(local, "request", None)
         if req is None:
             req = local.request = compiled.create_infer_request()
-        req.infer({0: np.ascontiguousarray(pixels)})
+        req.infer({0: np.ascontiguousarray(inputs)})
         return np.array(req.get_output_tensor(0).data, dtype=np.float32, copy=True)  # the request reuses its buffer
 
     return run
+
+
+def _load_runtime(
+    key: dict[str, object], export: Exporter, data_dir: Path, threads: int, lanes: int
+) -> tuple[Runtime, Path, bool]:
+    backend, precision = str(key["backend"]), str(key["precision"])
+    exports = Path(data_dir) / "exports"
+    if backend == "onnx":
+        build = _build_onnx(export, precision)
+        load = lambda d: onnx_runtime(d / "model.onnx", threads)  # noqa: E731
+    elif backend == "openvino":
+        build = _build_openvino(export)
+        load = lambda d: openvino_runtime(d / "model.xml", threads, lanes)  # noqa: E731
+    else:
+        raise ValueError(f"no exported runtime for backend {backend!r}")
+    directory, built = cached_export(exports, key, build)
+    try:
+        return load(directory), directory, built
+    except Exception as exc:  # digests matched but the runtime refuses the file (e.g. written by a broken exporter)
+        log.warning("%s export at %s does not load (%s): rebuilding it", backend, directory, exc)
+        shutil.rmtree(directory, ignore_errors=True)
+        directory, built = cached_export(exports, key, build)
+        return load(directory), directory, built
 
 
 def load_image_runtime(
@@ -274,20 +378,13 @@ def load_image_runtime(
     """The image tower on ``backend`` ("onnx" or "openvino"): (runtime, export directory, whether it was built now).
     ``threads`` per call (the torch threads of one lane), ``lanes``: how many calls run at once."""
     key = export_key(model_id, backend, precision, preprocess)
-    exports = Path(data_dir) / "exports"
-    if backend == "onnx":
-        directory, built = cached_export(exports, key, _build_onnx(visual, preprocess, precision))
-        load = lambda d: onnx_runtime(d / "model.onnx", threads)  # noqa: E731
-    elif backend == "openvino":
-        directory, built = cached_export(exports, key, _build_openvino(visual, preprocess))
-        load = lambda d: openvino_runtime(d / "model.xml", threads, lanes)  # noqa: E731
-    else:
-        raise ValueError(f"no exported runtime for backend {backend!r}")
-    try:
-        return load(directory), directory, built
-    except Exception as exc:  # digests matched but the runtime refuses the file (e.g. written by a broken exporter)
-        log.warning("%s export at %s does not load (%s): rebuilding it", backend, directory, exc)
-        shutil.rmtree(directory, ignore_errors=True)
-        build = _build_onnx(visual, preprocess, precision) if backend == "onnx" else _build_openvino(visual, preprocess)
-        directory, built = cached_export(exports, key, build)
-        return load(directory), directory, built
+    return _load_runtime(key, lambda path: export_onnx(visual, preprocess, path), data_dir, threads, lanes)
+
+
+def load_text_runtime(
+    model: torch.nn.Module, model_id: str, backend: str, precision: str, data_dir: Path, threads: int, lanes: int = 1
+) -> tuple[TextRuntime, Path, bool]:
+    """The text tower of ``model`` (``text_exportable``) on ``backend``: (runtime, export directory, built now).
+    The runtime takes int64 tokens [N, L], 2 <= L <= the context length."""
+    key = text_export_key(model_id, backend, precision, int(model.attn_mask.shape[0]))
+    return _load_runtime(key, lambda path: export_text_onnx(model, path), data_dir, threads, lanes)

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from imaging.preprocess import Preprocess
-from runners.backends import choose_backend, load_image_runtime
+from runners.backends import choose_backend, load_image_runtime, load_text_runtime, text_exportable
 from runners.device import select_device
 from runners.store import CLIP_KIND, KIND_KEY, open_entry, store_tag
 from settings import Settings
@@ -221,11 +221,16 @@ class ClipEncoder:
         image_runtime: Any = None,
         backend: str = "torch",
         dim: int | None = None,
+        text_runtime: Any = None,
+        text_backend: str = "torch",
     ) -> None:
         self.model = model
-        # An exported image tower (runners/backends.py): uint8 pixels -> normalised float32; None = torch.
+        # Exported towers (runners/backends.py), None = torch: uint8 pixels -> normalised float32 (image), int64
+        # tokens [N, L] with L trimmed to the batch's longest prompt -> normalised float32 (text).
         self.image_runtime = image_runtime
         self.backend = backend
+        self.text_runtime = text_runtime
+        self.text_backend = text_backend
         self.tokenizer = tokenizer
         self.preprocess = preprocess
         self.model_id = model_id
@@ -234,12 +239,8 @@ class ClipEncoder:
         self.text_batch_size = text_batch_size
         self.dim = int(dim or getattr(model, "embed_dim", 0) or self._probe_dim())
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="clip-pre")
-        # Trimming the context is exact only for causal text towers pooled at the EOT token.
-        self.can_trim_context = (
-            getattr(model, "attn_mask", None) is not None
-            and getattr(model, "text_pool_type", "argmax") in {"argmax", "eos"}
-            and hasattr(model, "token_embedding")
-        )
+        # Trimming the context is exact only for causal text towers pooled at the EOT token (the only ones exported).
+        self.can_trim_context = text_runtime is not None or text_exportable(model)
 
     def _probe_dim(self) -> int:
         proj = getattr(self.model, "text_projection", None)
@@ -259,6 +260,7 @@ class ClipEncoder:
             "context_length": int(getattr(self.model, "context_length", 77)),
             "device": str(self.device),
             "backend": self.backend,
+            "text_backend": self.text_backend,
         }
 
     # -- images ------------------------------------------------------------------------------------------------
@@ -324,6 +326,12 @@ class ClipEncoder:
         with torch.inference_mode():
             for start in range(0, len(texts), self.text_batch_size):
                 idx = order[start : start + self.text_batch_size]
+                if self.text_runtime is not None:
+                    chunk = tokens[idx]
+                    if trim_context:  # at least SOT + EOT: the export's shortest context
+                        chunk = chunk[:, : max(2, int(lengths[idx].max().item()))]
+                    out[idx] = torch.from_numpy(self.text_runtime(chunk.numpy().astype(np.int64, copy=False)))
+                    continue
                 feats = self._encode_tokens(tokens[idx], trim=trim_context)
                 out[idx] = F.normalize(feats.float(), dim=-1).cpu()
         return out.numpy()
@@ -332,13 +340,15 @@ class ClipEncoder:
 def load_clip_encoder(settings: Settings, towers: str = "both", lanes: int = 1) -> ClipEncoder:
     """Build the encoder described by ``settings``. ``towers`` = "image", "text" or "both" (drops the other tower).
 
-    The image tower runs on ZSS_BACKEND (runners/backends.py; exported once and cached under ZSS_DATA_DIR) with
-    torch's current thread count per call; ``lanes``: how many image batches the caller runs at once (OpenVINO gives
-    each its own stream). The text tower runs in torch."""
+    Each tower runs on ZSS_BACKEND (runners/backends.py; ``auto`` picks per tower; exported once and cached under
+    ZSS_DATA_DIR) with torch's current thread count per call; ``lanes``: how many image batches the caller runs at
+    once (OpenVINO gives each its own stream). A text tower that cannot be exported exactly (not open_clip's causal
+    transformer) stays in torch."""
     spec = resolve_model(settings)
     device = select_device(settings.device)
     precision = quantize_mode(settings.clip_quantize, device)
     backend = choose_backend(settings.backend, precision, device) if towers != "text" else "torch"
+    text_backend = choose_backend(settings.backend, precision, device, tower="text") if towers != "image" else "torch"
     if spec.pretrained is None:
         log.warning(
             "ZSS_CLIP_PRETRAINED=random: %s has RANDOM weights (seed %d). Predictions are meaningless; use this only "
@@ -366,7 +376,19 @@ def load_clip_encoder(settings: Settings, towers: str = "both", lanes: int = 1) 
     dtype = torch.float16 if (device.type == "cuda" and settings.fp16) else torch.float32
     model = model.to(device=device, dtype=dtype)
     preprocess = Preprocess.from_open_clip(pp_cfg)
-    runtime, dim = None, None
+    runtime, dim, text_runtime = None, None, None
+    if text_backend != "torch" and not text_exportable(model):
+        log.warning("the text tower of %s cannot be exported exactly: it runs in torch", spec.model_id)
+        text_backend = "torch"
+    if text_backend != "torch":
+        # Like the image tower: float32 exports give torch's vectors (tested) and share its model id.
+        text_runtime, directory, _ = load_text_runtime(
+            model, spec.model_id, text_backend, precision, settings.data_dir, torch.get_num_threads()
+        )
+        dim = int(text_runtime(np.array([[1, 2]], np.int64)).shape[1])
+        for attr in ("transformer", "token_embedding", "ln_final"):
+            setattr(model, attr, None)
+        log.info("CLIP text tower on %s (%s) from %s", text_backend, precision, directory)
     if backend != "torch":
         # The exported tower replaces torch's, whose weights are then dropped. Float32 backends give torch's vectors
         # (cosine >= 0.9999, tested), so they share its model id and cached text vectors.
@@ -379,12 +401,22 @@ def load_clip_encoder(settings: Settings, towers: str = "both", lanes: int = 1) 
         log.info("CLIP image tower on %s (%s) from %s", backend, precision, directory)
     model_id = spec.model_id
     if precision == "int8":
-        if backend == "torch" or towers != "image":  # the text tower is always torch's: quantised there
-            model = quantize_int8(model)
+        if (towers != "text" and backend == "torch") or (towers != "image" and text_backend == "torch"):
+            model = quantize_int8(model)  # the towers left in torch
         model_id += "+int8"  # other vectors than the float model's: never share cache entries with it
     tokenizer = open_clip.get_tokenizer(spec.name)
     return ClipEncoder(
-        model, tokenizer, preprocess, model_id, device, dtype, image_runtime=runtime, backend=backend, dim=dim
+        model,
+        tokenizer,
+        preprocess,
+        model_id,
+        device,
+        dtype,
+        image_runtime=runtime,
+        backend=backend if towers != "text" else text_backend,
+        dim=dim,
+        text_runtime=text_runtime,
+        text_backend=text_backend,
     )
 
 

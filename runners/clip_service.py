@@ -160,7 +160,9 @@ class ClipTextEncoder:
         self.threads = configure_threads(settings.torch_threads)
         self.encoder = load_clip_encoder(settings, towers="text")
         # One worker with the whole quota: text encoding comes in bursts (deploys), idle otherwise.
-        log.info("text encoder %s ready (%d torch threads)", self.encoder.model_id, self.threads)
+        log.info(
+            "text encoder %s ready (%d threads) on %s", self.encoder.model_id, self.threads, self.encoder.text_backend
+        )
 
     @bentoml.api(
         batchable=True, batch_dim=0, max_batch_size=_S.text_max_batch_size, max_latency_ms=_S.text_max_latency_ms

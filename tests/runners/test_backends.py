@@ -1,8 +1,9 @@
-"""The image tower's backends (runners/backends.py): ONNX Runtime and OpenVINO against torch, the export cache, the
-ZSS_BACKEND setting, and one real `bentoml serve` on the CPU default."""
+"""The CLIP towers' backends (runners/backends.py): ONNX Runtime and OpenVINO against torch for the image and the text
+tower, the export cache, the ZSS_BACKEND setting, and one real `bentoml serve` on the CPU defaults."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import httpx
@@ -14,8 +15,9 @@ import runners.backends as backends
 from imaging.decode import decode_image
 from runners.clip import ClipEncoder, load_clip_encoder
 from settings import Settings, get_settings
+from testing.client import CLASSES, deploy, files
 from testing.images import jpeg_bytes
-from testing.models import ClipFiles, clip_env
+from testing.models import ClipFiles, clip_env, shapes_clip_env
 from testing.server import running_server
 
 FLOAT_BACKENDS = ("onnx", "openvino")
@@ -66,20 +68,86 @@ def test_float_backend_gives_torchs_vectors(
     assert enc.encode_pixels(pixels(0)).shape == (0, torch_encoder.dim)
 
 
-def test_both_towers_text_stays_in_torch(tiny_clip: ClipFiles, torch_encoder: ClipEncoder, exports_dir: Path) -> None:
+# Prompts of many lengths: the empty one (SOT + EOT only), deploy-like ones, one past the context (truncated), and
+# enough for two chunks of the encoder's text batches, each trimmed to its own longest prompt.
+TEXTS = ["", "a", "a red circle", "a photo of a big dog on the grass.", "x " * 100] + [
+    f"a photo of thing number {i} {'and more ' * (i % 7)}" for i in range(300)
+]
+
+
+@pytest.mark.parametrize("backend", FLOAT_BACKENDS)
+def test_float_text_backend_gives_torchs_vectors(
+    backend: str, tiny_clip: ClipFiles, torch_encoder: ClipEncoder, exports_dir: Path
+) -> None:
+    enc = load_clip_encoder(settings_for(tiny_clip, exports_dir, backend=backend), towers="text")
+    assert enc.info["text_backend"] == backend and enc.model.transformer is None  # torch's tower is dropped
+    assert enc.model_id == torch_encoder.model_id  # the same vectors: the same embedding cache
+    want = torch_encoder.encode_texts(TEXTS)
+    for got in (enc.encode_texts(TEXTS), enc.encode_texts(TEXTS[:7], trim_context=False)):
+        assert got.dtype == np.float32 and got.shape[1] == torch_encoder.dim
+        assert cosines(got, want[: len(got)]).min() >= 0.9999
+        np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+    assert enc.encode_texts(["a dog"]).shape == (1, torch_encoder.dim)  # batch of one, dynamic length
+    assert len(list((exports_dir / "exports").glob(f"text-{backend}-none-*/export.json"))) == 1
+
+
+def test_text_tower_that_cannot_be_exported_stays_in_torch(
+    tiny_clip: ClipFiles, torch_encoder: ClipEncoder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A text tower TextGraph would not reproduce (not open_clip's causal transformer) runs in torch (here untrimmed,
+    as such a tower must be), exported never."""
+    import runners.clip
+
+    monkeypatch.setattr(runners.clip, "text_exportable", lambda model: False)
+    enc = load_clip_encoder(settings_for(tiny_clip, tmp_path, backend="onnx"), towers="text")
+    assert enc.info["text_backend"] == "torch" and enc.text_runtime is None
+    np.testing.assert_allclose(enc.encode_texts(TEXTS[:3]), torch_encoder.encode_texts(TEXTS[:3]), atol=1e-5)
+    assert not (tmp_path / "exports").exists()
+
+
+def test_both_towers_on_one_backend(tiny_clip: ClipFiles, torch_encoder: ClipEncoder, exports_dir: Path) -> None:
     enc = load_clip_encoder(settings_for(tiny_clip, exports_dir, backend="onnx"))
-    np.testing.assert_allclose(enc.encode_texts(["a red circle"]), torch_encoder.encode_texts(["a red circle"]))
+    assert (enc.info["backend"], enc.info["text_backend"]) == ("onnx", "onnx")
+    assert cosines(enc.encode_texts(TEXTS[:5]), torch_encoder.encode_texts(TEXTS[:5])).min() >= 0.9999
     assert cosines(enc.encode_pixels(pixels(3)), torch_encoder.encode_pixels(pixels(3))).min() >= 0.9999
 
 
 def test_onnx_int8_is_close_and_keyed_apart(tiny_clip: ClipFiles, torch_encoder: ClipEncoder, tmp_path: Path) -> None:
     enc = load_clip_encoder(settings_for(tiny_clip, tmp_path, backend="onnx", clip_quantize="int8"))
     assert enc.model_id == torch_encoder.model_id + "+int8"
+    assert enc.info["text_backend"] == "onnx"
     assert cosines(enc.encode_pixels(pixels(4)), torch_encoder.encode_pixels(pixels(4))).min() >= 0.99
-    # The text tower is torch's, quantised like ZSS_BACKEND=torch's int8.
-    torch_int8 = load_clip_encoder(settings_for(tiny_clip, tmp_path, backend="torch", clip_quantize="int8"))
-    np.testing.assert_allclose(enc.encode_texts(["a dog"]), torch_int8.encode_texts(["a dog"]))
+    assert cosines(enc.encode_texts(TEXTS[:40]), torch_encoder.encode_texts(TEXTS[:40])).min() >= 0.99
     assert len(list((tmp_path / "exports").glob("onnx-int8-*/model.onnx"))) == 1
+    assert len(list((tmp_path / "exports").glob("text-onnx-int8-*/model.onnx"))) == 1
+
+
+def test_onnx_int8_keeps_the_shapes_accuracy(tmp_path: Path) -> None:
+    """Issue 19's goal for int8, int8 within 0.5 points of float32 on the shapes evaluation, on the project's trained
+    shapes CLIP with both towers on ONNX Runtime int8 (what ZSS_CLIP_QUANTIZE=int8 serves on a CPU): zero-shot
+    accuracy over 900 fresh images, and the int8 predictions themselves agree with float32's. A broken quantisation
+    (a bad scale, a quantised layer that should not be) moves these by many points."""
+    from tools import eval_shapes_clip as ev
+
+    fp32 = load_clip_encoder(get_settings({**shapes_clip_env(tmp_path), "ZSS_BACKEND": "torch"}))
+    int8 = load_clip_encoder(
+        get_settings({**shapes_clip_env(tmp_path), "ZSS_BACKEND": "onnx", "ZSS_CLIP_QUANTIZE": "int8"})
+    )
+    assert (int8.info["backend"], int8.info["text_backend"]) == ("onnx", "onnx")
+    ts = ev.draw_test_set(50)
+    px = fp32.images_to_pixels(ts.images)
+    images = {"fp32": fp32.encode_pixels(px), "int8": int8.encode_pixels(px)}
+    encoders = {"fp32": fp32, "int8": int8}
+    for prompts, truth in (
+        ([f"a {c} {s}" for c, s in ev.ALL_COMBOS], [ev.ALL_COMBOS.index(p) for p in zip(ts.colours, ts.shapes)]),
+        ([f"a {c} shape" for c in ev.COLOURS], [list(ev.COLOURS).index(c) for c in ts.colours]),
+        ([f"a {s}" for s in ev.SHAPES], [ev.SHAPES.index(s) for s in ts.shapes]),
+    ):
+        pred = {k: (images[k] @ encoders[k].encode_texts(prompts).T).argmax(axis=1) for k in encoders}
+        acc = {k: 100 * float(np.mean(pred[k] == np.asarray(truth))) for k in pred}
+        assert acc["fp32"] > 90  # the trained model, not noise
+        assert abs(acc["int8"] - acc["fp32"]) <= 0.5, (prompts[0], acc)
+        assert np.mean(pred["int8"] == pred["fp32"]) >= 0.99, prompts[0]
 
 
 def test_export_is_cached_and_reused(tiny_clip: ClipFiles, exports_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -100,6 +168,25 @@ def test_export_is_cached_and_reused(tiny_clip: ClipFiles, exports_dir: Path, mo
         load_clip_encoder(settings_for(tiny_clip, exports_dir, backend="onnx", clip_quantize="int8"), towers="image")
 
 
+def test_text_export_is_cached_and_reused(
+    tiny_clip: ClipFiles, exports_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s = settings_for(tiny_clip, exports_dir, backend="openvino")
+    first = load_clip_encoder(s, towers="text")  # exported by now (here or by an earlier test of this module)
+    (export,) = (exports_dir / "exports").glob("text-openvino-none-*")
+    before = {p.name: p.stat().st_mtime_ns for p in export.iterdir()}
+
+    def no_export(*args: object, **kw: object) -> None:
+        raise AssertionError("exported again")
+
+    monkeypatch.setattr(backends, "export_text_onnx", no_export)
+    second = load_clip_encoder(s, towers="text")
+    assert {p.name: p.stat().st_mtime_ns for p in export.iterdir()} == before
+    np.testing.assert_array_equal(second.encode_texts(TEXTS[:9]), first.encode_texts(TEXTS[:9]))
+    with pytest.raises(AssertionError, match="exported again"):  # another precision is another export
+        load_clip_encoder(settings_for(tiny_clip, exports_dir, backend="onnx", clip_quantize="int8"), towers="text")
+
+
 def test_corrupt_export_is_rebuilt(tiny_clip: ClipFiles, torch_encoder: ClipEncoder, tmp_path: Path) -> None:
     s = settings_for(tiny_clip, tmp_path, backend="onnx")
     load_clip_encoder(s, towers="image")
@@ -110,6 +197,20 @@ def test_corrupt_export_is_rebuilt(tiny_clip: ClipFiles, torch_encoder: ClipEnco
     enc = load_clip_encoder(s, towers="image")
     assert cosines(enc.encode_pixels(pixels(3)), torch_encoder.encode_pixels(pixels(3))).min() >= 0.9999
     assert len(list((tmp_path / "exports").iterdir())) == 1  # the damaged copy and the build's temporaries are gone
+
+
+def test_damaged_text_export_is_rebuilt(
+    tiny_clip: ClipFiles, torch_encoder: ClipEncoder, exports_dir: Path, tmp_path: Path
+) -> None:
+    load_clip_encoder(settings_for(tiny_clip, exports_dir, backend="onnx"), towers="text")  # the module's export
+    (export,) = (exports_dir / "exports").glob("text-onnx-none-*")
+    s = settings_for(tiny_clip, tmp_path, backend="onnx")
+    shutil.copytree(export, tmp_path / "exports" / export.name)
+    (model,) = (tmp_path / "exports").glob("text-onnx-none-*/model.onnx")
+    model.write_bytes(model.read_bytes()[: model.stat().st_size // 2])  # cut short, as by a crash mid-write
+    enc = load_clip_encoder(s, towers="text")
+    assert cosines(enc.encode_texts(TEXTS[:6]), torch_encoder.encode_texts(TEXTS[:6])).min() >= 0.9999
+    assert [p.name[:15] for p in (tmp_path / "exports").iterdir()] == ["text-onnx-none-"]
 
 
 def test_bad_backend_setting_names_the_variable() -> None:
@@ -127,22 +228,40 @@ def test_auto_picks_the_measured_cpu_default_and_torch_on_a_gpu() -> None:
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert backends.choose_backend("auto", "none", cpu) == backends.AUTO_CPU["none"] == "openvino"
     assert backends.choose_backend("auto", "int8", cpu) == backends.AUTO_CPU["int8"] == "onnx"
+    assert backends.choose_backend("auto", "none", cpu, tower="text") == backends.AUTO_CPU_TEXT["none"] == "onnx"
+    assert backends.choose_backend("auto", "int8", cpu, tower="text") == backends.AUTO_CPU_TEXT["int8"] == "onnx"
     assert backends.choose_backend("auto", "none", cuda) == "torch"
+    assert backends.choose_backend("auto", "none", cuda, tower="text") == "torch"
     assert backends.choose_backend("torch", "int8", cpu) == "torch"
 
 
-def test_served_default_backend_embeds_like_torch(
+def test_served_default_backends_embed_deploy_and_classify_like_torch(
     tiny_clip: ClipFiles, torch_encoder: ClipEncoder, tmp_path: Path
 ) -> None:
-    """A real `bentoml serve` with ZSS_BACKEND unset: the CPU default (exported at start) answers /embed_image with
-    torch's vectors."""
+    """A real `bentoml serve` with ZSS_BACKEND unset: each tower on its CPU default (exported at start) answers
+    /embed_image and /embed_text with torch's vectors, and a classifier deploys and classifies."""
+    image_backend, text_backend = backends.AUTO_CPU["none"], backends.AUTO_CPU_TEXT["none"]
+    assert text_backend != "torch"  # what this test is for
     blob = jpeg_bytes(seed=3)
+    texts = ["cat", "a photo of a pine tree"]
     env = {**clip_env(tiny_clip, tmp_path / "data"), "ZSS_DEVICE": "cpu"}
     with running_server(env, tmp_path / "serve.log", unset=("ZSS_BACKEND",)) as srv:
-        r = httpx.post(srv.url + "/embed_image", files={"data": ("a.jpg", blob, "image/jpeg")}, timeout=60)
-        assert r.status_code == 200, r.text
-        got = np.asarray(r.json()["embeddings"], dtype=np.float32)
-        assert f"on {backends.AUTO_CPU['none']}" in srv.log()
+        with httpx.Client(base_url=srv.url, timeout=60) as c:
+            r = c.post("/embed_image", files=files(blob))
+            assert r.status_code == 200, r.text
+            got = np.asarray(r.json()["embeddings"], dtype=np.float32)
+            r = c.post("/embed_text", json={"texts": texts, "augment_examples": False})
+            assert r.status_code == 200, r.text
+            got_text = np.asarray(r.json()["embeddings"], dtype=np.float32)
+            deployed = deploy(c, CLASSES)["deployed_id"]  # 80 templates per example through the text tower
+            r = c.post("/classify", params={"deployed_id": deployed}, files=files(blob))
+            assert r.status_code == 200, r.text
+            assert r.json()["pred"] in {cls["name"] for cls in CLASSES}
+        log = srv.log()
+        assert f"image tower on {image_backend}" in log and f"text tower on {text_backend}" in log
     img = decode_image(blob, max_pixels=10**8, draft_size=torch_encoder.preprocess.draft_size)
     assert cosines(got, torch_encoder.encode_images([img])).min() >= 0.9999
-    assert len(list((tmp_path / "data" / "exports").glob(f"{backends.AUTO_CPU['none']}-none-*"))) == 1
+    assert cosines(got_text, torch_encoder.encode_texts(texts)).min() >= 0.9999
+    exports = tmp_path / "data" / "exports"
+    assert len(list(exports.glob(f"{image_backend}-none-*"))) == 1
+    assert len(list(exports.glob(f"text-{text_backend}-none-*"))) == 1
