@@ -403,7 +403,10 @@ def load_clip_encoder(settings: Settings, towers: str = "both", lanes: int = 1) 
     if precision == "int8":
         if (towers != "text" and backend == "torch") or (towers != "image" and text_backend == "torch"):
             model = quantize_int8(model)  # the towers left in torch
-        model_id += "+int8"  # other vectors than the float model's: never share cache entries with it
+        # Other vectors than the float model's, and than another runtime's int8 (each quantises its own way): never
+        # share cache entries with either.
+        used = {backend} if towers == "image" else {text_backend} if towers == "text" else {backend, text_backend}
+        model_id += "+int8" + "".join(f"-{b}" for b in sorted(used - {"torch"}))
     tokenizer = open_clip.get_tokenizer(spec.name)
     return ClipEncoder(
         model,

@@ -114,7 +114,8 @@ def test_both_towers_on_one_backend(tiny_clip: ClipFiles, torch_encoder: ClipEnc
 
 def test_onnx_int8_is_close_and_keyed_apart(tiny_clip: ClipFiles, torch_encoder: ClipEncoder, tmp_path: Path) -> None:
     enc = load_clip_encoder(settings_for(tiny_clip, tmp_path, backend="onnx", clip_quantize="int8"))
-    assert enc.model_id == torch_encoder.model_id + "+int8"
+    # Keyed apart from the float model and from torch's int8 (another quantisation, other vectors).
+    assert enc.model_id == torch_encoder.model_id + "+int8-onnx"
     assert enc.info["text_backend"] == "onnx"
     assert cosines(enc.encode_pixels(pixels(4)), torch_encoder.encode_pixels(pixels(4))).min() >= 0.99
     assert cosines(enc.encode_texts(TEXTS[:40]), torch_encoder.encode_texts(TEXTS[:40])).min() >= 0.99
