@@ -4,6 +4,7 @@
     .venv/bin/python -m bench.reliability kill-deploy [--trials 3] [--texts 120]
     .venv/bin/python -m bench.reliability kill-cache [--trials 10]
     .venv/bin/python -m bench.reliability soak [--minutes 10] [--clients 4] [--deploy-share 0.1]
+    .venv/bin/python -m bench.reliability redis-outage [--up 10] [--down 10] [--clients 4]
 
 - coldstart: a fresh data dir, /readyz every 0.5 s from the launch; outcomes, the longest answer once the API worker
   answered, and how long a SIGTERM then takes to stop every process.
@@ -15,6 +16,11 @@
   only whole chunks may be in the cache and a retry encodes exactly the rest.
 - soak: the shapes CLIP with the detector off, CLIENTS clients mixing small deploys (new texts each time), /classify,
   /embed_text and /embed_image for MINUTES minutes; the RSS of every process sampled every 10 s, errors counted.
+- redis-outage: two replicas (shapes CLIP, detector off) sharing one real redis-server (append-only, fsync always);
+  CLIENTS clients /classify a deployment on both replicas in turn while Redis runs for UP s, is SIGKILLed for DOWN s
+  and started again (same files) for UP s; per phase the statuses and latencies, how long after the restart each
+  replica answered 200 again (no replica restarted), and whether the deployment and a new one made after the outage
+  are seen by both (deployments lost).
 """
 
 from __future__ import annotations
@@ -317,6 +323,89 @@ def soak(args: argparse.Namespace) -> None:
     print(table(["process", "RSS MiB at 30 s", "at end", "max", "growth"], rows))
 
 
+def redis_outage(args: argparse.Namespace) -> None:
+    from testing.redis import running_redis
+
+    with tempfile.TemporaryDirectory() as tmp, running_redis(Path(tmp) / "redis") as redis_srv:
+        env = {"ZSS_REDIS_URL": redis_srv.url, "ZSS_DETECTOR_MODEL": "none"}
+        replicas = [
+            start_server({**shapes_clip_env(Path(tmp) / f"data{i}"), **env}, Path(tmp) / f"serve{i}.log")
+            for i in range(2)
+        ]
+        body = {"classifier_configs": [{"name": n, "examples_to_include": [f"a {n}"]} for n in ("circle", "square")]}
+        dep = httpx.post(replicas[0].url + "/deploy_classifier", json=body, timeout=120).json()["deployed_id"]
+        image = jpeg()
+        seen: list[tuple[float, float, int, int]] = []  # (start, latency, status, replica)
+        lock = threading.Lock()
+        stop = threading.Event()
+
+        def client(k: int) -> None:
+            clients = [httpx.Client(base_url=r.url, timeout=60) for r in replicas]
+            i = k
+            while not stop.is_set():
+                i += 1
+                t0 = time.monotonic()
+                try:
+                    status = (
+                        clients[i % 2]
+                        .post(
+                            "/classify",
+                            params={"deployed_id": dep},
+                            files=[("data", ("a.jpg", image, "image/jpeg"))],
+                        )
+                        .status_code
+                    )
+                except httpx.HTTPError:
+                    status = -1
+                with lock:
+                    seen.append((t0, time.monotonic() - t0, status, i % 2))
+            for c in clients:
+                c.close()
+
+        with cf.ThreadPoolExecutor(args.clients) as pool:
+            futures = [pool.submit(client, k) for k in range(args.clients)]
+            time.sleep(args.up)
+            redis_srv.kill()
+            killed = time.monotonic()
+            deploy_down = httpx.post(replicas[1].url + "/deploy_classifier", json=body, timeout=60).status_code
+            time.sleep(max(0.0, args.down - (time.monotonic() - killed)))
+            redis_srv.start()
+            restarted = time.monotonic()
+            time.sleep(args.up)
+            stop.set()
+            for f in futures:
+                f.result()
+        # After the outage: the deployment made before it, and one made after it, on both replicas.
+        body2 = {"classifier_configs": [{"name": "after", "examples_to_include": ["a triangle"]}]}
+        dep2 = httpx.post(replicas[1].url + "/deploy_classifier", json=body2, timeout=120).json()["deployed_id"]
+        lost = sum(
+            httpx.get(r.url + "/model_config", params={"deployed_id": d}, timeout=60).status_code != 200
+            for r in replicas
+            for d in (dep, dep2)
+        )
+        for r in replicas:
+            stop_server(r)
+    start = min(t for t, *_ in seen)
+    phases = [("Redis up", start, killed), ("Redis killed", killed, restarted), ("restarted", restarted, float("inf"))]
+    rows = []
+    for name, lo, hi in phases:
+        part = [(lat, st) for t, lat, st, _ in seen if lo <= t < hi]
+        counts: dict[int, int] = {}
+        for _, st in part:
+            counts[st] = counts.get(st, 0) + 1
+        lats = sorted(lat for lat, _ in part)
+        p99 = lats[min(len(lats) - 1, int(0.99 * len(lats)))] if lats else float("nan")
+        rows.append([name, len(part), str(dict(sorted(counts.items()))), f"{1000 * p99:.0f}", f"{1000 * lats[-1]:.0f}"])
+    back = []
+    for i in range(2):
+        firsts = [t + lat for t, lat, st, rep in seen if rep == i and st == 200 and t >= restarted]
+        back.append(f"replica {i}: {min(firsts) - restarted:.2f} s" if firsts else f"replica {i}: never")
+    print(f"{args.clients} clients /classify on 2 replicas; Redis SIGKILLed for {args.down:g} s")
+    print(table(["phase", "requests", "statuses", "p99 ms", "max ms"], rows))
+    print(f"first 200 after the restart: {', '.join(back)}; a deploy while Redis was down: {deploy_down}")
+    print(f"deployments lost (before and after the outage, looked up on both replicas): {lost}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -332,9 +421,14 @@ def main() -> None:
     p.add_argument("--minutes", type=float, default=10)
     p.add_argument("--clients", type=int, default=4)
     p.add_argument("--deploy-share", type=float, default=0.1, help="share of requests that deploy new texts")
+    p = sub.add_parser("redis-outage")
+    p.add_argument("--up", type=float, default=10)
+    p.add_argument("--down", type=float, default=10)
+    p.add_argument("--clients", type=int, default=4)
     args = ap.parse_args()
     print(f"machine: {machine()}", flush=True)
-    {"coldstart": coldstart, "kill-deploy": kill_deploy, "kill-cache": kill_cache, "soak": soak}[args.cmd](args)
+    commands = {"coldstart": coldstart, "kill-deploy": kill_deploy, "kill-cache": kill_cache, "soak": soak}
+    {**commands, "redis-outage": redis_outage}[args.cmd](args)
 
 
 if __name__ == "__main__":
