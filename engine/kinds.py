@@ -64,6 +64,7 @@ def tensor_bytes(compiled: CompiledClassifier | CompiledDetector) -> int:
     """Memory a compiled deployment holds (what the compiled-deployment cache is bounded by)."""
     clf = compiled.examples if isinstance(compiled, CompiledDetector) else compiled
     tensors = [clf.examples, clf.example_class, clf.example_positive, clf.example_slot]
+    tensors += [t for t in (clf.probe, clf.probe_class) if t is not None]
     if isinstance(compiled, CompiledDetector):
         tensors.append(compiled.thresholds)
     return sum(t.element_size() * t.nelement() for t in tensors)
