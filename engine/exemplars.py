@@ -8,7 +8,8 @@ example image's own box chosen by ``semantic.detect.image_query_index``); namesp
 bytes as the client gave them (base64 decoded; a URL's fetched body), so one picture sent inline or by URL shares one
 vector, and a cache hit needs no decoding. A URL example is fetched once: its vector is also kept under the URL
 itself (namespace + ``|url``), so later deploys and recompiles (another worker, an eviction from the compiled cache)
-never fetch again; to change the picture, send it inline or under a new URL. The store is any
+never fetch again; to change the picture, send it inline or under a new URL. A deployment's URL examples are fetched
+up to URL_FETCHES at once. The store is any
 :class:`cache.interfaces.VectorStore` (namespace + string key), the one the texts use.
 """
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,6 +35,7 @@ from imaging.sources import ImageLimits, ImageSource, source_bytes
 
 PixelsFn = Callable[[np.ndarray], np.ndarray]  # uint8 [N, H, W, 3] -> L2-normalised float32 [N, D]
 IMAGE_BATCH = 64  # images per encoder call
+URL_FETCHES = 8  # URL examples fetched at once at deploy time
 
 
 def preprocess_version(pre: Preprocess) -> str:
@@ -125,7 +128,15 @@ class ImageEmbedder:
         remote host again."""
 
         def fetch(todo: list[str]) -> np.ndarray:
-            blobs = [self._source_bytes(ImageUrl(url=u), where[u]) for u in todo]
+            # Up to URL_FETCHES at once (each through the SSRF-safe fetcher with its limits); the first URL in order
+            # that fails is the error, and the fetches not yet started are dropped.
+            with ThreadPoolExecutor(max_workers=min(URL_FETCHES, len(todo)), thread_name_prefix="zss-fetch") as pool:
+                futures = [pool.submit(self._source_bytes, ImageUrl(url=u), where[u]) for u in todo]
+                try:
+                    blobs = [f.result() for f in futures]
+                except BaseException:
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    raise
             return self.embed(blobs, [where[u] for u in todo])[0]
 
         return self.cache.get_or_encode(f"{self.namespace}|url", urls, fetch)[0]
