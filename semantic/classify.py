@@ -29,10 +29,11 @@ full-batch gradient descent on the softmax cross-entropy of the image examples (
 L2 pull back to that start, for a fixed number of steps (deterministic, a few ms). Classes without image examples
 take part in the softmax with their fixed scores under the rule above and are not changed. Vetoes are decided
 exactly as without the probe (the class's most relevant example, text or mapped image, is a negative); where none
-fires, the probe's score (1 + clamp(v . w, -1, 1)) / 2 replaces the class's positive evidence (its best positive text
-or mapped image example). The probe learns from every class's examples at once, so directions that tell
-shapes apart in the seen classes help the held-out ones, where the text alone is confidently wrong and the nearest
-exemplar alone confuses same-coloured shapes (BENCHMARKS.md, issue 17).
+fires, the class's positive evidence is the higher of the probe's score clamp(v . w, -1, 1) and its best mapped image
+example, as d = (1 + that) / 2: the probe stands in for the class's texts, and an image example still counts in full
+(an image identical to one is as strongly that class as without the probe). The probe learns from every class's
+examples at once, so directions that tell shapes apart in the seen classes help the held-out ones, where the text
+alone is confidently wrong and the nearest exemplar alone confuses same-coloured shapes (BENCHMARKS.md, issue 17).
 """
 
 from __future__ import annotations
@@ -166,9 +167,11 @@ def fit_probe(
     ``xs`` [N, D] are training embeddings of classes ``ys`` [N] (class indices); ``fixed`` [N, C] their cosine-scale
     scores under the fixed rule for every class (columns of trainable classes are ignored). Minimises the mean softmax
     cross-entropy of logits / temperature, where trainable class ``probe_class[p]``'s logit is xs . w_p and every
-    other class's is its fixed score, plus ``decay`` * ||W - init||^2, by ``steps`` full-batch gradient steps of
-    size ``lr``; a step that would raise the loss is not taken and the step size halves (so the loss never rises,
-    whatever the embeddings' scale). Deterministic: no randomness.
+    other class's is its fixed score, plus ``decay`` * ||W - init||^2, by ``steps`` full-batch projected gradient
+    steps of size ``lr``: each w stays in the unit ball (||w|| <= 1), so xs . w is at most 1, reached only by x = w,
+    and a probe never outscores an exact image match; a step that would raise the loss is not taken and the step size
+    halves (so the loss never rises, whatever the embeddings' scale). ``init`` rows should be unit vectors (or
+    shorter). Deterministic: no randomness.
     """
     start = init.to(torch.float32)
     x = xs.to(torch.float32)
@@ -188,6 +191,7 @@ def fit_probe(
     loss, grad = loss_and_grad(w)
     for _ in range(steps):
         trial = w - lr * grad
+        trial = trial / trial.norm(dim=1, keepdim=True).clamp(min=1.0)  # back into the unit ball
         trial_loss, trial_grad = loss_and_grad(trial)
         if trial_loss <= loss:
             w, loss, grad = trial, trial_loss, trial_grad
@@ -284,18 +288,22 @@ def raw_scores(image_embeddings: torch.Tensor, clf: CompiledClassifier) -> torch
     cos_t = clf.examples @ image_embeddings.to(torch.float32).T
     c = clf.n_classes
     best = slot_max(cos_t, clf.example_slot, clf.n_slots)
+    image_pos: torch.Tensor | None = None
     if clf.has_images:  # image slots onto the text scale (monotone, so on the maxima), then the max of both
         scale, shift = clf.image_map
         img = best[2 * c :]
-        mapped = img.mul(scale).add_(shift).clamp_(-1.0, 1.0)
-        best = torch.maximum(best[: 2 * c], torch.where(torch.isinf(img), img, mapped))
+        mapped = torch.where(torch.isinf(img), img, img.mul(scale).add_(shift).clamp_(-1.0, 1.0))
+        image_pos = mapped[:c]
+        best = torch.maximum(best[: 2 * c], mapped)
     d = best.add_(1.0).div_(2.0).T  # [B, 2C]; a slot without examples stays -inf
     best_pos, best_neg = d[:, :c], d[:, c:]
     # Ties go to the positive example; a class without negatives has best_neg = -inf.
     keep = best_pos >= best_neg
-    if clf.probe is not None and clf.probe_class is not None:
-        # The veto is decided as above; where none fires, the probe's score is these classes' positive evidence.
-        probed = (image_embeddings.to(torch.float32) @ clf.probe.T).clamp_(-1.0, 1.0).add_(1.0).div_(2.0)
+    if clf.probe is not None and clf.probe_class is not None and image_pos is not None:
+        # The veto is decided as above; where none fires, these classes' positive evidence is the probe's score or
+        # their best (mapped) image example, whichever is higher: the probe stands in for their texts.
+        probed = (image_embeddings.to(torch.float32) @ clf.probe.T).clamp_(-1.0, 1.0)
+        probed = torch.maximum(probed, image_pos[clf.probe_class].T).add_(1.0).div_(2.0)
         best_pos = best_pos.index_copy(1, clf.probe_class, probed)
     return torch.where(keep, best_pos, 1.0 - best_neg)
 

@@ -297,6 +297,7 @@ def test_fit_probe_lowers_the_loss_and_keeps_its_start_at_zero_steps() -> None:
     assert torch.equal(fit_probe(init, trainable, xs, ys, fixed, steps=0), init)
     trained = fit_probe(init, trainable, xs, ys, fixed)
     assert loss(trained) < 0.5 * loss(init)
+    assert bool((trained.norm(dim=1) <= 1 + 1e-6).all())  # in the unit ball: x . w <= 1
     # A huge step size cannot blow it up: a step that raises the loss is not taken.
     assert loss(fit_probe(init, trainable, xs, ys, fixed, lr=1e6)) <= loss(init)
     fixed_copy = fixed.clone()
@@ -311,3 +312,14 @@ def test_probe_is_skipped_above_its_work_bound(monkeypatch: pytest.MonkeyPatch) 
     assert compile_classifier([str(j) for j in range(9)], texts, none, exemplars, none).probe is None
     monkeypatch.setattr(classify_module, "PROBE_MAX_WORK", 9 * 36 * 12)
     assert compile_classifier([str(j) for j in range(9)], texts, none, exemplars, none).probe is not None
+
+
+def test_an_image_example_still_counts_in_full_for_a_probed_class() -> None:
+    # Images only (the identity map): each exemplar, as a query, is its own class (cos 1 to itself; a probe, in the
+    # unit ball, scores below 1 anything but its own vector), as under the max rule.
+    _, exemplars, _, _ = _shapes_like(torch.Generator().manual_seed(14))
+    n, none = len(exemplars), [torch.zeros(0, 12)] * len(exemplars)
+    clf = compile_classifier([str(j) for j in range(n)], none, none, exemplars, none)
+    assert clf.probe is not None and clf.image_map == IDENTITY
+    queries = torch.cat(exemplars)
+    assert torch.equal(raw_scores(queries, clf).argmax(1), torch.arange(n).repeat_interleave(4))
