@@ -315,11 +315,15 @@ def test_probe_is_skipped_above_its_work_bound(monkeypatch: pytest.MonkeyPatch) 
 
 
 def test_an_image_example_still_counts_in_full_for_a_probed_class() -> None:
-    # Images only (the identity map): each exemplar, as a query, is its own class (cos 1 to itself; a probe, in the
-    # unit ball, scores below 1 anything but its own vector), as under the max rule.
+    # Images only (the identity map). Class 0's last exemplar is an outlier right next to one of class 1's: no probe
+    # fits both twins, yet as queries each is its own class's (cos 1 to itself; a probe, in the unit ball, scores
+    # below 1 anything but its own vector), as under the max rule; every other exemplar is its own class too.
     _, exemplars, _, _ = _shapes_like(torch.Generator().manual_seed(14))
+    outlier = F.normalize(exemplars[1][0] + 0.002 * torch.ones(12), dim=0)  # next to one of class 1's exemplars
+    exemplars[0] = torch.cat([exemplars[0][:3], outlier[None]])
     n, none = len(exemplars), [torch.zeros(0, 12)] * len(exemplars)
     clf = compile_classifier([str(j) for j in range(n)], none, none, exemplars, none)
     assert clf.probe is not None and clf.image_map == IDENTITY
-    queries = torch.cat(exemplars)
-    assert torch.equal(raw_scores(queries, clf).argmax(1), torch.arange(n).repeat_interleave(4))
+    queries, truth = torch.cat(exemplars), torch.arange(n).repeat_interleave(4)
+    assert not torch.equal((queries @ clf.probe.T).argmax(1), truth)  # the probe alone gets one of the twins wrong
+    assert torch.equal(raw_scores(queries, clf).argmax(1), truth)
