@@ -1,5 +1,6 @@
 """engine/exemplars.py: a deployment's URL examples are fetched concurrently (bounded), in order, through the
-SSRF-safe fetcher, from a real local HTTP server."""
+SSRF-safe fetcher, from a real local HTTP server; and the compiled cache's byte count of a deployment with image
+examples includes its probe."""
 
 from __future__ import annotations
 
@@ -12,14 +13,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from cache.embeddings import EmbeddingCache
 from engine import exemplars
 from engine.configs import ClassifierConfig, ImageUrl
 from engine.exemplars import ImageEmbedder
+from engine.kinds import tensor_bytes
 from errors import ZssError
 from imaging.sources import ImageLimits
+from semantic.classify import compile_classifier
 from testing.server import local_http_server
 
 
@@ -100,3 +104,13 @@ def test_the_first_failing_url_in_order_is_the_error(port: int, tmp_path: Path) 
     with pytest.raises(ZssError, match=r"Class 'a', examples_to_include\[4\]") as err:
         embedder(tmp_path).embed_classes(classes)
     assert err.value.status_code == 400
+
+
+def test_a_compiled_deployments_bytes_count_its_probe() -> None:
+    texts = [torch.eye(8)[j : j + 1] for j in range(3)]
+    none = [torch.zeros(0, 8)] * 3
+    images = [torch.nn.functional.normalize(torch.eye(8)[j : j + 1] + 0.1, dim=-1).repeat(2, 1) for j in range(3)]
+    probed = compile_classifier(["a", "b", "c"], texts, none, images, none)
+    plain = compile_classifier(["a", "b", "c"], texts, none, images, none, probe_steps=0)
+    assert probed.probe is not None and plain.probe is None
+    assert tensor_bytes(probed) == tensor_bytes(plain) + 3 * 8 * 4 + 3 * 8  # [3, 8] float32 weights, [3] int64 classes
