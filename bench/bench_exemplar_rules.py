@@ -68,12 +68,13 @@ def unit(x: torch.Tensor) -> torch.Tensor:
 
 def shipped(text: bool, probe_steps: int = PROBE_STEPS) -> Rule:
     """semantic/classify.py's rule (``probe_steps`` = 0: the max rule without the probe). Exemplars [C, K, D], or
-    [C, K, V, D] with V views of each (an image and its mirror): all V * K are the class's image examples."""
+    [C, K, V, D] with V views of each (an image and its mirror, as the engine embeds them): all V * K are the class's
+    image examples, views first (engine/kinds.py)."""
 
     def rule(x: torch.Tensor, t: torch.Tensor, ex: torch.Tensor) -> torch.Tensor:
         none = torch.zeros(0, t.shape[1])
         c = len(t)
-        imgs = list(ex.reshape(c, -1, ex.shape[-1]))
+        imgs = list(ex) if ex.ndim == 3 else list(ex.transpose(1, 2).flatten(1, 2))
         clf = compile_classifier(
             NAMES, [t[j : j + 1] if text else none for j in range(c)], [none] * c, imgs, [none] * c, probe_steps
         )
@@ -254,12 +255,13 @@ def run(per_pair: int, draws: int, full: bool) -> list[tuple[str, str, str]]:
     rows: list[tuple[str, str, str]] = []
     rows.append(("max rule (before the probe): text + K", *curve(shipped(True, 0))))
     rows.append(("max rule: K images alone", *curve(shipped(False, 0))))
-    rows.append(("shipped, text-anchored probe: text + K", *curve(shipped(True))))
-    rows.append(("shipped, probe: K images alone", *curve(shipped(False))))
+    rows.append(("shipped: the exemplars and their mirrors as image examples, text + K", *curve(shipped(True), views)))
+    rows.append(("shipped (with mirrors): K images alone", *curve(shipped(False), views)))
+    rows.append(("probe without the mirrors: text + K", *curve(shipped(True))))
+    rows.append(("probe without the mirrors: K images alone", *curve(shipped(False))))
     rows.append(("max rule, text + 5: mean ± sd (range) over the draws", *spread(shipped(True, 0))))
-    rows.append(("probe, text + 5: mean ± sd (range) over the draws", *spread(shipped(True))))
-    rows.append(("probe, text + 5 + their mirrors: mean ± sd (range)", *spread(shipped(True), views)))
-    rows.append(("probe, text + K + their mirrors as more training examples", *curve(shipped(True), views)))
+    rows.append(("shipped (with mirrors), text + 5: mean ± sd (range)", *spread(shipped(True), views)))
+    rows.append(("probe without the mirrors, text + 5: mean ± sd (range)", *spread(shipped(True))))
     for steps in (10, 30, 50, 100, 300):
         for decay in (0.0, 1e-3, 1e-2, 1e-1):
             rows.append((f"probe grid: steps={steps} decay={decay:g}, text + K", *curve(probe_grid(steps, decay))))

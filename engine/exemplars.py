@@ -1,9 +1,10 @@
 """Image examples (few-shot exemplars) -> vectors through the embedding cache.
 
-A classifier's image examples are encoded by CLIP's image tower; cache namespace: the image model's id + ``image-`` +
-a hash of its preprocessing (``Preprocess.as_dict``), so the same bytes give another vector under another model or
-another resize. A detector's become OWL query embeddings (OWLv2's image-guided detection: the class embedding of the
-example image's own box chosen by ``semantic.detect.image_query_index``); namespace: the detector's id +
+A classifier's image examples are encoded by CLIP's image tower, each with its left-right mirror (one cached row: the
+two vectors side by side); cache namespace: the image model's id + ``image-`` + a hash of its preprocessing
+(``Preprocess.as_dict``) + ``-mirror``, so the same bytes give another vector under another model or another resize.
+A detector's become OWL query embeddings (OWLv2's image-guided detection: the class embedding of the example image's
+own box chosen by ``semantic.detect.image_query_index``); namespace: the detector's id +
 ``image-query-<rule version>-<input size>``. Cache key (both): the sha256 (hex) of the image's encoded
 bytes as the client gave them (base64 decoded; a URL's fetched body), so one picture sent inline or by URL shares one
 vector, and a cache hit needs no decoding. A URL example is fetched once: its vector is also kept under the URL
@@ -54,7 +55,8 @@ def example_source(example: ImageData | ImageUrl) -> ImageSource:
 
 @dataclass
 class ImageExamples:
-    """Per class, the (positive, negative) image examples' vectors [k, D], plus this lookup's cache stats."""
+    """Per class, the (positive, negative) image examples' vectors [k, views * D] (the embedder's ``views``), plus
+    this lookup's cache stats."""
 
     positives: list[np.ndarray]
     negatives: list[np.ndarray]
@@ -74,6 +76,9 @@ class ImageEmbedder:
     limits: ImageLimits
     draft_size: int = 0  # JPEG draft decoding down to this edge (what the encoder's input needs)
     on_lookup: Callable[[EmbedStats], None] | None = None
+    # Vectors per image, side by side in one cached row [views * D]: CLIP's are the image's and its left-right
+    # mirror's (a positive example's mirror is one more positive example, engine/kinds.py).
+    views: int = 1
 
     @classmethod
     def for_clip(
@@ -86,10 +91,12 @@ class ImageEmbedder:
         on_lookup: Callable[[EmbedStats], None] | None = None,
     ) -> ImageEmbedder:
         def encode(images: list[Image.Image]) -> np.ndarray:
-            return encode_pixels(np.stack([preprocess.to_pixels(im) for im in images]))
+            pixels = np.stack([preprocess.to_pixels(im) for im in images])
+            both = encode_pixels(np.concatenate([pixels, pixels[:, :, ::-1]]))  # the images, then their mirrors
+            return np.concatenate([both[: len(images)], both[len(images) :]], axis=1)
 
-        ns = namespace(model_id, f"image-{preprocess_version(preprocess)}")
-        return cls(cache, ns, encode, limits, preprocess.draft_size, on_lookup)
+        ns = namespace(model_id, f"image-{preprocess_version(preprocess)}-mirror")
+        return cls(cache, ns, encode, limits, preprocess.draft_size, on_lookup, views=2)
 
     def _decode(self, blob: bytes, where: str) -> Image.Image:
         try:
