@@ -1,15 +1,16 @@
 """Other ways to combine a class's text with its image exemplars, against the shipped rule, on the shapes CLIP.
 
 bench/bench_exemplars.py measures the shipped rule (semantic/classify.py: image cosines mapped onto the text scale,
-then the two-stage max over text and image slots) end to end. This script asks whether a rule that *accumulates*
-evidence across modalities, or reads the exemplars differently, does better on the held-out colour x shape pairs.
+then the two-stage max over text and image slots, the "max rule", plus the text-anchored probe of classes with image
+examples) end to end. This script asks whether a rule that *accumulates* evidence across modalities, reads the
+exemplars differently or learns from them, does better on the held-out colour x shape pairs.
 The same images and exemplar draws as bench_exemplars (its seeds and ``drawn``), embedded once by the shipped model;
-the rules are then plain tensor math on those embeddings, every row the mean over the same 5 exemplar draws.
-Accuracy on the held-out pairs / on all 18 pairs, in %.
+the rules are then plain tensor math on those embeddings, every row the mean over the same exemplar draws (5, or
+``--draws``). Accuracy on the held-out pairs / on all 18 pairs, in %.
 
 Rules (v an image, t_j class j's text, e_jk its K exemplars; cosines of L2-normalised embeddings):
 
-- shipped: max(cos(v, t_j), map(max_k cos(v, e_jk))), map = the deploy-time calibration; "images alone": the max
+- max rule: max(cos(v, t_j), map(max_k cos(v, e_jk))), map = the deploy-time calibration; "images alone": the max
   image cosine;
 - Tip-Adapter (training-free): d(v, t_j) + alpha * mean_k exp(-beta * (1 - cos(v, e_jk))), d = (1 + cos) / 2 (the
   paper's sum over the cache is K times this mean, so its alpha is alpha / K here); a grid of alpha and beta;
@@ -19,14 +20,18 @@ Rules (v an image, t_j class j's text, e_jk its K exemplars; cosines of L2-norma
   exemplars' mean; shared-covariance discriminant (LDA) and nearest exemplar in the whitened space (covariance from
   the exemplars, shrunk towards a multiple of the identity by lambda);
 - leave-one-out text gate: at deploy time each class's text is dropped when that improves the leave-one-out
-  accuracy of the deployment's own exemplars under the shipped rule (training-free, per deployment);
+  accuracy of the deployment's own exemplars under the max rule (training-free, per deployment);
 - contradicted-text gate: a class's text is dropped when, alone, it claims an exemplar of another class;
 - mirrored exemplars: each exemplar's vector is the normalised mean of the embeddings of the image and its
-  left-right mirror (Tip-Adapter builds its cache from augmented views likewise), with the shipped rule and alone.
+  left-right mirror (Tip-Adapter builds its cache from augmented views likewise), with the max rule and alone;
+- the text-anchored linear probe (shipped; semantic/classify.py ``fit_probe``): against the max rule (the rule before
+  it, ``probe_steps=0``), its spread over the draws, with each exemplar's mirror as one more training example, and a
+  sensitivity grid (steps, decay, temperature, centring, a nearest-exemplar term). ``--probe-only``: these rows only.
 
 Reproduce::
 
     .venv/bin/python -m bench.bench_exemplar_rules --per-pair 40
+    .venv/bin/python -m bench.bench_exemplar_rules --per-pair 100 --draws 10 --probe-only
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.bench_exemplars import EXEMPLAR_DRAWS, EXEMPLAR_SEED, TEST_SEED, Scorer, drawn, labelled_images  # noqa: E402
-from semantic.classify import compile_classifier, raw_scores  # noqa: E402
+from semantic.classify import PROBE_DECAY, PROBE_STEPS, compile_classifier, fit_probe, raw_scores  # noqa: E402
 from tools.shapes import ALL_COMBOS, HELD_OUT  # noqa: E402
 
 SHOTS = (1, 2, 5, 10)
@@ -61,14 +66,36 @@ def unit(x: torch.Tensor) -> torch.Tensor:
     return x / x.norm(dim=-1, keepdim=True)
 
 
-def shipped(text: bool) -> Rule:
+def shipped(text: bool, probe_steps: int = PROBE_STEPS) -> Rule:
+    """semantic/classify.py's rule (``probe_steps`` = 0: the max rule without the probe). Exemplars [C, K, D], or
+    [C, K, V, D] with V views of each (an image and its mirror, as the engine embeds them): all V * K are the class's
+    image examples, views first (engine/kinds.py)."""
+
     def rule(x: torch.Tensor, t: torch.Tensor, ex: torch.Tensor) -> torch.Tensor:
         none = torch.zeros(0, t.shape[1])
         c = len(t)
+        imgs = list(ex) if ex.ndim == 3 else list(ex.transpose(1, 2).flatten(1, 2))
         clf = compile_classifier(
-            NAMES, [t[j : j + 1] if text else none for j in range(c)], [none] * c, list(ex), [none] * c
+            NAMES, [t[j : j + 1] if text else none for j in range(c)], [none] * c, imgs, [none] * c, probe_steps
         )
         return raw_scores(x, clf)
+
+    return rule
+
+
+def probe_grid(
+    steps: int = PROBE_STEPS, decay: float = PROBE_DECAY, temperature: float = 0.07, centre: bool = False, nn: float = 0
+) -> Rule:
+    """The text-anchored probe alone (every class trainable), other settings: a sensitivity grid. ``centre``: the
+    embeddings centred on the exemplars' mean; ``nn``: that times the nearest exemplar's cosine added to the logit."""
+
+    def rule(x: torch.Tensor, t: torch.Tensor, ex: torch.Tensor) -> torch.Tensor:
+        c, k, dim = ex.shape
+        xs, ys = ex.reshape(-1, dim), torch.arange(c).repeat_interleave(k)
+        mu = xs.mean(0) if centre else torch.zeros(dim)
+        fixed = torch.zeros(len(xs), c)
+        w = fit_probe(t, torch.arange(c), xs - mu, ys, fixed, steps=steps, decay=decay, temperature=temperature)
+        return (x - mu) @ w.T + nn * image_cos(x, ex).amax(-1)
 
     return rule
 
@@ -130,10 +157,10 @@ def whitened_nn(lam: float) -> Rule:
 
 
 def loo_text_gate(x: torch.Tensor, t: torch.Tensor, ex: torch.Tensor) -> torch.Tensor:
-    """Shipped rule, minus the texts whose removal improves the exemplars' leave-one-out accuracy."""
+    """Max rule, minus the texts whose removal improves the exemplars' leave-one-out accuracy."""
     c, k, dim = ex.shape
     if k < 2:
-        return shipped(True)(x, t, ex)
+        return shipped(True, 0)(x, t, ex)
     none = torch.zeros(0, dim)
 
     def loo_correct(keep: list[bool]) -> int:
@@ -142,7 +169,7 @@ def loo_text_gate(x: torch.Tensor, t: torch.Tensor, ex: torch.Tensor) -> torch.T
             for i in range(k):
                 rest = [torch.cat([ex[j, :i], ex[j, i + 1 :]]) if m == j else ex[m] for m in range(c)]
                 clf = compile_classifier(
-                    NAMES, [t[m : m + 1] if keep[m] else none for m in range(c)], [none] * c, rest, [none] * c
+                    NAMES, [t[m : m + 1] if keep[m] else none for m in range(c)], [none] * c, rest, [none] * c, 0
                 )
                 right += int(raw_scores(ex[j, i : i + 1], clf).argmax()) == j
         return right
@@ -150,13 +177,13 @@ def loo_text_gate(x: torch.Tensor, t: torch.Tensor, ex: torch.Tensor) -> torch.T
     base = loo_correct([True] * c)
     keep = [loo_correct([m != j for m in range(c)]) <= base for j in range(c)]
     clf = compile_classifier(
-        NAMES, [t[m : m + 1] if keep[m] else none for m in range(c)], [none] * c, list(ex), [none] * c
+        NAMES, [t[m : m + 1] if keep[m] else none for m in range(c)], [none] * c, list(ex), [none] * c, 0
     )
     return raw_scores(x, clf)
 
 
 def steal_text_gate(x: torch.Tensor, t: torch.Tensor, ex: torch.Tensor) -> torch.Tensor:
-    """Shipped rule, minus the texts that, alone, claim an exemplar of another class (a text the deployment's own
+    """Max rule, minus the texts that, alone, claim an exemplar of another class (a text the deployment's own
     labelled images contradict)."""
     c, k, dim = ex.shape
     truth = torch.arange(c).repeat_interleave(k)
@@ -164,7 +191,7 @@ def steal_text_gate(x: torch.Tensor, t: torch.Tensor, ex: torch.Tensor) -> torch
     keep = torch.bincount(claimed[claimed != truth], minlength=c) == 0
     none = torch.zeros(0, dim)
     clf = compile_classifier(
-        NAMES, [t[m : m + 1] if keep[m] else none for m in range(c)], [none] * c, list(ex), [none] * c
+        NAMES, [t[m : m + 1] if keep[m] else none for m in range(c)], [none] * c, list(ex), [none] * c, 0
     )
     return raw_scores(x, clf)
 
@@ -173,7 +200,7 @@ def mirror(img: Image.Image) -> Image.Image:
     return img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
 
 
-def run(per_pair: int) -> list[tuple[str, str, str]]:
+def run(per_pair: int, draws: int, full: bool) -> list[tuple[str, str, str]]:
     with tempfile.TemporaryDirectory() as tmp:
         sc = Scorer.build(Path(tmp))
         from engine.configs import DeployClassifierRequest
@@ -194,14 +221,15 @@ def run(per_pair: int) -> list[tuple[str, str, str]]:
             "held": (torch.from_numpy(sc.embed(held_img)), torch.tensor([NAMES.index(n) for n in held_truth])),
             "all": (torch.from_numpy(sc.embed(all_img)), torch.tensor([NAMES.index(n) for n in all_truth])),
         }
-        plain, mirrored = [], []
+        plain, mirrored, views = [], [], []
         k_max = max(SHOTS)
-        for draw_k in range(EXEMPLAR_DRAWS):
+        for draw_k in range(draws):
             imgs = [im for c, s in ALL_COMBOS for im in drawn(c, s, k_max, EXEMPLAR_SEED + 100 * draw_k)]
             e = torch.from_numpy(sc.embed(imgs)).reshape(len(ALL_COMBOS), k_max, -1)
             m = torch.from_numpy(sc.embed([mirror(im) for im in imgs])).reshape(e.shape)
             plain.append(e)
             mirrored.append(unit(e + m))
+            views.append(torch.stack([e, m], dim=2))
         sc.engine.close()
 
     def acc(rule: Rule, k: int, which: str, draws: Sequence[torch.Tensor]) -> float:
@@ -215,42 +243,54 @@ def run(per_pair: int) -> list[tuple[str, str, str]]:
         every = " / ".join(f"{acc(rule, k, 'all', draws):.1f}" for k in shots)
         return held, every
 
+    def spread(rule: Rule, draws: Sequence[torch.Tensor] = plain, k: int = 5) -> tuple[str, str]:
+        """Mean, standard deviation and range over the draws, at K = k."""
+        out = []
+        for which in ("held", "all"):
+            x, y = sets[which]
+            a = [100.0 * float((rule(x, texts, ex[:, :k]).argmax(1) == y).float().mean()) for ex in draws]
+            out.append(f"{np.mean(a):.1f} ± {np.std(a):.1f} ({min(a):.1f}-{max(a):.1f})")
+        return out[0], out[1]
+
     rows: list[tuple[str, str, str]] = []
-    rows.append(("shipped: text + K (max of text and mapped image)", *curve(shipped(True))))
-    rows.append(("shipped: K images alone", *curve(shipped(False))))
-    for beta in (1.0, 5.5, 20.0):
-        for alpha in (0.3, 1.0, 3.0, 10.0):
-            rows.append((f"Tip-Adapter alpha={alpha:g} beta={beta:g}", *curve(tip_adapter(alpha, beta))))
-    for top in (1, 3):
-        for gamma in (1.0, 2.0, 4.0, 10.0):
-            rows.append(
-                (
-                    f"linear cos_text + {gamma:g} x {'max' if top == 1 else 'top-3 mean'} image cos",
-                    *curve(linear(gamma, top)),
-                )
-            )
-    rows.append(("prototype (class mean), images alone", *curve(prototype)))
-    rows.append(("nearest exemplar after centring, images alone", *curve(centred)))
-    for lam in (0.1, 0.4, 0.7):
-        rows.append((f"LDA lambda={lam:g}, images alone", *curve(lda(lam), shots=(2, 5, 10))))
+    rows.append(("max rule (before the probe): text + K", *curve(shipped(True, 0))))
+    rows.append(("max rule: K images alone", *curve(shipped(False, 0))))
+    rows.append(("shipped: the exemplars and their mirrors as image examples, text + K", *curve(shipped(True), views)))
+    rows.append(("shipped (with mirrors): K images alone", *curve(shipped(False), views)))
+    rows.append(("probe without the mirrors: text + K", *curve(shipped(True))))
+    rows.append(("probe without the mirrors: K images alone", *curve(shipped(False))))
+    rows.append(("max rule, text + 5: mean ± sd (range) over the draws", *spread(shipped(True, 0))))
+    rows.append(("shipped (with mirrors), text + 5: mean ± sd (range)", *spread(shipped(True), views)))
+    rows.append(("probe without the mirrors, text + 5: mean ± sd (range)", *spread(shipped(True))))
+    for steps in (10, 30, 50, 100, 300):
+        for decay in (0.0, 1e-3, 1e-2, 1e-1):
+            rows.append((f"probe grid: steps={steps} decay={decay:g}, text + K", *curve(probe_grid(steps, decay))))
+    for temperature in (0.03, 0.15):
         rows.append(
-            (f"whitened nearest exemplar lambda={lam:g}, images alone", *curve(whitened_nn(lam), shots=(2, 5, 10)))
+            (f"probe, temperature {temperature:g}, text + 5", *curve(probe_grid(temperature=temperature), shots=(5,)))
         )
-    rows.append(("leave-one-out text gate + shipped rule (K = 2, 5)", *curve(loo_text_gate, shots=(2, 5))))
-    rows.append(("contradicted-text gate + shipped rule", *curve(steal_text_gate)))
-    rows.append(("mirrored exemplars: text + K, shipped rule", *curve(shipped(True), mirrored)))
-    rows.append(("mirrored exemplars: K images alone", *curve(shipped(False), mirrored)))
+    rows.append(
+        ("probe on embeddings centred on the exemplars' mean, text + 5", *curve(probe_grid(centre=True), shots=(5,)))
+    )
+    for nn in (0.5, 1.0, 2.0):
+        rows.append(
+            (f"probe logit + {nn:g} x nearest exemplar's cosine, text + 5", *curve(probe_grid(nn=nn), shots=(5,)))
+        )
+    if not full:
+        return rows
     return rows
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--per-pair", type=int, default=40, help="test images per colour/shape pair")
+    ap.add_argument("--draws", type=int, default=EXEMPLAR_DRAWS, help="independent draws of the exemplars")
+    ap.add_argument("--probe-only", action="store_true", help="only the max-rule and probe rows (not the older rules)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    rows = run(args.per_pair)
+    rows = run(args.per_pair, args.draws, not args.probe_only)
     print("| rule | held-out pairs, K = 1 / 2 / 5 / 10 (or as named) | all 18 pairs |\n|---|---:|---:|")
     for name, held, every in rows:
         print(f"| {name} | {held} | {every} |")

@@ -1,14 +1,16 @@
 """Image examples (few-shot exemplars) -> vectors through the embedding cache.
 
-A classifier's image examples are encoded by CLIP's image tower; cache namespace: the image model's id + ``image-`` +
-a hash of its preprocessing (``Preprocess.as_dict``), so the same bytes give another vector under another model or
-another resize. A detector's become OWL query embeddings (OWLv2's image-guided detection: the class embedding of the
-example image's own box chosen by ``semantic.detect.image_query_index``); namespace: the detector's id +
+A classifier's image examples are encoded by CLIP's image tower, each with its left-right mirror (one cached row: the
+two vectors side by side); cache namespace: the image model's id + ``image-`` + a hash of its preprocessing
+(``Preprocess.as_dict``) + ``-mirror``, so the same bytes give another vector under another model or another resize.
+A detector's become OWL query embeddings (OWLv2's image-guided detection: the class embedding of the example image's
+own box chosen by ``semantic.detect.image_query_index``); namespace: the detector's id +
 ``image-query-<rule version>-<input size>``. Cache key (both): the sha256 (hex) of the image's encoded
 bytes as the client gave them (base64 decoded; a URL's fetched body), so one picture sent inline or by URL shares one
 vector, and a cache hit needs no decoding. A URL example is fetched once: its vector is also kept under the URL
 itself (namespace + ``|url``), so later deploys and recompiles (another worker, an eviction from the compiled cache)
-never fetch again; to change the picture, send it inline or under a new URL. The store is any
+never fetch again; to change the picture, send it inline or under a new URL. A deployment's URL examples are fetched
+up to URL_FETCHES at once. The store is any
 :class:`cache.interfaces.VectorStore` (namespace + string key), the one the texts use.
 """
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,6 +36,7 @@ from imaging.sources import ImageLimits, ImageSource, source_bytes
 
 PixelsFn = Callable[[np.ndarray], np.ndarray]  # uint8 [N, H, W, 3] -> L2-normalised float32 [N, D]
 IMAGE_BATCH = 64  # images per encoder call
+URL_FETCHES = 8  # URL examples fetched at once at deploy time
 
 
 def preprocess_version(pre: Preprocess) -> str:
@@ -51,7 +55,8 @@ def example_source(example: ImageData | ImageUrl) -> ImageSource:
 
 @dataclass
 class ImageExamples:
-    """Per class, the (positive, negative) image examples' vectors [k, D], plus this lookup's cache stats."""
+    """Per class, the (positive, negative) image examples' vectors [k, views * D] (the embedder's ``views``), plus
+    this lookup's cache stats."""
 
     positives: list[np.ndarray]
     negatives: list[np.ndarray]
@@ -71,6 +76,9 @@ class ImageEmbedder:
     limits: ImageLimits
     draft_size: int = 0  # JPEG draft decoding down to this edge (what the encoder's input needs)
     on_lookup: Callable[[EmbedStats], None] | None = None
+    # Vectors per image, side by side in one cached row [views * D]: CLIP's are the image's and its left-right
+    # mirror's (a positive example's mirror is one more positive example, engine/kinds.py).
+    views: int = 1
 
     @classmethod
     def for_clip(
@@ -83,10 +91,12 @@ class ImageEmbedder:
         on_lookup: Callable[[EmbedStats], None] | None = None,
     ) -> ImageEmbedder:
         def encode(images: list[Image.Image]) -> np.ndarray:
-            return encode_pixels(np.stack([preprocess.to_pixels(im) for im in images]))
+            pixels = np.stack([preprocess.to_pixels(im) for im in images])
+            both = encode_pixels(np.concatenate([pixels, pixels[:, :, ::-1]]))  # the images, then their mirrors
+            return np.concatenate([both[: len(images)], both[len(images) :]], axis=1)
 
-        ns = namespace(model_id, f"image-{preprocess_version(preprocess)}")
-        return cls(cache, ns, encode, limits, preprocess.draft_size, on_lookup)
+        ns = namespace(model_id, f"image-{preprocess_version(preprocess)}-mirror")
+        return cls(cache, ns, encode, limits, preprocess.draft_size, on_lookup, views=2)
 
     def _decode(self, blob: bytes, where: str) -> Image.Image:
         try:
@@ -125,7 +135,15 @@ class ImageEmbedder:
         remote host again."""
 
         def fetch(todo: list[str]) -> np.ndarray:
-            blobs = [self._source_bytes(ImageUrl(url=u), where[u]) for u in todo]
+            # Up to URL_FETCHES at once (each through the SSRF-safe fetcher with its limits); the first URL in order
+            # that fails is the error, and the fetches not yet started are dropped.
+            with ThreadPoolExecutor(max_workers=min(URL_FETCHES, len(todo)), thread_name_prefix="zss-fetch") as pool:
+                futures = [pool.submit(self._source_bytes, ImageUrl(url=u), where[u]) for u in todo]
+                try:
+                    blobs = [f.result() for f in futures]
+                except BaseException:
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    raise
             return self.embed(blobs, [where[u] for u in todo])[0]
 
         return self.cache.get_or_encode(f"{self.namespace}|url", urls, fetch)[0]

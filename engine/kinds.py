@@ -64,6 +64,7 @@ def tensor_bytes(compiled: CompiledClassifier | CompiledDetector) -> int:
     """Memory a compiled deployment holds (what the compiled-deployment cache is bounded by)."""
     clf = compiled.examples if isinstance(compiled, CompiledDetector) else compiled
     tensors = [clf.examples, clf.example_class, clf.example_positive, clf.example_slot]
+    tensors += [t for t in (clf.probe, clf.probe_class) if t is not None]
     if isinstance(compiled, CompiledDetector):
         tensors.append(compiled.thresholds)
     return sum(t.element_size() * t.nelement() for t in tensors)
@@ -104,7 +105,11 @@ def compile_examples(
         return [torch.from_numpy(np.ascontiguousarray(b, np.float32)).reshape(-1, dim) for b in blocks]
 
     img_pos, img_neg = tensors(found.positives), tensors(found.negatives)
-    dim = img_pos[0].shape[1]
+    # Several views per image (CLIP's: the image and its left-right mirror): each view of a positive image example is
+    # one more positive image example (the mirror is as much that class); a negative keeps its own view only.
+    dim = img_pos[0].shape[1] // images.views
+    img_pos = [p.reshape(-1, images.views, dim).transpose(0, 1).reshape(-1, dim) for p in img_pos]
+    img_neg = [n[:, :dim] for n in img_neg]
     if texts and emb.shape[1] != dim:
         raise Invalid(f"The text encoder's vectors ({emb.shape[1]}) and the image encoder's ({dim}) differ in size.")
     fix = [p if p.shape[0] else torch.zeros(0, dim) for p in positives]

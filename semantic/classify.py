@@ -21,11 +21,24 @@ matches in both modalities, the unrelated pairs' spreads are matched (a z-score)
 The mapped cosine then takes part in the same rule (the most relevant example decides, a negative vetoes), so a class
 with text examples only scores exactly as before, and a deployment of image examples only uses plain image cosines.
 The map is monotone, so it too is applied to the slot maxima only.
+
+A class with positive image examples then gets a *text-anchored linear probe* (:func:`fit_probe`), learnt at deploy
+time from the deployment's own positive image examples: one weight vector per such class, initialised at the
+normalised mean of its positive text examples (of its positive image examples when it has no text), and trained by
+full-batch gradient descent on the softmax cross-entropy of the image examples (logits cos / TEMPERATURE) with a weak
+L2 pull back to that start, for a fixed number of steps (deterministic, a few ms). Classes without image examples
+take part in the softmax with their fixed scores under the rule above and are not changed. Vetoes are decided
+exactly as without the probe (the class's most relevant example, text or mapped image, is a negative); where none
+fires, the class's positive evidence is the higher of the probe's score clamp(v . w, -1, 1) and its best mapped image
+example, as d = (1 + that) / 2: the probe stands in for the class's texts, and an image example still counts in full
+(an image identical to one is as strongly that class as without the probe). The probe learns from every class's
+examples at once, so directions that tell shapes apart in the seen classes help the held-out ones, where the text
+alone is confidently wrong and the nearest exemplar alone confuses same-coloured shapes (BENCHMARKS.md, issue 17).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -38,6 +51,16 @@ TEXT_PRIOR = (0.0, 0.25)  # (mean, std) of unrelated image-text cosines
 IMAGE_PRIOR = (0.5, 0.2)  # (mean, std) of unrelated image-image cosines
 PRIOR_WEIGHT = 4.0
 IDENTITY = (1.0, 0.0)
+
+# The text-anchored probe (fit_probe). Chosen a priori (fit the exemplars from the text; a weak pull towards it); the
+# seen colour x shape pairs cannot tell the settings near these apart, and BENCHMARKS.md has the held-out sensitivity.
+PROBE_STEPS = 50
+PROBE_LR = 1.0
+PROBE_DECAY = 1e-3
+# Bound on a probe's work per step (trainable classes x training examples x dimensions): about a second at this size
+# on two CPU cores. A larger deployment keeps the max rule rather than stall its compile (or a recompile after the
+# compiled cache dropped it) for minutes.
+PROBE_MAX_WORK = 2.5e8
 
 
 @dataclass(frozen=True)
@@ -56,6 +79,10 @@ class CompiledClassifier:
     has_images: bool = False
     # Open set: (label, threshold on the best class's raw score), or None.
     open_set: tuple[str, float] | None = None
+    # Text-anchored probe: [P, D] weight vectors (not normalised) and [P] the class each replaces the positive
+    # evidence of; None without positive image examples (or when compiled with probe_steps=0).
+    probe: torch.Tensor | None = None
+    probe_class: torch.Tensor | None = None
 
     @property
     def n_classes(self) -> int:
@@ -124,15 +151,82 @@ def image_calibration(examples: torch.Tensor, slot: torch.Tensor, is_image: torc
     return scale, mu_t - scale * mu_i
 
 
+def fit_probe(
+    init: torch.Tensor,
+    probe_class: torch.Tensor,
+    xs: torch.Tensor,
+    ys: torch.Tensor,
+    fixed: torch.Tensor,
+    steps: int = PROBE_STEPS,
+    lr: float = PROBE_LR,
+    decay: float = PROBE_DECAY,
+    temperature: float = TEMPERATURE,
+) -> torch.Tensor:
+    """Text-anchored linear probe: -> [P, D] weights, one per trainable class, from ``init`` [P, D].
+
+    ``xs`` [N, D] are training embeddings of classes ``ys`` [N] (class indices); ``fixed`` [N, C] their cosine-scale
+    scores under the fixed rule for every class (columns of trainable classes are ignored). Minimises the mean softmax
+    cross-entropy of logits / temperature, where trainable class ``probe_class[p]``'s logit is xs . w_p and every
+    other class's is its fixed score, plus ``decay`` * ||W - init||^2, by ``steps`` full-batch projected gradient
+    steps of size ``lr``: each w stays in the unit ball (||w|| <= 1), so xs . w is at most 1, reached only by x = w,
+    and a probe never outscores an exact image match; a step that would raise the loss is not taken and the step size
+    halves (so the loss never rises, whatever the embeddings' scale). ``init`` rows should be unit vectors (or
+    shorter). Deterministic: no randomness.
+    """
+    start = init.to(torch.float32)
+    x = xs.to(torch.float32)
+    rows = torch.arange(len(ys))
+    base = fixed.to(torch.float32).clone()
+
+    def loss_and_grad(w: torch.Tensor) -> tuple[float, torch.Tensor]:
+        logits = base.index_copy(1, probe_class, x @ w.T).div_(temperature)
+        logp = torch.log_softmax(logits, dim=1)
+        loss = float(-logp[rows, ys].mean()) + decay * float(((w - start) ** 2).sum())
+        dlogits = logp.exp_()
+        dlogits[rows, ys] -= 1.0
+        grad = dlogits[:, probe_class].T @ x / (temperature * len(x)) + 2.0 * decay * (w - start)
+        return loss, grad
+
+    w = start.clone()
+    loss, grad = loss_and_grad(w)
+    for _ in range(steps):
+        trial = w - lr * grad
+        trial = trial / trial.norm(dim=1, keepdim=True).clamp(min=1.0)  # back into the unit ball
+        trial_loss, trial_grad = loss_and_grad(trial)
+        if trial_loss <= loss:
+            w, loss, grad = trial, trial_loss, trial_grad
+        else:
+            lr /= 2.0
+    return w
+
+
+def _with_probe(clf: CompiledClassifier, is_image: torch.Tensor, steps: int, temperature: float) -> CompiledClassifier:
+    """``clf`` plus a probe for every class with positive image examples, trained on those examples."""
+    train = is_image & clf.example_positive
+    xs, ys = clf.examples[train], clf.example_class[train]
+    classes = torch.unique(ys)  # sorted
+    text_pos = ~is_image & clf.example_positive
+    init = []
+    for j in classes.tolist():
+        own_text = text_pos & (clf.example_class == j)
+        src = clf.examples[own_text] if bool(own_text.any()) else xs[ys == j]
+        init.append(torch.nn.functional.normalize(src.mean(0), dim=0))
+    fixed = raw_scores(xs, clf).mul(2.0).sub(1.0)  # the rule's scores on the cosine scale
+    w = fit_probe(torch.stack(init), classes, xs, ys, fixed, steps=steps, temperature=temperature)
+    return replace(clf, probe=w.contiguous(), probe_class=classes)
+
+
 def compile_classifier(
     class_names: list[str],
     positives: list[torch.Tensor],
     negatives: list[torch.Tensor],
     image_positives: list[torch.Tensor] | None = None,
     image_negatives: list[torch.Tensor] | None = None,
+    probe_steps: int = PROBE_STEPS,
 ) -> CompiledClassifier:
     """Flatten per-class positive [P_j, D] and negative [N_j, D] example embeddings (texts), and optionally image
-    examples' embeddings in the same form, into one matrix; a class needs at least one positive of either kind."""
+    examples' embeddings in the same form, into one matrix; a class needs at least one positive of either kind.
+    Classes with positive image examples get the text-anchored probe (``probe_steps`` = 0: none, the max rule)."""
     if not class_names:
         raise ValueError("Class list is empty.")
     n = len(class_names)
@@ -166,7 +260,7 @@ def compile_classifier(
     examples = torch.cat(blocks).contiguous()
     base_slot = example_slots(example_class, example_positive, n)
     has_images = bool(example_image.any())
-    return CompiledClassifier(
+    clf = CompiledClassifier(
         class_names=tuple(class_names),
         examples=examples,
         example_class=example_class,
@@ -175,6 +269,12 @@ def compile_classifier(
         image_map=image_calibration(examples, base_slot, example_image) if has_images else IDENTITY,
         has_images=has_images,
     )
+    train = example_image & example_positive
+    if probe_steps > 0 and bool(train.any()):
+        work = int(train.sum()) * len(torch.unique(example_class[train])) * dim
+        if work <= PROBE_MAX_WORK:
+            clf = _with_probe(clf, example_image, probe_steps, TEMPERATURE)
+    return clf
 
 
 def relevance(image_embeddings: torch.Tensor, example_embeddings: torch.Tensor) -> torch.Tensor:
@@ -188,15 +288,24 @@ def raw_scores(image_embeddings: torch.Tensor, clf: CompiledClassifier) -> torch
     cos_t = clf.examples @ image_embeddings.to(torch.float32).T
     c = clf.n_classes
     best = slot_max(cos_t, clf.example_slot, clf.n_slots)
+    image_pos: torch.Tensor | None = None
     if clf.has_images:  # image slots onto the text scale (monotone, so on the maxima), then the max of both
         scale, shift = clf.image_map
         img = best[2 * c :]
-        mapped = img.mul(scale).add_(shift).clamp_(-1.0, 1.0)
-        best = torch.maximum(best[: 2 * c], torch.where(torch.isinf(img), img, mapped))
+        mapped = torch.where(torch.isinf(img), img, img.mul(scale).add_(shift).clamp_(-1.0, 1.0))
+        image_pos = mapped[:c]
+        best = torch.maximum(best[: 2 * c], mapped)
     d = best.add_(1.0).div_(2.0).T  # [B, 2C]; a slot without examples stays -inf
     best_pos, best_neg = d[:, :c], d[:, c:]
     # Ties go to the positive example; a class without negatives has best_neg = -inf.
-    return torch.where(best_pos >= best_neg, best_pos, 1.0 - best_neg)
+    keep = best_pos >= best_neg
+    if clf.probe is not None and clf.probe_class is not None and image_pos is not None:
+        # The veto is decided as above; where none fires, these classes' positive evidence is the probe's score or
+        # their best (mapped) image example, whichever is higher: the probe stands in for their texts.
+        probed = (image_embeddings.to(torch.float32) @ clf.probe.T).clamp_(-1.0, 1.0)
+        probed = torch.maximum(probed, image_pos[clf.probe_class].T).add_(1.0).div_(2.0)
+        best_pos = best_pos.index_copy(1, clf.probe_class, probed)
+    return torch.where(keep, best_pos, 1.0 - best_neg)
 
 
 def rejected(raw: torch.Tensor, threshold: float) -> torch.Tensor:

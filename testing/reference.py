@@ -7,7 +7,7 @@ detection rule from the model's raw per-box outputs, IoU and greedy NMS).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 
@@ -30,13 +30,16 @@ def reference_raw_mixed(
     image: Any,
     classes: Sequence[tuple[Sequence[Any], Sequence[Any], Sequence[Any], Sequence[Any]]],
     image_map: tuple[float, float],
+    probe: Mapping[int, Any] | None = None,
 ) -> list[float]:
     """The same rule with image examples: per class (text positives, text negatives, image positives, image
     negatives); an image example's cosine is first mapped onto the text scale, cos' = clamp(scale * cos + shift,
-    -1, 1), then every example competes as a text example does."""
+    -1, 1), then every example competes as a text example does. ``probe``: class index -> probe weight vector w; where
+    such a class is not vetoed, its score is (1 + max(clamp(image . w, -1, 1), its best mapped image example)) / 2
+    instead (its texts no longer count)."""
     scale, shift = image_map
     out = []
-    for pos, neg, ipos, ineg in classes:
+    for j, (pos, neg, ipos, ineg) in enumerate(classes):
         best, best_is_pos = -math.inf, True
         for vecs, is_pos, is_img in ((pos, True, False), (neg, False, False), (ipos, True, True), (ineg, False, True)):
             for v in vecs:
@@ -46,6 +49,11 @@ def reference_raw_mixed(
                 d = (1 + cos) / 2
                 if d > best or (d == best and is_pos):
                     best, best_is_pos = d, is_pos
+        if best_is_pos and probe is not None and j in probe:  # not vetoed: the probe or the best image example
+            cos = min(1.0, max(-1.0, float(image @ probe[j])))
+            for v in ipos:
+                cos = max(cos, min(1.0, max(-1.0, scale * float(image @ v) + shift)))
+            best = (1 + cos) / 2
         out.append(best if best_is_pos else 1 - best)
     return out
 

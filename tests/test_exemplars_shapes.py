@@ -1,6 +1,6 @@
 """Image exemplars, negative image examples and the open set through `bentoml serve`, with the project's own trained
 shapes CLIP (models/shapes-clip). The bodies are bench/bench_exemplars.py's (BENCHMARKS.md has its numbers on more
-images); the veto and open-set tests assert the product goals themselves, the few-shot test the measured gain.
+images); the tests assert the product goals themselves.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from PIL import Image
 
 from bench.bench_exemplars import (
     CALIBRATION_SEED,
+    EXEMPLAR_DRAWS,
+    EXEMPLAR_SEED,
     TARGET_FRR,
     TEST_SEED,
     drawn,
@@ -57,12 +59,19 @@ def accuracy(results: list[dict[str, Any]], truth: list[str]) -> float:
     return float(np.mean([r["pred"] == t for r, t in zip(results, truth)]))
 
 
-def test_image_exemplars_raise_accuracy_on_held_out_pairs(server: Server) -> None:
-    images, truth = labelled_images(sorted(HELD_OUT), 20, TEST_SEED)
+def test_five_image_exemplars_reach_90_percent_on_held_out_pairs(server: Server) -> None:
+    # Issue 17's goal: the held-out colour x shape pairs (never drawn in training) with each class's text + 5 image
+    # exemplars, >= 90% held-out accuracy. Mean over bench_exemplars' 5 exemplar draws on 300 held-out images (1500
+    # classifications): measured 67.7% zero-shot -> 92.6% (draws 88.7-94.3%); the max rule before the probe gave 88.2%
+    # on the same images and 10 draws (BENCHMARKS.md). Deterministic (fixed seeds).
+    images, truth = labelled_images(sorted(HELD_OUT), 100, TEST_SEED)
     zero = accuracy(classify(server, deploy(server, few_shot_body(0)), images), truth)
-    five = accuracy(classify(server, deploy(server, few_shot_body(5)), images), truth)
-    # Measured on these 60 images: 68% -> 85%; BENCHMARKS.md has the curve (and why 90% is out of this model's reach).
-    assert five >= zero + 0.1, (zero, five)
+    five = [
+        accuracy(classify(server, deploy(server, few_shot_body(5, seed=EXEMPLAR_SEED + 100 * d)), images), truth)
+        for d in range(EXEMPLAR_DRAWS)
+    ]
+    assert float(np.mean(five)) >= 0.9, (zero, five)
+    assert float(np.mean(five)) >= zero + 0.2, (zero, five)
 
 
 def test_one_negative_image_turns_away_its_look_alikes(server: Server) -> None:

@@ -54,7 +54,7 @@ from engine.pipelines import Engine
 from errors import ZssError
 from runners.clip import ClipEncoder, load_clip_encoder
 from runners.device import configure_threads
-from semantic.classify import CompiledClassifier, raw_scores
+from semantic.classify import CompiledClassifier, raw_scores, rejected
 from settings import Settings, get_settings
 from tools.image_files import Loaded, list_images, list_inputs, load_pixels, read_bytes
 
@@ -275,30 +275,50 @@ def _embed_labelled(
     return embs.astype(np.float32, copy=False), [label for _, label in kept], errors
 
 
-def metrics(truth: list[str], ranked: list[list[str]], names: Sequence[str]) -> dict[str, Any]:
-    """Top-1 / top-5 accuracy, per-class precision and recall, and the confusion matrix (rows = truth)."""
+def metrics(
+    truth: list[str], ranked: list[list[str]], names: Sequence[str], rejected: Sequence[bool] | None = None
+) -> dict[str, Any]:
+    """Top-1 / top-5 accuracy, per-class precision and recall, and the confusion matrix (rows = truth).
+
+    ``rejected``: the open set's verdict per image (a config with ``open_set``). A rejected image's prediction is the
+    open set's label, never its class, so it counts as wrong in top-1 and as a miss in its class's recall, and it is
+    in no cell of the confusion matrix (its ``rejected`` count is per class); top-5 is the ranking of the classes,
+    which the open set does not change. ``top1_kept`` is the accuracy on the images that were not rejected.
+    """
     n = len(truth)
+    rej = list(rejected) if rejected is not None else [False] * n
     idx = {c: i for i, c in enumerate(names)}
     conf = np.zeros((len(names), len(names)), dtype=np.int64)
-    for t, r in zip(truth, ranked):
+    rejected_of = np.zeros(len(names), dtype=np.int64)
+    for t, r, x in zip(truth, ranked, rej):
         if t in idx:
-            conf[idx[t], idx[r[0]]] += 1
+            if x:
+                rejected_of[idx[t]] += 1
+            else:
+                conf[idx[t], idx[r[0]]] += 1
     per_class = {}
     for c, i in idx.items():
-        tp, predicted, actual = conf[i, i], conf[:, i].sum(), conf[i, :].sum()
+        tp, predicted, actual = conf[i, i], conf[:, i].sum(), conf[i, :].sum() + rejected_of[i]
         per_class[c] = {
             "precision": float(tp / predicted) if predicted else None,
             "recall": float(tp / actual) if actual else None,
             "support": int(actual),
         }
-    return {
+        if rejected is not None:
+            per_class[c]["rejected"] = int(rejected_of[i])
+    out: dict[str, Any] = {
         "images": n,
-        "top1": sum(r[0] == t for t, r in zip(truth, ranked)) / n if n else 0.0,
+        "top1": sum(r[0] == t and not x for t, r, x in zip(truth, ranked, rej)) / n if n else 0.0,
         "top5": sum(t in r[:5] for t, r in zip(truth, ranked)) / n if n else 0.0,
         "per_class": per_class,
         "classes": list(names),
         "confusion": conf.tolist(),
     }
+    if rejected is not None:
+        kept = n - sum(rej)
+        out["rejected"] = sum(rej)
+        out["top1_kept"] = sum(r[0] == t for t, r, x in zip(truth, ranked, rej) if not x) / kept if kept else None
+    return out
 
 
 def write_report(m: dict[str, Any], out_dir: Path, title: str) -> None:
@@ -308,6 +328,11 @@ def write_report(m: dict[str, Any], out_dir: Path, title: str) -> None:
         f"# {title}",
         "",
         f"images: {m['images']}  top-1: {m['top1']:.4f}  top-5: {m['top5']:.4f}",
+        *(
+            [f"open set: {m['rejected']} rejected (wrong in top-1)  top-1 of the rest: {m['top1_kept'] or 0:.4f}"]
+            if "rejected" in m
+            else []
+        ),
         "",
         "| class | precision | recall | support |",
         "|---|---:|---:|---:|",
@@ -363,6 +388,7 @@ def with_exemplars(classes: list[ClassifierConfig], exemplars: dict[str, list[st
 def cmd_eval(args: argparse.Namespace, engine: Runtime) -> dict[str, Any]:
     classes: list[ClassifierConfig] = []
     augment = False
+    open_set: OpenSet | None = None
     if args.mapping:
         template = None if args.augment else args.template
         if template is not None and "{}" not in template:
@@ -370,7 +396,7 @@ def cmd_eval(args: argparse.Namespace, engine: Runtime) -> dict[str, Any]:
         classes, augment = parse_mapping(Path(args.mapping), template, args.names), args.augment
     elif args.config:
         config = load_config(Path(args.config))
-        classes, augment = config.classifier_configs, config.augment_examples
+        classes, augment, open_set = config.classifier_configs, config.augment_examples, config.open_set
     elif not args.train:
         raise SystemExit("eval needs --config, --mapping or --train with --shots")
     if args.train:
@@ -379,12 +405,15 @@ def cmd_eval(args: argparse.Namespace, engine: Runtime) -> dict[str, Any]:
     unknown = sorted({label for _, label in items} - {c.name for c in classes})
     if unknown:
         raise SystemExit(f"folder labels with no class of that name: {', '.join(unknown[:10])}")
-    clf = engine.compile(DeployClassifierRequest(classifier_configs=classes, augment_examples=augment))
+    body = DeployClassifierRequest(classifier_configs=classes, augment_examples=augment, open_set=open_set)
+    clf = engine.compile(body)
     emb, truth, errors = _embed_labelled(items, engine, args)
     raw = raw_scores(torch.from_numpy(emb), clf) if len(emb) else torch.zeros(0, clf.n_classes)
     order = torch.argsort(raw, dim=1, descending=True)[:, :5].tolist()
     ranked = [[clf.class_names[j] for j in row] for row in order]
-    m = metrics(truth, ranked, clf.class_names)
+    # The open set as /classify applies it (a config's ``open_set``): rejected images are wrong in top-1.
+    out = rejected(raw, open_set.threshold).tolist() if open_set is not None else None
+    m = metrics(truth, ranked, clf.class_names, out)
     m["unreadable"] = errors
     if args.train:
         m["shots"] = args.shots

@@ -54,7 +54,7 @@ def test_image_examples_classify_and_come_back_as_given(served: tuple[TestClient
         {"name": "blue", "examples_to_include": [{"image": b64(BLUE)}], "examples_to_exclude": []},
     ]
     deployed = deploy(client, classes)["deployed_id"]
-    assert clip.images_encoded == 3
+    assert clip.images_encoded == 6  # each image example and its mirror
     out = classify(client, deployed, png((200, 40, 40)), png((40, 180, 60)), png((40, 50, 200)))
     assert [o["pred"] for o in out] == ["red", "green", "blue"]
     assert all("rejected" not in o for o in out)  # no open set: DirectAI's shape
@@ -80,7 +80,7 @@ def test_image_examples_are_cached_by_content(served: tuple[TestClient, FakeClip
     ns = engine.image_embedder().namespace
     assert ns.startswith("fake-clip|image-") and engine.cache.count(ns) == 1
     vec, stats = engine.cache.get_or_encode(ns, [image_key(png(RED))], lambda todo: pytest.fail(str(todo)))
-    assert stats.hits == 1 and vec.shape == (1, 8)
+    assert stats.hits == 1 and vec.shape == (1, 16)  # the image's vector and its mirror's, side by side
 
 
 def test_mixed_class_scores_with_the_calibrated_rule(served: tuple[TestClient, FakeClip, Engine]) -> None:
@@ -94,6 +94,9 @@ def test_mixed_class_scores_with_the_calibrated_rule(served: tuple[TestClient, F
     out = classify(client, deployed, png(RED))
     compiled = engine.deployments._lru[deployed].compiled
     assert compiled.has_images and compiled.image_map != (1.0, 0.0)
+    # Each positive image example and its mirror (2 + 2 rows); the negative alone (1 row). Slots 2C.. are images.
+    assert int((compiled.example_slot >= 6).sum()) == 5 and int((compiled.example_slot >= 9).sum()) == 1
+    assert compiled.probe_class is not None and compiled.probe_class.tolist() == [0, 1]  # red and green: probed
     assert out["pred"] == "red"  # an exact copy of the red exemplar: the highest calibrated evidence there is
 
 

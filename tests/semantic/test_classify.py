@@ -8,7 +8,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from semantic.classify import IDENTITY, classify, compile_classifier, raw_scores, rejected, relevance
+from semantic import classify as classify_module
+from semantic.classify import (
+    IDENTITY,
+    PROBE_STEPS,
+    classify,
+    compile_classifier,
+    fit_probe,
+    raw_scores,
+    rejected,
+    relevance,
+)
 from testing.reference import reference_raw, reference_raw_mixed
 
 
@@ -92,11 +102,15 @@ def test_mixed_vectorised_matches_reference() -> None:
     for _ in range(30):
         classes = _random_mixed(g)
         names = [str(i) for i in range(len(classes))]
-        clf = compile_classifier(names, *([c[k] for c in classes] for k in range(4)))
-        images = F.normalize(torch.randn(6, 8, generator=g), dim=-1)
-        raw = raw_scores(images, clf)
-        for b in range(6):
-            assert raw[b].tolist() == pytest.approx(reference_raw_mixed(images[b], classes, clf.image_map), abs=1e-5)
+        for steps in (0, PROBE_STEPS):  # the max rule alone, and with the probe of classes with image positives
+            clf = compile_classifier(names, *([c[k] for c in classes] for k in range(4)), probe_steps=steps)
+            assert (clf.probe is None) == (steps == 0 or all(c[2].shape[0] == 0 for c in classes))
+            probe = {} if clf.probe is None else dict(zip(clf.probe_class.tolist(), clf.probe))  # type: ignore[union-attr]
+            images = F.normalize(torch.randn(6, 8, generator=g), dim=-1)
+            raw = raw_scores(images, clf)
+            for b in range(6):
+                want = reference_raw_mixed(images[b], classes, clf.image_map, probe)
+                assert raw[b].tolist() == pytest.approx(want, abs=1e-5)
 
 
 def test_text_only_classes_keep_the_seed_rule_exactly() -> None:
@@ -144,7 +158,7 @@ def test_unrelated_image_example_does_not_beat_a_matching_text() -> None:
     ys = torch.cat([unit(0, 1, 0, 0), unit(0, 0, 1, 0)])
     image = torch.tensor([[0.4, 0.6, 0.0, (1 - 0.16 - 0.36) ** 0.5]])
     none = torch.zeros(0, 4)
-    clf = compile_classifier(["x", "y"], [text_x, none], [none, none], [none, ys])
+    clf = compile_classifier(["x", "y"], [text_x, none], [none, none], [none, ys], probe_steps=0)  # the max rule
     assert int(raw_scores(image, replace(clf, image_map=IDENTITY)).argmax()) == 1  # uncalibrated: "y" wins
     assert int(raw_scores(image, clf).argmax()) == 0
 
@@ -159,6 +173,7 @@ def test_negative_image_example_vetoes_like_a_negative_text() -> None:
         [torch.zeros(0, 4)] * 2,
         [torch.zeros(0, 4), torch.cat(more)],
         [red_square_photo, torch.zeros(0, 4)],
+        probe_steps=0,  # the max rule; the probe's veto: test_negative_image_example_vetoes_a_probed_class
     )
     square = unit(1, 0, 0, 0.06)  # nearly the negative exemplar
     raw = raw_scores(square, clf)
@@ -184,7 +199,7 @@ def test_calibration_maps_matching_image_pairs_onto_matching_image_text_pairs() 
     texts = [F.normalize(centres[j] + 0.5 * torch.randn(1, dim, generator=g), dim=-1) for j in range(n_cls)]
     imgs = [F.normalize(centres[j] + offset + 0.5 * torch.randn(3, dim, generator=g), dim=-1) for j in range(n_cls)]
     none = [torch.zeros(0, dim)] * n_cls
-    clf = compile_classifier([str(j) for j in range(n_cls)], texts, none, imgs)
+    clf = compile_classifier([str(j) for j in range(n_cls)], texts, none, imgs, probe_steps=0)  # the max rule
     all_img, all_txt = torch.cat(imgs), torch.cat(texts)
     cls_img = torch.arange(n_cls).repeat_interleave(3)
     same = (cls_img[:, None] == cls_img[None, :]) & ~torch.eye(len(cls_img), dtype=torch.bool)
@@ -195,3 +210,120 @@ def test_calibration_maps_matching_image_pairs_onto_matching_image_text_pairs() 
     # A query image near class 2's images is class 2 although its cosine to class 2's text is lower than to them.
     query = F.normalize(centres[2] + offset, dim=0)[None]
     assert int(raw_scores(query, clf).argmax()) == 2
+
+
+# -- the text-anchored probe -------------------------------------------------------------------------------------------
+def _shapes_like(g: torch.Generator) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Toy colour x shape world: an image is colour + shape + noise. Class (c, s)'s text is right, except class
+    (0, 0)'s, which points away from its shape (a confidently wrong text, like the held-out pairs'); 4 exemplars per
+    class."""
+    dim, n_col, n_shape = 12, 3, 3
+    colour = F.normalize(torch.randn(n_col, dim, generator=g), dim=-1)
+    shape = F.normalize(torch.randn(n_shape, dim, generator=g), dim=-1)
+    texts, exemplars = [], []
+    for c in range(n_col):
+        for s in range(n_shape):
+            wrong = shape[1] - shape[0] if (c, s) == (0, 0) else shape[s]  # (0, 0)'s text: "not this shape"
+            texts.append(F.normalize(colour[c] + wrong, dim=0)[None])
+            exemplars.append(F.normalize(colour[c] + shape[s] + 0.15 * torch.randn(4, dim, generator=g), dim=-1))
+    queries = F.normalize(colour[0] + shape[0] + 0.15 * torch.randn(50, dim, generator=g), dim=-1)
+    return texts, exemplars, queries, torch.zeros(50, dtype=torch.int64)
+
+
+def test_probe_learns_from_the_exemplars_what_the_text_gets_wrong() -> None:
+    texts, exemplars, queries, truth = _shapes_like(torch.Generator().manual_seed(9))
+    n, none = len(texts), [torch.zeros(0, 12)] * len(texts)
+    text_only = compile_classifier([str(j) for j in range(n)], texts, none)
+    probed = compile_classifier([str(j) for j in range(n)], texts, none, exemplars, none)
+    assert probed.probe is not None and probed.probe_class is not None
+    assert probed.probe_class.tolist() == list(range(n))
+    assert float((raw_scores(queries, text_only).argmax(1) == truth).float().mean()) < 0.2  # the wrong text wins
+    assert float((raw_scores(queries, probed).argmax(1) == truth).float().mean()) > 0.9
+    # Deterministic: the same examples give bit-identical weights.
+    again = compile_classifier([str(j) for j in range(n)], texts, none, exemplars, none)
+    assert torch.equal(probed.probe, again.probe)  # type: ignore[arg-type]
+
+
+def test_probe_leaves_text_only_classes_exactly_as_the_seed_rule() -> None:
+    # Classes 0-2 have texts only (with a negative), classes 3-4 image examples: columns 0-2 are bit-identical to a
+    # deployment of the text classes alone, and to the plain reference.
+    g = torch.Generator().manual_seed(10)
+    pos = [F.normalize(torch.randn(2, 8, generator=g), dim=-1) for _ in range(5)]
+    neg = [F.normalize(torch.randn(1, 8, generator=g), dim=-1) for _ in range(3)] + [torch.zeros(0, 8)] * 2
+    imgs = [torch.zeros(0, 8)] * 3 + [F.normalize(torch.randn(3, 8, generator=g), dim=-1) for _ in range(2)]
+    mixed = compile_classifier([str(j) for j in range(5)], pos, neg, imgs, [torch.zeros(0, 8)] * 5)
+    alone = compile_classifier(["0", "1", "2"], pos[:3], neg[:3])
+    assert mixed.probe_class is not None and mixed.probe_class.tolist() == [3, 4]
+    images = F.normalize(torch.randn(7, 8, generator=g), dim=-1)
+    assert torch.equal(raw_scores(images, mixed)[:, :3], raw_scores(images, alone))
+    for b in range(7):
+        want = reference_raw(images[b], list(zip(pos[:3], neg[:3])))
+        assert raw_scores(images, mixed)[b, :3].tolist() == pytest.approx(want, abs=1e-6)
+
+
+def test_negative_examples_veto_a_probed_class_as_without_the_probe() -> None:
+    texts, exemplars, queries, _ = _shapes_like(torch.Generator().manual_seed(11))
+    n, none = len(texts), [torch.zeros(0, 12)] * len(texts)
+    # Class 1 excludes a look-alike of class 0 (the mean of class 0's exemplars), as an image and as a text: the veto
+    # fires exactly where it fires under the max rule, with the same score.
+    look_alike = F.normalize(exemplars[0].mean(0), dim=0)[None]
+    negs = [none[0], look_alike, *none[2:]]
+    for text_negs, image_negs in ((none, negs), (negs, none)):
+        probed = compile_classifier([str(j) for j in range(n)], texts, text_negs, exemplars, image_negs)
+        plain = compile_classifier([str(j) for j in range(n)], texts, text_negs, exemplars, image_negs, probe_steps=0)
+        assert probed.probe is not None
+        unvetoed = compile_classifier([str(j) for j in range(n)], texts, none, exemplars, none, probe_steps=0)
+        unvetoed = replace(unvetoed, image_map=plain.image_map)  # the same positives' evidence, no negatives
+        max_cols = raw_scores(queries, plain)
+        vetoed = max_cols != raw_scores(queries, unvetoed)
+        assert bool(vetoed[:, 1].any()) and not bool(vetoed[:, [0, *range(2, n)]].any())
+        assert torch.equal(raw_scores(queries, probed)[vetoed], max_cols[vetoed])
+        assert bool((max_cols[vetoed] < 0.5).all())
+
+
+def test_fit_probe_lowers_the_loss_and_keeps_its_start_at_zero_steps() -> None:
+    g = torch.Generator().manual_seed(12)
+    xs = F.normalize(torch.randn(20, 6, generator=g), dim=-1)
+    ys = torch.arange(4).repeat_interleave(5)
+    init = F.normalize(torch.randn(3, 6, generator=g), dim=-1)
+    trainable = torch.tensor([0, 1, 3])
+    fixed = (xs @ F.normalize(torch.randn(4, 6, generator=g), dim=-1).T).clone()
+
+    def loss(w: torch.Tensor) -> float:
+        logits = fixed.clone()
+        logits[:, trainable] = xs @ w.T
+        return float(F.cross_entropy(logits / 0.07, ys))
+
+    assert torch.equal(fit_probe(init, trainable, xs, ys, fixed, steps=0), init)
+    trained = fit_probe(init, trainable, xs, ys, fixed)
+    assert loss(trained) < 0.5 * loss(init)
+    assert bool((trained.norm(dim=1) <= 1 + 1e-6).all())  # in the unit ball: x . w <= 1
+    # A huge step size cannot blow it up: a step that raises the loss is not taken.
+    assert loss(fit_probe(init, trainable, xs, ys, fixed, lr=1e6)) <= loss(init)
+    fixed_copy = fixed.clone()
+    fit_probe(init, trainable, xs, ys, fixed)
+    assert torch.equal(fixed, fixed_copy)  # inputs not mutated
+
+
+def test_probe_is_skipped_above_its_work_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    texts, exemplars, _, _ = _shapes_like(torch.Generator().manual_seed(13))
+    none = [torch.zeros(0, 12)] * len(texts)
+    monkeypatch.setattr(classify_module, "PROBE_MAX_WORK", 9 * 36 * 12 - 1)  # classes x examples x dims, just over
+    assert compile_classifier([str(j) for j in range(9)], texts, none, exemplars, none).probe is None
+    monkeypatch.setattr(classify_module, "PROBE_MAX_WORK", 9 * 36 * 12)
+    assert compile_classifier([str(j) for j in range(9)], texts, none, exemplars, none).probe is not None
+
+
+def test_an_image_example_still_counts_in_full_for_a_probed_class() -> None:
+    # Images only (the identity map). Class 0's last exemplar is an outlier right next to one of class 1's: no probe
+    # fits both twins, yet as queries each is its own class's (cos 1 to itself; a probe, in the unit ball, scores
+    # below 1 anything but its own vector), as under the max rule; every other exemplar is its own class too.
+    _, exemplars, _, _ = _shapes_like(torch.Generator().manual_seed(14))
+    outlier = F.normalize(exemplars[1][0] + 0.002 * torch.ones(12), dim=0)  # next to one of class 1's exemplars
+    exemplars[0] = torch.cat([exemplars[0][:3], outlier[None]])
+    n, none = len(exemplars), [torch.zeros(0, 12)] * len(exemplars)
+    clf = compile_classifier([str(j) for j in range(n)], none, none, exemplars, none)
+    assert clf.probe is not None and clf.image_map == IDENTITY
+    queries, truth = torch.cat(exemplars), torch.arange(n).repeat_interleave(4)
+    assert not torch.equal((queries @ clf.probe.T).argmax(1), truth)  # the probe alone gets one of the twins wrong
+    assert torch.equal(raw_scores(queries, clf).argmax(1), truth)

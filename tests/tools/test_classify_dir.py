@@ -131,6 +131,17 @@ def test_metrics_known_answer() -> None:
     assert m["per_class"]["b"]["precision"] == 0.5 and m["per_class"]["c"]["recall"] == 0.0
 
 
+def test_metrics_count_rejected_images_as_wrong() -> None:
+    truth, ranked = ["a", "a", "b", "b"], [["a", "b"], ["a", "b"], ["b", "a"], ["a", "b"]]
+    m = classify_dir.metrics(truth, ranked, ["a", "b"], [False, True, False, False])
+    # Image 1 was right but rejected: wrong in top-1, a miss in a's recall, in no confusion cell; top-5 unchanged.
+    assert m["top1"] == 0.5 and m["top5"] == 1.0 and m["rejected"] == 1
+    assert m["top1_kept"] == pytest.approx(2 / 3)
+    assert m["per_class"]["a"] == {"precision": 0.5, "recall": 0.5, "support": 2, "rejected": 1}
+    assert m["confusion"] == [[1, 0], [1, 1]]
+    assert "rejected" not in classify_dir.metrics(truth, ranked, ["a", "b"])
+
+
 def test_parse_mapping(tmp_path: Path) -> None:
     f = tmp_path / "map.txt"
     f.write_text("n01440764 tench, Tinca tinca\nn01443537 goldfish, Carassius auratus\n\n")
@@ -221,6 +232,17 @@ def test_eval_with_the_shapes_model_knows_colours(tmp_path: Path) -> None:
     # Drawn with a fixed seed and scored by a fixed model, so the result is deterministic: every one right.
     assert m["images"] == 9 and m["top1"] == 1.0
     assert all(v["recall"] is not None for v in m["per_class"].values())
+    # With the config's open set, eval applies it as /classify does: below the threshold an image is rejected (wrong).
+    for threshold, n_rejected in ((0.0, 0), (1.0, 9)):
+        body = {"classifier_configs": classes, "augment_examples": False, "open_set": {"threshold": threshold}}
+        cfg.write_text(json.dumps(body))
+        assert (
+            main([*argv, "--model", str(config), "--pretrained", str(weights), "--data-dir", str(tmp_path / "d")]) == 0
+        )
+        m = json.loads((out / "metrics.json").read_text())
+        assert m["rejected"] == n_rejected and m["top1"] == 1.0 - n_rejected / 9
+        assert m["top1_kept"] == (1.0 if n_rejected < 9 else None)
+        assert f"open set: {n_rejected} rejected" in (out / "metrics.md").read_text()
 
 
 def test_eval_with_shots_from_a_train_folder(tiny_clip: ClipFiles, tmp_path: Path) -> None:
