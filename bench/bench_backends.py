@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -50,15 +51,18 @@ def encoder(config: str, env: dict[str, str], data_dir: Path, towers: str = "ima
     return load_clip_encoder(get_settings(s), towers=towers)
 
 
-def img_per_s(enc: ClipEncoder, pixels: np.ndarray, reps: int) -> tuple[float, float]:
-    """(images per second of wall time, images per CPU second of this process: all its threads, the runtimes' own
-    pools included). The second is what a shared, oversubscribed machine distorts least."""
-    enc.encode_pixels(pixels)  # warm-up at this shape
+def per_s(encode: Callable[[], object], n: int, reps: int) -> tuple[float, float]:
+    """(items per second of wall time, items per CPU second of this process: all its threads, the runtimes' own pools
+    included) for ``encode`` of ``n`` items. The second is what a shared, oversubscribed machine distorts least."""
+    encode()  # warm-up at this shape
     t, c = time.perf_counter(), time.process_time()
     for _ in range(reps):
-        enc.encode_pixels(pixels)
-    n = reps * len(pixels)
-    return n / (time.perf_counter() - t), n / max(1e-9, time.process_time() - c)
+        encode()
+    return reps * n / (time.perf_counter() - t), reps * n / max(1e-9, time.process_time() - c)
+
+
+def img_per_s(enc: ClipEncoder, pixels: np.ndarray, reps: int) -> tuple[float, float]:
+    return per_s(lambda: enc.encode_pixels(pixels), len(pixels), reps)
 
 
 def speed(configs: list[str], batches: list[int], rounds: int, data_dir: Path, threads: int) -> str:
@@ -108,13 +112,7 @@ LABELS = [
 
 
 def prompts_per_s(enc: ClipEncoder, texts: list[str], reps: int) -> tuple[float, float]:
-    """(prompts per wall second, per CPU second of this process)."""
-    enc.encode_texts(texts)  # warm-up at this shape
-    t, c = time.perf_counter(), time.process_time()
-    for _ in range(reps):
-        enc.encode_texts(texts)
-    n = reps * len(texts)
-    return n / (time.perf_counter() - t), n / max(1e-9, time.process_time() - c)
+    return per_s(lambda: enc.encode_texts(texts), len(texts), reps)
 
 
 def text_speed(configs: list[str], batches: list[int], rounds: int, data_dir: Path, threads: int) -> str:

@@ -151,41 +151,36 @@ def test_onnx_int8_keeps_the_shapes_accuracy(tmp_path: Path) -> None:
         assert np.mean(pred["int8"] == pred["fp32"]) >= 0.99, prompts[0]
 
 
-def test_export_is_cached_and_reused(tiny_clip: ClipFiles, exports_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    s = settings_for(tiny_clip, exports_dir, backend="onnx")
-    first = load_clip_encoder(s, towers="image")  # exported by now (here or by an earlier test of this module)
-    (export,) = (exports_dir / "exports").glob("onnx-none-*")
-    before = {p.name: p.stat().st_mtime_ns for p in export.iterdir()}
-
-    def no_export(*args: object, **kw: object) -> None:
-        raise AssertionError("exported again")
-
-    monkeypatch.setattr(backends, "export_onnx", no_export)
-    second = load_clip_encoder(s, towers="image")
-    assert {p.name: p.stat().st_mtime_ns for p in export.iterdir()} == before
-    np.testing.assert_array_equal(second.encode_pixels(pixels(2)), first.encode_pixels(pixels(2)))
-    # Another precision or model is another export.
-    with pytest.raises(AssertionError, match="exported again"):
-        load_clip_encoder(settings_for(tiny_clip, exports_dir, backend="onnx", clip_quantize="int8"), towers="image")
-
-
-def test_text_export_is_cached_and_reused(
-    tiny_clip: ClipFiles, exports_dir: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    ("tower", "backend", "pattern", "exporter"),
+    [("image", "onnx", "onnx-none-*", "export_onnx"), ("text", "openvino", "text-openvino-none-*", "export_text_onnx")],
+)
+def test_export_is_cached_and_reused(
+    tiny_clip: ClipFiles,
+    exports_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    tower: str,
+    backend: str,
+    pattern: str,
+    exporter: str,
 ) -> None:
-    s = settings_for(tiny_clip, exports_dir, backend="openvino")
-    first = load_clip_encoder(s, towers="text")  # exported by now (here or by an earlier test of this module)
-    (export,) = (exports_dir / "exports").glob("text-openvino-none-*")
+    def encode(enc: ClipEncoder) -> np.ndarray:
+        return enc.encode_pixels(pixels(2)) if tower == "image" else enc.encode_texts(TEXTS[:9])
+
+    s = settings_for(tiny_clip, exports_dir, backend=backend)
+    first = load_clip_encoder(s, towers=tower)  # exported by now (here or by an earlier test of this module)
+    (export,) = (exports_dir / "exports").glob(pattern)
     before = {p.name: p.stat().st_mtime_ns for p in export.iterdir()}
 
     def no_export(*args: object, **kw: object) -> None:
         raise AssertionError("exported again")
 
-    monkeypatch.setattr(backends, "export_text_onnx", no_export)
-    second = load_clip_encoder(s, towers="text")
+    monkeypatch.setattr(backends, exporter, no_export)
+    second = load_clip_encoder(s, towers=tower)
     assert {p.name: p.stat().st_mtime_ns for p in export.iterdir()} == before
-    np.testing.assert_array_equal(second.encode_texts(TEXTS[:9]), first.encode_texts(TEXTS[:9]))
+    np.testing.assert_array_equal(encode(second), encode(first))
     with pytest.raises(AssertionError, match="exported again"):  # another precision is another export
-        load_clip_encoder(settings_for(tiny_clip, exports_dir, backend="onnx", clip_quantize="int8"), towers="text")
+        load_clip_encoder(settings_for(tiny_clip, exports_dir, backend="onnx", clip_quantize="int8"), towers=tower)
 
 
 def test_corrupt_export_is_rebuilt(tiny_clip: ClipFiles, torch_encoder: ClipEncoder, tmp_path: Path) -> None:
