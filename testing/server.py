@@ -182,6 +182,26 @@ def local_http_server(handler: type[http.server.BaseHTTPRequestHandler]) -> Iter
 
 
 @contextlib.contextmanager
+def serving_files(files: dict[str, tuple[bytes, str]]) -> Iterator[int]:
+    """``local_http_server`` answering GET ``path`` with ``files[path]`` = (body, content type), 404 otherwise."""
+
+    class Files(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+            body, ctype = files.get(self.path, (b"nope", "text/plain"))
+            self.send_response(200 if self.path in files else 404)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    with local_http_server(Files) as port:
+        yield port
+
+
+@contextlib.contextmanager
 def running_server(
     env: dict[str, str],
     log_path: Path,

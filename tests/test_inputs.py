@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import http.server
 import io
 from typing import Any
 
@@ -14,7 +13,7 @@ from PIL import Image
 from api.photofield import decode_embedding
 from testing.client import assert_error, deploy, files
 from testing.images import jpeg_bytes
-from testing.server import Server, local_http_server
+from testing.server import Server, serving_files
 from tests import bad_inputs as bad
 
 pytestmark = pytest.mark.server
@@ -88,19 +87,7 @@ def test_classify_by_url_from_an_allowed_test_host(server: Server, deployed: str
     """URL fetching turned on, through the service: a test host the allow-list permits serves the image."""
     blob = jpeg_bytes(5)
 
-    class Images(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
-            body, ctype = (blob, "image/jpeg") if self.path == "/cat.jpg" else (b"nope", "text/plain")
-            self.send_response(200 if self.path == "/cat.jpg" else 404)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    with local_http_server(Images) as port, server.client() as c:
+    with serving_files({"/cat.jpg": (blob, "image/jpeg")}) as port, server.client() as c:
         url = f"http://127.0.0.1:{port}/cat.jpg"
         by_upload = c.post("/classify", params={"deployed_id": deployed}, files=files(blob)).json()
         by_json = c.post("/classify", params={"deployed_id": deployed}, json={"url": url}).json()
@@ -241,20 +228,8 @@ def test_image_examples_by_url_and_base64_through_the_service(server: Server) ->
     /model_config as given; an unreachable one is a 4xx naming its class and entry."""
     example, probe = jpeg_bytes(21), jpeg_bytes(22)
 
-    class Images(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
-            body, ctype = (example, "image/jpeg") if self.path == "/ex.jpg" else (b"nope", "text/plain")
-            self.send_response(200 if self.path == "/ex.jpg" else 404)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
     inline = {"image": base64.b64encode(example).decode()}
-    with local_http_server(Images) as port, server.client() as c:
+    with serving_files({"/ex.jpg": (example, "image/jpeg")}) as port, server.client() as c:
         url = {"url": f"http://127.0.0.1:{port}/ex.jpg"}
         results = []
         for entry in (url, inline):

@@ -8,7 +8,6 @@ artifacts/ui/ (gitignored). A missing browser fails these tests; it never skips 
 from __future__ import annotations
 
 import base64
-import http.server
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ import pytest
 from testing.browser import artifacts_dir, chromium
 from testing.client import assert_error, files
 from testing.images import jpeg_bytes, png_bytes
-from testing.server import Server, local_http_server
+from testing.server import Server, serving_files
 
 pytestmark = pytest.mark.server
 
@@ -293,17 +292,6 @@ def test_no_browser_is_an_error_not_a_skip(monkeypatch: pytest.MonkeyPatch) -> N
 def test_images_by_url_drop_and_paste_and_the_debounce(ui: UI, server: Server) -> None:
     blob = jpeg_bytes(7)
 
-    class Images(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
-            self.send_response(200)
-            self.send_header("Content-Type", "image/jpeg")
-            self.send_header("Content-Length", str(len(blob)))
-            self.end_headers()
-            self.wfile.write(blob)
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
     deploys: list[str] = []
     ui.page.on("request", lambda r: deploys.append(r.url) if "/deploy_classifier" in r.url else None)
     ui.page.locator("#classes .class .name").press_sequentially("cat")  # three input events, one debounced deploy
@@ -311,7 +299,7 @@ def test_images_by_url_drop_and_paste_and_the_debounce(ui: UI, server: Server) -
     assert ui.settle() == "done"
     assert len(deploys) == 1, deploys
 
-    with local_http_server(Images) as port:
+    with serving_files({"/cat.jpg": (blob, "image/jpeg")}) as port:
         ui.page.fill("#url", f"http://127.0.0.1:{port}/cat.jpg")
         ui.page.click("#url-form button")
         # A dropped file and a pasted one, as the browser hands them to the page.
