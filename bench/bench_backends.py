@@ -30,6 +30,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -61,8 +62,35 @@ def per_s(encode: Callable[[], object], n: int, reps: int) -> tuple[float, float
     return reps * n / (time.perf_counter() - t), reps * n / max(1e-9, time.process_time() - c)
 
 
-def img_per_s(enc: ClipEncoder, pixels: np.ndarray, reps: int) -> tuple[float, float]:
-    return per_s(lambda: enc.encode_pixels(pixels), len(pixels), reps)
+Rates = dict[tuple[str, int], float]
+
+
+def sweep(
+    encs: dict[str, ClipEncoder],
+    batches: list[int],
+    rounds: int,
+    make: Callable[[int], Any],
+    encode: Callable[[ClipEncoder, Any], np.ndarray],
+    reps: int,
+) -> tuple[Rates, Rates, Rates]:
+    """For each batch size ``b`` (inputs ``make(b)``): each config's best (wall, CPU) rate over ``rounds`` with
+    ``reps // b`` calls of ``encode`` per measurement, and its vectors' lowest cosine to torch's (when torch is one)."""
+    best: Rates = {}
+    best_cpu: Rates = {}
+    cos: Rates = {}
+    for b in batches:
+        x = make(b)
+        ref = encode(encs["torch"], x) if "torch" in encs else None
+        for c, enc in encs.items():
+            if ref is not None:
+                cos[(c, b)] = float((encode(enc, x) * ref).sum(axis=1).min())
+        for _ in range(rounds):
+            for c, enc in encs.items():
+                wall, cpu = per_s(lambda enc=enc, x=x: encode(enc, x), b, max(1, reps // b))
+                best[(c, b)] = max(best.get((c, b), 0.0), wall)
+                best_cpu[(c, b)] = max(best_cpu.get((c, b), 0.0), cpu)
+        print(f"b{b}: " + ", ".join(f"{c} {best[(c, b)]:.1f} ({best_cpu[(c, b)]:.1f}/cpu-s)" for c in encs), flush=True)
+    return best, best_cpu, cos
 
 
 def speed(configs: list[str], batches: list[int], rounds: int, data_dir: Path, threads: int) -> str:
@@ -71,21 +99,14 @@ def speed(configs: list[str], batches: list[int], rounds: int, data_dir: Path, t
     encs = {c: encoder(c, {**VIT_B32_RANDOM, "ZSS_DEVICE": "cpu"}, data_dir) for c in configs}
     print(f"loaded (exports included) in {time.perf_counter() - t0:.0f} s", flush=True)
     h, w = next(iter(encs.values())).preprocess.size
-    best: dict[tuple[str, int], float] = {}
-    best_cpu: dict[tuple[str, int], float] = {}
-    cos: dict[tuple[str, int], float] = {}
-    for b in batches:
-        pixels = np.random.default_rng(b).integers(0, 256, (b, h, w, 3), dtype=np.uint8)
-        ref = encs["torch"].encode_pixels(pixels) if "torch" in encs else None
-        for c, enc in encs.items():
-            if ref is not None:
-                cos[(c, b)] = float((enc.encode_pixels(pixels) * ref).sum(axis=1).min())
-        for _ in range(rounds):
-            for c, enc in encs.items():
-                wall, cpu = img_per_s(enc, pixels, reps=max(1, 16 // b))
-                best[(c, b)] = max(best.get((c, b), 0.0), wall)
-                best_cpu[(c, b)] = max(best_cpu.get((c, b), 0.0), cpu)
-        print(f"b{b}: " + ", ".join(f"{c} {best[(c, b)]:.1f} ({best_cpu[(c, b)]:.1f}/cpu-s)" for c in encs), flush=True)
+    best, best_cpu, cos = sweep(
+        encs,
+        batches,
+        rounds,
+        lambda b: np.random.default_rng(b).integers(0, 256, (b, h, w, 3), dtype=np.uint8),
+        lambda enc, pixels: enc.encode_pixels(pixels),
+        reps=16,
+    )
 
     def top(c: str, d: dict[tuple[str, int], float]) -> float:
         return max(d[(c, b)] for b in batches)
@@ -111,31 +132,20 @@ LABELS = [
 ]  # fmt: skip
 
 
-def prompts_per_s(enc: ClipEncoder, texts: list[str], reps: int) -> tuple[float, float]:
-    return per_s(lambda: enc.encode_texts(texts), len(texts), reps)
-
-
 def text_speed(configs: list[str], batches: list[int], rounds: int, data_dir: Path, threads: int) -> str:
     threads = configure_threads(threads)
     t0 = time.perf_counter()
     encs = {c: encoder(c, {**VIT_B32_RANDOM, "ZSS_DEVICE": "cpu"}, data_dir, towers="text") for c in configs}
     print(f"text towers loaded (exports included) in {time.perf_counter() - t0:.0f} s", flush=True)
     prompts = expand(LABELS)  # 80 templates per label, in the order a deploy sends them
-    best: dict[tuple[str, int], float] = {}
-    best_cpu: dict[tuple[str, int], float] = {}
-    cos: dict[tuple[str, int], float] = {}
-    for b in batches:
-        texts = [prompts[i % len(prompts)] for i in range(b * 7, b * 8)]  # another slice per size
-        ref = encs["torch"].encode_texts(texts) if "torch" in encs else None
-        for c, enc in encs.items():
-            if ref is not None:
-                cos[(c, b)] = float((enc.encode_texts(texts) * ref).sum(axis=1).min())
-        for _ in range(rounds):
-            for c, enc in encs.items():
-                wall, cpu = prompts_per_s(enc, texts, reps=max(1, 64 // b))
-                best[(c, b)] = max(best.get((c, b), 0.0), wall)
-                best_cpu[(c, b)] = max(best_cpu.get((c, b), 0.0), cpu)
-        print(f"b{b}: " + ", ".join(f"{c} {best[(c, b)]:.1f} ({best_cpu[(c, b)]:.1f}/cpu-s)" for c in encs), flush=True)
+    best, best_cpu, cos = sweep(
+        encs,
+        batches,
+        rounds,
+        lambda b: [prompts[i % len(prompts)] for i in range(b * 7, b * 8)],  # another slice per size
+        lambda enc, texts: enc.encode_texts(texts),
+        reps=64,
+    )
     lane_rows = []
     for c, enc in encs.items():
         alone, beside = [], []
