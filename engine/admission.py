@@ -68,8 +68,11 @@ class Admission:
         self._answered = 0  # images answered, ever
         self._busy = 0.0  # seconds with images in flight, ever, up to _busy_since
         self._busy_since: float | None = None
-        # (time, answered, busy, latency) at each answer; the first entry is the baseline of the window
-        self._history: deque[tuple[float, int, float, float]] = deque()
+        # (time, answered, busy) at each answer; the first entry is the baseline of the window
+        self._history: deque[tuple[float, int, float]] = deque()
+        # (time, latency) of the answers in the history whose latency no later answer beat: its head is the fastest
+        # (a sliding-window minimum, so no request scans the window)
+        self._fastest: deque[tuple[float, float]] = deque()
         self._timer: asyncio.TimerHandle | None = None
 
     # -- public ---------------------------------------------------------------------------------------------------
@@ -91,20 +94,22 @@ class Admission:
         self._trim()
         if len(self._history) < 2:  # a single answer: the busy time it took is not known
             return None
-        _, answered0, busy0, _ = self._history[0]
-        _, answered1, busy1, _ = self._history[-1]
+        _, answered0, busy0 = self._history[0]
+        _, answered1, busy1 = self._history[-1]
         return (answered1 - answered0) / (busy1 - busy0) if busy1 > busy0 else None
 
     def fastest(self) -> float | None:
         """The quickest admission-to-answer time over the last ``window_s`` (None: not measured yet)."""
         self._trim()
-        return min(h[3] for h in self._history) if self._history else None
+        return self._fastest[0][1] if self._fastest else None
 
     def _trim(self) -> None:
         # The baseline is the last answer at or before the window's start, so the window always has a start.
         now = self._clock()
         while len(self._history) > 1 and self._history[1][0] <= now - self.window_s:
             self._history.popleft()
+        while self._fastest and self._fastest[0][0] < self._history[0][0]:
+            self._fastest.popleft()
 
     def waiting(self) -> int:
         return sum(1 for w in self._waiting if not w.future.done())
@@ -116,7 +121,7 @@ class Admission:
 
     # -- internals ------------------------------------------------------------------------------------------------
     async def _enter(self, n: int, deadline: float) -> None:
-        if not self._waiting and self._fits(n, deadline, self._clock()):
+        if not self._waiting and self._fits(n, deadline, self._clock(), self.rate(), self.fastest()):
             self._start(n)
             return
         waiter = _Waiter(n, deadline, asyncio.get_running_loop().create_future())
@@ -129,16 +134,15 @@ class Admission:
                 self._leave(n, None)  # admitted in the same instant: give the place back
             raise
 
-    def _fits(self, n: int, deadline: float, now: float) -> bool:
-        rate, fastest = self.rate(), self.fastest()
+    def _fits(self, n: int, deadline: float, now: float, rate: float | None, fastest: float | None) -> bool:
         if rate is None or fastest is None or self.in_flight == 0:
             return True  # nothing measured yet, or nothing to wait for: the encoder's own bound decides
         return now + fastest + self.in_flight / rate <= deadline
 
-    def _due(self, w: _Waiter) -> float | None:
+    @staticmethod
+    def _due(w: _Waiter, rate: float | None, fastest: float | None) -> float | None:
         """When the waiter becomes hopeless: even the fastest recent answer, or its own images alone drained at the
         rate, would come after its deadline (None: nothing measured)."""
-        rate, fastest = self.rate(), self.fastest()
         if rate is None or fastest is None:
             return None
         return w.deadline - max(fastest, w.n / rate)
@@ -157,44 +161,47 @@ class Admission:
             self._busy_since = now if self.in_flight > 0 else None
         if latency is not None:
             self._answered += n
-            self._history.append((now, self._answered, self._busy, latency))
+            self._history.append((now, self._answered, self._busy))
+            while self._fastest and self._fastest[-1][1] >= latency:
+                self._fastest.pop()
+            self._fastest.append((now, latency))
         self._pump()
 
     def _pump(self) -> None:
         """Refuse the waiters that can no longer make it, admit those that fit (oldest first), and wake up again when
         the next waiter would become hopeless (so its refusal is not late)."""
         now = self._clock()
+        rate, fastest = self.rate(), self.fastest()  # once per check: they change only as answers come
         kept: deque[_Waiter] = deque()
         for w in self._waiting:
             if w.future.done():
                 continue
-            due = self._due(w)
+            due = self._due(w, rate, fastest)
             if due is not None and now > due:
                 self.refused += 1
-                rate = self.rate() or 1.0
                 w.future.set_exception(
                     Refused(
                         f"The image encoder cannot answer within {self.bound_s:g} s now "
                         f"(ZSS_IMAGE_MAX_LATENCY_MS); retry later.",
-                        (self.in_flight + w.n) / rate,
+                        (self.in_flight + w.n) / (rate or 1.0),
                     )
                 )
             else:
                 kept.append(w)
         self._waiting = kept
         for w in list(self._waiting):
-            if not self._fits(w.n, w.deadline, now):
+            if not self._fits(w.n, w.deadline, now, rate, fastest):
                 continue
             self._waiting.remove(w)
             self._start(w.n)
             w.future.set_result(None)
-        self._arm(now)
+        self._arm(now, rate, fastest)
 
-    def _arm(self, now: float) -> None:
+    def _arm(self, now: float, rate: float | None, fastest: float | None) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        dues = [d for w in self._waiting if (d := self._due(w)) is not None]
+        dues = [d for w in self._waiting if (d := self._due(w, rate, fastest)) is not None]
         if not dues:
             return
         due = min(dues)

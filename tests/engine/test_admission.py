@@ -231,3 +231,18 @@ def test_a_failed_request_frees_its_place_and_is_not_an_answer() -> None:
         assert adm.rate() == pytest.approx(2 / 2.1)
 
     asyncio.run(main())
+
+
+def test_the_fastest_answer_and_the_rate_follow_the_window() -> None:
+    async def main() -> None:
+        clock = FakeClock()
+        adm = Admission(3.0, window_s=5.0, clock=clock)
+        for took in (0.2, 1.0, 1.0):
+            await answered(adm, clock, took)
+        assert adm.fastest() == pytest.approx(0.2) and adm.rate() == pytest.approx(1.0)  # 2 answers in 2 busy s
+        clock.advance(10.0)
+        await answered(adm, clock, 0.5)
+        # The 0.2-s answer has left the window (its baseline is the last answer before it: the third, 1.0 s).
+        assert adm.fastest() == pytest.approx(0.5) and adm.rate() == pytest.approx(2.0)
+
+    asyncio.run(main())
