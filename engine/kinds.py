@@ -139,15 +139,13 @@ class ClassifierKind:
         """Image embeddings [B, D] -> one result per image (with the open set's verdict when it has one)."""
         emb = torch.from_numpy(np.ascontiguousarray(image_embeddings, dtype=np.float32))
         raw, probs, pred = classify(emb, clf)
-        if clf.open_set is None:
-            return [
-                Classification(clf.class_names, p, r, k) for r, p, k in zip(raw.tolist(), probs.tolist(), pred.tolist())
-            ]
-        label, threshold = clf.open_set
-        out = rejected(raw, threshold).tolist()
+        label, verdicts = None, [None] * len(pred)
+        if clf.open_set is not None:
+            label, threshold = clf.open_set
+            verdicts = [bool(x) for x in rejected(raw, threshold).tolist()]
         return [
-            Classification(clf.class_names, p, r, k, label, bool(x))
-            for r, p, k, x in zip(raw.tolist(), probs.tolist(), pred.tolist(), out)
+            Classification(clf.class_names, p, r, k, label, x)
+            for r, p, k, x in zip(raw.tolist(), probs.tolist(), pred.tolist(), verdicts)
         ]
 
 
