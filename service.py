@@ -80,6 +80,14 @@ def _accepted(job: Job) -> JSONResponse:
     return JSONResponse(body.model_dump(), status_code=202, headers={"Location": body.status_url})
 
 
+async def _deploy(eng: Engine, body: DeployClassifierRequest | DeployDetectorRequest, who: Tenant, wait: bool) -> Any:
+    """Both deploy routes: wait for the job (DirectAI's answer), or answer 202 with the job at once."""
+    if not wait:
+        return _accepted(eng.start_deploy(body, caller=who))
+    out = await eng.deploy(body, caller=who)
+    return DeployResponse(deployed_id=out.deployed_id, message=out.message)
+
+
 def build_app(engine: Engine | None = None, settings: Settings | None = None) -> FastAPI:
     """The routes; the engine and settings (and the API keys they name) are set here (tests) or by the service when
     it starts."""
@@ -103,10 +111,7 @@ def build_app(engine: Engine | None = None, settings: Settings | None = None) ->
     ) -> Any:
         """Deploy (or update) a classifier defined by example texts and/or images (``{"image": base64}`` or
         ``{"url": ...}``), optionally with an open set; examples are embedded now, once."""
-        if not wait:
-            return _accepted(eng.start_deploy(body, caller=who))
-        out = await eng.deploy(body, caller=who)
-        return DeployResponse(deployed_id=out.deployed_id, message=out.message)
+        return await _deploy(eng, body, who, wait)
 
     @app.post(
         "/classify",
@@ -124,10 +129,7 @@ def build_app(engine: Engine | None = None, settings: Settings | None = None) ->
     async def deploy_detector(body: DeployDetectorRequest, eng: EngineDep, who: CallerDep, wait: Wait = True) -> Any:
         """Deploy (or update) a detector defined by example texts and/or images (OWL image queries), thresholds and
         NMS settings."""
-        if not wait:
-            return _accepted(eng.start_deploy(body, caller=who))
-        out = await eng.deploy(body, caller=who)
-        return DeployResponse(deployed_id=out.deployed_id, message=out.message)
+        return await _deploy(eng, body, who, wait)
 
     @app.post("/detect", response_model=list[list[Detection]], responses=ERRORS, openapi_extra=image_body("data"))
     async def detect(request: Request, deployed_id: DeployedId, eng: EngineDep, who: CallerDep) -> Any:
