@@ -3,7 +3,10 @@
 #   ./dev.sh serve   set up .venv if needed, then `bentoml serve` on port 3000 (ZSS_* settings from the environment)
 #   ./dev.sh test    set up .venv if needed, then ruff (lint, format), the import contracts and the whole test suite
 #                    (what .ci/run runs); installs Debian's chromium (the web page's tests) and redis-server (the
-#                    replica tests) if missing (as root)
+#                    replica tests) if missing (as root), and builds the image the container tests run (podman; the
+#                    machine's extra CAs are trusted in its stand-in base images, --host-cas)
+#   ./dev.sh image   the bento's OCI image with podman (deploy/image.sh: installs podman as root, makes base images from
+#                    Debian's packages where no registry answers); options go to deploy/image.sh
 #   ./dev.sh setup   only the set-up step
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -63,6 +66,11 @@ case "${1:-}" in
   setup)
     setup
     ;;
+  image)
+    setup
+    shift
+    exec bash deploy/image.sh "$@"
+    ;;
   serve)
     setup
     shift
@@ -76,11 +84,15 @@ case "${1:-}" in
     "$VENV/bin/lint-imports"  # the layer contracts (pyproject.toml)
     ensure_chromium
     ensure_redis
+    # tests/deploy run this image under podman (a failed build fails the run: those tests never skip).
+    echo "dev.sh: building the bento's image for the container tests (deploy/image.sh)" >&2
+    ZSS_TEST_IMAGE=$(bash deploy/image.sh --host-cas)
+    export ZSS_TEST_IMAGE
     export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
     exec "$VENV/bin/python" -m pytest "$@"
     ;;
   *)
-    echo "usage: ./dev.sh serve|test|setup" >&2
+    echo "usage: ./dev.sh serve|test|image|setup" >&2
     exit 2
     ;;
 esac

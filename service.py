@@ -53,7 +53,13 @@ from engine.tenancy import Tenant
 from errors import ZssError
 from runners.clip_service import ClipImageEncoder, ClipTextEncoder
 from runners.owl_service import OwlDetectorEncoder
-from runners.serving import own_metrics_dir, release_request_timers, service_settings
+from runners.serving import (
+    detector_declared,
+    own_metrics_dir,
+    record_build_settings,
+    release_request_timers,
+    service_settings,
+)
 from settings import LimitedLog, Settings, configure_logging
 
 log = logging.getLogger("zss.api")
@@ -222,8 +228,11 @@ release_request_timers()
 
 # The one read of settings at import in this module: BentoML builds the service graph from the class attributes, so
 # a detector that is off (ZSS_DETECTOR_MODEL=none) is not declared at all: no process, no memory.
-_DETECTOR_ON = service_settings().detector_enabled
-DETECTOR_OFF = "the detector is disabled on this server (ZSS_DETECTOR_MODEL=none)"
+_BUILT_WITH = service_settings()
+_DETECTOR_ON = detector_declared(_BUILT_WITH)
+# `bentoml build` keeps these in the bento, so it serves as built with no ZSS_* variable (runners/serving.py).
+record_build_settings(_BUILT_WITH)
+DETECTOR_OFF = "the detector is disabled on this server (ZSS_DETECTOR_MODEL=none, or a bento built without one)"
 
 
 def _listening_host() -> str | None:

@@ -92,7 +92,7 @@ def gpu_plan() -> Plan:
         examples=10,
         detect_clients=32,
         detect_classes=20,
-        timeouts={"tower": 120.0, "serve": 330.0},
+        timeouts={"tower": 120.0, "serve": 330.0, "container": 300.0},
     )
 
 
@@ -127,7 +127,7 @@ def smoke_plan(workdir: Path) -> Plan:
         examples=2,
         detect_clients=2,
         detect_classes=3,
-        timeouts={"tower": 120.0, "serve": 240.0},
+        timeouts={"tower": 120.0, "serve": 240.0, "container": 240.0},
         server_start_s=200.0,
     )
 
@@ -304,12 +304,35 @@ def stage_serve(plan: Plan, out: Results, workdir: Path) -> None:
         add_load(out, "serve", f"/detect ({plan.detect_classes} classes)", r, plan.detect_clients)
 
 
+def stage_container(plan: Plan, out: Results, image: str) -> None:
+    """The GPU image (bentoml build -f bentofile.gpu.yaml, then containerize) run as an operator runs it, with the
+    GPU passed in (podman: CDI ``--device nvidia.com/gpu=all``; docker: ``--gpus all``), loaded like ``serve``."""
+    from testing import containers as pc
+
+    if plan.device == "cpu":
+        gpu: list[str] = []
+    elif os.environ.get("ZSS_CONTAINER_ENGINE") == "docker":
+        gpu = ["--gpus", "all"]
+    else:
+        gpu = ["--device", "nvidia.com/gpu=all"]
+    t0 = time.perf_counter()
+    with pc.running(image, env={"ZSS_DATA_DIR": "/tmp/zss"}, extra=gpu) as c:
+        pc.wait_ready(c, timeout=plan.timeouts["container"])
+        out.add("container", "container start (ready)", time.perf_counter() - t0, "s", image)
+        assert c.url is not None
+        embed = image_post("/embed_image", jpeg())
+        steady_load(c.url, embed, min(plan.clients, 32), plan.ramp, ramp_s=0.0)  # warm-up
+        r = parallel_load(c.url, embed, plan.clients, plan.load_procs, plan.seconds, plan.ramp)
+        add_load(out, "container", "/embed_image (container)", r, plan.clients)
+
+
 # -- the driver --------------------------------------------------------------------------------------------------------
 def run_stage(name: str, args: argparse.Namespace, plan: Plan, workdir: Path) -> tuple[list[dict[str, Any]], str]:
     """Run one stage in its own process under its time limit; (its rows, how it ended)."""
     part = workdir / f"{name}.json"
     cmd = [sys.executable, "-m", "bench.gpu_suite", "--stage", name, "--workdir", str(workdir)]
     cmd += ["--smoke"] if args.smoke else []
+    cmd += ["--container", args.container] if args.container else []
     limit = plan.timeouts[name]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT)
@@ -344,7 +367,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="every stage on the CPU with tiny models (seconds)")
     ap.add_argument("--json", type=Path, default=None, help="where to write the results (default bench/results/)")
-    ap.add_argument("--stage", choices=("tower", "serve"), help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--container",
+        metavar="IMAGE",
+        help="also run the GPU image under podman (docker where ZSS_CONTAINER_ENGINE=docker) and load its /embed_image",
+    )
+    ap.add_argument("--stage", choices=("tower", "serve", "container"), help=argparse.SUPPRESS)
     ap.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
 
@@ -354,6 +382,8 @@ def main() -> int:
         out = Results(args.workdir / f"{args.stage}.json")
         if args.stage == "tower":
             stage_tower(plan, out)
+        elif args.stage == "container":
+            stage_container(plan, out, args.container)
         else:
             stage_serve(plan, out, args.workdir / "serve")
         return 0
@@ -371,7 +401,7 @@ def main() -> int:
         print(f"machine: {machine()}; GPU: {gpu}", flush=True)
         rows: list[dict[str, Any]] = []
         ended: dict[str, str] = {}
-        for name in ("tower", "serve"):
+        for name in ("tower", "serve", *(["container"] if args.container else [])):
             got, ended[name] = run_stage(name, args, plan, workdir)
             rows += got
     took = time.perf_counter() - started

@@ -145,6 +145,45 @@ def bento_model(setting: str, value: str) -> Any:
     return ref
 
 
+# The settings that decide which services a bento has and which models they load. A build records each of them as a
+# bento argument (the value it was built with), so the bento serves as built with no ZSS_* variable: without this a
+# bento built with ZSS_DETECTOR_MODEL=none, served with no variable, declared a detector service the bento does not
+# have and BentoML stopped at start (issue 26). An environment variable where the bento runs still wins.
+BUILD_SETTINGS = (
+    "ZSS_CLIP_MODEL",
+    "ZSS_CLIP_PRETRAINED",
+    "ZSS_CLIP_QUANTIZE",
+    "ZSS_DETECTOR_MODEL",
+    "ZSS_RANDOM_SEED",
+)
+
+
+def record_build_settings(settings: Settings) -> None:
+    """Record ``BUILD_SETTINGS`` as bento arguments; a value already recorded (a model tag pinned by
+    :func:`bento_model`, or a ``--arg``) is kept."""
+    recorded = bento_arguments()
+    for name in BUILD_SETTINGS:
+        if name not in recorded:
+            _record_argument(name, str(getattr(settings, name.removeprefix(PREFIX).lower())))
+
+
+def detector_declared(settings: Settings) -> bool:
+    """Whether the service graph has the detector service: as the settings say, except that a bento built without one
+    cannot gain it from an environment variable (BentoML finds no such service in the bento and stops at start with a
+    bare StopIteration); that is logged and the detector stays off. Turning a built-in detector off still works."""
+    built = bento_arguments().get("ZSS_DETECTOR_MODEL")
+    built_without = built is not None and not get_settings({"ZSS_DETECTOR_MODEL": built}).detector_enabled
+    if settings.detector_enabled and built_without:
+        log.warning(
+            "ZSS_DETECTOR_MODEL=%s is ignored: this bento was built without a detector (ZSS_DETECTOR_MODEL=%s); "
+            "build a bento with the detector to serve one",
+            settings.detector_model,
+            built,
+        )
+        return False
+    return settings.detector_enabled
+
+
 def _record_argument(name: str, value: str) -> None:
     # BentoML 1.4 stores the bento arguments of the build process in the bento (bento.yaml `args`) and restores them
     # before a served bento is imported. There is no public setter; the container below is where `--arg` lands.

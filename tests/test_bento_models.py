@@ -22,6 +22,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from runners.serving import BUILD_SETTINGS
 from testing.images import encode_png
 from testing.models import SHAPES_CLIP, shapes_clip_env
 from testing.server import ROOT, Server, running_server
@@ -170,7 +171,11 @@ def answers(server: Server, deploy: str, body: dict[str, Any], route: str, blobs
 
 def test_the_bento_records_its_models_and_their_pinned_settings(built: Built) -> None:
     info = yaml.safe_load((built.path / "bento.yaml").read_text())
-    assert info["args"] == built.settings  # the versions the build found, not "the newest at serve time"
+    # The versions the build found, not "the newest at serve time", and every other setting that shapes the service
+    # graph or its models, as built (issue 26: a bento serves as built with no ZSS_* variable).
+    assert {k: info["args"][k] for k in built.settings} == built.settings
+    assert set(info["args"]) == set(BUILD_SETTINGS)
+    assert info["args"]["ZSS_CLIP_QUANTIZE"] == "none" and info["args"]["ZSS_RANDOM_SEED"] == "0"
     models = {s["name"]: [m["tag"] for m in s.get("models", [])] for s in info["services"]}
     clip_tag = built.settings["ZSS_CLIP_MODEL"].removeprefix("bentoml:")
     owl_tag = built.settings["ZSS_DETECTOR_MODEL"].removeprefix("bentoml:")
@@ -249,3 +254,55 @@ def test_the_images_bento_serves_its_own_models(image_server: Server, checkout_s
     _, expected_scores = answers(checkout_server, "/deploy_classifier", CLASSIFIER, "/classify", blobs)
     for g, e in zip(got_scores, expected_scores):
         assert g["raw_scores"] == pytest.approx(e["raw_scores"], abs=1e-5)
+
+
+def bare_env(home: Path) -> tuple[dict[str, str], tuple[str, ...]]:
+    """Where a bento is served as an operator serves it: no ZSS_* variable at all (this process's included), no
+    checkout on the path, no hub."""
+    env = {"BENTOML_HOME": str(home), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    unset = (*(k for k in os.environ if k.startswith("ZSS_")), "PYTHONPATH")
+    return env, unset
+
+
+@pytest.mark.parametrize("detector", ["none", "random"])
+def test_a_bento_serves_as_built_with_no_settings(built: Built, detector: str, tmp_path: Path) -> None:
+    """Bentos built with the detector off and with random weights (the stored one is the module's bento): served from
+    an empty folder with no ZSS_* variable, each has the services and models it was built with (a bento built with
+    ZSS_DETECTOR_MODEL=none used to declare the default detector when served, and BentoML stopped at start)."""
+    env = tool_env(built.home)
+    out = run(
+        [sys.executable, "-m", "bentoml", "build", "--output", "tag"],
+        {**env, "ZSS_CLIP_MODEL": "bentoml:shapes-clip", "ZSS_DETECTOR_MODEL": detector},
+    )
+    tag = out.strip().splitlines()[-1].removeprefix("__tag__:")
+    info = yaml.safe_load((built.home / "bentos" / tag.replace(":", "/") / "bento.yaml").read_text())
+    assert info["args"]["ZSS_DETECTOR_MODEL"] == detector
+    services = {s["name"] for s in info["services"]}
+    assert ("owl_detector" in services) == (detector != "none")
+    serve_env, unset = bare_env(built.home)
+    # ZSS_DATA_DIR is unset too: the random detector's weights go under the default ./.zss of the empty folder.
+    with running_server(serve_env, tmp_path / "serve.log", root=tmp_path, target=tag, unset=unset) as s:
+        with s.client() as c:
+            got = c.get("/healthz_models").json()
+            assert got["image"]["model_id"].startswith("config:shapes-clip:"), got
+            assert got["detector"]["enabled"] is (detector != "none"), got["detector"]
+            if detector == "random":
+                assert "owlv2-base-random-seed0" in got["detector"]["model_id"], got["detector"]
+            r = c.post("/deploy_detector", json=DETECTOR)
+            if detector == "none":
+                assert r.status_code == 503, r.text  # no detector in this bento, as built
+            else:
+                assert r.status_code == 200, r.text
+                blob = encode_png(Image.fromarray(np.zeros((32, 32, 3), np.uint8)))
+                params = {"deployed_id": r.json()["deployed_id"]}
+                r = c.post("/detect", params=params, files=[("data", ("a.png", blob, "image/png"))])
+                assert r.status_code == 200, r.text
+    if detector == "none":
+        # An environment variable cannot add a service the bento does not have: the detector stays off and the log
+        # says why (BentoML used to stop at start with a bare StopIteration).
+        env_on = {**serve_env, "ZSS_DETECTOR_MODEL": "random"}
+        unset_on = tuple(k for k in unset if k != "ZSS_DETECTOR_MODEL")
+        with running_server(env_on, tmp_path / "serve-on.log", root=tmp_path, target=tag, unset=unset_on) as s:
+            with s.client() as c:
+                assert c.get("/healthz_models").json()["detector"]["enabled"] is False
+            assert "this bento was built without a detector" in s.log()
