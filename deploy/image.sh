@@ -108,8 +108,9 @@ stand_in() {  # stand_in IMAGE PACKAGES...: a base image of Debian's packages un
   cat > "$ctx/Containerfile" <<EOF
 FROM localhost/zss-bookworm:rootfs
 $ca_lines
-# Builds on shared machines fetch torch's large wheels slowly: uv's default 30 s read timeout failed there.
-ENV UV_HTTP_TIMEOUT=300
+# On a busy build machine uv's defaults failed: a 30 s read timeout for torch's large wheels, and a 60 s limit on
+# compiling one file to bytecode.
+ENV UV_HTTP_TIMEOUT=300 UV_COMPILE_BYTECODE_TIMEOUT=900
 RUN apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends ca-certificates $* \\
  && update-ca-certificates >/dev/null && rm -rf /var/lib/apt/lists/* \\
  && rm -f /usr/lib/python3*/EXTERNALLY-MANAGED

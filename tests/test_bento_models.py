@@ -297,12 +297,3 @@ def test_a_bento_serves_as_built_with_no_settings(built: Built, detector: str, t
                 params = {"deployed_id": r.json()["deployed_id"]}
                 r = c.post("/detect", params=params, files=[("data", ("a.png", blob, "image/png"))])
                 assert r.status_code == 200, r.text
-    if detector == "none":
-        # An environment variable cannot add a service the bento does not have: the detector stays off and the log
-        # says why (BentoML used to stop at start with a bare StopIteration).
-        env_on = {**serve_env, "ZSS_DETECTOR_MODEL": "random"}
-        unset_on = tuple(k for k in unset if k != "ZSS_DETECTOR_MODEL")
-        with running_server(env_on, tmp_path / "serve-on.log", root=tmp_path, target=tag, unset=unset_on) as s:
-            with s.client() as c:
-                assert c.get("/healthz_models").json()["detector"]["enabled"] is False
-            assert "this bento was built without a detector" in s.log()

@@ -79,7 +79,7 @@ def cluster() -> Iterator[Cluster]:
             )
             names.append(balancer.name)
             with cf.ThreadPoolExecutor(2) as pool:
-                list(pool.map(lambda r: pc.wait_ready(r, timeout=180), replicas))
+                list(pool.map(lambda r: pc.wait_ready(r, timeout=420), replicas))
             pc.wait_ready(balancer, timeout=60)
             yield Cluster(net, redis, replicas, balancer)
         finally:
@@ -163,7 +163,7 @@ def test_killing_a_replica_under_load_loses_no_request_and_no_deployment(cluster
         for _ in range(60):  # and keeps flowing on the survivor alone
             assert answered.acquire(timeout=120)
         stop.set()
-        statuses = [s for f in futures for s in f.result(timeout=180)]
+        statuses = [s for f in futures for s in f.result(timeout=420)]
     assert statuses.count(200) == len(statuses), {s: statuses.count(s) for s in set(statuses)}
     with cluster.balancer.client() as lb:
         after = {d["deployed_id"] for d in lb.get("/deployments").json()["deployments"]}

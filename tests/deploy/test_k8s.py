@@ -167,7 +167,7 @@ def played(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 def test_played_manifests_classify_with_the_secrets_key(played: str) -> None:
     api = pc.Container("zss-api-pod-api", played)
-    pc.wait_ready(api, timeout=240)
+    pc.wait_ready(api, timeout=420)
     headers = {"Authorization": f"Bearer {KEY}"}
     with httpx.Client(base_url=played, timeout=60) as c:
         assert c.get("/deployments").status_code == 401  # the Secret's keys are in force

@@ -17,7 +17,14 @@ from PIL import Image
 from runners import clip, owl
 from runners.clip import load_clip_encoder, resolve_model
 from runners.owl import OwlDetector, model_id_for
-from runners.serving import bento_arguments, bento_model, service_settings
+from runners.serving import (
+    BUILD_SETTINGS,
+    bento_arguments,
+    bento_model,
+    detector_declared,
+    record_build_settings,
+    service_settings,
+)
 from runners.store import pin, store_tag
 from settings import Settings, get_settings
 from testing.models import TINY_CLIP_CFG, ClipFiles, write_tiny_clip
@@ -155,3 +162,36 @@ def test_environment_wins_over_bento_arguments(store: Path, monkeypatch: pytest.
     assert get_settings(fallback={"zss_fp16": "false"}).fp16 is False
     with pytest.raises(ValueError, match="ZSS_DETECTOR_TOP_K"):
         get_settings(fallback={"ZSS_DETECTOR_TOP_K": "many"})
+
+
+def test_a_build_records_every_setting_that_shapes_the_bento(store: Path, tiny_clip: ClipFiles) -> None:
+    """What `bentoml build` keeps (issue 26): each setting that decides the services and their models, with the value
+    built with; a model tag already pinned by its service is kept, not replaced by the unpinned setting."""
+    tag, _ = clip.import_to_store(str(tiny_clip.config), str(tiny_clip.checkpoint), name="pinned")
+    bento_model("ZSS_CLIP_MODEL", "bentoml:pinned")
+    record_build_settings(Settings(clip_model="bentoml:pinned", detector_model="none", random_seed=7))
+    assert bento_arguments() == {
+        "ZSS_CLIP_MODEL": f"bentoml:{tag}",
+        "ZSS_CLIP_PRETRAINED": "laion2b_s34b_b79k",
+        "ZSS_CLIP_QUANTIZE": "none",
+        "ZSS_DETECTOR_MODEL": "none",
+        "ZSS_RANDOM_SEED": "7",
+    }
+    assert set(bento_arguments()) == set(BUILD_SETTINGS)
+
+
+def test_an_environment_variable_cannot_add_a_detector_to_a_bento_built_without(
+    store: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Served from the checkout (nothing recorded): the settings decide.
+    assert detector_declared(Settings(detector_model="random")) is True
+    assert detector_declared(Settings(detector_model="none")) is False
+    # A bento built without a detector: the environment's detector is ignored, and the log says so.
+    BentoMLContainer.bento_arguments.set({"ZSS_DETECTOR_MODEL": "none"})
+    with caplog.at_level("WARNING"):
+        assert detector_declared(Settings(detector_model="random")) is False
+    assert "this bento was built without a detector" in caplog.text
+    # A bento built with one can still have it turned off.
+    BentoMLContainer.bento_arguments.set({"ZSS_DETECTOR_MODEL": "random"})
+    assert detector_declared(Settings(detector_model="none")) is False
+    assert detector_declared(Settings(detector_model="random")) is True
