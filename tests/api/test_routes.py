@@ -299,7 +299,8 @@ def test_image_routes_count_the_bound_from_arrival_and_a_refusal_is_a_503_with_r
         ("/image-embeddings", {}),
         ("/classify", {"deployed_id": dep["deployed_id"]}),
     ]:
-        r = client.post(route, params=params, files=files(jpeg_bytes(), jpeg_bytes(2)))
+        # Bytes no decoder accepts: a route that decoded before asking would answer 422, not the refusal.
+        r = client.post(route, params=params, files=files(b"not an image", b"\xff\xd8 nor this"))
         assert_error(r, 503, "cannot answer within 3 s")
         assert r.headers["retry-after"] == "3"
     after = time.monotonic()
@@ -307,3 +308,5 @@ def test_image_routes_count_the_bound_from_arrival_and_a_refusal_is_a_503_with_r
     assert [n for n, _ in seen] == [2, 2, 2]
     assert all(before <= t <= after for _, t in seen)
     assert sorted(t for _, t in seen) == [t for _, t in seen]
+    monkeypatch.undo()  # admitted, the same bytes are the decoder's 422
+    assert_error(client.post("/embed_image", files=files(b"not an image")), 422)
