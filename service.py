@@ -51,9 +51,10 @@ from engine.jobs import Job
 from engine.pipelines import Engine, in_thread
 from engine.tenancy import Tenant
 from errors import ZssError
+from runners.bentoml_internals import prepare_server
 from runners.clip_service import ClipImageEncoder, ClipTextEncoder
 from runners.owl_service import OwlDetectorEncoder
-from runners.serving import own_metrics_dir, release_request_timers, service_settings
+from runners.serving import service_settings
 from settings import LimitedLog, Settings, configure_logging
 
 log = logging.getLogger("zss.api")
@@ -215,10 +216,9 @@ def build_app(engine: Engine | None = None, settings: Settings | None = None) ->
 app = build_app()
 
 # A side effect at import, on purpose: BentoML's server process reads the Prometheus folder between importing this
-# module and starting the workers (no hook runs earlier); each server gets a folder of its own (runners/serving.py).
-own_metrics_dir()
-# Before any worker serves: BentoML's per-request timeout kept every request of the last 10 minutes (issue 18).
-release_request_timers()
+# module and starting the workers (no hook runs earlier). With the BentoML version check and the per-request timers'
+# release, every use of BentoML's internals is in runners/bentoml_internals.py.
+prepare_server()
 
 # The one read of settings at import in this module: BentoML builds the service graph from the class attributes, so
 # a detector that is off (ZSS_DETECTOR_MODEL=none) is not declared at all: no process, no memory.
