@@ -24,10 +24,9 @@ from prometheus_client import Counter
 
 from cache.embeddings import namespace
 from cache.interfaces import DeploymentStore, StoreUnavailable, VectorStore
-from cache.registry import Deployment
 from engine.admission import Admission, Refused
 from engine.configs import DeployRequest, Kind, check_classes, kind_of
-from engine.deployments import Compiled, Deployments, DeployOutcome
+from engine.deployments import Compiled, DeploymentInfo, Deployments, DeployOutcome
 from engine.embedder import EmbedStats, Progress, TextEmbedder
 from engine.encoders import DetectorEncoder, ImageEncoder, TextEncoder
 from engine.exemplars import ImageEmbedder, has_images
@@ -304,7 +303,7 @@ class Engine:
     async def model_config(self, deployed_id: str, *, caller: Tenant) -> dict[str, Any]:
         return await in_thread(self.deployments.config, deployed_id, caller=caller)
 
-    async def list_deployments(self, *, caller: Tenant) -> list[Deployment]:
+    async def list_deployments(self, *, caller: Tenant) -> list[DeploymentInfo]:
         return await in_thread(self.deployments.list, caller=caller)
 
     async def delete(self, deployed_id: str, *, caller: Tenant) -> None:
