@@ -135,7 +135,8 @@ def build_app(engine: Engine | None = None, settings: Settings | None = None) ->
     @app.post("/detect", response_model=list[list[Detection]], responses=ERRORS, openapi_extra=image_body("data"))
     async def detect(request: Request, deployed_id: DeployedId, eng: EngineDep, who: CallerDep) -> Any:
         """Detect the deployed classes: one list of {"tlbr", "score", "class"} per image, best first."""
-        return convert.detections(await eng.detect(deployed_id, await image_sources(request), caller=who))
+        sources = await image_sources(request)
+        return convert.detections(await eng.detect(deployed_id, sources, caller=who, arrived=arrived(request)))
 
     @app.get("/model_config", responses=ERRORS)
     async def model_config(deployed_id: DeployedId, eng: EngineDep, who: CallerDep) -> dict[str, Any]:

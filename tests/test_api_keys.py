@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from testing.client import assert_error, bearer, files
+from testing.client import assert_error, bearer, deploy, files
 from testing.images import jpeg_bytes
 from testing.models import ClipFiles, clip_env
 from testing.server import Server, running_server
@@ -211,3 +211,32 @@ def test_a_fuzz_of_headers_gives_no_5xx(keyed: Server) -> None:
     # And the server goes on serving.
     assert httpx.get(keyed.url + "/deployments", headers=bearer(KEY_A), timeout=30).status_code == 200
     assert "unhandled error" not in keyed.log()
+
+
+def test_the_web_page_on_a_keyed_server_asks_for_a_key_and_works_with_one(keyed: Server) -> None:
+    """Debian's Chromium against this keyed server (no faked route): without a key the page's first call is refused
+    and the key field says so; with tenant a's key the page lists a's deployments and classifies."""
+    from testing.browser import chromium
+
+    with httpx.Client(base_url=keyed.url, timeout=60, headers=bearer(KEY_A)) as c:
+        dep = deploy(c)["deployed_id"]
+    with chromium() as browser:
+        ctx = browser.new_context()
+        try:
+            page = ctx.new_page()
+            page.goto(keyed.url + "/ui/")
+            page.locator("#api-key-error", has_text="API key").wait_for()  # the server's own 401 message
+            assert page.evaluate("document.activeElement.id") == "api-key"
+            page.fill("#api-key", KEY_A)
+            page.dispatch_event("#api-key", "change")
+            page.click("#refresh")
+            page.locator(f'#deployment-rows tr[data-id="{dep}"]').wait_for()
+            assert page.locator("#api-key-error").is_hidden()
+            page.locator("#classes .class .name").fill("cat")
+            page.locator("#classes .class .include").fill("cat")
+            page.set_input_files("#file", files=[{"name": "a.jpg", "mimeType": "image/jpeg", "buffer": jpeg_bytes(5)}])
+            page.wait_for_function("['done', 'error'].includes(document.body.dataset.state)", timeout=120_000)
+            assert page.evaluate("document.body.dataset.state") == "done"
+            assert page.locator("#strip .card .bar").count() == 1
+        finally:
+            ctx.close()
