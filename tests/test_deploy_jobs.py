@@ -32,7 +32,7 @@ def _wait_done(c: httpx.Client, job_id: str) -> tuple[dict, list[tuple[int, int]
         seen.append((job["done"], job["total"]))
         return job if job["state"] != "running" else None
 
-    return wait_for(finished, f"job {job_id} finished", deadline_s=600), seen
+    return wait_for(finished, f"job {job_id} finished", deadline_s=300), seen
 
 
 def test_a_deploy_job_reports_progress_and_short_texts_take_their_own_lane(server: Server) -> None:
