@@ -51,15 +51,10 @@ from engine.jobs import Job
 from engine.pipelines import Engine, in_thread
 from engine.tenancy import Tenant
 from errors import ZssError
+from runners.bentoml_internals import prepare_server
 from runners.clip_service import ClipImageEncoder, ClipTextEncoder
 from runners.owl_service import OwlDetectorEncoder
-from runners.serving import (
-    detector_declared,
-    own_metrics_dir,
-    record_build_settings,
-    release_request_timers,
-    service_settings,
-)
+from runners.serving import detector_declared, record_build_settings, service_settings
 from settings import LimitedLog, Settings, configure_logging
 
 log = logging.getLogger("zss.api")
@@ -140,7 +135,8 @@ def build_app(engine: Engine | None = None, settings: Settings | None = None) ->
     @app.post("/detect", response_model=list[list[Detection]], responses=ERRORS, openapi_extra=image_body("data"))
     async def detect(request: Request, deployed_id: DeployedId, eng: EngineDep, who: CallerDep) -> Any:
         """Detect the deployed classes: one list of {"tlbr", "score", "class"} per image, best first."""
-        return convert.detections(await eng.detect(deployed_id, await image_sources(request), caller=who))
+        sources = await image_sources(request)
+        return convert.detections(await eng.detect(deployed_id, sources, caller=who, arrived=arrived(request)))
 
     @app.get("/model_config", responses=ERRORS)
     async def model_config(deployed_id: DeployedId, eng: EngineDep, who: CallerDep) -> dict[str, Any]:
@@ -221,10 +217,9 @@ def build_app(engine: Engine | None = None, settings: Settings | None = None) ->
 app = build_app()
 
 # A side effect at import, on purpose: BentoML's server process reads the Prometheus folder between importing this
-# module and starting the workers (no hook runs earlier); each server gets a folder of its own (runners/serving.py).
-own_metrics_dir()
-# Before any worker serves: BentoML's per-request timeout kept every request of the last 10 minutes (issue 18).
-release_request_timers()
+# module and starting the workers (no hook runs earlier). With the BentoML version check and the per-request timers'
+# release, every use of BentoML's internals is in runners/bentoml_internals.py.
+prepare_server()
 
 # The one read of settings at import in this module: BentoML builds the service graph from the class attributes, so
 # a detector that is off (ZSS_DETECTOR_MODEL=none) is not declared at all: no process, no memory.

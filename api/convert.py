@@ -8,8 +8,7 @@ from typing import Any
 import numpy as np
 
 from api.photofield import encode_embedding
-from cache.registry import Deployment
-from engine.configs import Kind
+from engine.deployments import DeploymentInfo
 from engine.kinds import Classification, Detection
 from imaging.sources import ImageSource
 
@@ -35,13 +34,12 @@ def detections(results: Sequence[Sequence[Detection]]) -> list[list[dict[str, An
     return [[{"tlbr": d.tlbr, "score": d.score, "class": d.label} for d in image] for image in results]
 
 
-def deployment_summary(d: Deployment) -> dict[str, Any]:
-    key = "detector_configs" if d.kind == Kind.DETECTOR else "classifier_configs"
+def deployment_summary(d: DeploymentInfo) -> dict[str, Any]:
     return {
-        "deployed_id": d.id,
+        "deployed_id": d.deployed_id,
         "kind": d.kind,
         "tenant": d.tenant,
-        "n_classes": len(d.config.get(key, [])),
+        "n_classes": d.n_classes,
         "version": d.version,
         "created_at": d.created_at,
         "updated_at": d.updated_at,

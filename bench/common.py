@@ -226,24 +226,31 @@ def image_post(path: str, blob: bytes, field_name: str = "data") -> Post:
     return Post(path, body, f"multipart/form-data; boundary={boundary}")
 
 
-def steady_load(url: str, post: Post, concurrency: int, duration_s: float, ramp_s: float = 2.0) -> LoadResult:
+def steady_load(
+    url: str,
+    post: Post,
+    concurrency: int,
+    duration_s: float,
+    ramp_s: float = 2.0,
+    clock: Callable[[], float] = time.perf_counter,
+) -> LoadResult:
     """``concurrency`` clients (threads with one keep-alive ``http.client`` connection each) send ``post`` back to
     back for ``ramp_s + duration_s`` seconds. Only requests that end inside the last ``duration_s`` seconds count, so
     the rate is the steady state at full concurrency, without the ramp-up or the drain of a fixed request count
     (with 48 requests over 16 clients the ramp and drain cost P1 about a tenth, BENCHMARKS.md). A transport error
-    counts as status -1 and reconnects."""
+    counts as status -1 and reconnects. ``clock`` is for tests (a clock the test server moves)."""
     u = urlsplit(url)
     headers = {"Content-Type": post.content_type, "Content-Length": str(len(post.body))}
     done: list[tuple[float, float, int]] = []  # (end, latency, status)
     lock = threading.Lock()
-    t0 = time.perf_counter()
+    t0 = clock()
     start, stop = t0 + ramp_s, t0 + ramp_s + duration_s
 
     def client() -> None:
         conn = http.client.HTTPConnection(u.hostname, u.port, timeout=600)
         mine = []
-        while time.perf_counter() < stop:
-            t = time.perf_counter()
+        while clock() < stop:
+            t = clock()
             try:
                 conn.request("POST", post.path, body=post.body, headers=headers)
                 resp = conn.getresponse()
@@ -253,7 +260,7 @@ def steady_load(url: str, post: Post, concurrency: int, duration_s: float, ramp_
                 status = -1
                 conn.close()
                 conn = http.client.HTTPConnection(u.hostname, u.port, timeout=600)
-            end = time.perf_counter()
+            end = clock()
             mine.append((end, end - t, status))
         conn.close()
         with lock:

@@ -37,6 +37,24 @@ class DeployOutcome:
 
 
 @dataclass(frozen=True)
+class DeploymentInfo:
+    """What the API shows of a deployment: the registry's row without its stored config (that stays in the engine)."""
+
+    deployed_id: str
+    kind: str
+    tenant: str
+    n_classes: int
+    version: int
+    created_at: float
+    updated_at: float
+
+    @classmethod
+    def of(cls, d: Deployment) -> DeploymentInfo:
+        key = "detector_configs" if d.kind == Kind.DETECTOR else "classifier_configs"
+        return cls(d.id, d.kind, d.tenant, len(d.config.get(key, [])), d.version, d.created_at, d.updated_at)
+
+
+@dataclass(frozen=True)
 class _Entry:
     version: int
     kind: Kind
@@ -162,9 +180,9 @@ class Deployments:
         body = load_config(Kind(dep.kind), dep.config)
         return {**stored_config(body), "deployed_id": dep.id}
 
-    def list(self, *, caller: Tenant) -> list[Deployment]:
+    def list(self, *, caller: Tenant) -> list[DeploymentInfo]:
         """The caller's tenant's deployments (an admin's: every tenant's), oldest first."""
-        return self.store.list(tenant=caller.view)
+        return [DeploymentInfo.of(d) for d in self.store.list(tenant=caller.view)]
 
     def delete(self, deployed_id: str, *, caller: Tenant) -> None:
         if not self.store.delete(deployed_id, caller.view):

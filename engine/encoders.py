@@ -24,6 +24,7 @@ from PIL import Image
 
 from engine.kinds import BoxEncoding
 from errors import Unavailable
+from runners.clip_wire import SHORT_LANE_PROMPTS
 from runners.owl_wire import unpack
 
 log = logging.getLogger(__name__)
@@ -150,11 +151,6 @@ class RemoteClipImage(_Remote):
     async def encode_pixels(self, pixels: np.ndarray, spent_s: float = 0.0) -> np.ndarray:
         out = await call_async(lambda: self.handle.to_async.encode_pixels(pixels, spent_s=spent_s))
         return np.asarray(out, dtype=np.float32)
-
-
-# Prompts that go to the text encoder's short lane (runners/clip_service.py ``encode_now``, the same number): short
-# requests are answered beside a long deploy's batches instead of queueing behind them.
-SHORT_LANE_PROMPTS = 128
 
 
 class RemoteClipText(_Remote):

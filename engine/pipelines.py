@@ -24,10 +24,9 @@ from prometheus_client import Counter
 
 from cache.embeddings import namespace
 from cache.interfaces import DeploymentStore, StoreUnavailable, VectorStore
-from cache.registry import Deployment
 from engine.admission import Admission, Refused
 from engine.configs import DeployRequest, Kind, check_classes, kind_of
-from engine.deployments import Compiled, Deployments, DeployOutcome
+from engine.deployments import Compiled, DeploymentInfo, Deployments, DeployOutcome
 from engine.embedder import EmbedStats, Progress, TextEmbedder
 from engine.encoders import DetectorEncoder, ImageEncoder, TextEncoder
 from engine.exemplars import ImageEmbedder, has_images
@@ -111,6 +110,8 @@ class Engine:
         self._det_image_embedder: ImageEmbedder | None = None
         self.jobs = Jobs()
         self.admission = Admission(settings.image_max_latency_ms / 1000)
+        # /detect: the same bound, on the detector's own measured rate and fastest answer.
+        self.detect_admission = Admission(settings.image_max_latency_ms / 1000)
         self._refused_log = LimitedLog(log)  # expected under overload: a WARNING line now and then
 
     # -- learned lazily from the encoders -------------------------------------------------------------------------
@@ -256,11 +257,17 @@ class Engine:
             emb = await self.image_encoder.encode_pixels(pixels, time.monotonic() - t0)
         return await in_thread(ClassifierKind.score, emb, clf)
 
-    async def detect(self, deployed_id: str, sources: list[ImageSource], *, caller: Tenant) -> list[list[Detection]]:
+    async def detect(
+        self, deployed_id: str, sources: list[ImageSource], *, caller: Tenant, arrived: float | None = None
+    ) -> list[list[Detection]]:
+        """``arrived``: as for :meth:`classify` (the detector's own admission)."""
         info = await in_thread(self.detector_info)
-        decoded = await in_thread(self._for_detector, sources, int(info["input_size"]))
-        det: CompiledDetector = await in_thread(self.deployments.compiled, deployed_id, Kind.DETECTOR, caller=caller)
-        encodings = await self.detector.encode_images([d[0] for d in decoded])
+        async with self._admitted(len(sources), arrived, self.detect_admission):
+            decoded = await in_thread(self._for_detector, sources, int(info["input_size"]))
+            det: CompiledDetector = await in_thread(
+                self.deployments.compiled, deployed_id, Kind.DETECTOR, caller=caller
+            )
+            encodings = await self.detector.encode_images([d[0] for d in decoded])
 
         def score() -> list[list[Detection]]:
             return [DetectorKind.score(e, det, (sx, sy)) for e, (_, sx, sy) in zip(encodings, decoded)]
@@ -286,7 +293,9 @@ class Engine:
             return await self.image_encoder.encode_pixels(pixels, time.monotonic() - t0)
 
     @asynccontextmanager
-    async def _admitted(self, n: int, arrived: float | None) -> AsyncIterator[float]:
+    async def _admitted(
+        self, n: int, arrived: float | None, admission: Admission | None = None
+    ) -> AsyncIterator[float]:
         """Wait for admission (engine/admission.py) when the request's arrival is known; yields the time the latency
         bound counts from. The time before the encoder (waiting here, decoding, which grows under load as decode
         threads queue) counts towards the encoder's bound too."""
@@ -294,7 +303,7 @@ class Engine:
             yield time.monotonic()
             return
         try:
-            async with self.admission.admit(n, arrived):
+            async with (admission or self.admission).admit(n, arrived):
                 yield arrived
         except Refused:
             IMAGE_REQUESTS_REFUSED.inc()
@@ -304,7 +313,7 @@ class Engine:
     async def model_config(self, deployed_id: str, *, caller: Tenant) -> dict[str, Any]:
         return await in_thread(self.deployments.config, deployed_id, caller=caller)
 
-    async def list_deployments(self, *, caller: Tenant) -> list[Deployment]:
+    async def list_deployments(self, *, caller: Tenant) -> list[DeploymentInfo]:
         return await in_thread(self.deployments.list, caller=caller)
 
     async def delete(self, deployed_id: str, *, caller: Tenant) -> None:

@@ -19,6 +19,7 @@ from starlette.responses import PlainTextResponse
 
 from runners.batcher import LaneBatcher, Overloaded
 from runners.clip import load_clip_encoder
+from runners.clip_wire import SHORT_LANE_PROMPTS
 from runners.device import configure_threads, encoder_lanes, service_workers
 from runners.serving import RUNNER_CONNECTION, TRAFFIC, bento_model, service_settings
 from settings import LimitedLog, configure_logging
@@ -53,10 +54,6 @@ IMAGE_BATCH_SECONDS = Histogram(
 TEXT_BATCH = Histogram(
     "zss_text_batch_size", "Prompts per text-encoder call", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 )
-
-
-# Prompts that take the text encoder's short lane (engine/encoders.py routes by count): one text with the 80 templates.
-SHORT_LANE_PROMPTS = 128
 
 
 class BadPixels(bentoml.exceptions.InvalidArgument):

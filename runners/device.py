@@ -66,12 +66,9 @@ def encoder_lanes(device_name: str, requested: int = 0, workers: int = 1, *, quo
 def service_workers(name: str, default: int) -> int:
     """Workers BentoML really runs for service ``name``: the decorator's value or its override in
     ``BENTOML_CONFIG_OPTIONS`` / ``BENTOML_CONFIG`` (e.g. ``services.clip_image_encoder.workers=1``)."""
-    try:
-        from bentoml._internal.configuration.containers import BentoMLContainer
+    from runners.bentoml_internals import configured_workers
 
-        workers = BentoMLContainer.config.services[name].get().get("workers")
-    except Exception:  # not under bentoml serve, or the private config layout changed
-        return default
+    workers = configured_workers(name)
     if workers == "cpu_count":
         return cpu_quota()
     try:

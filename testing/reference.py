@@ -76,6 +76,15 @@ def ref_iou(a: Box, b: Box) -> float:
     return inter / union if union > 0 else 0.0
 
 
+def ref_image_query(boxes: Sequence[Box], objectness: Sequence[float], width: float, height: float) -> int:
+    """Which box of an example image stands for it (OWLv2's image-guided detection): of the boxes whose IoU with the
+    whole image is at least 0.8 of the best such IoU, the one with the most objectness (ties: the first)."""
+    whole = (0.0, 0.0, float(width), float(height))
+    ious = [ref_iou(b, whole) for b in boxes]
+    near = [i for i, iou in enumerate(ious) if iou >= 0.8 * max(ious)]
+    return max(near, key=lambda i: (objectness[i], -i))
+
+
 def ref_greedy_nms(candidates: list[int], score: dict[int, float], neighbours: list[set[int]]) -> list[int]:
     """Visit by descending score (ties: lower index first); keep a box unless a kept box is its neighbour."""
     kept: list[int] = []

@@ -148,3 +148,18 @@ def interleaved_medians(
                 fn(arg)
             out.append(clock() - t0)
     return statistics.median(ta), statistics.median(tb)
+
+
+def ratio_within(
+    measure: Callable[[], tuple[float, float]], low: float, high: float, attempts: int = 3
+) -> tuple[bool, list[float]]:
+    """Call ``measure()`` (two medians) up to ``attempts`` times until the ratio of the two is in (low, high): whether
+    one was, and the ratios seen. A real difference (a comparison that exits early) is outside on every attempt; a
+    burst of load from another process on a shared machine rarely is on all of them."""
+    seen: list[float] = []
+    for _ in range(attempts):
+        a, b = measure()
+        seen.append(a / b)
+        if low < seen[-1] < high:
+            return True, seen
+    return False, seen

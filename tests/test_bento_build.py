@@ -8,9 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from testing.server import ROOT
+
+# Longer than the suite's 600 s per test (pyproject): `bentoml build` runs up to 300 s each.
+pytestmark = pytest.mark.timeout(1200)
 
 
 def test_cpu_and_gpu_bentofiles_package_the_same_service() -> None:

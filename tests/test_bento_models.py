@@ -28,7 +28,8 @@ from testing.models import SHAPES_CLIP, shapes_clip_env
 from testing.server import ROOT, Server, running_server
 from tools import shapes
 
-pytestmark = pytest.mark.server
+# Longer than the suite's 600 s per test (pyproject): module fixtures build a bento and start servers.
+pytestmark = [pytest.mark.server, pytest.mark.timeout(1800)]
 
 MODEL_SETTINGS = ("ZSS_CLIP_MODEL", "ZSS_CLIP_PRETRAINED", "ZSS_DETECTOR_MODEL")
 CLASSIFIER = {

@@ -9,15 +9,13 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from runners.owl import OwlDetector
-from semantic.detect import image_query_index
 from semantic.templates_detect import DETECTION_TEMPLATES
 from testing.client import assert_error, deploy, files
 from testing.images import jpeg_bytes
-from testing.reference import ref_detect, reference_box_scores
+from testing.reference import ref_detect, ref_image_query, reference_box_scores
 from testing.server import Server
 
 pytestmark = pytest.mark.server
@@ -236,6 +234,7 @@ def test_an_image_example_is_an_owl_image_query(server: Server, tiny_owl: Path) 
     owl = OwlDetector(str(tiny_owl), top_k=48, device="cpu")
     example = Image.open(io.BytesIO(example_blob)).convert("RGB")
     enc = owl.encode_images([example])[0]
-    query = enc["class_embeds"][image_query_index(torch.from_numpy(enc["boxes"]), *example.size)]
+    boxes = [tuple(b) for b in enc["boxes"].tolist()]
+    query = enc["class_embeds"][ref_image_query(boxes, enc["objectness"].tolist(), *example.size)]
     scene = Image.open(io.BytesIO(scene_blob)).convert("RGB")
     assert_same(r.json()[0], reference_with(owl, scene, body, [([query], [])], (1.0, 1.0)))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -174,7 +175,7 @@ def test_concurrent_requests_are_batched(server: Server) -> None:
 def test_two_servers_under_one_bentoml_home_keep_their_own_metrics(tiny_clip: ClipFiles, tmp_path: Path) -> None:
     """BentoML keeps every server's multiprocess metric files in one folder per BENTOML_HOME and empties it when a
     server starts: the first server's /metrics went stale and each showed the other's counters. Each server now has a
-    folder of its own (runners/serving.py own_metrics_dir), under the same home."""
+    folder of its own (runners/bentoml_internals.py own_metrics_dir), under the same home."""
 
     def encode_two(server: Server, tag: str) -> None:
         with server.client() as c:
@@ -220,14 +221,18 @@ def test_overloaded_image_encoder_is_a_503_and_the_server_goes_on(tiny_clip: Cli
 
 
 def _check_layout_and_no_reconnects(server: Server) -> None:
-    from runners.device import cpu_quota
-
     # The CPU layout: one image-encoder process with min(2, quota) lanes, each lane with its share of the quota as
-    # torch threads (ZSS_LOG_LEVEL=INFO).
+    # torch threads (ZSS_LOG_LEVEL=INFO). The quota written plainly here (not runners.device's): the server's affinity
+    # mask, capped by a cgroup v2 limit where there is one.
+    quota = len(os.sched_getaffinity(server.proc.pid))
+    cpu_max = Path("/sys/fs/cgroup/cpu.max")
+    if cpu_max.exists() and cpu_max.read_text().split()[0] != "max":
+        limit, period = map(int, cpu_max.read_text().split()[:2])
+        quota = min(quota, max(1, limit // period))
     pattern = r"image encoder \S+ ready \((\d+) lanes x (\d+) torch threads?, 1 of (\d+) workers\)"
     layouts = re.findall(pattern, server.log())
-    lanes = min(2, cpu_quota())
-    assert layouts == [(str(lanes), str(max(1, cpu_quota() // lanes)), "1")], layouts
+    lanes = min(2, quota)
+    assert layouts == [(str(lanes), str(max(1, quota // lanes)), "1")], layouts
     # Well over BentoML's default of 100 requests per dependency-client session, 16 at a time: the session must not
     # be replaced under requests in flight (they failed with ServerDisconnectedError and were encoded twice).
     blob = jpeg_bytes(8, size=(320, 240))

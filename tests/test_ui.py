@@ -259,6 +259,31 @@ def test_errors_shown_where_they_come_from(ui: UI) -> None:
     ui.shot("empty-class-list")
 
 
+def test_a_fresh_page_waits_for_a_name_and_shows_the_apis_errors_in_words(ui: UI) -> None:
+    """Opened fresh, with an image dropped before anything is typed: no deploy is sent and no error shows, only the
+    hint; a class with a name and an example then runs. A validation message of the API (the real server's, for an
+    empty class name) reads as a line about the class, the API's message below it."""
+    deploys: list[str] = []
+    ui.page.on("request", lambda r: deploys.append(r.url) if "/deploy_" in r.url else None)
+    assert ui.page.locator("#config-hint").is_visible()
+    ui.upload(("a.jpg", jpeg_bytes(2), "image/jpeg"))
+    ui.page.wait_for_function("document.body.dataset.state === 'incomplete'")
+    assert deploys == [] and ui.page.locator("#config-error").is_hidden()
+    assert ui.page.locator("#config-hint").is_visible()
+    ui.shot("fresh-page-with-an-image")
+    ui.fill_class(0, "cat", ["cat"])
+    assert ui.settle() == "done"
+    assert len(deploys) == 1 and ui.page.locator("#config-hint").is_hidden()
+
+    with ui.server.client() as c:
+        r = c.post("/deploy_classifier", json={"classifier_configs": [{"name": "", "examples_to_include": ["a"]}]})
+    assert_error(r, 422, "validation error")
+    shown = ui.page.evaluate("m => zss.explain(m)", r.json()["message"])
+    assert shown == {"text": "Not deployable yet. Class 1: its name cannot be empty.", "detail": r.json()["message"]}
+    plain = ui.page.evaluate("m => zss.explain(m)", "Class list is empty.")
+    assert plain == {"text": "Class list is empty.", "detail": ""}  # already in words: shown as it is
+
+
 def test_api_key_sent_as_bearer_and_401_focuses_the_field(ui: UI) -> None:
     seen: list[str | None] = []
     ui.page.on("request", lambda r: seen.append(r.headers.get("authorization")) if "/deployments" in r.url else None)
@@ -418,20 +443,37 @@ def test_image_examples_in_the_form_equal_the_api(ui: UI, server: Server) -> Non
     assert ui.export()["classifier_configs"][0]["examples_to_exclude"] == []
 
 
-def test_open_set_in_the_form(ui: UI) -> None:
+def test_open_set_in_the_form(ui: UI, server: Server) -> None:
+    """With an open set whose threshold falls between the images' best raw scores, the page marks as rejected exactly
+    the images the API's /classify says are ``rejected`` (for the deployment the page made)."""
     ui.fill_class(0, "cat", ["cat"])
-    ui.upload(("a.jpg", jpeg_bytes(3), "image/jpeg"))
+    ui.page.click("#add-class")
+    ui.fill_class(1, "car", ["car"])
+    blobs = [jpeg_bytes(seed) for seed in range(3, 9)]
+    ui.upload(*[(f"{i}.jpg", b, "image/jpeg") for i, b in enumerate(blobs)])
     assert ui.settle() == "done"
     assert ui.page.locator("#strip .rejected-note").count() == 0
+    best = [max(b["raw"] for b in card) for card in bars(ui)]
+    # A threshold on the slider's 0.01 grid between the lowest and the highest best score, when they differ enough.
+    grid = [g / 100 for g in range(101) if min(best) < g / 100 <= max(best)]
+    threshold = grid[len(grid) // 2] if grid else 1.0
     ui.page.check("#open-set")
-    set_range(ui.page.locator("#open-threshold"), 1.0)  # every raw score is below 1: everything is rejected
+    set_range(ui.page.locator("#open-threshold"), threshold)
     ui.page.fill("#open-label", "something else")
     assert ui.settle() == "done"
-    note = ui.page.locator("#strip .rejected-note")
-    note.wait_for()
-    assert note.get_attribute("data-rejected") == "something else"
-    assert ui.export()["open_set"] == {"label": "something else", "threshold": 1.0}
-    assert [len(b) for b in bars(ui)] == [1]  # the class's bar stays
+    assert ui.export()["open_set"] == {"label": "something else", "threshold": threshold}
+    draft = ui.page.evaluate("document.body.dataset.draft")
+    with server.client() as c:
+        api = [c.post("/classify", params={"deployed_id": draft}, files=files(b)).json()["rejected"] for b in blobs]
+    cards = ui.page.locator("#strip .card")
+    page = [cards.nth(i).locator(".rejected-note").count() == 1 for i in range(len(blobs))]
+    assert page == api, (page, api, best, threshold)
+    assert api == [x < threshold for x in best]  # the rule: rejected when the best raw score is below the threshold
+    if grid:
+        assert any(api) and not all(api), (best, threshold)  # both kinds shown
+    for i in (i for i, r in enumerate(api) if r):
+        assert cards.nth(i).locator(".rejected-note").get_attribute("data-rejected") == "something else"
+    assert [len(b) for b in bars(ui)] == [2] * len(blobs)  # the classes' bars stay
     ui.shot("open-set")
     ui.page.uncheck("#open-set")
     assert ui.settle() == "done"

@@ -61,8 +61,41 @@ function showKeyError(message) {
   $("#api-key").focus();
 }
 
+// The API's messages in words for the page. DirectAI's validation message (pydantic's whole report on one line) becomes
+// one short line per problem, naming the class by its number; the API's own message stays below it as the detail.
+const FIELDS = {
+  name: "its name",
+  examples_to_include: "its examples",
+  examples_to_exclude: "its excluded examples",
+  detection_threshold: "its detection threshold",
+  nms_threshold: "the overlap (NMS) threshold",
+  open_set: "the open-set option",
+};
+
+function explain(message) {
+  if (!/^\d+ validation errors? for Request/.test(message)) return { text: message, detail: "" };
+  const problems = message.split(" body -> ").slice(1).map((part) => {
+    const loc = part.split(" -> ");
+    const last = loc.pop();
+    const field = last.split(" ")[0];
+    const msg = last.slice(field.length + 1).replace(/ \(type=[^)]*\)\s*$/, "");
+    let what = FIELDS[field] || field;
+    if (/_configs$/.test(loc[0] || "") && /^\d+$/.test(loc[1] || "")) what = `Class ${Number(loc[1]) + 1}: ${what}`;
+    return `${what} ${/at least 1 character/.test(msg) ? "cannot be empty" : msg}`;
+  });
+  const text = problems.length ? `Not deployable yet. ${problems.join("; ")}.` : "The server did not accept these settings.";
+  return { text, detail: message };
+}
+
 function showError(el, message) {
-  el.textContent = message;
+  const { text, detail } = explain(message);
+  el.textContent = text;
+  if (detail) {
+    const small = document.createElement("small");
+    small.className = "detail";
+    small.textContent = `Server: ${detail}`;
+    el.append(small);
+  }
   el.hidden = false;
 }
 
@@ -365,6 +398,15 @@ async function run() {
   const { signal } = controller;
   const k = kind();
   const cfg = currentConfig();
+  const classes = cfg.detector_configs || cfg.classifier_configs;
+  // Still being written (a class without a name or without examples): nothing to deploy yet, and nothing wrong.
+  const unfinished = classes.some((c) => !c.name || c.examples_to_include.length + c.examples_to_exclude.length === 0);
+  $("#config-hint").hidden = !unfinished;
+  if (unfinished) {
+    clearError($("#config-error"));
+    document.body.dataset.state = "incomplete";
+    return;
+  }
   document.body.dataset.state = "busy";
   clearError($("#run-error"));
   busy(1);
@@ -393,7 +435,7 @@ async function run() {
         return;
       }
     }
-    const classes = (cfg.detector_configs || cfg.classifier_configs).map((c) => c.name);
+    const names = classes.map((c) => c.name);
     await Promise.all(
       state.images.map(async (img) => {
         const form = new FormData();
@@ -402,7 +444,7 @@ async function run() {
         try {
           const data = await api(`/${route}?deployed_id=${encodeURIComponent(draft)}`, { method: "POST", form, signal });
           if (k === "detector") await whenImageLoaded(img);
-          img.result = { kind: k, classes, data: k === "detector" ? data[0] : data };
+          img.result = { kind: k, classes: names, data: k === "detector" ? data[0] : data };
           img.error = null;
         } catch (e) {
           if (signal.aborted) return;
@@ -651,5 +693,5 @@ async function start() {
   refreshList();
 }
 
-window.zss = { currentConfig, loadConfig };
+window.zss = { currentConfig, loadConfig, explain };
 start();

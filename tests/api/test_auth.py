@@ -45,6 +45,7 @@ from testing.tenancy import (
     check_isolation,
     interleaved_medians,
     key_file,
+    ratio_within,
 )
 
 
@@ -386,15 +387,16 @@ def test_the_api_worker_finds_its_listening_address_from_bentomls_fd(monkeypatch
 def test_lookup_time_does_not_depend_on_how_much_of_a_key_matches() -> None:
     """In-process, where the comparison's own time is measurable (over HTTP the network's noise is 1,000 times larger;
     tests/test_api_keys.py checks the served route with a looser bound). A wrong key sharing all but its last
-    character with a held key against one sharing nothing, 3,000 interleaved rounds each: the medians are within 25%.
-    The same harness finds the leak of an early-exit comparison, so it can see one."""
+    character with a held key against one sharing nothing, 3,000 interleaved rounds each: the medians are within 25%
+    (on one of up to three tries). The same harness finds the leak of an early-exit comparison, so it can see one."""
     held = secrets.token_hex(512)  # 1,024 characters
     ring = KeyRing(parse_key_file(f"{held} t\n" + "".join(f"{secrets.token_hex(16)} t{i}\n" for i in range(20))))
     near = (held[:-1] + ("0" if held[-1] != "0" else "1")).encode()
     far = ("x" * len(held)).encode()
     assert ring.lookup(near) is None and ring.lookup(far) is None and ring.lookup(held.encode()) is not None
-    t_near, t_far = interleaved_medians(ring.lookup, near, far, trials=3000, reps=5)
-    assert 0.8 < t_near / t_far < 1.25, (t_near, t_far)
+    # Up to three measurements, one inside is enough: a leak is outside on all of them, load from others rarely.
+    inside, ratios = ratio_within(lambda: interleaved_medians(ring.lookup, near, far, trials=3000, reps=5), 0.8, 1.25)
+    assert inside, ratios
 
     def leaky(candidate: bytes, target: bytes = held.encode()) -> bool:
         for x, y in zip(candidate, target):

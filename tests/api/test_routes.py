@@ -293,17 +293,22 @@ def test_image_routes_count_the_bound_from_arrival_and_a_refusal_is_a_503_with_r
         yield  # pragma: no cover - never admitted
 
     monkeypatch.setattr(engine.admission, "admit", refuse)
+    monkeypatch.setattr(engine.detect_admission, "admit", refuse)  # /detect: its own admission, the same bound
     before = time.monotonic()
     for route, params in [
         ("/embed_image", {}),
         ("/image-embeddings", {}),
         ("/classify", {"deployed_id": dep["deployed_id"]}),
+        ("/detect", {"deployed_id": "asked-before-the-id-is-looked-up"}),
     ]:
-        r = client.post(route, params=params, files=files(jpeg_bytes(), jpeg_bytes(2)))
+        # Bytes no decoder accepts: a route that decoded before asking would answer 422, not the refusal.
+        r = client.post(route, params=params, files=files(b"not an image", b"\xff\xd8 nor this"))
         assert_error(r, 503, "cannot answer within 3 s")
         assert r.headers["retry-after"] == "3"
     after = time.monotonic()
     # Each route asked before decoding, with its images and the arrival its middleware stamped.
-    assert [n for n, _ in seen] == [2, 2, 2]
+    assert [n for n, _ in seen] == [2, 2, 2, 2]
     assert all(before <= t <= after for _, t in seen)
     assert sorted(t for _, t in seen) == [t for _, t in seen]
+    monkeypatch.undo()  # admitted, the same bytes are the decoder's 422
+    assert_error(client.post("/embed_image", files=files(b"not an image")), 422)

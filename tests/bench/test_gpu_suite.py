@@ -8,7 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from testing.server import ROOT
+
+# Longer than the suite's 600 s per test (pyproject): its smoke run may take up to 600 s.
+pytestmark = pytest.mark.timeout(1200)
 
 EXPECTED = (
     "bare image tower, batch 1",

@@ -163,19 +163,19 @@ def test_another_tenants_id_is_an_unknown_id_everywhere(tmp_path: Path) -> None:
     assert deps.compiled(mine, Kind.CLASSIFIER, caller=A).class_names == ("a",)
     assert comp.calls == ["b"]  # b's own deployment; b's probes did not drop a's compiled entry
     assert reg.get(mine).version == 1 and reg.get(out.deployed_id).tenant == "b"  # type: ignore[union-attr]
-    assert [d.id for d in deps.list(caller=A)] == [mine]
-    assert [d.id for d in deps.list(caller=B)] == [out.deployed_id]
+    assert [d.deployed_id for d in deps.list(caller=A)] == [mine]
+    assert [d.deployed_id for d in deps.list(caller=B)] == [out.deployed_id]
 
 
 def test_an_admin_sees_every_tenant_and_an_update_keeps_the_owner(tmp_path: Path) -> None:
     deps, comp, reg = make(tmp_path)
     a_id = deps.register(body("a"), comp(Kind.CLASSIFIER, body("a")), caller=A).deployed_id
     b_id = deps.register(body("b"), comp(Kind.CLASSIFIER, body("b")), caller=B).deployed_id
-    assert {d.id for d in deps.list(caller=ADMIN)} == {a_id, b_id}
+    assert {d.deployed_id for d in deps.list(caller=ADMIN)} == {a_id, b_id}
     out = deps.register(body("a2", deployed_id=a_id), comp(Kind.CLASSIFIER, body("a2")), caller=ADMIN)
     assert out.message == "Model updated." and reg.get(a_id).tenant == "a"  # type: ignore[union-attr]
     assert deps.compiled(a_id, Kind.CLASSIFIER, caller=A).class_names == ("a2",)
     own = deps.register(body("o"), comp(Kind.CLASSIFIER, body("o")), caller=ADMIN).deployed_id
     assert reg.get(own).tenant == "ops"  # type: ignore[union-attr]
     deps.delete(b_id, caller=ADMIN)
-    assert [d.id for d in deps.list(caller=B)] == []
+    assert [d.deployed_id for d in deps.list(caller=B)] == []

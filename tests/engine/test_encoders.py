@@ -62,7 +62,6 @@ def test_short_prompt_lists_take_the_text_encoders_short_lane() -> None:
     """A few prompts (an /embed_text) go to ``encode_now``, beside a long deploy's batches; the engine's threshold is
     the service's (runners/clip_service.py refuses more)."""
     from engine.encoders import SHORT_LANE_PROMPTS, RemoteClipText
-    from runners.clip_service import SHORT_LANE_PROMPTS as SERVICE_LIMIT
 
     calls: list[tuple[str, int]] = []
 
@@ -79,4 +78,3 @@ def test_short_prompt_lists_take_the_text_encoders_short_lane() -> None:
     text.encode(["a"] * SHORT_LANE_PROMPTS)
     text.encode(["a"] * (SHORT_LANE_PROMPTS + 1))
     assert calls == [("encode_now", SHORT_LANE_PROMPTS), ("encode", SHORT_LANE_PROMPTS + 1)]
-    assert SHORT_LANE_PROMPTS == SERVICE_LIMIT

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import threading
-import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
@@ -26,24 +25,31 @@ from imaging.sources import ImageLimits
 from semantic.classify import compile_classifier
 from testing.server import local_http_server
 
+GATE_S = 10.0  # only a fetcher that never overlaps its fetches waits this out
+
 
 class _Slow(BaseHTTPRequestHandler):
-    """GET /<n>.png: a 4x4 PNG of grey level n after a short wait; /missing.png: 404. Counts requests in flight."""
+    """GET /<n>.png: a 4x4 PNG of grey level n; /missing.png: 404. Counts requests in flight, and answers none until
+    ``overlap`` of them have been in flight at once (a gate, not a sleep: fetches one at a time would wait out
+    ``GATE_S`` and leave ``peak`` at 1, on any machine)."""
 
     lock = threading.Lock()
+    changed = threading.Condition(lock)
     in_flight = 0
     peak = 0
+    overlap = 2
 
     def log_message(self, *args: object) -> None:
         pass
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
         cls = type(self)
-        with cls.lock:
+        with cls.changed:
             cls.in_flight += 1
             cls.peak = max(cls.peak, cls.in_flight)
+            cls.changed.notify_all()
+            cls.changed.wait_for(lambda: cls.peak >= cls.overlap, timeout=GATE_S)
         try:
-            time.sleep(0.2)  # long enough for the other fetches to overlap this one
             name = self.path.strip("/").removesuffix(".png")
             if not name.isdigit():
                 self.send_response(404)
@@ -64,6 +70,7 @@ class _Slow(BaseHTTPRequestHandler):
 @pytest.fixture
 def port() -> Iterator[int]:
     _Slow.in_flight = _Slow.peak = 0
+    _Slow.overlap = 2
     with local_http_server(_Slow) as p:
         yield p
 
@@ -79,13 +86,14 @@ def embedder(tmp_path: Path) -> ImageEmbedder:
         allow_url_fetch=True,
         url_allow_hosts="127.0.0.1",
         url_allow_networks="127.0.0.1/32",
-        url_timeout_s=5,
+        url_timeout_s=30,  # longer than GATE_S: a fetcher without overlap fails the assertion, not a timeout
     )
     return ImageEmbedder(EmbeddingCache(tmp_path / "cache"), "test-image", encode, limits)
 
 
 def test_url_examples_are_fetched_concurrently_at_most_url_fetches_at_once(port: int, tmp_path: Path) -> None:
     n = exemplars.URL_FETCHES + 4
+    _Slow.overlap = exemplars.URL_FETCHES  # none answered before the fetcher has its whole bound in flight
     urls = [ImageUrl(url=f"http://127.0.0.1:{port}/{10 * i}.png") for i in range(n)]
     classes = [
         ClassifierConfig(name="a", examples_to_include=urls[: n // 2]),
@@ -94,7 +102,7 @@ def test_url_examples_are_fetched_concurrently_at_most_url_fetches_at_once(port:
     found = embedder(tmp_path).embed_classes(classes)
     got = np.concatenate(found.positives)[:, 1] * 255.0
     assert got.round().tolist() == [10 * i for i in range(n)]  # every vector in its example's place
-    assert 1 < _Slow.peak <= exemplars.URL_FETCHES
+    assert _Slow.peak == exemplars.URL_FETCHES
 
 
 def test_the_first_failing_url_in_order_is_the_error(port: int, tmp_path: Path) -> None:

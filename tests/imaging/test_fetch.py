@@ -83,11 +83,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self.send_header("Transfer-Encoding", "chunked")
             self.end_headers()
             block = b"y" * 16_384
-            for _ in range(64):  # 1 MiB unless the client hangs up first
+            while True:  # endless: only a client that stops at its size limit gets an answer (else a hang)
                 self.wfile.write(b"%x\r\n%s\r\n" % (len(block), block) if chunked else block)
-            if chunked:
-                self.wfile.write(b"0\r\n\r\n")
-            self.close_connection = True
         elif path == "/short":
             self.send_response(200)
             self.send_header("Content-Type", "image/png")
@@ -338,10 +335,9 @@ def test_upstream_error_status_is_400(server: str) -> None:
 
 @pytest.mark.parametrize("path", ["/big-declared", "/big-stream", "/big-chunked"])
 def test_too_large_is_413(server: str, path: str) -> None:
-    t0 = time.monotonic()
+    # The streams never end: a fetch that read on past the limit would hang (pytest-timeout), not pass late.
     err = refused(f"http://{server}{path}", 413, allow_networks=LOCAL)
     assert str(MAX) in err.message
-    assert time.monotonic() - t0 < 3
 
 
 def test_exact_size_limit(server: str) -> None:
@@ -355,22 +351,29 @@ def test_short_body_is_400(server: str) -> None:
 
 @pytest.mark.parametrize("path", ["/slow-body", "/slow-headers"])
 def test_total_time_is_capped(server: str, path: str) -> None:
+    # Every read is quick (a byte or a header line each 50 ms) and the whole answer comes after 5 s: only a cap on the
+    # total time gives "Timed out" (per-read timeouts never fire). A clock can only make it later, never earlier.
     t0 = time.monotonic()
     err = refused(f"http://{server}{path}", 422, timeout_s=0.5, allow_networks=LOCAL)
-    elapsed = time.monotonic() - t0
     assert "Timed out" in err.message
-    assert 0.4 < elapsed < 2.0
+    assert time.monotonic() - t0 >= 0.5
 
 
 def test_slow_dns_is_capped(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The resolver does not answer until the fetch has given up: only a fetch that stops waiting on DNS after its
+    timeout returns at all (a gate, not a sleep; its own deadline only keeps a broken fetch from hanging)."""
+    answered = threading.Event()
+
     def slow(*args: object, **kw: object) -> list[tuple]:
-        time.sleep(1.5)
+        answered.wait(60)
         raise socket.gaierror(socket.EAI_AGAIN, "slow")
 
     monkeypatch.setattr(urlfetch, "_getaddrinfo", slow)
-    t0 = time.monotonic()
-    refused("http://slow.test/img.png", 422, timeout_s=0.3)
-    assert time.monotonic() - t0 < 1.2
+    try:
+        err = refused("http://slow.test/img.png", 422, timeout_s=0.3)
+        assert not answered.is_set() and "Timed out" in err.message
+    finally:
+        answered.set()
 
 
 def test_connection_refused_is_400() -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import resource
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -161,17 +160,15 @@ def test_text_embeddings_normalised(detector: OwlDetector) -> None:
 
 def test_extreme_aspect_ratio_is_cheap(detector: OwlDetector) -> None:
     """800x15000 must not allocate a 15000x15000 intermediate (HF's pad-then-resize needs ~2.7 GB of float32).
+    Memory, not time, shows it: the time would depend on the machine.
 
     ru_maxrss is the process's peak RSS: it can only grow by at least (new allocation - headroom below the old
     peak), so a 2.7 GB intermediate would show here even if earlier tests left some headroom.
     """
     img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (15000, 800, 3), dtype=np.uint8))
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    t = time.perf_counter()
     (enc,) = detector.encode_images([img])
-    seconds = time.perf_counter() - t
     grew_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
     assert enc["boxes"].shape == (10, 4)
     assert enc["boxes"][:, 2].max() <= 800 and enc["boxes"][:, 3].max() <= 15000
-    assert seconds < 3.0, f"encoding took {seconds:.2f}s"
     assert grew_mb < 1000, f"peak RSS grew by {grew_mb:.0f} MB"

@@ -11,7 +11,8 @@ from typing import Any
 
 from bentoml._internal.server.http.traffic import TimeoutMiddleware
 
-from runners.serving import TRAFFIC, release_request_timers
+from runners.bentoml_internals import release_request_timers
+from runners.serving import TRAFFIC
 
 REQUEST = contextvars.ContextVar[Any]("request")
 
