@@ -17,6 +17,7 @@ from tritonclient.utils import InferenceServerException
 from testing.client import files
 from testing.images import jpeg_bytes, png_bytes
 from testing.server import Server, serving_files
+from tests import bad_inputs as bad
 
 pytestmark = pytest.mark.server
 
@@ -186,3 +187,20 @@ def test_triton_errors(tri: triton.InferenceServerClient, model: str, inputs: An
         tri.infer(model, inputs())
     assert caught.value.status() == status, caught.value
     assert caught.value.message() and "decoding the response" not in caught.value.message()  # {"error": str}
+
+
+# -- the bad-input corpus, through both protocols -------------------------------------------------------------------
+@pytest.mark.parametrize("name", [*sorted(bad.invalid_inputs()), "huge_header_png"])
+def test_the_bad_input_corpus_gets_the_protocols_4xx(
+    oai: openai.OpenAI, tri: triton.InferenceServerClient, reference: dict[str, Any], name: str
+) -> None:
+    blob = bad.huge_header_png(50_000, 50_000) if name == "huge_header_png" else bad.invalid_inputs()[name]
+    status = 413 if name == "huge_header_png" else 422  # as on /classify (tests/test_inputs.py)
+    with pytest.raises(openai.APIStatusError) as caught:
+        oai.embeddings.create(model="clip", input=[uri(blob)], extra_body={"modality": "image"})
+    assert caught.value.status_code == status and caught.value.param == "input", caught.value.body
+    with pytest.raises(InferenceServerException) as raised:
+        tri.infer("clip_image", [bytes_input("IMAGE", [blob])])
+    assert raised.value.status() == str(status), raised.value
+    good = tri.infer("clip_image", [bytes_input("IMAGE", reference["blobs"][:1])]).as_numpy("EMBEDDING")
+    assert cosines(good, reference["images"][:1]).min() >= COSINE  # and the server goes on
