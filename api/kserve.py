@@ -145,6 +145,10 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
+# A path the mounted app never sees (e.g. an encoded slash or a raw newline) gets BentoML's own plain-text 404.
+ERRORS[404]["content"] = {"text/plain": {"schema": {"type": "string"}}}
+
+
 class Bad(ZssError):
     """A request the protocol refuses."""
 

@@ -119,6 +119,8 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 # A refused image URL is 400, as on every image route.
 ERRORS[400] = {"model": OpenAIError, "description": "A refused image URL"}
+# A path the mounted app never sees (e.g. an encoded slash or a raw newline) gets BentoML's own plain-text 404.
+ERRORS[404]["content"] = {"text/plain": {"schema": {"type": "string"}}}
 
 
 def model_names(s: Served) -> list[str]:
