@@ -14,12 +14,12 @@ Errors come in OpenAI's shape ``{"error": {"message", "type", "param", "code"}}`
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import time
 from typing import Annotated, Any, Literal
 
-import anyio
 import numpy as np
 from fastapi import APIRouter, FastAPI, Path, Request
 from fastapi.responses import JSONResponse
@@ -174,19 +174,10 @@ def _encode(vectors: np.ndarray, fmt: str) -> list[Any]:
 
 
 async def _texts(eng: Any, texts: list[str]) -> tuple[np.ndarray, int]:
-    """The vectors of /embed_text (augment off) and the tokens the text tower read, asked side by side."""
-    out: dict[str, Any] = {}
-
-    async def embed() -> None:
-        out["vectors"] = await eng.embed_texts(texts, False)
-
-    async def count() -> None:
-        out["tokens"] = sum(await eng.count_tokens(texts))
-
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(embed)
-        tg.start_soon(count)
-    return out["vectors"], int(out["tokens"])
+    """The vectors of /embed_text (augment off) and the tokens the text tower read, asked side by side (gather, not a
+    task group: a failure must reach the handlers as itself, not inside an exception group)."""
+    vectors, counts = await asyncio.gather(eng.embed_texts(texts, False), eng.count_tokens(texts))
+    return vectors, int(sum(counts))
 
 
 router = APIRouter(tags=["OpenAI"], responses=ERRORS)

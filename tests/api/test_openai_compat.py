@@ -12,6 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api.inputs import MAX_IMAGES_PER_REQUEST
+from errors import Unavailable
 from service import build_app
 from testing.client import assert_error, bearer, files
 from testing.fakes import FakeClip, fake_engine
@@ -137,3 +138,16 @@ def test_the_edges_errors_read_as_openais_too(tmp_path: Path) -> None:
         assert c.post("/v1/embeddings", json={"model": "clip", "input": "x"}, headers=bearer(KEY_A)).status_code == 200
         assert_error(c.post("/embed_text", json={"texts": ["x"]}), 401)  # the other routes keep DirectAI's envelope
     engine.close()
+
+
+def test_an_unavailable_encoder_is_openais_503(
+    served: tuple[TestClient, FakeClip], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client, clip = served
+
+    def down(prompts: list[str]) -> list[int]:
+        raise Unavailable("The encoder could not be reached; retry later.")
+
+    monkeypatch.setattr(clip, "count_tokens", down)
+    err = openai_error(client.post("/v1/embeddings", json={"model": "clip", "input": "x"}), 503, "input")
+    assert err["type"] == "server_error" and "retry later" in str(err["message"])
