@@ -46,8 +46,8 @@ INPUTS = {IMAGE_MODEL: "IMAGE", TEXT_MODEL: "TEXT"}
 OUTPUT = "EMBEDDING"
 PLATFORM = "zeroshot_clip"
 
-ModelName = Annotated[str, Path(max_length=256)]
-Version = Annotated[str, Path(max_length=64)]
+ModelName = Annotated[str, Path(max_length=256, examples=[IMAGE_MODEL, TEXT_MODEL])]
+Version = Annotated[str, Path(max_length=64, examples=[VERSION])]
 
 
 class TensorMeta(BaseModel):
@@ -366,7 +366,10 @@ INFER_BODY = {
     "requestBody": {
         "required": True,
         "content": {
-            "application/json": {"schema": inline_schema(InferRequest)},
+            "application/json": {
+                "schema": inline_schema(InferRequest),
+                "example": {"inputs": [{"name": "TEXT", "shape": [1], "datatype": "BYTES", "data": ["a red circle"]}]},
+            },
             "application/octet-stream": {
                 "schema": {"type": "string", "format": "binary"},
                 "description": f"JSON of {HEADER} bytes, then the inputs' binary data",

@@ -206,7 +206,15 @@ def _model(name: str) -> dict[str, Any]:
     "/v1/embeddings",
     response_model=EmbeddingResponse,
     openapi_extra={
-        "requestBody": {"required": True, "content": {"application/json": {"schema": inline_schema(EmbeddingRequest)}}}
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {
+                    "schema": inline_schema(EmbeddingRequest),
+                    "example": {"model": ALIAS, "input": ["a red circle", "a blue square"]},
+                }
+            },
+        }
     },
 )
 async def create_embeddings(request: Request) -> JSONResponse:
