@@ -1,6 +1,7 @@
 """The foreign protocols' image throughput beside /embed_image, side by side in alternating rounds, one run.
 
     .venv/bin/python -m bench.bench_protocols [--concurrency 8] [--seconds 8] [--rounds 3]
+    .venv/bin/python -m bench.bench_protocols --api-cpu [--requests 200]
 
 ViT-B-32 with seeded random weights (the released architecture and cost), a 640x480 JPEG, detector off; one
 `bentoml serve` started here. Each round loads, one after the other, the same server with the same image through:
@@ -10,6 +11,10 @@ ViT-B-32 with seeded random weights (the released architecture and cost), a 640x
 alternate so that other users of a shared machine slow every side alike; each side's rate is the steady state of
 ``--concurrency`` clients sending back to back (``bench.common.steady_load``), one image per request. The ratio per
 round is the side's images/s over /embed_image's in that round; the median over rounds is quoted.
+
+``--api-cpu`` measures instead what differs between the routes, free of the machine's load: the CPU time of one
+request in the API worker (the routes in-process over fake encoders, the real engine decoding the same JPEG), per
+route, as process CPU seconds per request over ``--requests`` requests, alternating routes.
 """
 
 from __future__ import annotations
@@ -62,12 +67,42 @@ def triton_post(blob: bytes) -> Post:
     )
 
 
+def api_cpu(blob: bytes, sides: dict[str, Post], requests: int) -> None:
+    """CPU seconds per request of each route in-process (fake encoders, real engine and decoding), alternating."""
+    import time
+
+    from fastapi.testclient import TestClient
+
+    from service import build_app
+    from testing.fakes import fake_engine
+
+    with tempfile.TemporaryDirectory() as tmp:
+        engine, _ = fake_engine(Path(tmp) / "data")
+        spent = {name: 0.0 for name in sides}
+        with TestClient(build_app(engine)) as client:
+            for i in range(requests + 10):
+                for name, post in sides.items():
+                    headers = {"Content-Type": post.content_type, **dict(post.headers)}
+                    t0 = time.process_time()
+                    r = client.post(post.path, content=post.body, headers=headers)
+                    if i >= 10:  # after a warm-up
+                        spent[name] += time.process_time() - t0
+                    if r.status_code != 200:
+                        raise RuntimeError(f"{name}: {r.status_code} {r.text[:200]}")
+        engine.close()
+    ref = spent[next(iter(sides))]
+    rows = [[name, f"{1000 * t / requests:.2f}", f"{t / ref:.2f}"] for name, t in spent.items()]
+    print(table(["route (in-process, fake encoders)", "CPU ms per request", "ratio"], rows))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--seconds", type=float, default=8.0, help="measured seconds per side and round")
     ap.add_argument("--ramp", type=float, default=2.0, help="seconds of each side's load before measuring")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--api-cpu", action="store_true", help="CPU per request in the API worker, in-process")
+    ap.add_argument("--requests", type=int, default=200, help="requests per route with --api-cpu")
     args = ap.parse_args()
 
     print(f"machine: {machine()}", flush=True)
@@ -78,6 +113,9 @@ def main() -> None:
         "/v1/embeddings (float)": openai_post(blob, "float"),
         "/v2 clip_image infer (binary)": triton_post(blob),
     }
+    if args.api_cpu:
+        api_cpu(blob, sides, args.requests)
+        return
     reference = next(iter(sides))
     results: dict[str, list[LoadResult]] = {name: [] for name in sides}
     ratios: dict[str, list[float]] = {name: [] for name in sides}
