@@ -24,7 +24,7 @@ from fastapi import Depends, FastAPI, Path, Query, Request
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 
-from api import auth, convert, errors
+from api import auth, convert, errors, kserve, openai_compat
 from api.arrival import Arrival, arrived
 from api.inputs import image_sources
 from api.openapi import AUTH_ERRORS, ERRORS, image_body
@@ -207,6 +207,9 @@ def build_app(engine: Engine | None = None, settings: Settings | None = None) ->
         except ZssError:
             detector = False
         return {"allow_url_fetch": bool(s and s.allow_url_fetch), "detector_enabled": detector}
+
+    openai_compat.install(app)  # POST /v1/embeddings, GET /v1/models (issue 30)
+    kserve.install(app)  # the KServe v2 / Triton protocol under /v2 (issue 30)
 
     # The web page (ui/: static HTML + JS, no build step) at /ui/.
     if UI_DIR.is_dir():

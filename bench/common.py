@@ -210,6 +210,7 @@ class Post:
     path: str
     body: bytes
     content_type: str
+    headers: tuple[tuple[str, str], ...] = ()  # more request headers (Triton's Inference-Header-Content-Length)
 
 
 def image_post(path: str, blob: bytes, field_name: str = "data") -> Post:
@@ -240,7 +241,7 @@ def steady_load(
     (with 48 requests over 16 clients the ramp and drain cost P1 about a tenth, BENCHMARKS.md). A transport error
     counts as status -1 and reconnects. ``clock`` is for tests (a clock the test server moves)."""
     u = urlsplit(url)
-    headers = {"Content-Type": post.content_type, "Content-Length": str(len(post.body))}
+    headers = {"Content-Type": post.content_type, "Content-Length": str(len(post.body)), **dict(post.headers)}
     done: list[tuple[float, float, int]] = []  # (end, latency, status)
     lock = threading.Lock()
     t0 = clock()

@@ -50,6 +50,10 @@ class TextEncoder(Protocol):
         """Prompts (templates already applied) -> L2-normalised float32 [N, D]."""
         ...
 
+    def count_tokens(self, prompts: list[str]) -> list[int]:
+        """Tokens per prompt as the text tower reads them (its tokenizer, cut at its context)."""
+        ...
+
 
 class DetectorEncoder(Protocol):
     def info(self) -> dict[str, Any]:
@@ -76,6 +80,9 @@ class LocalClip:
 
     def encode(self, prompts: list[str]) -> np.ndarray:
         return np.asarray(self.encoder.encode_texts(prompts), dtype=np.float32)
+
+    def count_tokens(self, prompts: list[str]) -> list[int]:
+        return list(self.encoder.count_tokens(prompts))
 
 
 class LocalDetector:
@@ -157,6 +164,9 @@ class RemoteClipText(_Remote):
     def encode(self, prompts: list[str]) -> np.ndarray:
         method = self.handle.encode_now if len(prompts) <= SHORT_LANE_PROMPTS else self.handle.encode
         return np.asarray(call_sync(method, prompts), dtype=np.float32)
+
+    def count_tokens(self, prompts: list[str]) -> list[int]:
+        return [int(n) for n in call_sync(self.handle.count_tokens, prompts)]
 
 
 class RemoteDetector(_Remote):

@@ -286,6 +286,10 @@ class Engine:
 
         return await in_thread(embed)
 
+    async def count_tokens(self, texts: list[str]) -> list[int]:
+        """Tokens per text as the text tower reads them (OpenAI's ``usage``; nothing is cached)."""
+        return await in_thread(self.text_encoder.count_tokens, texts) if texts else []
+
     async def embed_images(self, sources: list[ImageSource], *, arrived: float | None = None) -> np.ndarray:
         """``arrived``: as for :meth:`classify`."""
         async with self._admitted(len(sources), arrived) as t0:

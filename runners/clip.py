@@ -290,6 +290,12 @@ class ClipEncoder:
     def tokenize(self, texts: list[str]) -> torch.Tensor:
         return self.tokenizer(texts)
 
+    def count_tokens(self, texts: list[str]) -> list[int]:
+        """Tokens per text as the text tower reads them (start and end markers included, cut at the context)."""
+        if not texts:
+            return []
+        return [int(n) for n in (self.tokenize(list(texts)) != 0).sum(dim=1)]
+
     def _encode_tokens(self, tokens: torch.Tensor, trim: bool) -> torch.Tensor:
         m = self.model
         if not (trim and self.can_trim_context):

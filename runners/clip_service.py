@@ -183,5 +183,10 @@ class ClipTextEncoder:
         return out
 
     @bentoml.api
+    def count_tokens(self, texts: list[str]) -> list[int]:
+        """Tokens per text as the text tower reads them (the OpenAI route's ``usage``)."""
+        return self.encoder.count_tokens(texts)
+
+    @bentoml.api
     def info(self) -> dict[str, Any]:
         return self.encoder.info

@@ -30,10 +30,25 @@ def files(*blobs: bytes) -> list[tuple[str, tuple[str, bytes, str]]]:
     return [("data", (f"img{i}.jpg", b, "image/jpeg")) for i, b in enumerate(blobs)]
 
 
-def assert_error(r: httpx.Response, status: int, message: str | None = None) -> None:
-    """The response is DirectAI's envelope with that status (and a message containing ``message``)."""
-    assert r.status_code == status, r.text
+def error_message(r: httpx.Response) -> str:
+    """The message of an error response in the shape of its route's protocol: OpenAI's under /v1 (``{"error":
+    {"message", "type", "param", "code"}}``), KServe's under /v2 (``{"error": str}``), DirectAI's envelope elsewhere."""
     body = r.json()
-    assert body["status_code"] == status and body["data"] is None
+    path = r.request.url.path
+    if path == "/v1" or path.startswith("/v1/"):
+        assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+        return str(body["error"]["message"])
+    if path == "/v2" or path.startswith("/v2/"):
+        assert set(body) == {"error"} and isinstance(body["error"], str), body
+        return str(body["error"])
+    assert body["status_code"] == r.status_code and body["data"] is None, body
+    return str(body["message"])
+
+
+def assert_error(r: httpx.Response, status: int, message: str | None = None) -> None:
+    """The response is an error with that status in its protocol's shape (DirectAI's envelope but under /v1 and
+    /v2: :func:`error_message`), and a message containing ``message``."""
+    assert r.status_code == status, r.text
+    text = error_message(r)
     if message is not None:
-        assert message in body["message"], body["message"]
+        assert message in text, text

@@ -53,6 +53,9 @@ class FakeClip:
         self.prompts_encoded += len(prompts)
         return np.stack([text_vector(p) for p in prompts]) if prompts else np.zeros((0, DIM), np.float32)
 
+    def count_tokens(self, prompts: list[str]) -> list[int]:
+        return [len(p.split()) + 2 for p in prompts]  # words, plus the start and end markers
+
     async def encode_pixels(self, pixels: np.ndarray, spent_s: float = 0.0) -> np.ndarray:
         self.images_encoded += len(pixels)
         mean = pixels.reshape(len(pixels), -1, 3).mean(axis=1) / 255.0  # [N, 3]
