@@ -294,7 +294,8 @@ def test_metrics_guard_needs_an_admin_key_when_asked(tmp_path: Path) -> None:
 def test_key_file_format() -> None:
     hashed = hashlib.sha256(b"a-key-kept-only-as-its-hash-0001").hexdigest()
     keys = parse_key_file(
-        f"# comment\n\nk1-0123456789abcdef0123456789abcdef t1\nk2-0123456789abcdef0123456789abcdef t2 admin  # ops\nsha256:{hashed} t3\n"
+        "# comment\n\nk1-0123456789abcdef0123456789abcdef t1\n"
+        f"k2-0123456789abcdef0123456789abcdef t2 admin  # ops\nsha256:{hashed} t3\n"
     )
     assert [(k.tenant.name, k.tenant.admin) for k in keys] == [("t1", False), ("t2", True), ("t3", False)]
     ring = KeyRing(keys)
