@@ -16,6 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.bodies import MAX_JSON_DEPTH, TOO_DEEP, is_json, json_depth
@@ -164,6 +165,8 @@ class CatchAll:
 
         try:
             await self.app(scope, receive, tracked)
+        except ClientDisconnect:  # the client went (or its body stalled, api/connections.py): no one to answer
+            log.debug("client disconnected during %s", scope.get("path"))
         except Exception as exc:
             if started:  # part of a response is out: nothing sensible can follow it
                 raise

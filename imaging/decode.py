@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import io
 import re
 
@@ -16,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from errors import ZssError
+from imaging.budget import PixelBudget
 
 INVALID_IMAGE_MESSAGE = "Invalid image received, unable to open."
 
@@ -60,12 +62,15 @@ def _open_formats() -> list[str]:
     return [f for f in ALLOWED_FORMATS if f in Image.OPEN]
 
 
-def decode_image(data: bytes, *, max_pixels: int, draft_size: int | None = None) -> Image.Image:
+def decode_image(
+    data: bytes, *, max_pixels: int, draft_size: int | None = None, budget: PixelBudget | None = None
+) -> Image.Image:
     """Decode ``data`` into an upright RGB image (first frame of animations, alpha flattened onto mid-grey).
 
     ``max_pixels`` bounds the pixel count declared in the header; larger images are refused with 413 before any pixel
     is decoded. ``draft_size`` lets JPEGs decode at a reduced DCT scale whose both sides stay >= ``draft_size``
     (a JPEG larger than ``max_pixels`` is still refused: the limit is a property of the input, not of the decoder).
+    ``budget`` (imaging/budget.py): the pixels to decode are held from it while they are decoded and converted.
     """
     if not data:
         raise ImageInputError(INVALID_IMAGE_MESSAGE, 422)
@@ -89,21 +94,23 @@ def decode_image(data: bytes, *, max_pixels: int, draft_size: int | None = None)
             # A square request makes EXIF rotation (which swaps width and height later) irrelevant: both sides of
             # the drafted image are >= draft_size whichever way up it ends.
             img.draft("RGB", (draft_size, draft_size))
-        try:
-            img.load()  # force the full decode so truncated or corrupt data fails here, not later in a worker
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise _bomb(exc, max_pixels) from exc
-        except Exception as exc:
-            raise ImageInputError(INVALID_IMAGE_MESSAGE, 422) from exc
-        if img.size[0] * img.size[1] > max_pixels:  # belt and braces: a plugin may settle the size on load
-            raise _too_large(img.size[0], img.size[1], max_pixels)
-        upright = _exif_upright(img)
-        try:
-            rgb = _to_rgb(upright)
-        except Exception as exc:  # an exotic mode Pillow cannot convert
-            raise ImageInputError(INVALID_IMAGE_MESSAGE, 422) from exc
-        # Closing the opened image invalidates its pixels, so hand back a copy when no step made a new image.
-        return rgb.copy() if rgb is img else rgb
+        held = budget.hold(img.size[0] * img.size[1]) if budget is not None else contextlib.nullcontext()
+        with held:
+            try:
+                img.load()  # force the full decode so truncated or corrupt data fails here, not later in a worker
+            except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+                raise _bomb(exc, max_pixels) from exc
+            except Exception as exc:
+                raise ImageInputError(INVALID_IMAGE_MESSAGE, 422) from exc
+            if img.size[0] * img.size[1] > max_pixels:  # belt and braces: a plugin may settle the size on load
+                raise _too_large(img.size[0], img.size[1], max_pixels)
+            upright = _exif_upright(img)
+            try:
+                rgb = _to_rgb(upright)
+            except Exception as exc:  # an exotic mode Pillow cannot convert
+                raise ImageInputError(INVALID_IMAGE_MESSAGE, 422) from exc
+            # Closing the opened image invalidates its pixels, so hand back a copy when no step made a new image.
+            return rgb.copy() if rgb is img else rgb
 
 
 def decode_base64_image(

@@ -15,8 +15,9 @@ from api.bodies import MAX_JSON_DEPTH, json_depth, loads
 from api.errors import envelope
 from errors import Invalid
 from service import build_app
-from testing.client import assert_error
+from testing.client import assert_error, files
 from testing.fakes import fake_engine
+from testing.images import jpeg_bytes
 from tests import bad_inputs as bad
 
 JSON = {"content-type": "application/json"}
@@ -80,3 +81,16 @@ def test_a_lone_surrogate_in_a_field_name_or_a_message_never_makes_the_answer_un
 def test_valid_unicode_still_embeds(client: TestClient) -> None:
     r = client.post("/embed_text", json={"texts": ["caf\u00e9", "\U0001f600 smile", "\u4e2d\u6587"]})
     assert r.status_code == 200 and len(r.json()["embeddings"]) == 3
+
+
+def test_a_decode_that_cannot_get_its_pixels_is_a_503_with_retry_after(tmp_path: Path) -> None:
+    engine, _ = fake_engine(tmp_path / "data", decode_budget_mp=1, decode_wait_s=0.1)
+    budget = engine.limits.budget
+    assert budget is not None and budget.max_pixels == 1_000_000
+    with TestClient(build_app(engine), raise_server_exceptions=True) as c:
+        with budget.hold(budget.max_pixels):  # another request's decode holds the whole budget
+            r = c.post("/embed_image", files=files(jpeg_bytes(1)))
+        assert_error(r, 503, "decoding too many image pixels")
+        assert r.headers["retry-after"] == "1"
+        assert c.post("/embed_image", files=files(jpeg_bytes(1))).status_code == 200  # and then it is free
+    engine.close()
