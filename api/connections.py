@@ -6,9 +6,10 @@ no ``h11_max_incomplete_event_size``, no protocol class, and uvicorn has no head
 
 - A connection that never completes its request head stayed open for ever (3,000 such connections of a probe were all
   open 45 s later; every one an open file). Here the head must arrive within ``header_timeout_s`` of the connection
-  (or of the previous response, on a kept-alive connection), and a body that has started must keep arriving: no
-  ``body_timeout_s`` without a byte while the server is reading it. Either way the answer is 408 and the connection
-  closes; the route still running sees the client gone.
+  (on a kept-alive connection: of its first byte; idle ones are uvicorn's keep-alive timeout's), and a body that has
+  started must keep arriving: no ``body_timeout_s`` without a byte while the server is reading it. Either way the
+  answer is 408 and the connection closes (a new connection that sent nothing is closed without one); the route still
+  running sees the client gone.
 - A head over h11's 16 KiB limit got uvicorn's 400 and an immediate close, which with the rest of a 200 KB header
   still arriving reset the connection: the client saw no answer at all. Here it is 431 (RFC 6585), and the connection
   reads and drops what is still coming for up to ``LINGER_S`` before closing, so the answer reaches the client.
@@ -99,8 +100,6 @@ class GuardedH11Protocol(H11Protocol):
             self._arm(self.body_timeout_s, self._body_timed_out)
         elif isinstance(event, h11.EndOfMessage):
             self._disarm()
-            if self.conn.our_state is h11.DONE:  # answered before the body ended: the next head is due
-                self._arm_head()
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -109,13 +108,6 @@ class GuardedH11Protocol(H11Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         super().connection_lost(exc)
-
-    def on_response_complete(self) -> None:
-        super().on_response_complete()
-        # The next request's head (on a kept-alive connection) has its own deadline; uvicorn's keep-alive timeout
-        # ends an idle connection sooner, but not one that has sent part of a head.
-        if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
-            self._arm_head()
 
     def _arm_head(self) -> None:
         self._head_bytes = False
@@ -166,6 +158,10 @@ class GuardedH11Protocol(H11Protocol):
     def data_received(self, data: bytes) -> None:
         if self._draining:
             return
+        if self._timer is None and self.conn.their_state is h11.IDLE and self.transport is not None:
+            # The first bytes of the next request on a kept-alive connection: its head has the same deadline (an
+            # idle kept-alive connection is uvicorn's keep-alive timeout's business).
+            self._arm_head()
         self._head_bytes = True
         super().data_received(data)
 

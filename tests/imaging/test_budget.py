@@ -3,6 +3,7 @@ tests/api/test_hardening.py."""
 
 from __future__ import annotations
 
+import io
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -10,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from imaging.budget import DecodeBusy, PixelBudget
-from imaging.decode import decode_image
+from imaging.decode import decode_image, webp_size
 from imaging.sources import ImageLimits, ImageSource, load_image
 from tests import bad_inputs as bad
 
@@ -70,3 +71,23 @@ def test_jpeg_drafts_hold_only_what_they_decode() -> None:
     budget = PixelBudget(10**8)
     img = decode_image(bad.large_jpeg(2000, 1000), max_pixels=10**8, draft_size=224, budget=budget)
     assert img.size[0] * img.size[1] == budget.peak < 2000 * 1000 // 4
+
+
+def test_a_webp_is_sized_from_its_header_and_held_before_pillow_allocates_its_canvas() -> None:
+    for lossless in (True, False):
+        img = bad.noise_image(70, 30)
+        buf = io.BytesIO()
+        img.save(buf, "WEBP", lossless=lossless)
+        assert webp_size(buf.getvalue()) == (70, 30)
+    vp8x, _ = bad.webp_rgba()
+    assert webp_size(vp8x) == (2, 2) and webp_size(bad.png()) is None and webp_size(b"RIFF") is None
+    # A WebP over the pixel limit is refused from its header: Pillow would allocate the whole canvas on open.
+    side = (16383 - 1).to_bytes(3, "little")
+    huge = b"RIFF" + (22).to_bytes(4, "little") + b"WEBPVP8X" + (10).to_bytes(4, "little") + b"\0" * 4 + side + side
+    assert webp_size(huge) == (16383, 16383)
+    with pytest.raises(Exception, match="Image too large: 16383x16383") as exc:
+        decode_image(huge, max_pixels=64_000_000)
+    assert getattr(exc.value, "status_code", None) == 413
+    budget = PixelBudget(10**6, wait_s=0.1)
+    with budget.hold(10**6), pytest.raises(DecodeBusy):  # the budget is asked before the file is opened
+        decode_image(buf.getvalue(), max_pixels=10**8, budget=budget)
