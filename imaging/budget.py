@@ -33,6 +33,31 @@ class DecodeBusy(Unavailable):
     headers = {"Retry-After": "1"}  # noqa: RUF012 - a class default the handler reads, never mutated
 
 
+M_MMAP_THRESHOLD = -3  # <malloc.h>
+MMAP_THRESHOLD_BYTES = 4 * 2**20
+
+
+def _libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+def large_blocks_to_the_system() -> bool:
+    """Make glibc serve every allocation of 4 MiB or more with its own mapping, returned to the system when freed.
+
+    Pillow holds pixels in 16 MiB blocks, under glibc's dynamic mmap threshold (it rises to 32 MiB after the first
+    large free), so a decoded image's blocks came from the decoding thread's arena and stayed there once freed: with
+    16 threads each arena kept its last image, and 16 concurrent 60 MP WebPs peaked at 7.6 GB although the budget let
+    only two decode at once (BENCHMARKS.md). A fixed threshold ends that; True where it was set (glibc)."""
+    libc = _libc()
+    try:
+        return bool(libc is not None and libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) == 1)
+    except AttributeError:  # not glibc
+        return False
+
+
 def _malloc_trim() -> None:
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
@@ -53,6 +78,7 @@ class PixelBudget:
         self.peak = 0  # the most held at once (tests and benchmarks read it)
         self._since_trim = 0
         self._cond = threading.Condition()
+        large_blocks_to_the_system()  # once per worker in practice: one budget per engine
 
     @contextlib.contextmanager
     def hold(self, pixels: int) -> Iterator[None]:
