@@ -3,6 +3,7 @@ a request head (or of a body) and then nothing. Measures /readyz latency meanwhi
 processes), and how long the server takes to close the connections; stops by itself.
 
     .venv/bin/python -m bench.slowloris [--connections 3000] [--body-share 0.25] [--hold 45] [--header-timeout 10]
+                                        [--root CHECKOUT]
 
 Serves the tiny random CLIP (what tests use: the model does not matter here) with ``ZSS_HEADER_TIMEOUT_S`` and
 ``ZSS_BODY_TIMEOUT_S`` = ``--header-timeout``; the client keeps every connection open (sending nothing more) for up
@@ -118,6 +119,7 @@ def main() -> None:
     ap.add_argument("--body-share", type=float, default=0.25)
     ap.add_argument("--hold", type=float, default=45.0)
     ap.add_argument("--header-timeout", type=float, default=10.0)
+    ap.add_argument("--root", type=Path, default=ROOT, help="serve another checkout (the before side of an A/B)")
     args = ap.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = min(hard, args.connections + 1024)
@@ -130,7 +132,7 @@ def main() -> None:
             "ZSS_HEADER_TIMEOUT_S": str(args.header_timeout),
             "ZSS_BODY_TIMEOUT_S": str(args.header_timeout),
         }
-        server = start_server(env, base / "serve.log", timeout=900)
+        server = start_server(env, base / "serve.log", timeout=900, root=args.root)
         try:
             r = attack(server, args.connections, args.body_share, args.hold)
         finally:
