@@ -26,6 +26,8 @@ from fastapi.staticfiles import StaticFiles
 
 from api import auth, convert, errors, kserve, openai_compat
 from api.arrival import Arrival, arrived
+from api.connections import guard_connections
+from api.headers import SecurityHeaders
 from api.inputs import image_sources
 from api.openapi import AUTH_ERRORS, ERRORS, image_body
 from api.schemas import (
@@ -53,6 +55,7 @@ from engine.tenancy import Tenant
 from errors import ZssError
 from runners.bentoml_internals import prepare_server
 from runners.clip_service import ClipImageEncoder, ClipTextEncoder
+from runners.lifeline import die_with_parent
 from runners.owl_service import OwlDetectorEncoder
 from runners.serving import detector_declared, record_build_settings, service_settings
 from settings import LimitedLog, Settings, configure_logging
@@ -223,6 +226,11 @@ app = build_app()
 # module and starting the workers (no hook runs earlier). With the BentoML version check and the per-request timers'
 # release, every use of BentoML's internals is in runners/bentoml_internals.py.
 prepare_server()
+# Before BentoML's worker builds its uvicorn configuration: deadlines for request heads and bodies, 431 for oversized
+# heads (api/connections.py; BentoML 1.4 exposes neither).
+guard_connections(service_settings)
+# In each of BentoML's workers (nothing elsewhere): end with the server, even when it is killed (runners/lifeline.py).
+die_with_parent()
 
 # The one read of settings at import in this module: BentoML builds the service graph from the class attributes, so
 # a detector that is off (ZSS_DETECTOR_MODEL=none) is not declared at all: no process, no memory.
@@ -287,6 +295,8 @@ class ZeroShot:
 
 # First of the service's middlewares: the time a request arrived, from which its image latency bound counts.
 ZeroShot.add_asgi_middleware(Arrival)
+# nosniff and frame headers on every answer, a CSP for /ui, no redirect to the request's Host (api/headers.py).
+ZeroShot.add_asgi_middleware(SecurityHeaders)
 # Outermost of the others: an exception out of BentoML's own routes (/readyz while a dependency is
 # still starting) is answered, not left to hang in BentoML's TimeoutMiddleware (issue 18).
 ZeroShot.add_asgi_middleware(errors.ServiceCatchAll)

@@ -84,6 +84,15 @@ class Settings(BaseSettings):
     # Image limits (issue 5): pixels of a decoded image, bytes of a request body.
     max_image_pixels: int = 64_000_000
     max_body_bytes: int = 32 * 1024 * 1024
+    # Megapixels one worker decodes at once (imaging/budget.py): a decode waits up to decode_wait_s for its share,
+    # then 503 with Retry-After. An image larger than the budget waits to run alone.
+    decode_budget_mp: float = 128.0
+    decode_wait_s: float = 10.0
+    # Requests that never finish arriving (api/connections.py): the request head must arrive within header_timeout_s
+    # of the connection (or of the previous answer), and a body must not stall for body_timeout_s; else 408 and the
+    # connection closes. 0 turns a limit off.
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
     # Server-side fetching of image URLs: off unless enabled; comma-separated host allow-list ("" = any public host).
     allow_url_fetch: bool = False
     url_allow_hosts: str = ""
@@ -109,6 +118,20 @@ class Settings(BaseSettings):
     def _not_negative(cls, value: float) -> float:
         if not value >= 0:  # NaN too
             raise ValueError("must be 0 (off) or more")
+        return value
+
+    @field_validator("decode_budget_mp")
+    @classmethod
+    def _budget(cls, value: float) -> float:
+        if not value > 0:  # NaN too
+            raise ValueError("must be more than 0 megapixels")
+        return value
+
+    @field_validator("header_timeout_s", "body_timeout_s", "decode_wait_s")
+    @classmethod
+    def _seconds_or_off(cls, value: float) -> float:
+        if not value >= 0:  # NaN too
+            raise ValueError("must be 0 (off) or more seconds")
         return value
 
     @field_validator("redis_url")

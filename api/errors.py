@@ -16,8 +16,10 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.bodies import MAX_JSON_DEPTH, TOO_DEEP, is_json, json_depth
 from errors import ZssError
 from settings import LimitedLog
 
@@ -28,6 +30,9 @@ _overload_log = LimitedLog(log)
 
 
 def envelope(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    # A message can quote the request (a field name in a validation error): a lone surrogate in it must not make the
+    # answer itself unencodable (a 500 instead of the 4xx), so such characters are written as escapes.
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
     return JSONResponse({"status_code": status, "message": message, "data": None}, status_code=status, headers=headers)
 
 
@@ -115,8 +120,8 @@ def unexpected(exc: Exception) -> JSONResponse:
 
 
 def install(app: FastAPI, *edge: type) -> None:
-    """The envelope handlers and the middlewares: the body limit innermost, then ``edge`` (the API keys: checked
-    before any body is read), the catch-all outermost."""
+    """The envelope handlers and the middlewares: the JSON depth check innermost, then the body limit, then ``edge``
+    (the API keys: checked before any body is read), the catch-all outermost."""
 
     @app.exception_handler(ZssError)
     async def _zss(_: Request, exc: ZssError) -> JSONResponse:
@@ -130,6 +135,7 @@ def install(app: FastAPI, *edge: type) -> None:
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         return envelope(exc.status_code, str(exc.detail))
 
+    app.add_middleware(JsonDepth)
     app.add_middleware(BodyLimit)
     for middleware in reversed(edge):
         app.add_middleware(middleware)
@@ -159,6 +165,8 @@ class CatchAll:
 
         try:
             await self.app(scope, receive, tracked)
+        except ClientDisconnect:  # the client went (or its body stalled, api/connections.py): no one to answer
+            log.debug("client disconnected during %s", scope.get("path"))
         except Exception as exc:
             if started:  # part of a response is out: nothing sensible can follow it
                 raise
@@ -197,6 +205,38 @@ class BodyLimit:
             return message
 
         await self.app(scope, counted, send)
+
+
+class JsonDepth:
+    """Refuse a JSON body nested deeper than ``MAX_JSON_DEPTH`` (422, api/bodies.py) before any route parses it (FastAPI
+    parses the pydantic bodies itself, recursively); pass the body on unchanged otherwise. It reads the whole body
+    first, as the routes do anyway; the body limit, outside it, still counts the body while it streams."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not is_json(scope):
+            await self.app(scope, receive, send)
+            return
+        messages: list[Message] = []
+        try:
+            while True:
+                message = await receive()
+                messages.append(message)
+                if message["type"] != "http.request" or not message.get("more_body", False):
+                    break
+        except ZssError as exc:  # the body limit, while streaming
+            await envelope(exc.status_code, exc.message, exc.headers)(scope, receive, send)
+            return
+        if json_depth(b"".join(m.get("body", b"") for m in messages)) > MAX_JSON_DEPTH:
+            await envelope(422, TOO_DEEP)(scope, receive, send)
+            return
+
+        async def replay() -> Message:  # what was read, in order (a disconnect included), then the client again
+            return messages.pop(0) if messages else await receive()
+
+        await self.app(scope, replay, send)
 
 
 # BentoML's health routes; an exception out of them means "not ready" (a dependency's probe timed out or failed).

@@ -10,6 +10,7 @@ from fastapi import Request
 from starlette.datastructures import UploadFile
 
 from api.auth import SCOPE_IMAGES
+from api.bodies import loads, unicode_problem
 from errors import Invalid, ZssError
 from imaging.sources import ImageSource
 
@@ -20,6 +21,9 @@ def _as_list(value: Any, name: str) -> list[str]:
     items = value if isinstance(value, list) else [value]
     if not all(isinstance(v, str) for v in items):
         raise Invalid(f"Field '{name}' must be a string or a list of strings.")
+    for i, v in enumerate(items):
+        if problem := unicode_problem(v):
+            raise Invalid(f"Field '{name}' item {i}: {problem}.")
     return items
 
 
@@ -46,10 +50,7 @@ async def image_sources(request: Request, field: str | None = "data") -> list[Im
             else:
                 sources.append(ImageSource("base64", item, name))
     elif ctype.startswith("application/json"):
-        try:
-            body = await request.json()
-        except ValueError as exc:
-            raise Invalid("Invalid JSON body.") from exc
+        body = loads(await request.body())  # with the depth limit: json.loads recurses
         if not isinstance(body, dict) or not set(body) <= {"data", "url"}:
             raise Invalid('JSON body must be an object with "data" (base64 images) and/or "url" (image URLs).')
         sources += [ImageSource("base64", v) for v in _as_list(body.get("data", []), "data")]

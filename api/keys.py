@@ -4,7 +4,8 @@ constant time, never logged; a key file is re-read when it changes, so keys rota
 ``ZSS_API_KEYS`` is either a path to a key file or an inline comma-separated ``key:tenant[:admin]`` list. A key file
 has one key per line, ``key tenant [admin]`` separated by blanks; ``#`` starts a comment. In place of the key a line
 may give its hash, ``sha256:<64 hex digits>`` (``printf %s "$KEY" | sha256sum``), so the file need not hold keys at
-all. Keys are visible ASCII other than ``#`` (no blanks); tenants are 1-64 of ``A-Z a-z 0-9 _ . -``.
+all. Keys are at least 32 characters (``MIN_KEY``: a shorter one stops the start) of visible ASCII other than ``#``
+(no blanks); tenants are 1-64 of ``A-Z a-z 0-9 _ . -``.
 
 Nothing here ever puts a key (or its hash) in a message: errors name the line, the log says how many keys it loaded.
 """
@@ -30,7 +31,7 @@ TENANT = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 KEY = re.compile(r"[\x21\x22\x24-\x7e]{1,4096}")  # visible ASCII but "#" (a comment in a key file), no blanks
 HASHED = re.compile(r"sha256:([0-9a-fA-F]{64})")
 INLINE = re.compile(r"([^\s:,]+):([A-Za-z0-9_.-]{1,64})(:admin)?")
-SHORT_KEY = 16  # shorter keys load, with a warning: keys should be long random strings (openssl rand -hex 32)
+MIN_KEY = 32  # shorter keys are refused: a key must be a long random string (openssl rand -hex 32 gives 64 characters)
 RELOAD_CHECK_S = 1.0  # how often the key file's stat is looked at (per API worker)
 
 
@@ -53,29 +54,31 @@ def digest(key: bytes) -> bytes:
     return hashlib.sha256(key).digest()
 
 
-def _entry(key: str, tenant: str, flag: str | None, where: str, *, allow_hashed: bool) -> tuple[Key, bool]:
-    """(the key, whether it is short) from one line's fields; KeyFileError names ``where``."""
+def _entry(key: str, tenant: str, flag: str | None, where: str, *, allow_hashed: bool) -> Key:
+    """The key of one line's fields; KeyFileError names ``where``."""
     if not TENANT.fullmatch(tenant):
         raise KeyFileError(f"{where}: the tenant must be 1-64 of A-Z a-z 0-9 _ . -")
     if flag is not None and flag != "admin":
         raise KeyFileError(f"{where}: the third field can only be 'admin'")
     hashed = HASHED.fullmatch(key) if allow_hashed else None
     if hashed:
-        return Key(bytes.fromhex(hashed.group(1)), Tenant(tenant, admin=flag == "admin")), False
+        return Key(bytes.fromhex(hashed.group(1)), Tenant(tenant, admin=flag == "admin"))
     if not KEY.fullmatch(key):
         raise KeyFileError(f"{where}: a key is 1-4096 visible ASCII characters other than #")
-    return Key(digest(key.encode("ascii")), Tenant(tenant, admin=flag == "admin")), len(key) < SHORT_KEY
+    if len(key) < MIN_KEY:  # a short key can be guessed; the server does not start with one
+        raise KeyFileError(
+            f"{where}: the key is shorter than {MIN_KEY} characters; use a long random key (openssl rand -hex 32)"
+        )
+    return Key(digest(key.encode("ascii")), Tenant(tenant, admin=flag == "admin"))
 
 
-def _checked(entries: list[tuple[Key, bool, str]]) -> tuple[Key, ...]:
+def _checked(entries: list[tuple[Key, str]]) -> tuple[Key, ...]:
     seen: dict[bytes, str] = {}
-    for key, short, where in entries:
+    for key, where in entries:
         if key.digest in seen:
             raise KeyFileError(f"{where}: the same key as {seen[key.digest]}")
         seen[key.digest] = where
-        if short:
-            log.warning("API key at %s is shorter than %d characters; use long random keys", where, SHORT_KEY)
-    return tuple(k for k, _, _ in entries)
+    return tuple(k for k, _ in entries)
 
 
 def parse_key_file(text: str) -> tuple[Key, ...]:
@@ -87,10 +90,8 @@ def parse_key_file(text: str) -> tuple[Key, ...]:
             continue
         if len(fields) not in (2, 3):
             raise KeyFileError(f"line {n}: expected 'key tenant' or 'key tenant admin'")
-        key, short = _entry(
-            fields[0], fields[1], fields[2] if len(fields) == 3 else None, f"line {n}", allow_hashed=True
-        )
-        entries.append((key, short, f"line {n}"))
+        key = _entry(fields[0], fields[1], fields[2] if len(fields) == 3 else None, f"line {n}", allow_hashed=True)
+        entries.append((key, f"line {n}"))
     return _checked(entries)
 
 
@@ -103,8 +104,8 @@ def parse_key_list(value: str) -> tuple[Key, ...] | None:
     entries = []
     for n, m in enumerate(matches, start=1):
         assert m is not None
-        key, short = _entry(m.group(1), m.group(2), "admin" if m.group(3) else None, f"entry {n}", allow_hashed=False)
-        entries.append((key, short, f"entry {n} of ZSS_API_KEYS"))
+        key = _entry(m.group(1), m.group(2), "admin" if m.group(3) else None, f"entry {n}", allow_hashed=False)
+        entries.append((key, f"entry {n} of ZSS_API_KEYS"))
     return _checked(entries)
 
 

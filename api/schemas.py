@@ -10,6 +10,7 @@ from engine.configs import (
     DeployClassifierRequest,
     DeployDetectorRequest,
     DetectorConfig,
+    TextBody,
 )
 
 __all__ = [
@@ -74,7 +75,7 @@ class Detection(BaseModel):
     class_: str = Field(alias="class")
 
 
-class EmbedTextRequest(BaseModel):
+class EmbedTextRequest(TextBody):
     model_config = ConfigDict(extra="forbid")
     texts: list[str] = Field(max_length=10_000)
     augment_examples: bool = False
@@ -98,7 +99,7 @@ class DeploymentList(BaseModel):
     deployments: list[DeploymentSummary]
 
 
-class PhotofieldTextRequest(BaseModel):
+class PhotofieldTextRequest(TextBody):
     model_config = ConfigDict(extra="ignore")  # photofield may add fields; only texts matter
     texts: list[str] = Field(max_length=10_000)
 

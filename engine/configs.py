@@ -10,7 +10,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from errors import Invalid
 
@@ -22,7 +22,42 @@ class Kind(StrEnum):
     DETECTOR = "detector"
 
 
-class _Body(BaseModel):
+def unicode_problem(text: str) -> str | None:
+    """Why ``text`` is not valid Unicode text, or None. JSON's ``"\\ud800"`` (and the raw bytes ``ED A0 80``, which
+    ``json`` decodes with ``surrogatepass``) give a lone surrogate, which no UTF-8 encoder takes (the embedding cache's
+    key, SQLite, the answer). The message never repeats the text (it must stay encodable)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"text is not valid Unicode: a lone surrogate (U+{ord(text[exc.start]):04X}) at character {exc.start}"
+    return None
+
+
+def _first_unicode_problem(value: Any, where: str = "") -> str | None:
+    """The first string in ``value`` (a string, or lists and dicts of them) that is not valid Unicode, and why."""
+    if isinstance(value, str):
+        problem = unicode_problem(value)
+        return f"{where}{problem}" if problem else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list | tuple) else ()
+    for i, item in items:
+        if problem := _first_unicode_problem(item, f"{where}item {i}: "):
+            return problem
+    return None
+
+
+class TextBody(BaseModel):
+    """A request body whose every string field is valid Unicode text: a lone surrogate is refused (422) naming the
+    field, before it reaches the encoders, the cache or a job."""
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _valid_unicode(cls, value: Any) -> Any:
+        if problem := _first_unicode_problem(value):
+            raise ValueError(problem)
+        return value
+
+
+class _Body(TextBody):
     # A misspelt field is a client bug that would otherwise silently deploy defaults.
     model_config = ConfigDict(extra="forbid")
 

@@ -34,6 +34,7 @@ from engine.jobs import Job, Jobs
 from engine.kinds import KINDS, Classification, ClassifierKind, CompiledDetector, Detection, DetectorKind
 from engine.tenancy import Tenant
 from errors import Invalid, Unavailable
+from imaging.budget import PixelBudget
 from imaging.geometry import shrink_to
 from imaging.preprocess import Preprocess
 from imaging.sources import ImageLimits, ImageSource, load_image
@@ -100,6 +101,7 @@ class Engine:
             url_allow_hosts=settings.url_allow_hosts,
             url_allow_networks=settings.url_allow_networks,
             url_timeout_s=settings.url_timeout_s,
+            budget=PixelBudget(int(settings.decode_budget_mp * 1_000_000), settings.decode_wait_s),
         )
         self._lock = threading.Lock()  # guards the lazily learned fields below
         self._embedder: TextEmbedder | None = None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import io
 import re
 
@@ -16,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from errors import ZssError
+from imaging.budget import PixelBudget
 
 INVALID_IMAGE_MESSAGE = "Invalid image received, unable to open."
 
@@ -60,15 +62,48 @@ def _open_formats() -> list[str]:
     return [f for f in ALLOWED_FORMATS if f in Image.OPEN]
 
 
-def decode_image(data: bytes, *, max_pixels: int, draft_size: int | None = None) -> Image.Image:
+def decode_image(
+    data: bytes, *, max_pixels: int, draft_size: int | None = None, budget: PixelBudget | None = None
+) -> Image.Image:
     """Decode ``data`` into an upright RGB image (first frame of animations, alpha flattened onto mid-grey).
 
     ``max_pixels`` bounds the pixel count declared in the header; larger images are refused with 413 before any pixel
     is decoded. ``draft_size`` lets JPEGs decode at a reduced DCT scale whose both sides stay >= ``draft_size``
     (a JPEG larger than ``max_pixels`` is still refused: the limit is a property of the input, not of the decoder).
+    ``budget`` (imaging/budget.py): the pixels to decode are held from it while they are decoded and converted.
     """
     if not data:
         raise ImageInputError(INVALID_IMAGE_MESSAGE, 422)
+    with contextlib.ExitStack() as held:
+        # Pillow's WebP decoder allocates its whole canvas when the file is opened (a 62 MP WebP: 250 MB at once), so
+        # a WebP's size is read from its header and checked, and its pixels held, before it is opened.
+        early = webp_size(data)
+        if early is not None:
+            if early[0] * early[1] > max_pixels:
+                raise _too_large(early[0], early[1], max_pixels)
+            if budget is not None:
+                held.enter_context(budget.hold(early[0] * early[1]))
+        return _decode(data, max_pixels, draft_size, budget if early is None else None, held)
+
+
+def webp_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a WebP file's header (simple lossy, lossless or extended), None for anything else."""
+    if len(data) < 30 or data[:4] != b"RIFF" or data[8:12] != b"WEBP":
+        return None
+    chunk = data[12:16]
+    if chunk == b"VP8 " and data[23:26] == b"\x9d\x01\x2a":
+        return int.from_bytes(data[26:28], "little") & 0x3FFF, int.from_bytes(data[28:30], "little") & 0x3FFF
+    if chunk == b"VP8X":
+        return int.from_bytes(data[24:27], "little") + 1, int.from_bytes(data[27:30], "little") + 1
+    if chunk == b"VP8L" and data[20] == 0x2F:
+        bits = int.from_bytes(data[21:25], "little")
+        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+    return None
+
+
+def _decode(
+    data: bytes, max_pixels: int, draft_size: int | None, budget: PixelBudget | None, held: contextlib.ExitStack
+) -> Image.Image:
     try:
         img = Image.open(io.BytesIO(data), formats=_open_formats())
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -89,6 +124,8 @@ def decode_image(data: bytes, *, max_pixels: int, draft_size: int | None = None)
             # A square request makes EXIF rotation (which swaps width and height later) irrelevant: both sides of
             # the drafted image are >= draft_size whichever way up it ends.
             img.draft("RGB", (draft_size, draft_size))
+        if budget is not None:  # held (in ``held``) until the caller's block ends
+            held.enter_context(budget.hold(img.size[0] * img.size[1]))
         try:
             img.load()  # force the full decode so truncated or corrupt data fails here, not later in a worker
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:

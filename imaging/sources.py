@@ -6,13 +6,14 @@ worker thread with :func:`load_image`, under the server's limits.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from PIL import Image
 
 from errors import ZssError
-from imaging.decode import base64_bytes, decode_base64_image, decode_image
+from imaging.budget import PixelBudget
+from imaging.decode import base64_bytes, decode_image
 from imaging.fetch import fetch_image_url, parse_allow_hosts
 
 
@@ -34,17 +35,12 @@ class ImageLimits:
     url_allow_hosts: str = ""  # comma-separated; "" = any public host
     url_allow_networks: str = ""  # comma-separated addresses / CIDRs trusted although not public
     url_timeout_s: float = 10.0
+    budget: PixelBudget | None = field(default=None, compare=False)  # pixels decoded at once (imaging/budget.py)
 
 
 def load_image(src: ImageSource, limits: ImageLimits, draft: int = 0) -> Image.Image:
     """Decode (or fetch, then decode) one image; refusals raise :class:`~errors.ZssError` with the right status."""
-    if src.kind == "bytes":
-        return decode_image(bytes(src.value), max_pixels=limits.max_pixels, draft_size=draft)  # type: ignore[arg-type]
-    if src.kind == "base64":
-        return decode_base64_image(
-            str(src.value), max_pixels=limits.max_pixels, draft_size=draft, max_bytes=limits.max_bytes
-        )
-    return decode_image(source_bytes(src, limits), max_pixels=limits.max_pixels, draft_size=draft)
+    return decode_image(source_bytes(src, limits), max_pixels=limits.max_pixels, draft_size=draft, budget=limits.budget)
 
 
 def source_bytes(src: ImageSource, limits: ImageLimits) -> bytes:

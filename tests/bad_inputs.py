@@ -301,3 +301,51 @@ def avif() -> tuple[bytes, tuple[int, int, int]]:
 def ico() -> bytes:
     """An icon: refused, because Pillow decodes an icon's embedded PNG without a size check."""
     return _save(Image.new("RGB", (16, 16), (0, 200, 0)), "ICO")
+
+
+# -- hostile request bodies (issue 32's probe): each must be a 4xx, never a 500 ------------------------------------
+def nested_json(levels: int = 1000, key: str = "data") -> bytes:
+    """``{"<key>": [[[ ... ]]]}`` nested ``levels`` deep (Python's json parser recursed until RecursionError)."""
+    return b'{"' + key.encode() + b'": ' + b"[" * levels + b"]" * levels + b"}"
+
+
+def nested_objects(levels: int = 1000, key: str = "url") -> bytes:
+    """``{"<key>": {"a": {"a": ... }}}``: nested objects in a field."""
+    return b'{"' + key.encode() + b'": ' + b'{"a": ' * levels + b"1" + b"}" * levels + b"}"
+
+
+# The routes that take a JSON body of images, and the bodies with text.
+IMAGE_JSON_ROUTES = ("/classify?deployed_id=x", "/detect?deployed_id=x", "/embed_image", "/image-embeddings")
+LONE_SURROGATE_ESCAPED = b'"\\ud800"'  # JSON's escape for a lone high surrogate
+LONE_SURROGATE_RAW = b'"\xed\xa0\x80"'  # the same surrogate's three bytes (invalid UTF-8 that json decodes)
+LONE_LOW_SURROGATE_ESCAPED = b'"ok \\udc00 ok"'
+
+
+def surrogate_bodies() -> list[tuple[str, bytes, str]]:
+    """(route, JSON body, the field the 422 must name) for each way a lone surrogate reaches a text."""
+    out = []
+    for text in (LONE_SURROGATE_ESCAPED, LONE_SURROGATE_RAW, LONE_LOW_SURROGATE_ESCAPED):
+        out += [
+            ("/embed_text", b'{"texts": ["fine", ' + text + b"]}", "texts"),
+            ("/text-embeddings", b'{"texts": [' + text + b"]}", "texts"),
+            (
+                "/deploy_classifier",
+                b'{"classifier_configs": [{"name": "a", "examples_to_include": ["x", ' + text + b"]}]}",
+                "examples_to_include",
+            ),
+            (
+                "/deploy_classifier?wait=false",
+                b'{"classifier_configs": [{"name": "a", "examples_to_include": ["x"], "examples_to_exclude": ['
+                + text
+                + b"]}]}",
+                "examples_to_exclude",
+            ),
+            (
+                "/deploy_detector",
+                b'{"detector_configs": [{"name": ' + text + b', "examples_to_include": ["x"]}]}',
+                "name",
+            ),
+            ("/embed_image", b'{"url": [' + text + b"]}", "url"),
+            ("/classify?deployed_id=x", b'{"data": ' + text + b"}", "data"),
+        ]
+    return out

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from testing.server import Server
+from tests import bad_inputs as bad
 
 pytestmark = pytest.mark.server
 
@@ -50,3 +51,27 @@ def test_schemathesis_finds_no_server_errors(server: Server, tmp_path: Path) -> 
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-8000:]
     assert "No issues found" in out or "passed" in out.lower(), out[-3000:]
+
+
+def test_the_probes_hostile_bodies_give_no_server_error_on_any_route(server: Server) -> None:
+    """Issue 32's probe inputs on every operation of the schema that takes a body: deep nesting (arrays, objects),
+    lone surrogates (escaped and as raw bytes), a 200 KB header: 4xx, never 5xx."""
+    with server.client(timeout=60) as c:
+        spec = c.get("/openapi.json").json()
+        paths = spec["paths"].items()
+        ops = [(m.upper(), p) for p, methods in paths for m, op in methods.items() if "requestBody" in op]
+        assert len(ops) >= 8, ops
+        bodies = [
+            bad.nested_json(1000),
+            bad.nested_objects(1000, "url"),
+            bad.nested_json(50, "texts"),
+            b'{"texts": [' + bad.LONE_SURROGATE_ESCAPED + b"]}",
+            b'{"texts": [' + bad.LONE_SURROGATE_RAW + b'], "data": ' + bad.LONE_SURROGATE_RAW + b"}",
+        ]
+        for method, path in ops:
+            url = path.replace("{deployed_id}", "x") + ("?deployed_id=x" if "deployed_id" not in path else "")
+            for body in bodies:
+                r = c.request(method, url, content=body, headers={"content-type": "application/json"})
+                assert 400 <= r.status_code < 500, (method, url, body[:60], r.status_code, r.text[:300])
+            r = c.request(method, url, json={}, headers={"x-big": "a" * 200_000})
+            assert r.status_code == 431, (method, url, r.status_code)

@@ -78,8 +78,10 @@ def set_range(locator: Any, value: float) -> None:
     )
 
 
-def open_page(browser: Any, server: Server, width: int = 1280) -> UI:
-    ctx = browser.new_context(viewport={"width": width, "height": 900}, accept_downloads=True)
+def open_page(browser: Any, server: Server, width: int = 1280, bypass_csp: bool = True) -> UI:
+    # Playwright's wait_for_function evaluates its predicate with eval() inside the page, which the page's CSP
+    # (api/headers.py) forbids; these tests drive the page's logic, test_the_page_works_under_its_csp its policy.
+    ctx = browser.new_context(viewport={"width": width, "height": 900}, accept_downloads=True, bypass_csp=bypass_csp)
     page = ctx.new_page()
     ui = UI(page, server)
     page.on("console", lambda m: ui.console.append(m.text) if m.type == "error" else None)
@@ -115,6 +117,21 @@ def boxes(ui: UI, visible_only: bool = False) -> list[dict[str, Any]]:
             shown: b.getBoundingClientRect().width > 0}))""",
         visible_only,
     )
+
+
+def test_the_page_works_under_its_csp(browser: Any, server: Server) -> None:
+    """Without bypassing the CSP: the page loads, deploys, shows an uploaded image's bars, and the browser reports
+    no violation of the policy (waits by selector: Playwright's function waits need eval)."""
+    ui = open_page(browser, server, bypass_csp=False)
+    try:
+        ui.fill_class(0, "cat", ["cat"])
+        ui.upload(("a.jpg", jpeg_bytes(1), "image/jpeg"), ("b.png", png_bytes(2, (80, 60)), "image/png"))
+        ui.page.wait_for_selector("body[data-state='done']:not([aria-busy='true']) #strip .card .bar")
+        assert ui.page.locator("#strip .card img").count() == 2  # blob: images shown under img-src
+        assert ui.page.locator("#strip .card .bar").count() == 2
+        assert not ui.errors(), ui.errors()
+    finally:
+        ui.page.context.close()
 
 
 def test_classifier_bars_equal_classify(ui: UI, server: Server) -> None:

@@ -295,24 +295,31 @@ def test_metrics_guard_needs_an_admin_key_when_asked(tmp_path: Path) -> None:
 def test_key_file_format() -> None:
     hashed = hashlib.sha256(b"a-key-kept-only-as-its-hash-0001").hexdigest()
     keys = parse_key_file(
-        f"# comment\n\nk1-0123456789abcdef t1\nk2-0123456789abcdef t2 admin  # ops\nsha256:{hashed} t3\n"
+        "# comment\n\nk1-0123456789abcdef0123456789abcdef t1\n"
+        f"k2-0123456789abcdef0123456789abcdef t2 admin  # ops\nsha256:{hashed} t3\n"
     )
     assert [(k.tenant.name, k.tenant.admin) for k in keys] == [("t1", False), ("t2", True), ("t3", False)]
     ring = KeyRing(keys)
-    assert ring.lookup(b"k2-0123456789abcdef") == keys[1]
+    assert ring.lookup(b"k2-0123456789abcdef0123456789abcdef") == keys[1]
     assert ring.lookup(b"a-key-kept-only-as-its-hash-0001") == keys[2]
     assert ring.lookup(b"k2-0123456789abcde") is None and ring.lookup(b"") is None
-    assert parse_key_list("k1-0123456789abcdef:t1, k2-0123456789abcdef:t2:admin") == keys[:2]
+    assert (
+        parse_key_list("k1-0123456789abcdef0123456789abcdef:t1, k2-0123456789abcdef0123456789abcdef:t2:admin")
+        == keys[:2]
+    )
 
 
 @pytest.mark.parametrize(
     ("text", "error"),
     [
-        ("s3cr3t-0123456789abcdef\n", "line 1: expected 'key tenant'"),
-        ("s3cr3t-0123456789abcdef t1 root\n", "line 1: the third field can only be 'admin'"),
-        ("s3cr3t-0123456789abcdef t/1\n", "line 1: the tenant must be"),
-        ("#\ns3cr3t-0123456789abcdef t1\ns3cr3t-0123456789abcdef t2\n", "line 3: the same key as line 2"),
-        ("s3cr3t-0123456789abcdef\u00e9 t1\n", "line 1: a key is 1-4096 visible ASCII"),
+        ("s3cr3t-0123456789abcdef0123456789abcdef\n", "line 1: expected 'key tenant'"),
+        ("s3cr3t-0123456789abcdef0123456789abcdef t1 root\n", "line 1: the third field can only be 'admin'"),
+        ("s3cr3t-0123456789abcdef0123456789abcdef t/1\n", "line 1: the tenant must be"),
+        (
+            "#\ns3cr3t-0123456789abcdef0123456789abcdef t1\ns3cr3t-0123456789abcdef0123456789abcdef t2\n",
+            "line 3: the same key as line 2",
+        ),
+        ("s3cr3t-0123456789abcdef0123456789abcdef\u00e9 t1\n", "line 1: a key is 1-4096 visible ASCII"),
     ],
 )
 def test_key_file_errors_name_the_line_never_the_key(text: str, error: str) -> None:
@@ -350,16 +357,23 @@ def test_keys_are_held_only_as_hashes(keyed: Keyed, caplog: pytest.LogCaptureFix
     assert "Key(tenant='a', admin=False)" in repr(gate.keys.keys)
 
 
-def test_short_keys_and_a_world_readable_file_are_warned_about(
+def test_short_keys_are_refused_and_a_world_readable_file_is_warned_about(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     path = tmp_path / "keys.txt"
-    path.write_text("shortkey t\n")
+    short = "s3cr3t-" + "k" * 24  # 31 characters
+    for text in (f"{KEY_A} a\n{short} t\n", f"{short}:t", f"{KEY_A}:a,{short}:t"):
+        if "\n" in text:
+            path.write_text(text)
+        with pytest.raises(KeyFileError, match="shorter than 32 characters") as exc:
+            KeyRing.from_setting(str(path) if "\n" in text else text)
+        assert "line 2" in str(exc.value) or "entry" in str(exc.value)
+        assert "s3cr3t" not in str(exc.value)
+    path.write_text(f"{short}k t\n")  # 32 characters: accepted
     path.chmod(0o644)
     caplog.set_level(logging.WARNING, "zss.api")
-    KeyRing.from_setting(str(path))
-    assert "line 1 is shorter than 16" in caplog.text and "readable by every user" in caplog.text
-    assert "shortkey" not in caplog.text
+    assert KeyRing.from_setting(str(path)) is not None
+    assert "readable by every user" in caplog.text and "s3cr3t" not in caplog.text
 
 
 # -- start-up warning ------------------------------------------------------------------------------------------------
