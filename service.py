@@ -53,7 +53,7 @@ from engine.tenancy import Tenant
 from errors import ZssError
 from runners.clip_service import ClipImageEncoder, ClipTextEncoder
 from runners.owl_service import OwlDetectorEncoder
-from runners.serving import own_metrics_dir, release_request_timers, service_settings
+from runners.serving import on_sigterm, own_metrics_dir, release_request_timers, service_settings
 from settings import LimitedLog, Settings, configure_logging
 
 log = logging.getLogger("zss.api")
@@ -162,6 +162,16 @@ def build_app(engine: Engine | None = None, settings: Settings | None = None) ->
             raise ZssError("Job not found.", 404)
         return job.report()
 
+    @app.delete("/jobs/{job_id}", response_model=JobStatus, responses=ERRORS)
+    async def cancel_job(job_id: Annotated[str, Path(max_length=64)], eng: EngineDep, who: CallerDep) -> Any:
+        """Cancel a running deploy job (its owner's tenant or an admin): its encoding stops before its next encoder
+        call; the texts already encoded stay cached. Answers the job (``cancelled`` once it has stopped); 409 if it
+        had already ended."""
+        job = eng.jobs.get(job_id, who)
+        if job is None:
+            raise ZssError("Job not found.", 404)
+        return (await eng.jobs.cancel(job)).report()
+
     @app.get("/jobs", response_model=JobList)
     async def list_jobs(eng: EngineDep, who: CallerDep) -> dict[str, Any]:
         """The caller's tenant's deploy jobs of this API worker, running and recently finished."""
@@ -268,6 +278,7 @@ class ZeroShot:
             registry=registry,
             cache=vectors,
         )
+        on_sigterm(app.state.engine.jobs.stop)  # running deploy jobs stop encoding: the worker can exit in time
 
     def __is_ready__(self) -> bool:
         """/readyz: not ready while a shared store (Redis) does not answer; the log says why (BentoML's 503 body

@@ -22,13 +22,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine.deployments import DeployOutcome
-from engine.embedder import Progress
+from engine.embedder import Cancelled, Progress
 from engine.tenancy import Tenant
 from errors import ZssError
 
 log = logging.getLogger(__name__)
 
-RUNNING, DONE, FAILED = "running", "done", "failed"
+RUNNING, DONE, FAILED, CANCELLED = "running", "done", "failed", "cancelled"
+STOPPING = "The server is stopping."
 
 
 @dataclass
@@ -63,12 +64,25 @@ class Job:
 class Jobs:
     """The jobs of this process, the newest ``keep`` finished ones kept for their reports."""
 
-    def __init__(self, keep: int = 1000) -> None:
+    def __init__(self, keep: int = 1000, per_tenant: int = 0) -> None:
         self.keep = keep
+        self.per_tenant = per_tenant  # jobs running at once per tenant (0: no limit)
         self._jobs: OrderedDict[str, Job] = OrderedDict()
+        self.stopping = False
 
     def start(self, kind: str, caller: Tenant, run: Callable[[Progress], Awaitable[DeployOutcome]]) -> Job:
-        """A job running ``run(progress)`` on the event loop (it needs one: call from a coroutine)."""
+        """A job running ``run(progress)`` on the event loop (it needs one: call from a coroutine); 429 when the
+        caller's tenant already runs ``per_tenant`` jobs, 503 once the server is stopping."""
+        if self.stopping:
+            raise ZssError(STOPPING, 503)
+        if self.per_tenant and self.running(caller.name) >= self.per_tenant:
+            exc = ZssError(
+                f"Too many deploy jobs in flight for this tenant: {self.per_tenant} (ZSS_DEPLOY_MAX_JOBS_PER_TENANT); "
+                "wait for one to finish or cancel one (DELETE /jobs/{job_id}).",
+                429,
+            )
+            exc.headers = {"Retry-After": "5"}
+            raise exc
         job = Job(uuid.uuid4().hex, kind, caller.name)
         job.task = asyncio.get_running_loop().create_task(self._run(job, run))
         # A job nobody waits for keeps its error in its report; retrieving it here keeps asyncio from logging it.
@@ -80,6 +94,9 @@ class Jobs:
     async def _run(self, job: Job, run: Callable[[Progress], Awaitable[DeployOutcome]]) -> DeployOutcome:
         try:
             out = await run(job.progress)
+        except Cancelled as exc:
+            job.state, job.message, job.status_code = CANCELLED, exc.message, exc.status_code
+            raise
         except ZssError as exc:
             job.state, job.message, job.status_code = FAILED, exc.message, exc.status_code
             raise
@@ -104,6 +121,26 @@ class Jobs:
         if job is None or (not caller.admin and job.tenant != caller.name):
             return None
         return job
+
+    def running(self, tenant: str) -> int:
+        return sum(1 for j in self._jobs.values() if j.state == RUNNING and j.tenant == tenant)
+
+    async def cancel(self, job: Job, wait_s: float = 10.0) -> Job:
+        """Ask a running job to stop (its encoding stops before its next encoder call) and wait up to ``wait_s`` for
+        it to end; 409 for a job that has already ended."""
+        if job.state != RUNNING or job.task is None:
+            raise ZssError(f"Job already {job.state}.", 409)
+        job.progress.cancel()
+        await asyncio.wait([job.task], timeout=wait_s)
+        return job
+
+    def stop(self) -> None:
+        """The server is stopping: refuse new jobs and stop the running ones' encoding before their next encoder call,
+        so the worker threads that run them let the process exit."""
+        self.stopping = True
+        for job in self._jobs.values():
+            if job.state == RUNNING:
+                job.progress.cancel(STOPPING, 503)
 
     def list(self, caller: Tenant) -> list[Job]:
         return [j for j in self._jobs.values() if caller.admin or j.tenant == caller.name]

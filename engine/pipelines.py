@@ -26,7 +26,7 @@ from cache.embeddings import namespace
 from cache.interfaces import DeploymentStore, StoreUnavailable, VectorStore
 from cache.registry import Deployment
 from engine.admission import Admission, Refused
-from engine.configs import DeployRequest, Kind, check_classes, kind_of
+from engine.configs import DeployLimits, DeployRequest, Kind, check_classes, check_limits, kind_of
 from engine.deployments import Compiled, Deployments, DeployOutcome
 from engine.embedder import EmbedStats, Progress, TextEmbedder
 from engine.encoders import DetectorEncoder, ImageEncoder, TextEncoder
@@ -40,6 +40,7 @@ from imaging.preprocess import Preprocess
 from imaging.sources import ImageLimits, ImageSource, load_image
 from semantic.classify import CompiledClassifier
 from semantic.detect import QUERY_RULE_VERSION
+from semantic.templates import CLIP_TEMPLATES
 from semantic.templates_detect import DETECTION_TEMPLATE_VERSION, DETECTION_TEMPLATES
 from settings import LimitedLog, Settings
 
@@ -109,7 +110,8 @@ class Engine:
         self._preprocess: Preprocess | None = None
         self._image_embedder: ImageEmbedder | None = None
         self._det_image_embedder: ImageEmbedder | None = None
-        self.jobs = Jobs()
+        self.jobs = Jobs(per_tenant=settings.deploy_max_jobs_per_tenant)
+        self.deploy_limits = DeployLimits.from_settings(settings)
         self.admission = Admission(settings.image_max_latency_ms / 1000)
         self._refused_log = LimitedLog(log)  # expected under overload: a WARNING line now and then
 
@@ -237,6 +239,8 @@ class Engine:
         """The deploy as a job, started now (call from a coroutine); a body that cannot deploy is refused here."""
         check_classes(body)
         kind = kind_of(body)
+        templates = len(DETECTION_TEMPLATES if kind is Kind.DETECTOR else CLIP_TEMPLATES)
+        check_limits(body, self.deploy_limits, templates)
 
         async def run(progress: Progress) -> DeployOutcome:
             compiled = await in_thread(self._compile, kind, body, progress)

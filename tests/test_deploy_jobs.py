@@ -68,3 +68,29 @@ def test_a_waiting_deploy_whose_client_gives_up_finishes_as_a_job(server: Server
         before = server.metric("zss_embedding_cache_misses_total")
         assert c.post("/deploy_classifier", json=body).status_code == 200
         assert server.metric("zss_embedding_cache_misses_total") == before
+
+
+def test_a_cancelled_job_stops_encoding_within_seconds_and_oversized_deploys_are_refused(server: Server) -> None:
+    """Issue 32: DELETE /jobs/{id} stops a long deploy's encoding (the text encoder's prompt count stops moving);
+    the probe's 4 MB example and a deploy over the prompt limit are refused at once."""
+    with server.client(timeout=60) as c:
+        probe = {"classifier_configs": [{"name": "big", "examples_to_include": ["word " * 333_333]}]}
+        r = c.post("/deploy_classifier", json=probe)
+        assert r.status_code == 422 and "ZSS_DEPLOY_MAX_EXAMPLE_CHARS" in r.json()["message"], r.text[:300]
+        many = [{"name": f"m{i}", "examples_to_include": [f"m {i} {j}" for j in range(40)]} for i in range(40)]
+        r = c.post("/deploy_classifier", json={"classifier_configs": many})  # 1,600 texts x 80 = 128,000 prompts
+        assert r.status_code == 413 and "ZSS_DEPLOY_MAX_PROMPTS" in r.json()["message"], r.text[:300]
+
+        r = c.post("/deploy_classifier", params={"wait": "false"}, json={"classifier_configs": _classes("cut", 600)})
+        job_id = r.json()["job_id"]
+        while c.get(f"/jobs/{job_id}").json()["done"] == 0:
+            time.sleep(0.1)
+        t0 = time.monotonic()
+        r = c.delete(f"/jobs/{job_id}")
+        assert r.status_code == 200 and r.json()["state"] == "cancelled", r.text
+        assert time.monotonic() - t0 < 10
+        assert r.json()["done"] < 600
+        prompts = server.metric("zss_text_prompts_encoded_total")
+        time.sleep(1.5)
+        assert server.metric("zss_text_prompts_encoded_total") == prompts  # the encoder has stopped
+        assert c.get(f"/jobs/{job_id}").json()["state"] == "cancelled"
