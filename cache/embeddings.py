@@ -195,12 +195,12 @@ class EmbeddingCache:
     def _load_space(self, ns: str, dim: int | None) -> _Space | None:
         """Base snapshot + segments (if valid) + rows of the key table none of them holds. None when the namespace
         is empty and dim is unknown."""
-        parts: list[tuple[np.ndarray, np.ndarray]] = []
+        indexes: list[faiss.IndexIDMap2] = []
         for path in [self._snapshot_path(ns), *self._segments(ns)]:
             index = self._read(path, dim) if path.exists() else None
             if index is not None:
                 dim = index.d
-                parts.append(_rows_of(index))
+                indexes.append(index)
         if dim is None:
             row = self._db.execute("SELECT dim FROM vectors WHERE ns = ? LIMIT 1", (ns,)).fetchone()
             if row is None:
@@ -209,11 +209,24 @@ class EmbeddingCache:
         space = _Space(dim=dim, index=faiss.IndexIDMap2(faiss.IndexFlatIP(dim)))
         table = self._db.execute("SELECT key, id FROM vectors WHERE ns = ?", (ns,)).fetchall()
         space.ids = dict(table)
-        file_ids, file_vecs = _unique(parts, dim)
         known = np.fromiter(space.ids.values(), np.int64, len(space.ids))
+        # One file (a clean start after close): used as it is, without copying its vectors.
+        one = len(indexes) == 1
+        if one:
+            file_ids = faiss.vector_to_array(indexes[0].id_map).astype(np.int64)
+            file_vecs = np.zeros((0, dim), np.float32)
+            one = len(np.unique(file_ids)) == len(file_ids)
+        if not one:
+            parts = [_rows_of(index) for index in indexes]
+            file_ids, file_vecs = _unique(parts, dim)
         if not np.isin(file_ids, known).all():  # files hold ids the table lacks: rebuild from the table
-            file_ids, file_vecs = file_ids[:0], file_vecs[:0]
-        space.add(file_ids, file_vecs, pending=False)
+            file_ids, file_vecs, one = file_ids[:0], file_vecs[:0], False
+        if one:
+            space.index = indexes[0]
+            space.max_id = int(file_ids.max()) if len(file_ids) else 0
+        else:
+            space.add(file_ids, file_vecs, pending=False)
+        del indexes
         missing = np.setdiff1d(known, file_ids, assume_unique=True)
         if len(missing):
             ids, vecs = self._table_rows(ns, missing)
