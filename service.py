@@ -279,6 +279,8 @@ class ZeroShot:
             cache=vectors,
         )
         on_sigterm(app.state.engine.jobs.stop)  # running deploy jobs stop encoding: the worker can exit in time
+        if resumed := app.state.engine.resume_jobs():  # deploy jobs a killed or stopped server left unfinished
+            log.info("resumed %d unfinished deploy jobs", resumed)
 
     def __is_ready__(self) -> bool:
         """/readyz: not ready while a shared store (Redis) does not answer; the log says why (BentoML's 503 body

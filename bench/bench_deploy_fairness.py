@@ -49,7 +49,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         env = VIT_B32_RANDOM
         if args.model == "tiny":
-            env = {**clip_env(write_tiny_clip(Path(tmp) / "tiny"), Path(tmp) / "data"), "ZSS_DETECTOR_MODEL": "none"}
+            env = {
+                **clip_env(write_tiny_clip(Path(tmp) / "tiny"), Path(tmp) / "data"),
+                "ZSS_DETECTOR_MODEL": "none",
+                "ZSS_BACKEND": "torch",
+            }
         _run(args, env, Path(tmp))
 
 

@@ -54,6 +54,8 @@ class Progress:
     cancelled: threading.Event = field(default_factory=threading.Event, repr=False, compare=False)
     reason: str = "Job cancelled."
     status_code: int = 409
+    # Called after each committed chunk (a job's heartbeat to its store), from the embedding thread.
+    on_advance: Callable[[], None] | None = field(default=None, repr=False, compare=False)
 
     def cancel(self, reason: str = "Job cancelled.", status_code: int = 409) -> None:
         self.reason, self.status_code = reason, status_code
@@ -71,6 +73,8 @@ class Progress:
     def advance(self, n: int) -> None:
         with self._lock:
             self.done += n
+        if self.on_advance is not None:
+            self.on_advance()
 
     def snapshot(self) -> tuple[int, int]:
         with self._lock:
