@@ -35,6 +35,7 @@ def _module(checkout: Path) -> ModuleType:
     spec = importlib.util.spec_from_file_location(f"embeddings_{abs(hash(checkout))}", checkout / "cache/embeddings.py")
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
     spec.loader.exec_module(mod)
     return mod
 
