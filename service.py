@@ -156,8 +156,8 @@ def build_app(engine: Engine | None = None, settings: Settings | None = None) ->
 
     @app.get("/jobs/{job_id}", response_model=JobStatus, responses=ERRORS)
     async def job_status(job_id: Annotated[str, Path(max_length=64)], eng: EngineDep, who: CallerDep) -> Any:
-        """A deploy job's state and progress (jobs of this API worker, the caller's tenant's only)."""
-        job = eng.jobs.get(job_id, who)
+        """A deploy job's state and progress (the caller's tenant's only; kept in the registry across restarts)."""
+        job = await in_thread(eng.jobs.get, job_id, who)
         if job is None:
             raise ZssError("Job not found.", 404)
         return job.report()
@@ -167,15 +167,15 @@ def build_app(engine: Engine | None = None, settings: Settings | None = None) ->
         """Cancel a running deploy job (its owner's tenant or an admin): its encoding stops before its next encoder
         call; the texts already encoded stay cached. Answers the job (``cancelled`` once it has stopped); 409 if it
         had already ended."""
-        job = eng.jobs.get(job_id, who)
+        job = await in_thread(eng.jobs.get, job_id, who)
         if job is None:
             raise ZssError("Job not found.", 404)
         return (await eng.jobs.cancel(job)).report()
 
     @app.get("/jobs", response_model=JobList)
     async def list_jobs(eng: EngineDep, who: CallerDep) -> dict[str, Any]:
-        """The caller's tenant's deploy jobs of this API worker, running and recently finished."""
-        return {"jobs": [j.report() for j in eng.jobs.list(who)]}
+        """The caller's tenant's deploy jobs, running and recently finished."""
+        return {"jobs": [j.report() for j in await in_thread(eng.jobs.list, who)]}
 
     @app.post("/embed_text", response_model=EmbeddingsResponse, responses=ERRORS)
     async def embed_text(body: EmbedTextRequest, eng: EngineDep) -> dict[str, Any]:

@@ -229,3 +229,49 @@ def test_deploy_jobs_in_flight_are_limited_per_tenant_and_stopping_refuses_new_o
 
     asyncio.run(scenario())
     engine.close()
+
+
+def test_a_dead_processs_job_is_resumed_from_the_registry_and_a_finished_one_stays_readable(tmp_path: Path) -> None:
+    """Issue 32, item 9, in-process: a job record left running by a dead process is taken over by the next engine on
+    the same data dir and deployed from its stored body; finished jobs are read from the registry after a restart."""
+    import subprocess
+    import sys
+
+    from engine.jobs import this_process
+
+    first, _ = fake_engine(tmp_path / "data")
+    with TestClient(build_app(first)) as c:
+        done = c.post("/deploy_classifier", json={"classifier_configs": CLASSES}).json()
+        (finished,) = c.get("/jobs").json()["jobs"]
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    body = {"classifier_configs": CLASSES[:2], "deployed_id": None, "augment_examples": False, "open_set": None}
+    record = {
+        "job_id": "left",
+        "kind": "classifier",
+        "tenant": "a",
+        "admin": False,
+        "state": "running",
+        "done": 1,
+        "total": 3,
+        "created_at": 1.0,
+        "body": body,
+        "owner": f"{this_process().rsplit(':', 1)[0]}:{dead.stdout.strip()}",
+    }
+    first.deployments.store.put_job(record)  # type: ignore[attr-defined]
+    first.close()
+
+    second, _ = fake_engine(tmp_path / "data")
+    with TestClient(build_app(second)) as c:
+        assert c.get(f"/jobs/{finished['job_id']}").json()["deployed_id"] == done["deployed_id"]  # after a restart
+
+        async def resume() -> None:
+            assert second.resume_jobs() == 1 and second.resume_jobs() == 0  # taken over once
+            await second.jobs.wait(second.jobs.get("left", Tenant("a")))  # type: ignore[arg-type]
+
+        asyncio.run(resume())
+        job = second.jobs.get("left", Tenant("a"))
+        assert job is not None and job.state == "done" and second.jobs.get("left", Tenant("b")) is None
+        dep = second.deployments.store.get(job.deployed_id, "a")  # type: ignore[arg-type]
+        assert dep is not None and [k["name"] for k in dep.config["classifier_configs"]] == ["cat", "car"]
+        assert second.deployments.store.get_job("left")["state"] == "done"  # type: ignore[attr-defined]
+    second.close()
