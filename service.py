@@ -27,7 +27,7 @@ from fastapi.staticfiles import StaticFiles
 from api import auth, convert, errors
 from api.arrival import Arrival, arrived
 from api.inputs import image_sources
-from api.openapi import AUTH_ERRORS, ERRORS, image_body
+from api.openapi import AUTH_ERRORS, CANCELLED, ERRORS, image_body
 from api.schemas import (
     ClassifyResult,
     DeployClassifierRequest,
@@ -72,7 +72,10 @@ Wait = Annotated[
     bool,
     Query(description="false: answer 202 with a job id at once; the deploy goes on as a job (GET /jobs/{job_id})"),
 ]
-JOB_ACCEPTED: dict[int | str, dict[str, Any]] = {202: {"model": JobAccepted, "description": "Deploy started as a job"}}
+JOB_ACCEPTED: dict[int | str, dict[str, Any]] = {
+    202: {"model": JobAccepted, "description": "Deploy started as a job"},
+    **CANCELLED,
+}
 
 
 def _accepted(job: Job) -> JSONResponse:
@@ -162,7 +165,7 @@ def build_app(engine: Engine | None = None, settings: Settings | None = None) ->
             raise ZssError("Job not found.", 404)
         return job.report()
 
-    @app.delete("/jobs/{job_id}", response_model=JobStatus, responses=ERRORS)
+    @app.delete("/jobs/{job_id}", response_model=JobStatus, responses={**ERRORS, **CANCELLED})
     async def cancel_job(job_id: Annotated[str, Path(max_length=64)], eng: EngineDep, who: CallerDep) -> Any:
         """Cancel a running deploy job (its owner's tenant or an admin): its encoding stops before its next encoder
         call; the texts already encoded stay cached. Answers the job (``cancelled`` once it has stopped); 409 if it
