@@ -283,8 +283,13 @@ class Engine:
             asyncio.get_running_loop()
         except RuntimeError:
             return 0
+        try:
+            abandoned = self.jobs.abandoned()
+        except Exception as exc:  # a shared store down at start: the server starts anyway (503 until it is back)
+            log.warning("unfinished deploy jobs not resumed: the job store is unavailable (%s)", exc)
+            return 0
         resumed = 0
-        for rec in self.jobs.abandoned():
+        for rec in abandoned:
             job = Job.from_record(rec)
             job.progress = Progress()
             try:
