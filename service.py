@@ -29,7 +29,7 @@ from api.arrival import Arrival, arrived
 from api.connections import guard_connections
 from api.headers import SecurityHeaders
 from api.inputs import image_sources
-from api.openapi import AUTH_ERRORS, ERRORS, image_body
+from api.openapi import AUTH_ERRORS, CANCELLED, ERRORS, image_body
 from api.schemas import (
     ClassifyResult,
     DeployClassifierRequest,
@@ -57,7 +57,7 @@ from runners.bentoml_internals import prepare_server
 from runners.clip_service import ClipImageEncoder, ClipTextEncoder
 from runners.lifeline import die_with_parent
 from runners.owl_service import OwlDetectorEncoder
-from runners.serving import detector_declared, record_build_settings, service_settings
+from runners.serving import detector_declared, on_sigterm, record_build_settings, service_settings
 from settings import LimitedLog, Settings, configure_logging
 
 log = logging.getLogger("zss.api")
@@ -76,7 +76,10 @@ Wait = Annotated[
     bool,
     Query(description="false: answer 202 with a job id at once; the deploy goes on as a job (GET /jobs/{job_id})"),
 ]
-JOB_ACCEPTED: dict[int | str, dict[str, Any]] = {202: {"model": JobAccepted, "description": "Deploy started as a job"}}
+JOB_ACCEPTED: dict[int | str, dict[str, Any]] = {
+    202: {"model": JobAccepted, "description": "Deploy started as a job"},
+    **CANCELLED,
+}
 
 
 def _accepted(job: Job) -> JSONResponse:
@@ -161,16 +164,26 @@ def build_app(engine: Engine | None = None, settings: Settings | None = None) ->
 
     @app.get("/jobs/{job_id}", response_model=JobStatus, responses=ERRORS)
     async def job_status(job_id: Annotated[str, Path(max_length=64)], eng: EngineDep, who: CallerDep) -> Any:
-        """A deploy job's state and progress (jobs of this API worker, the caller's tenant's only)."""
-        job = eng.jobs.get(job_id, who)
+        """A deploy job's state and progress (the caller's tenant's only; kept in the registry across restarts)."""
+        job = await in_thread(eng.jobs.get, job_id, who)
         if job is None:
             raise ZssError("Job not found.", 404)
         return job.report()
 
+    @app.delete("/jobs/{job_id}", response_model=JobStatus, responses={**ERRORS, **CANCELLED})
+    async def cancel_job(job_id: Annotated[str, Path(max_length=64)], eng: EngineDep, who: CallerDep) -> Any:
+        """Cancel a running deploy job (its owner's tenant or an admin): its encoding stops before its next encoder
+        call; the texts already encoded stay cached. Answers the job (``cancelled`` once it has stopped); 409 if it
+        had already ended."""
+        job = await in_thread(eng.jobs.get, job_id, who)
+        if job is None:
+            raise ZssError("Job not found.", 404)
+        return (await eng.jobs.cancel(job)).report()
+
     @app.get("/jobs", response_model=JobList)
     async def list_jobs(eng: EngineDep, who: CallerDep) -> dict[str, Any]:
-        """The caller's tenant's deploy jobs of this API worker, running and recently finished."""
-        return {"jobs": [j.report() for j in eng.jobs.list(who)]}
+        """The caller's tenant's deploy jobs, running and recently finished."""
+        return {"jobs": [j.report() for j in await in_thread(eng.jobs.list, who)]}
 
     @app.post("/embed_text", response_model=EmbeddingsResponse, responses=ERRORS)
     async def embed_text(body: EmbedTextRequest, eng: EngineDep) -> dict[str, Any]:
@@ -283,6 +296,9 @@ class ZeroShot:
             registry=registry,
             cache=vectors,
         )
+        on_sigterm(app.state.engine.jobs.stop)  # running deploy jobs stop encoding: the worker can exit in time
+        if resumed := app.state.engine.resume_jobs():  # deploy jobs a killed or stopped server left unfinished
+            log.info("resumed %d unfinished deploy jobs", resumed)
 
     def __is_ready__(self) -> bool:
         """/readyz: not ready while a shared store (Redis) does not answer; the log says why (BentoML's 503 body

@@ -102,6 +102,15 @@ class Settings(BaseSettings):
     url_timeout_s: float = 10.0
     # Log level of the project's loggers.
     log_level: str = "INFO"
+    # Deploy limits (issue 32), each over it a 4xx naming the setting: characters per example text (refused, not
+    # truncated: the tokenizer would silently cut it at the model's context, 77 tokens for CLIP), examples per class
+    # (texts and images, both lists), classes, prompts encoded (texts, x80 CLIP or x7 OWL templates when augmented),
+    # and deploy jobs running at once per tenant (per API worker; 429).
+    deploy_max_example_chars: int = 1000
+    deploy_max_examples_per_class: int = 1000
+    deploy_max_classes: int = 2000
+    deploy_max_prompts: int = 100_000
+    deploy_max_jobs_per_tenant: int = 8
     # Compiled deployments kept per API worker (least recently used dropped first), by the bytes their tensors hold.
     compiled_cache_mb: int = 256
     # API keys (api/keys.py): "" = no keys, every caller sees everything (today's behaviour); otherwise a path to a

@@ -16,6 +16,10 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         (503, "Encoder overloaded"),
     )
 }
+# A deploy job cancelled (DELETE /jobs/{job_id}) while its client waited, or a cancel of a job that has ended.
+CANCELLED: dict[int | str, dict[str, Any]] = {
+    409: {"model": ErrorResponse, "description": "Job cancelled, or already ended"}
+}
 # Every route but the public docs, on a server with API keys (ZSS_API_KEYS).
 AUTH_ERRORS: dict[int | str, dict[str, Any]] = {
     401: {

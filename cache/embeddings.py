@@ -3,10 +3,17 @@
 Storage layout under ``root``:
 - ``keys.sqlite3``: the key table, one row per cached vector (namespace, key, text, vector bytes). SQLite gives atomic,
   multi-process-safe appends: a crash mid-write leaves the previous committed state readable, and every API worker
-  sees what the others added.
-- ``<namespace-hash>.faiss``: a FAISS snapshot of a namespace (``IndexIDMap2`` over inner product, ids = SQLite
-  rowids), written to a temporary file and renamed into place, so a crash never leaves a half-written index. At start
-  the snapshot is loaded and topped up with rows newer than it; a missing or corrupt snapshot is rebuilt from SQLite.
+  sees what the others added. It is the truth; the FAISS files below only make a start faster.
+- ``<namespace-hash>.faiss``: the namespace's base snapshot, and ``<namespace-hash>.seg-<id>-<pid>.faiss``: segments
+  (issue 32), each ``IndexIDMap2`` over inner product with ids = SQLite rowids. A commit that brings the rows not yet
+  in any file to ``SNAPSHOT_EVERY`` writes only those rows as a new segment, so a commit's cost does not grow with the
+  cache (the whole snapshot was rewritten before: 0.67 s per commit at 88,000 vectors). Once there are
+  ``MAX_SEGMENTS`` segments a background thread merges them from their files (into the base once they hold as many
+  rows as it: amortised, each row is rewritten O(log n) times), never holding the cache's lock. Every file is written
+  to a temporary file and renamed into place, so a crash never leaves a half-written one; a crash between a merge's
+  rename and its removal of the merged files leaves rows in two files, read once. ``close`` writes the whole base and
+  removes the segments. At start the base and segments are loaded (an unreadable one is skipped) and topped up with
+  the key table's rows none of them holds; files holding ids the table lacks (a table set aside) are rebuilt from it.
 
 In memory each namespace is a FAISS index plus a key -> id map, shared by all classifiers of the process; lookups of
 keys another process added fall through to SQLite. A corrupt key table is moved aside and the cache starts empty (the
@@ -21,6 +28,7 @@ import os
 import sqlite3
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,20 +78,57 @@ class _Space:
     dim: int
     index: faiss.IndexIDMap2
     ids: dict[str, int] = field(default_factory=dict)
-    snapshot_max_id: int = 0  # highest id contained in the on-disk snapshot
     max_id: int = 0
+    # Rows held in memory but in no FAISS file yet: written as one segment once there are SNAPSHOT_EVERY.
+    pending_ids: list[int] = field(default_factory=list)
+    pending_vecs: list[np.ndarray] = field(default_factory=list)
+
+    def add(self, ids: np.ndarray, vecs: np.ndarray, pending: bool = True) -> None:
+        if len(ids):
+            self.index.add_with_ids(vecs, ids)
+            self.max_id = max(self.max_id, int(ids.max()))
+            if pending:
+                self.pending_ids.extend(int(i) for i in ids)
+                self.pending_vecs.extend(vecs)
+
+
+def _rows_of(index: faiss.IndexIDMap2) -> tuple[np.ndarray, np.ndarray]:
+    """(ids [n], vectors [n, d]) held by an ``IndexIDMap2`` over a flat index, without copying row by row."""
+    ids = faiss.vector_to_array(index.id_map).astype(np.int64)
+    codes = faiss.vector_to_array(faiss.downcast_index(index.index).codes)
+    return ids, codes.view(np.float32).reshape(-1, index.d)
+
+
+def _index_of(dim: int, ids: np.ndarray, vecs: np.ndarray) -> faiss.IndexIDMap2:
+    index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+    if len(ids):
+        index.add_with_ids(np.ascontiguousarray(vecs, dtype=np.float32), np.ascontiguousarray(ids, dtype=np.int64))
+    return index
+
+
+def _unique(parts: list[tuple[np.ndarray, np.ndarray]], dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """The rows of several files, each id once (a crash between a merge's rename and its clean-up leaves rows in two
+    files)."""
+    if not parts:
+        return np.zeros(0, np.int64), np.zeros((0, dim), np.float32)
+    ids = np.concatenate([p[0] for p in parts])
+    vecs = np.concatenate([p[1] for p in parts])
+    ids, first = np.unique(ids, return_index=True)
+    return ids, vecs[first]
 
 
 class EmbeddingCache:
     """FAISS-backed, disk-persistent text-embedding cache shared by all classifiers of a process."""
 
-    SNAPSHOT_EVERY = 256  # rows added since the last snapshot before a new snapshot is written
+    SNAPSHOT_EVERY = 256  # rows in no file before they are written as a segment
+    MAX_SEGMENTS = 16  # segments of a namespace before a background merge
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
         self._spaces: dict[str, _Space] = {}
+        self._merging: threading.Thread | None = None
         self._remove_orphaned_temp_files()
         self._db = self._open_db()
 
@@ -127,46 +172,87 @@ class EmbeddingCache:
     def _snapshot_path(self, ns: str) -> Path:
         return self.root / f"{hashlib.sha256(ns.encode()).hexdigest()[:24]}.faiss"
 
+    def _segments(self, ns: str) -> list[Path]:
+        base = self._snapshot_path(ns)
+        return sorted(self.root.glob(f"{base.stem}.seg-*.faiss"))
+
+    @staticmethod
+    def _read(path: Path, dim: int | None) -> faiss.IndexIDMap2 | None:
+        """A snapshot or segment; None (logged) when it is missing, unreadable or not of this namespace's shape: only
+        a slower start, the key table holds every row."""
+        try:
+            index = faiss.read_index(str(path))  # SWIG returns the concrete IndexIDMap2
+            if not isinstance(index, faiss.IndexIDMap2) or (dim is not None and index.d != dim):
+                raise ValueError("unexpected index type or dimension")
+            return index
+        except FileNotFoundError:
+            return None
+        except Exception as exc:
+            if path.exists():
+                log.warning("embedding snapshot %s unreadable (%s); its rows come from the key table", path, exc)
+            return None
+
     def _load_space(self, ns: str, dim: int | None) -> _Space | None:
-        """Snapshot (if valid) + rows newer than it. None when the namespace is empty and dim is unknown."""
-        snap_path = self._snapshot_path(ns)
-        index: faiss.IndexIDMap2 | None = None
-        if snap_path.exists():
-            try:
-                index = faiss.read_index(str(snap_path))  # SWIG returns the concrete IndexIDMap2
-                if not isinstance(index, faiss.IndexIDMap2) or (dim is not None and index.d != dim):
-                    raise ValueError("unexpected index type or dimension")
-            except Exception as exc:  # a corrupt snapshot is only a slower start: rebuild from the key table
-                log.warning("embedding snapshot %s unreadable (%s); rebuilding from the key table", snap_path, exc)
-                index = None
-        if index is None:
-            if dim is None:
-                row = self._db.execute("SELECT dim FROM vectors WHERE ns = ? LIMIT 1", (ns,)).fetchone()
-                if row is None:
-                    return None
-                dim = int(row[0])
-            index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
-        space = _Space(dim=index.d, index=index)
-        if index.ntotal:
-            id_arr = faiss.vector_to_array(index.id_map)
-            space.snapshot_max_id = space.max_id = int(id_arr.max())
-        snap_ids = set(faiss.vector_to_array(index.id_map).tolist()) if index.ntotal else set()
-        rows = self._db.execute("SELECT id, key, vec FROM vectors WHERE ns = ? ORDER BY id", (ns,)).fetchall()
-        new_ids, new_vecs = [], []
-        for rid, key, blob in rows:
-            space.ids[key] = rid
-            if rid not in snap_ids:
-                new_ids.append(rid)
-                new_vecs.append(np.frombuffer(blob, dtype=np.float32))
-        if len(snap_ids) != len(rows) - len(new_ids):  # snapshot holds ids the table lacks: rebuild it
-            space.index = faiss.IndexIDMap2(faiss.IndexFlatIP(space.dim))
-            space.snapshot_max_id = 0
-            new_ids = [r[0] for r in rows]
-            new_vecs = [np.frombuffer(r[2], dtype=np.float32) for r in rows]
-        if new_ids:
-            space.index.add_with_ids(np.stack(new_vecs), np.asarray(new_ids, dtype=np.int64))
-        space.max_id = max([space.max_id, *new_ids]) if new_ids else space.max_id
+        """Base snapshot + segments (if valid) + rows of the key table none of them holds. None when the namespace
+        is empty and dim is unknown."""
+        indexes: list[faiss.IndexIDMap2] = []
+        for path in [self._snapshot_path(ns), *self._segments(ns)]:
+            index = self._read(path, dim) if path.exists() else None
+            if index is not None:
+                dim = index.d
+                indexes.append(index)
+        if dim is None:
+            row = self._db.execute("SELECT dim FROM vectors WHERE ns = ? LIMIT 1", (ns,)).fetchone()
+            if row is None:
+                return None
+            dim = int(row[0])
+        space = _Space(dim=dim, index=faiss.IndexIDMap2(faiss.IndexFlatIP(dim)))
+        table = self._db.execute("SELECT key, id FROM vectors WHERE ns = ?", (ns,)).fetchall()
+        space.ids = dict(table)
+        known = np.fromiter(space.ids.values(), np.int64, len(space.ids))
+        # One file (a clean start after close): used as it is, without copying its vectors.
+        one = len(indexes) == 1
+        if one:
+            file_ids = faiss.vector_to_array(indexes[0].id_map).astype(np.int64)
+            file_vecs = np.zeros((0, dim), np.float32)
+            one = len(np.unique(file_ids)) == len(file_ids)
+        if not one:
+            parts = [_rows_of(index) for index in indexes]
+            file_ids, file_vecs = _unique(parts, dim)
+        if not np.isin(file_ids, known).all():  # files hold ids the table lacks: rebuild from the table
+            file_ids, file_vecs, one = file_ids[:0], file_vecs[:0], False
+        if one:
+            space.index = indexes[0]
+            space.max_id = int(file_ids.max()) if len(file_ids) else 0
+        else:
+            space.add(file_ids, file_vecs, pending=False)
+        del indexes
+        missing = np.setdiff1d(known, file_ids, assume_unique=True)
+        if len(missing):
+            ids, vecs = self._table_rows(ns, missing)
+            space.add(ids, vecs)
+            if len(space.pending_ids) >= self.SNAPSHOT_EVERY:
+                self._write_segment(ns, space)
         return space
+
+    def _table_rows(self, ns: str, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The key table's vectors of ``ids``."""
+        wanted = set(ids.tolist())
+        got: list[tuple[int, bytes]] = []
+        if len(wanted) > 5000:  # most of the namespace: one scan
+            cur = self._db.execute("SELECT id, vec FROM vectors WHERE ns = ? ORDER BY id", (ns,))
+            got = [(rid, blob) for rid, blob in cur if rid in wanted]
+        else:
+            listed = sorted(wanted)
+            for start in range(0, len(listed), 500):
+                chunk = listed[start : start + 500]
+                got += self._db.execute(
+                    f"SELECT id, vec FROM vectors WHERE id IN ({','.join('?' * len(chunk))})", chunk
+                ).fetchall()
+        return (
+            np.asarray([r[0] for r in got], np.int64),
+            np.stack([np.frombuffer(r[1], dtype=np.float32) for r in got]),
+        )
 
     def _space(self, ns: str, dim: int | None = None) -> _Space | None:
         space = self._spaces.get(ns)
@@ -176,14 +262,49 @@ class EmbeddingCache:
                 self._spaces[ns] = space
         return space
 
-    def _write_snapshot(self, ns: str, space: _Space) -> None:
-        path = self._snapshot_path(ns)
+    def _write_atomic(self, index: faiss.IndexIDMap2, path: Path) -> None:
         tmp = path.with_suffix(f".tmp-{os.getpid()}-{threading.get_ident()}")
-        faiss.write_index(space.index, str(tmp))
+        faiss.write_index(index, str(tmp))
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
-        os.replace(tmp, path)  # atomic: readers see the old or the new snapshot, never a torn one
-        space.snapshot_max_id = space.max_id
+        os.replace(tmp, path)  # atomic: readers see the old or the new file, never a torn one
+
+    def _write_segment(self, ns: str, space: _Space) -> None:
+        """The rows in no file yet, as a new segment: the commit's cost, whatever the size of the cache."""
+        if not space.pending_ids:
+            return
+        ids = np.asarray(space.pending_ids, np.int64)
+        path = self.root / f"{self._snapshot_path(ns).stem}.seg-{uuid.uuid4().hex[:16]}.faiss"
+        self._write_atomic(_index_of(space.dim, ids, np.stack(space.pending_vecs)), path)
+        space.pending_ids, space.pending_vecs = [], []
+        if len(self._segments(ns)) >= self.MAX_SEGMENTS:
+            self._merge_soon(ns, space.dim)
+
+    def _merge_soon(self, ns: str, dim: int) -> None:
+        """Merge the namespace's segments in a thread of their own (one at a time per cache)."""
+        if self._merging is not None and self._merging.is_alive():
+            return
+        self._merging = threading.Thread(target=self._merge, args=(ns, dim), name="embedding-merge", daemon=True)
+        self._merging.start()
+
+    def _merge(self, ns: str, dim: int) -> None:
+        """Segments into one, from their files (never under the cache's lock): into the base snapshot once they hold
+        as many bytes as it, else into one new segment. The merged files are removed after the result is in place."""
+        try:
+            segments = self._segments(ns)
+            if len(segments) < 2:
+                return
+            base = self._snapshot_path(ns)
+            seg_bytes = sum(p.stat().st_size for p in segments if p.exists())
+            into_base = not base.exists() or seg_bytes >= base.stat().st_size
+            inputs = [base, *segments] if into_base else segments
+            parts = [_rows_of(ix) for ix in (self._read(p, dim) for p in inputs) if ix is not None]
+            out = base if into_base else self.root / f"{base.stem}.seg-{uuid.uuid4().hex[:16]}.faiss"
+            self._write_atomic(_index_of(dim, *_unique(parts, dim)), out)
+            for p in segments:
+                p.unlink(missing_ok=True)
+        except Exception:  # a failed merge leaves more files to read at the next start; nothing is lost
+            log.warning("merging the embedding segments of %s failed", ns, exc_info=True)
 
     # -- public API --------------------------------------------------------------------------------------------
     def get(self, ns: str, texts: list[str]) -> tuple[dict[int, np.ndarray], list[int]]:
@@ -214,12 +335,13 @@ class EmbeddingCache:
             rows = self._db.execute(
                 f"SELECT id, key, vec FROM vectors WHERE ns = ? AND key IN ({marks})", (ns, *chunk)
             ).fetchall()
-            for rid, key, blob in rows:
-                if key in space.ids:
-                    continue
-                space.index.add_with_ids(np.frombuffer(blob, dtype=np.float32)[None], np.asarray([rid], np.int64))
-                space.ids[key] = rid
-                space.max_id = max(space.max_id, rid)
+            new = [(rid, key, blob) for rid, key, blob in rows if key not in space.ids]
+            if new:
+                space.add(
+                    np.asarray([r[0] for r in new], np.int64),
+                    np.stack([np.frombuffer(r[2], dtype=np.float32) for r in new]),
+                )
+                space.ids.update((key, rid) for rid, key, _ in new)
 
     def put(self, ns: str, texts: list[str], vectors: np.ndarray) -> None:
         """Store vectors [N, D] for texts (float32, normalised by the caller); existing keys are kept."""
@@ -245,8 +367,8 @@ class EmbeddingCache:
                 self._db.execute("ROLLBACK")
                 raise
             self._pull(ns, space, [cache_key(ns, t) for t in texts])
-            if space.max_id - space.snapshot_max_id >= self.SNAPSHOT_EVERY:
-                self._write_snapshot(ns, space)
+            if len(space.pending_ids) >= self.SNAPSHOT_EVERY:
+                self._write_segment(ns, space)
 
     def get_or_encode(
         self, ns: str, texts: list[str], encode: Callable[[list[str]], np.ndarray]
@@ -289,13 +411,27 @@ class EmbeddingCache:
         return int(self._db.execute("SELECT count(*) FROM vectors WHERE ns = ?", (ns,)).fetchone()[0])
 
     def flush(self) -> None:
-        """Write snapshots of namespaces with rows newer than their snapshot; fold the SQLite WAL into the table."""
+        """Write the rows in no file yet as segments; fold the SQLite WAL into the table."""
         with self._lock:
             for ns, space in self._spaces.items():
-                if space.max_id > space.snapshot_max_id:
-                    self._write_snapshot(ns, space)
+                self._write_segment(ns, space)
             self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def close(self) -> None:
-        self.flush()
-        self._db.close()
+        """One whole snapshot per namespace with rows in no file or in segments (the segments are then removed), so
+        the next process reads one file per namespace; then the key table is closed."""
+        if self._merging is not None:
+            self._merging.join()
+        with self._lock:
+            for ns, space in self._spaces.items():
+                segments = self._segments(ns)
+                if space.pending_ids or segments:
+                    self._write_atomic(space.index, self._snapshot_path(ns))
+                    space.pending_ids, space.pending_vecs = [], []
+                    held = set(faiss.vector_to_array(space.index.id_map).tolist())
+                    for path in segments:  # another process's segment may hold rows this one has not seen
+                        seg = self._read(path, space.dim)
+                        if seg is None or set(faiss.vector_to_array(seg.id_map).tolist()) <= held:
+                            path.unlink(missing_ok=True)
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self._db.close()

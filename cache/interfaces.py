@@ -52,6 +52,21 @@ class DeploymentStore(Protocol):
     def close(self) -> None: ...
 
 
+class JobStore(Protocol):
+    """Deploy jobs' records (issue 32), so a job outlives its process: both registries implement it beside the
+    deployments. A record is a JSON-able dict with at least ``job_id``, ``tenant``, ``state`` (``running`` until it
+    ends), ``owner`` (the process running it) and ``created_at``; reads add ``updated_at`` (its last write, a
+    heartbeat). ``claim_job`` hands a running job from a dead owner to a new one, once, atomically."""
+
+    def put_job(self, record: dict[str, Any]) -> None: ...
+
+    def get_job(self, job_id: str) -> dict[str, Any] | None: ...
+
+    def list_jobs(self, tenant: str | None = None) -> list[dict[str, Any]]: ...
+
+    def claim_job(self, job_id: str, owner_was: str, owner: str) -> bool: ...
+
+
 class VectorStore(Protocol):
     """Vectors by (namespace, text): each text is encoded at most once per namespace and kept across restarts."""
 

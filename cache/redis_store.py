@@ -40,7 +40,7 @@ from redis.retry import Retry
 
 from cache.embeddings import EmbeddingCache, LookupStats, cache_key
 from cache.interfaces import StoreUnavailable
-from cache.registry import DEFAULT_TENANT, Deployment, OtherTenant
+from cache.registry import DEFAULT_TENANT, KEEP_JOBS, Deployment, OtherTenant
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -158,6 +158,19 @@ def _deployment(deployed_id: str, h: dict[bytes, bytes]) -> Deployment:
     )
 
 
+_CLAIM = """
+if redis.call('HGET', KEYS[1], 'state') == 'running' and redis.call('HGET', KEYS[1], 'owner') == ARGV[1] then
+    redis.call('HSET', KEYS[1], 'owner', ARGV[2], 'updated_at', ARGV[3])
+    return 1
+end
+return 0
+"""
+
+
+def _job(h: dict[bytes, bytes]) -> dict[str, Any]:
+    return {**json.loads(h[b"record"]), "owner": _text(h[b"owner"]), "updated_at": float(h[b"updated_at"])}
+
+
 class RedisRegistry:
     """The deployment registry in Redis (cache/interfaces.py ``DeploymentStore``), shared by every replica."""
 
@@ -167,6 +180,7 @@ class RedisRegistry:
         self._put = client.register_script(_PUT)
         self._delete = client.register_script(_DELETE)
         self._restore = client.register_script(_RESTORE)
+        self._claim = client.register_script(_CLAIM)
 
     def _key(self, deployed_id: str) -> str:
         return f"{self.prefix}dep:{deployed_id}"
@@ -245,6 +259,47 @@ class RedisRegistry:
     def ping(self) -> None:
         """Raises :class:`StoreUnavailable` when Redis does not answer (readiness)."""
         self.client.ping()
+
+    # -- deploy jobs (cache/interfaces.py JobStore), shared by the replicas ------------------------------------------
+    def _job_key(self, job_id: str) -> str:
+        return f"{self.prefix}job:{job_id}"
+
+    @_guarded
+    def put_job(self, record: dict[str, Any]) -> None:
+        """As the SQLite registry's: a hash per job plus the jobs' ids by creation time; finished jobs beyond the
+        newest KEEP_JOBS are dropped."""
+        body = json.dumps(record, ensure_ascii=False, sort_keys=True)
+        fields = {"record": body, "state": record["state"], "owner": record["owner"], "updated_at": repr(time.time())}
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hset(self._job_key(record["job_id"]), mapping=fields)
+        pipe.zadd(f"{self.prefix}jobs", {record["job_id"]: float(record["created_at"])})
+        if record["state"] != "running":
+            pipe.zadd(f"{self.prefix}jobs:finished", {record["job_id"]: float(record["created_at"])})
+        pipe.execute()
+        finished = f"{self.prefix}jobs:finished"
+        if record["state"] != "running" and self.client.zcard(finished) > KEEP_JOBS:
+            old = [_text(i) for i in self.client.zrange(finished, 0, -KEEP_JOBS - 1)]
+            pipe = self.client.pipeline(transaction=True)
+            pipe.zrem(finished, *old).zrem(f"{self.prefix}jobs", *old).delete(*(self._job_key(i) for i in old))
+            pipe.execute()
+
+    @_guarded
+    def get_job(self, job_id: str) -> dict[str, Any] | None:
+        h = self.client.hgetall(self._job_key(job_id))
+        return _job(h) if h else None
+
+    @_guarded
+    def list_jobs(self, tenant: str | None = None) -> list[dict[str, Any]]:
+        ids = [_text(i) for i in self.client.zrange(f"{self.prefix}jobs", 0, -1)]
+        pipe = self.client.pipeline(transaction=False)
+        for i in ids:
+            pipe.hgetall(self._job_key(i))
+        jobs = [_job(h) for h in (pipe.execute() if ids else []) if h]
+        return [j for j in jobs if tenant is None or j["tenant"] == tenant]
+
+    @_guarded
+    def claim_job(self, job_id: str, owner_was: str, owner: str) -> bool:
+        return bool(self._claim(keys=[self._job_key(job_id)], args=[owner_was, owner, repr(time.time())]))
 
     def close(self) -> None:
         self.client.close()

@@ -38,6 +38,22 @@ CREATE TABLE IF NOT EXISTS deployments (
     tenant TEXT NOT NULL DEFAULT '{DEFAULT_TENANT}'
 );
 """
+# Deploy jobs (issue 32): the record (JSON: state, progress, the body to resume from) of each job, kept so that a job
+# outlives a restart; ``owner`` is the process running it (engine/jobs.py), ``updated_at`` its last heartbeat.
+_JOBS = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    state TEXT NOT NULL,
+    owner TEXT NOT NULL,
+    record TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS jobs_by_created ON jobs (created_at);
+"""
+# Finished jobs kept for their reports (the newest); running ones are always kept.
+KEEP_JOBS = 1000
 _INDEX = "CREATE INDEX IF NOT EXISTS deployments_by_tenant ON deployments (tenant, created_at)"
 _COLUMNS = "id, kind, config, version, created_at, updated_at, tenant"
 
@@ -84,6 +100,7 @@ class Registry:
         db = sqlite3.connect(self.path, timeout=30.0, check_same_thread=False, isolation_level=None)
         db.execute("PRAGMA journal_mode=WAL")
         db.executescript(_SCHEMA)
+        db.executescript(_JOBS)
         self._migrate(db)
         return db
 
@@ -173,6 +190,49 @@ class Registry:
         where, args = _owned(tenant)
         with self._lock:
             cur = self._db.execute(f"DELETE FROM deployments WHERE id = ?{where}", (deployed_id, *args))
+        return cur.rowcount > 0
+
+    # -- deploy jobs (cache/interfaces.py JobStore) --------------------------------------------------------------
+    def put_job(self, record: dict[str, Any]) -> None:
+        """Insert or replace a job's record (``job_id``, ``tenant``, ``state``, ``owner``, ``created_at`` and whatever
+        else it holds); finished jobs beyond the newest KEEP_JOBS are dropped."""
+        body = json.dumps(record, ensure_ascii=False, sort_keys=True)
+        row = (record["job_id"], record["tenant"], record["state"], record["owner"], body, record["created_at"])
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO jobs (id, tenant, state, owner, record, created_at, updated_at) "
+                "VALUES (?,?,?,?,?,?,?)",
+                (*row, time.time()),
+            )
+            if record["state"] != "running":
+                self._db.execute(
+                    "DELETE FROM jobs WHERE state != 'running' AND id NOT IN (SELECT id FROM jobs WHERE state != "
+                    "'running' ORDER BY created_at DESC LIMIT ?)",
+                    (KEEP_JOBS,),
+                )
+
+    def get_job(self, job_id: str) -> dict[str, Any] | None:
+        with self._lock:
+            row = self._db.execute("SELECT record, owner, updated_at FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return None if row is None else {**json.loads(row[0]), "owner": row[1], "updated_at": row[2]}
+
+    def list_jobs(self, tenant: str | None = None) -> list[dict[str, Any]]:
+        """Jobs oldest first, of one tenant when given."""
+        where, args = _owned(tenant)
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT record, owner, updated_at FROM jobs WHERE 1 = 1{where} ORDER BY created_at", args
+            ).fetchall()
+        return [{**json.loads(r[0]), "owner": r[1], "updated_at": r[2]} for r in rows]
+
+    def claim_job(self, job_id: str, owner_was: str, owner: str) -> bool:
+        """Take over a running job from ``owner_was`` (a dead process); False if it is not running or another process
+        claimed it first."""
+        with self._lock:
+            cur = self._db.execute(
+                "UPDATE jobs SET owner = ?, updated_at = ? WHERE id = ? AND owner = ? AND state = 'running'",
+                (owner, time.time(), job_id, owner_was),
+            )
         return cur.rowcount > 0
 
     def close(self) -> None:

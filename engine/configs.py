@@ -7,12 +7,13 @@ is read back with ``model_validate``. Every default lives here, once, with Direc
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from errors import Invalid
+from errors import Invalid, ZssError
 
 
 class Kind(StrEnum):
@@ -177,3 +178,52 @@ def check_classes(body: DeployRequest) -> None:
     open_set = getattr(body, "open_set", None)
     if open_set is not None and open_set.label in seen:
         raise Invalid(f"The open-set label {open_set.label!r} is also a class name.")
+
+
+@dataclass(frozen=True)
+class DeployLimits:
+    """The bounds of one deploy's work (settings ``deploy_max_*``): a body over one is refused before any encoding."""
+
+    example_chars: int = 1000
+    examples_per_class: int = 1000
+    classes: int = 2000
+    prompts: int = 100_000
+
+    @classmethod
+    def from_settings(cls, s: Any) -> DeployLimits:
+        return cls(
+            s.deploy_max_example_chars, s.deploy_max_examples_per_class, s.deploy_max_classes, s.deploy_max_prompts
+        )
+
+
+def check_limits(body: DeployRequest, limits: DeployLimits, templates: int) -> None:
+    """422 for an example text longer than the limit (refused, never truncated: a longer text is cut by the tokenizer
+    at the model's context anyway, so a client sending one has made a mistake worth telling); 413 for a deploy with
+    more classes, examples per class or prompts (texts x ``templates`` when augmented) than the server takes."""
+    classes = body.classes
+    if len(classes) > limits.classes:
+        raise ZssError(f"Too many classes: {len(classes)} (at most {limits.classes}, ZSS_DEPLOY_MAX_CLASSES).", 413)
+    texts = 0
+    for c in classes:
+        for examples in (c.examples_to_include, c.examples_to_exclude):
+            if len(examples) > limits.examples_per_class:
+                raise ZssError(
+                    f"Class {c.name[:64]!r} has {len(examples)} examples in one list (at most "
+                    f"{limits.examples_per_class}, ZSS_DEPLOY_MAX_EXAMPLES_PER_CLASS).",
+                    413,
+                )
+        for text in (*c.texts(True), *c.texts(False)):
+            if len(text) > limits.example_chars:
+                raise Invalid(
+                    f"Class {c.name[:64]!r} has an example of {len(text)} characters (at most {limits.example_chars}, "
+                    "ZSS_DEPLOY_MAX_EXAMPLE_CHARS; the model reads only its first 77 tokens)."
+                )
+            texts += 1
+    prompts = texts * (templates if body.augment_examples else 1)
+    if prompts > limits.prompts:
+        raise ZssError(
+            f"Too many prompts to encode: {prompts} ({texts} example texts"
+            f"{f' x {templates} templates' if body.augment_examples else ''}; at most {limits.prompts}, "
+            "ZSS_DEPLOY_MAX_PROMPTS).",
+            413,
+        )

@@ -16,9 +16,22 @@ import torch
 
 from cache.embeddings import LookupStats, namespace
 from cache.interfaces import VectorStore
+from errors import ZssError
 from semantic.templates import CLIP_TEMPLATES, TEMPLATE_VERSION, ensemble, expand
 
 EncodeFn = Callable[[list[str]], np.ndarray]
+# Prompts of a whole lookup up to which it is encoded in calls of ``short_chunk`` (the text encoder's short lane, see
+# engine/encoders.py): a small deploy is answered beside a big one's batches instead of queueing behind them.
+SMALL_LOOKUP_PROMPTS = 1024
+
+
+class Cancelled(ZssError):
+    """A job cancelled (DELETE /jobs/{id}) or stopped by its stopping server, seen between encoder calls."""
+
+    status_code = 409
+
+    def __init__(self, message: str = "Job cancelled.", status_code: int = 409) -> None:
+        super().__init__(message, status_code)
 
 
 @dataclass
@@ -37,6 +50,21 @@ class Progress:
     done: int = 0
     total: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    # Set to stop the lookup: checked before every encoder call, so the encoder stops within one call.
+    cancelled: threading.Event = field(default_factory=threading.Event, repr=False, compare=False)
+    reason: str = "Job cancelled."
+    status_code: int = 409
+    # Called after each committed chunk (a job's heartbeat to its store), from the embedding thread.
+    on_advance: Callable[[], None] | None = field(default=None, repr=False, compare=False)
+
+    def cancel(self, reason: str = "Job cancelled.", status_code: int = 409) -> None:
+        self.reason, self.status_code = reason, status_code
+        self.cancelled.set()
+
+    def check(self) -> None:
+        """Raise :class:`Cancelled` once the job is cancelled."""
+        if self.cancelled.is_set():
+            raise Cancelled(self.reason, self.status_code)
 
     def start(self, total: int) -> None:
         with self._lock:
@@ -45,6 +73,8 @@ class Progress:
     def advance(self, n: int) -> None:
         with self._lock:
             self.done += n
+        if self.on_advance is not None:
+            self.on_advance()
 
     def snapshot(self) -> tuple[int, int]:
         with self._lock:
@@ -61,6 +91,7 @@ class TextEmbedder:
     templates: tuple[str, ...] = CLIP_TEMPLATES
     template_version: str = TEMPLATE_VERSION
     chunk: int = 512  # prompts per encoder call, below the encoder's max batch size
+    short_chunk: int = 128  # prompts per encoder call of a small lookup (SMALL_LOOKUP_PROMPTS)
     stats: EmbedStats = field(default_factory=EmbedStats)
     # Called with each lookup's own stats (thread-safe per call, unlike deltas of the running totals).
     on_lookup: Callable[[EmbedStats], None] | None = None
@@ -73,16 +104,20 @@ class TextEmbedder:
         """This embedder reporting its lookups to ``progress`` (same cache, encoder and running stats)."""
         return replace(self, progress=progress)
 
-    def _encode_chunked(self, prompts: list[str]) -> np.ndarray:
-        parts = [self.encode(prompts[i : i + self.chunk]) for i in range(0, len(prompts), self.chunk)]
+    def _encode_chunked(self, prompts: list[str], chunk: int) -> np.ndarray:
+        parts = []
+        for i in range(0, len(prompts), chunk):
+            if self.progress is not None:
+                self.progress.check()
+            parts.append(self.encode(prompts[i : i + chunk]))
         self.stats.prompts_encoded += len(prompts)
         return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
 
-    def _encode_examples(self, texts: list[str], augment: bool) -> np.ndarray:
+    def _encode_examples(self, texts: list[str], augment: bool, chunk: int) -> np.ndarray:
         if not augment:
-            return self._encode_chunked(texts)
+            return self._encode_chunked(texts, chunk)
         prompts = expand(texts, self.templates)
-        per_prompt = torch.from_numpy(np.asarray(self._encode_chunked(prompts), np.float32))
+        per_prompt = torch.from_numpy(np.asarray(self._encode_chunked(prompts, chunk), np.float32))
         return ensemble(per_prompt, len(self.templates)).numpy()
 
     def namespace(self, augment: bool) -> str:
@@ -104,20 +139,24 @@ class TextEmbedder:
         """The store's ``get_or_encode`` once per chunk of about ``commit_prompts`` prompts, so every store commits
         as it goes (the store protocol is unchanged)."""
         ns = self.namespace(augment)
-        step = max(1, self.commit_prompts // (len(self.templates) if augment else 1))
+        per_text = len(self.templates) if augment else 1
+        step = max(1, self.commit_prompts // per_text)
+        chunk = self.short_chunk if len(texts) * per_text <= SMALL_LOOKUP_PROMPTS else self.chunk
         if self.progress is not None:
             self.progress.start(len(texts))
         parts: list[np.ndarray] = []
         total = LookupStats()
         for start in range(0, len(texts), step):
-            chunk = texts[start : start + step]
-            vecs, stats = self.cache.get_or_encode(ns, chunk, lambda todo: self._encode_examples(todo, augment))
+            part = texts[start : start + step]
+            if self.progress is not None:
+                self.progress.check()
+            vecs, stats = self.cache.get_or_encode(ns, part, lambda todo: self._encode_examples(todo, augment, chunk))
             parts.append(vecs)
             total.hits += stats.hits
             total.misses += stats.misses
             total.encoded += stats.encoded
             if self.progress is not None:
-                self.progress.advance(len(chunk))
+                self.progress.advance(len(part))
         if not parts:
             return np.zeros((0, 0), np.float32), total
         return (parts[0] if len(parts) == 1 else np.concatenate(parts)), total

@@ -8,6 +8,7 @@ the encoders (model ids, preprocessing) it learns lazily: the encoder services m
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -25,12 +26,12 @@ from prometheus_client import Counter
 from cache.embeddings import namespace
 from cache.interfaces import DeploymentStore, StoreUnavailable, VectorStore
 from engine.admission import Admission, Refused
-from engine.configs import DeployRequest, Kind, check_classes, kind_of
+from engine.configs import SCHEMAS, DeployLimits, DeployRequest, Kind, check_classes, check_limits, kind_of
 from engine.deployments import Compiled, DeploymentInfo, Deployments, DeployOutcome
 from engine.embedder import EmbedStats, Progress, TextEmbedder
 from engine.encoders import DetectorEncoder, ImageEncoder, TextEncoder
 from engine.exemplars import ImageEmbedder, has_images
-from engine.jobs import Job, Jobs
+from engine.jobs import FAILED, Job, Jobs
 from engine.kinds import KINDS, Classification, ClassifierKind, CompiledDetector, Detection, DetectorKind
 from engine.tenancy import Tenant
 from errors import Invalid, Unavailable
@@ -40,6 +41,7 @@ from imaging.preprocess import Preprocess
 from imaging.sources import ImageLimits, ImageSource, load_image
 from semantic.classify import CompiledClassifier
 from semantic.detect import QUERY_RULE_VERSION
+from semantic.templates import CLIP_TEMPLATES
 from semantic.templates_detect import DETECTION_TEMPLATE_VERSION, DETECTION_TEMPLATES
 from settings import LimitedLog, Settings
 
@@ -110,7 +112,9 @@ class Engine:
         self._preprocess: Preprocess | None = None
         self._image_embedder: ImageEmbedder | None = None
         self._det_image_embedder: ImageEmbedder | None = None
-        self.jobs = Jobs()
+        job_store = registry if hasattr(registry, "put_job") else None  # both registries keep jobs (issue 32)
+        self.jobs = Jobs(per_tenant=settings.deploy_max_jobs_per_tenant, store=job_store)  # type: ignore[arg-type]
+        self.deploy_limits = DeployLimits.from_settings(settings)
         self.admission = Admission(settings.image_max_latency_ms / 1000)
         # /detect: the same bound, on the detector's own measured rate and fastest answer.
         self.detect_admission = Admission(settings.image_max_latency_ms / 1000)
@@ -240,12 +244,74 @@ class Engine:
         """The deploy as a job, started now (call from a coroutine); a body that cannot deploy is refused here."""
         check_classes(body)
         kind = kind_of(body)
+        templates = len(DETECTION_TEMPLATES if kind is Kind.DETECTOR else CLIP_TEMPLATES)
+        check_limits(body, self.deploy_limits, templates)
 
+        return self.jobs.start(kind.value, caller, self._deploy_run(kind, body, caller), body.model_dump(mode="json"))
+
+    def _deploy_run(
+        self, kind: Kind, body: DeployRequest, caller: Tenant, resumed: bool = False
+    ) -> Callable[[Progress], Awaitable[DeployOutcome]]:
         async def run(progress: Progress) -> DeployOutcome:
+            if resumed:  # at start: the encoder services may not answer yet
+                await self._encoders_answer(kind, body, progress)
             compiled = await in_thread(self._compile, kind, body, progress)
             return await in_thread(self.deployments.register, body, compiled, caller=caller)
 
-        return self.jobs.start(kind.value, caller, run)
+        return run
+
+    async def _encoders_answer(self, kind: Kind, body: DeployRequest, progress: Progress, limit_s: float = 600) -> None:
+        def ready() -> None:
+            if kind is Kind.DETECTOR:
+                self.detector_embedder()
+            else:
+                self.text_embedder()
+                if has_images(body.classes):
+                    self.preprocess()
+
+        deadline = time.monotonic() + limit_s
+        while True:
+            try:
+                return await in_thread(ready)
+            except Exception:
+                progress.check()  # a cancel (or the server stopping) while waiting
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(1.0)
+
+    def resume_jobs(self) -> int:
+        """Take over the running deploy jobs of dead processes (engine/jobs.py) and run them again from their bodies;
+        how many. Call with an event loop running (a service's constructor): the store is read in this thread."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return 0
+        try:
+            abandoned = self.jobs.abandoned()
+        except Exception as exc:  # a shared store down at start: the server starts anyway (503 until it is back)
+            log.warning("unfinished deploy jobs not resumed: the job store is unavailable (%s)", exc)
+            return 0
+        resumed = 0
+        for rec in abandoned:
+            job = Job.from_record(rec)
+            job.progress = Progress()
+            try:
+                kind = Kind(job.kind)
+                body = SCHEMAS[kind].model_validate(job.body)
+            except Exception as exc:  # a record this version cannot read: ended, not retried at every start
+                job.state, job.message, job.status_code, job.finished_at = (
+                    FAILED,
+                    f"not resumable: {exc}",
+                    500,
+                    time.time(),
+                )
+                self.jobs.save(job)
+                continue
+            caller = Tenant(job.tenant, job.admin)
+            self.jobs.start(kind.value, caller, self._deploy_run(kind, body, caller, resumed=True), job=job)
+            log.info("resumed deploy job %s (%s of tenant %s)", job.job_id, kind.value, job.tenant)
+            resumed += 1
+        return resumed
 
     async def classify(
         self, deployed_id: str, sources: list[ImageSource], *, caller: Tenant, arrived: float | None = None

@@ -4,6 +4,10 @@ over bento arguments), and the model-store references that make `bentoml build` 
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import threading
+from collections.abc import Callable
 from typing import Any
 
 from runners.store import pin, store_tag, store_value
@@ -111,3 +115,22 @@ def _record_argument(name: str, value: str) -> None:
         BentoMLContainer.bento_arguments.set(args)
     except Exception as exc:  # a private API that may move: the model is still declared and packed
         log.warning("could not record %s=%s as a bento argument (%s); set it where the bento runs", name, value, exc)
+
+
+def on_sigterm(callback: Callable[[], None]) -> None:
+    """Call ``callback`` first when this worker gets SIGTERM (the server stopping), then the handler there was
+    (uvicorn's, which stops serving). ``callback`` runs in a signal handler: it only sets flags. Called from a thread
+    other than the main one (no signal can be set there), it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def handler(signum: int, frame: Any) -> None:
+        callback()
+        if callable(previous):
+            previous(signum, frame)
+        elif previous == signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, handler)

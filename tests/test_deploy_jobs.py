@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 
 import httpx
 import pytest
@@ -78,3 +79,30 @@ def test_a_waiting_deploy_whose_client_gives_up_finishes_as_a_job(server: Server
         misses = server.metric("zss_embedding_cache_misses_total")
         assert c.post("/deploy_classifier", json=body).status_code == 200
         assert server.metric("zss_embedding_cache_misses_total") == misses
+
+
+def test_a_cancelled_job_stops_encoding_within_seconds_and_oversized_deploys_are_refused(server: Server) -> None:
+    """Issue 32: DELETE /jobs/{id} stops a long deploy's encoding (the text encoder's prompt count stops moving);
+    the probe's 4 MB example and a deploy over the prompt limit are refused at once."""
+    with server.client(timeout=60) as c:
+        probe = {"classifier_configs": [{"name": "big", "examples_to_include": ["word " * 333_333]}]}
+        r = c.post("/deploy_classifier", json=probe)
+        assert r.status_code == 422 and "ZSS_DEPLOY_MAX_EXAMPLE_CHARS" in r.json()["message"], r.text[:300]
+        many = [{"name": f"m{i}", "examples_to_include": [f"m {i} {j}" for j in range(40)]} for i in range(40)]
+        r = c.post("/deploy_classifier", json={"classifier_configs": many})  # 1,600 texts x 80 = 128,000 prompts
+        assert r.status_code == 413 and "ZSS_DEPLOY_MAX_PROMPTS" in r.json()["message"], r.text[:300]
+
+        r = c.post("/deploy_classifier", params={"wait": "false"}, json={"classifier_configs": _classes("cut", 600)})
+        job_id = r.json()["job_id"]
+        wait_for(lambda: c.get(f"/jobs/{job_id}").json()["done"] > 0, "the job has started encoding")
+        r = c.delete(f"/jobs/{job_id}")
+        assert r.status_code == 200 and r.json()["state"] == "cancelled", r.text
+        assert r.json()["done"] < 600
+
+        def encoder_idle() -> bool:  # two reads a second apart agree: nothing more is being encoded
+            before = server.metric("zss_text_prompts_encoded_total")
+            time.sleep(1.0)
+            return server.metric("zss_text_prompts_encoded_total") == before
+
+        wait_for(encoder_idle, "the text encoder stops encoding the cancelled job", deadline_s=60)
+        assert c.get(f"/jobs/{job_id}").json()["state"] == "cancelled"

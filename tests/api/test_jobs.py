@@ -124,3 +124,154 @@ def test_a_job_outlives_its_waiting_request_and_is_its_tenants_only(tmp_path: Pa
     asyncio.run(scenario())
     assert engine.deployments.store.get(engine.jobs.list(a)[0].deployed_id, "a") is not None
     engine.close()
+
+
+# -- issue 32: bounded deploys, cancellable jobs -----------------------------------------------------------------------
+def test_deploys_over_a_limit_are_refused_with_the_setting_named_before_any_encoding(tmp_path: Path) -> None:
+    engine, clip = fake_engine(
+        tmp_path / "data",
+        deploy_max_example_chars=50,
+        deploy_max_examples_per_class=2,
+        deploy_max_classes=3,
+        deploy_max_prompts=160,
+    )
+    calls = []
+    real = clip.encode
+    clip.encode = lambda prompts: (calls.append(len(prompts)), real(prompts))[1]  # type: ignore[method-assign]
+
+    def cls(n: int, examples: int = 1, length: int = 5) -> list[dict[str, object]]:
+        return [
+            {"name": f"c{i}", "examples_to_include": [f"{i}{j}".ljust(length, "x") for j in range(examples)]}
+            for i in range(n)
+        ]
+
+    with TestClient(build_app(engine), raise_server_exceptions=True) as c:
+        for wait in ("true", "false"):
+            deploy = lambda body: c.post("/deploy_classifier", params={"wait": wait}, json=body)  # noqa: E731
+            assert_error(deploy({"classifier_configs": cls(1, length=51)}), 422, "ZSS_DEPLOY_MAX_EXAMPLE_CHARS")
+            assert_error(deploy({"classifier_configs": cls(4)}), 413, "ZSS_DEPLOY_MAX_CLASSES")
+            assert_error(deploy({"classifier_configs": cls(1, examples=3)}), 413, "ZSS_DEPLOY_MAX_EXAMPLES_PER_CLASS")
+            # 3 texts x 80 templates = 240 prompts; without templates, 3.
+            assert_error(deploy({"classifier_configs": cls(3)}), 413, "ZSS_DEPLOY_MAX_PROMPTS")
+            assert_error(
+                c.post("/deploy_detector", params={"wait": wait}, json={"detector_configs": cls(1, length=51)}), 422
+            )
+        assert calls == [] and c.get("/jobs").json()["jobs"] == []  # refused before any job or encoder call
+        assert c.post("/deploy_classifier", json={"classifier_configs": cls(3), "augment_examples": False}).is_success
+        # At the default limits: the probe's example (a 4 MB text of 333,333 words) is a 422 at once.
+        engine.deploy_limits = type(engine.deploy_limits)()
+        probe = {"classifier_configs": [{"name": "big", "examples_to_include": ["word " * 333_333]}]}
+        assert_error(c.post("/deploy_classifier", json=probe), 422, "at most 1000")
+    engine.close()
+
+
+def test_a_cancelled_job_stops_before_its_next_encoder_call(served: tuple[TestClient, FakeClip]) -> None:
+    c, clip = served
+    calls: list[int] = []
+    real = clip.encode
+
+    def slow(prompts: list[str]) -> np.ndarray:
+        calls.append(len(prompts))
+        time.sleep(0.05)
+        return real(prompts)
+
+    clip.encode = slow  # type: ignore[method-assign]
+    classes = [{"name": f"c{i}", "examples_to_include": [f"thing {i}"]} for i in range(300)]  # 24,000 prompts
+    job = c.post("/deploy_classifier", params={"wait": "false"}, json={"classifier_configs": classes}).json()
+    while not calls:
+        time.sleep(0.01)
+    t0 = time.monotonic()
+    r = c.delete(job["status_url"])
+    assert r.status_code == 200, r.text
+    assert r.json()["state"] == "cancelled" and r.json()["message"] == "Job cancelled." and r.json()["finished_at"]
+    assert time.monotonic() - t0 < 2
+    seen = len(calls)
+    time.sleep(0.3)
+    assert len(calls) == seen < 24_000 // 512  # nothing encoded after the cancel
+    assert c.get(job["status_url"]).json()["state"] == "cancelled"
+    assert_error(c.delete(job["status_url"]), 409, "Job already cancelled")
+    assert_error(c.delete("/jobs/no-such-job"), 404, "Job not found")
+    assert c.get("/deployments").json()["deployments"] == []  # nothing registered
+
+
+def test_deploy_jobs_in_flight_are_limited_per_tenant_and_stopping_refuses_new_ones(tmp_path: Path) -> None:
+    engine, clip = fake_engine(tmp_path / "data", deploy_max_jobs_per_tenant=1)
+    gate = threading.Event()
+    real = clip.encode
+    clip.encode = lambda prompts: (gate.wait(30), real(prompts))[1]  # type: ignore[method-assign]
+    a, b = Tenant("a"), Tenant("b")
+    from engine.configs import DeployClassifierRequest
+    from errors import ZssError
+
+    body = DeployClassifierRequest.model_validate({"classifier_configs": CLASSES})
+
+    async def scenario() -> None:
+        first = engine.start_deploy(body, caller=a)
+        with pytest.raises(ZssError) as refused:
+            engine.start_deploy(body, caller=a)
+        assert refused.value.status_code == 429 and "ZSS_DEPLOY_MAX_JOBS_PER_TENANT" in refused.value.message
+        assert refused.value.headers == {"Retry-After": "5"}
+        other = engine.start_deploy(body, caller=b)  # another tenant is not held up
+        gate.set()
+        await engine.jobs.wait(first)
+        await engine.jobs.wait(other)
+        engine.start_deploy(body, caller=a)  # a's slot is free again
+        gate.clear()
+        slow = engine.start_deploy(body, caller=b)
+        engine.jobs.stop()  # SIGTERM: the running job stops, new ones are refused
+        gate.set()
+        with pytest.raises(ZssError) as stopped:
+            await engine.jobs.wait(slow)
+        assert stopped.value.status_code == 503
+        with pytest.raises(ZssError) as late:
+            engine.start_deploy(body, caller=b)
+        assert late.value.status_code == 503
+
+    asyncio.run(scenario())
+    engine.close()
+
+
+def test_a_dead_processs_job_is_resumed_from_the_registry_and_a_finished_one_stays_readable(tmp_path: Path) -> None:
+    """Issue 32, item 9, in-process: a job record left running by a dead process is taken over by the next engine on
+    the same data dir and deployed from its stored body; finished jobs are read from the registry after a restart."""
+    import subprocess
+    import sys
+
+    from engine.jobs import this_process
+
+    first, _ = fake_engine(tmp_path / "data")
+    with TestClient(build_app(first)) as c:
+        done = c.post("/deploy_classifier", json={"classifier_configs": CLASSES}).json()
+        (finished,) = c.get("/jobs").json()["jobs"]
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    body = {"classifier_configs": CLASSES[:2], "deployed_id": None, "augment_examples": False, "open_set": None}
+    record = {
+        "job_id": "left",
+        "kind": "classifier",
+        "tenant": "a",
+        "admin": False,
+        "state": "running",
+        "done": 1,
+        "total": 3,
+        "created_at": 1.0,
+        "body": body,
+        "owner": f"{this_process().rsplit(':', 1)[0]}:{dead.stdout.strip()}",
+    }
+    first.deployments.store.put_job(record)  # type: ignore[attr-defined]
+    first.close()
+
+    second, _ = fake_engine(tmp_path / "data")
+    with TestClient(build_app(second)) as c:
+        assert c.get(f"/jobs/{finished['job_id']}").json()["deployed_id"] == done["deployed_id"]  # after a restart
+
+        async def resume() -> None:
+            assert second.resume_jobs() == 1 and second.resume_jobs() == 0  # taken over once
+            await second.jobs.wait(second.jobs.get("left", Tenant("a")))  # type: ignore[arg-type]
+
+        asyncio.run(resume())
+        job = second.jobs.get("left", Tenant("a"))
+        assert job is not None and job.state == "done" and second.jobs.get("left", Tenant("b")) is None
+        dep = second.deployments.store.get(job.deployed_id, "a")  # type: ignore[arg-type]
+        assert dep is not None and [k["name"] for k in dep.config["classifier_configs"]] == ["cat", "car"]
+        assert second.deployments.store.get_job("left")["state"] == "done"  # type: ignore[attr-defined]
+    second.close()

@@ -242,7 +242,7 @@ def test_process_killed_while_writing_a_snapshot_loses_nothing(tmp_path: Path, s
         with pytest.raises(RuntimeError):
             faiss.read_index(tmp)
     else:
-        assert faiss.read_index(tmp).ntotal == len(old) + len(new)
+        assert faiss.read_index(tmp).ntotal == len(new)  # a segment: only the rows in no file yet (issue 32)
     # What is in place is exactly the previous snapshot (or none at all): never the killed process's file.
     assert {p.name: p.read_bytes() for p in tmp_path.glob("*.faiss")} == snaps_before
     if previous:
@@ -298,3 +298,45 @@ def test_dimension_mismatch_is_refused(tmp_path: Path) -> None:
         c.put("ns", ["b"], vecs(1, 4))
     db = sqlite3.connect(tmp_path / "keys.sqlite3")
     assert db.execute("select count(*) from vectors").fetchone()[0] == 1
+
+
+def test_a_commit_writes_only_its_rows_and_segments_merge_without_losing_or_doubling_any(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 32: a commit's file write holds the rows in no file yet, not the whole cache; segments are merged in the
+    background, and a merge cut short between its rename and its clean-up leaves rows in two files, read once."""
+    ns = namespace("model", "v1")
+    n_old = 3000
+    cache = EmbeddingCache(tmp_path)
+    cache.put(ns, [f"old {i}" for i in range(n_old)], vecs(n_old, seed=1))
+    cache.close()  # the base snapshot: 3,000 rows
+    written: list[int] = []
+    real_write = faiss.write_index
+    monkeypatch.setattr(
+        faiss, "write_index", lambda index, path: (written.append(index.ntotal), real_write(index, path))
+    )
+    monkeypatch.setattr(EmbeddingCache, "MAX_SEGMENTS", 4)
+    cache = EmbeddingCache(tmp_path)
+    step = EmbeddingCache.SNAPSHOT_EVERY
+    new = [f"new {i}" for i in range(6 * step)]
+    for i in range(0, len(new), step):
+        cache.put(ns, new[i : i + step], vecs(step, seed=100 + i))
+        assert cache._merging is None or cache._merging.join(30) is None
+    # Six commits of one segment each: none rewrote the 3,000 old rows; the 4th segment started one merge of
+    # 4 x 256 rows into one segment (they hold fewer bytes than the base).
+    commits = [w for w in written if w != 4 * step]
+    assert commits == [step] * 6 and written.count(4 * step) == 1, written
+    segments = sorted(tmp_path.glob("*.seg-*.faiss"))
+    assert sorted(faiss.read_index(str(p)).ntotal for p in segments) == [step, step, 4 * step]
+    # A merge that died after its rename, before removing what it merged: the same rows in two files.
+    (merged,) = [p for p in segments if faiss.read_index(str(p)).ntotal == 4 * step]
+    twin = merged.with_name(merged.name.replace(".seg-", ".seg-0"))
+    twin.write_bytes(merged.read_bytes())
+    (tmp_path / f"{merged.name.split('.')[0]}.seg-garbage.faiss").write_bytes(b"torn")  # and an unreadable one
+    fresh = EmbeddingCache(tmp_path)
+    texts = [*(f"old {i}" for i in range(n_old)), *new]
+    found, missing = fresh.get(ns, texts)
+    assert missing == [] and fresh._spaces[ns].index.ntotal == n_old + len(new) == fresh.count(ns)
+    np.testing.assert_allclose(found[n_old + step], vecs(step, seed=100 + step)[0], rtol=1e-6)
+    fresh.close()  # one whole snapshot again, the segments gone
+    assert [faiss.read_index(str(p)).ntotal for p in tmp_path.glob("*.faiss")] == [n_old + len(new)]

@@ -8,6 +8,7 @@ import sqlite3
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -126,3 +127,23 @@ def test_workers_opening_an_old_file_at_once_migrate_it_once(tmp_path: Path) -> 
         t.join(30)
     assert errors == [] and len(opened) == 4
     assert all([d.tenant for d in r.list()] == ["default", "default"] for r in opened)
+
+
+def _job(job_id: str, tenant: str, state: str = "running", owner: str = "host:1", at: float = 1.0) -> dict:
+    return {"job_id": job_id, "tenant": tenant, "state": state, "owner": owner, "created_at": at, "body": {"x": [1]}}
+
+
+def test_job_records_outlive_their_process_and_a_dead_owners_job_is_claimed_once(store: DeploymentStore) -> None:
+    """Issue 32: deploy jobs' records (JobStore), in both registries."""
+    jobs: Any = store
+    jobs.put_job(_job("j1", "a", at=1.0))
+    jobs.put_job(_job("j2", "b", at=2.0))
+    got = jobs.get_job("j1")
+    assert got["state"] == "running" and got["body"] == {"x": [1]} and got["owner"] == "host:1" and got["updated_at"]
+    assert jobs.get_job("nope") is None
+    assert [j["job_id"] for j in jobs.list_jobs()] == ["j1", "j2"]
+    assert [j["job_id"] for j in jobs.list_jobs("b")] == ["j2"]
+    assert jobs.claim_job("j1", "host:1", "host:2") and not jobs.claim_job("j1", "host:1", "host:3")  # once
+    assert jobs.get_job("j1")["owner"] == "host:2"
+    jobs.put_job(_job("j1", "a", state="done", owner="host:2"))
+    assert jobs.get_job("j1")["state"] == "done" and not jobs.claim_job("j1", "host:2", "host:3")  # ended
