@@ -137,3 +137,19 @@ def test_both_forms_go_through_the_model_store(store: Path, oc_siglip: ClipFiles
         a, b = load_clip_encoder(source), load_clip_encoder(stored)
         assert a.model_id == b.model_id and a.info["preprocess"] == b.info["preprocess"]
         np.testing.assert_array_equal(a.encode_texts(TEXTS), b.encode_texts(TEXTS))
+
+
+@pytest.mark.parametrize("backend", ["onnx", "openvino"])
+def test_exported_image_towers_give_torchs_vectors(
+    backend: str, oc_siglip: ClipFiles, hf_siglip: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Both forms' image towers on ONNX Runtime / OpenVINO (fp32): torch's vectors, torch's model id; the text
+    towers (non-causal, pooled at the last position) stay in torch."""
+    pixels = np.random.default_rng(1).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    data = tmp_path_factory.mktemp("exports")
+    for source in (oc_settings(oc_siglip), hf_settings(hf_siglip)):
+        ref = load_clip_encoder(source, towers="image")
+        enc = load_clip_encoder(source.model_copy(update={"backend": backend, "data_dir": data}))
+        assert enc.backend == backend and enc.text_backend == "torch" and enc.model_id == ref.model_id
+        got, want = enc.encode_pixels(pixels), ref.encode_pixels(pixels)
+        assert float((got * want).sum(axis=1).min()) >= 0.9999
