@@ -511,6 +511,9 @@ def load_clip_encoder(settings: Settings, towers: str = "both", lanes: int = 1) 
         for attr in ("transformer", "token_embedding", "ln_final"):
             setattr(model, attr, None)
         log.info("CLIP text tower on %s (%s) from %s", text_backend, precision, directory)
+    if backend != "torch" and not getattr(model, "image_exportable", True):
+        log.warning("the image tower of %s cannot be exported: it runs in torch", spec.model_id)
+        backend = "torch"
     if backend != "torch":
         # The exported tower replaces torch's, whose weights are then dropped. Float32 backends give torch's vectors
         # (cosine >= 0.9999, tested), so they share its model id and cached text vectors.

@@ -114,6 +114,9 @@ class HFSiglip(torch.nn.Module):
         super().__init__()
         siglip2 = model.config.model_type == "siglip2"
         self.visual = _Vision(model.vision_model, int(model.config.vision_config.patch_size) if siglip2 else None)
+        # SigLIP 2's NaFlex tower resizes its position embeddings from the patch grid given as data at run time,
+        # which torch.onnx.export does not translate (aten._is_all_true): it stays in torch on every backend.
+        self.image_exportable = not siglip2
         self.text: _Text | None = _Text(model.text_model)
         self.logit_scale = model.logit_scale
         self.logit_bias = model.logit_bias

@@ -2,7 +2,9 @@
 ``shapes-clip``, with a tokenizer trained here (``tokenizers``, runners/siglip_tokenizer.py): the project's offline
 SigLIP, whose probabilities the tests check.
 
-Reproduce the shipped files (2 shared cores, under ``nice -n 10``; see BENCHMARKS.md for the time it took)::
+Not trained or shipped yet: on the shared 2-core machine under its load (2026-12-02) a step of 128 took about 30 s
+under ``nice -n 10`` (20 steps in 10 minutes), so the ~1200 steps it needs did not fit. Train it (a few minutes on
+an idle 2-core machine, like shapes-clip) with::
 
     nice -n 10 .venv/bin/python -m tools.train_shapes_siglip --steps 1200 --out models/shapes-siglip
 
@@ -153,7 +155,8 @@ def train(
     model.eval()
     ckpt = out / f"{MODEL_NAME}.fp16.pt"
     torch.save({k: v.detach().half() for k, v in model.state_dict().items()}, ckpt)
-    print(f"trained in {time.perf_counter() - t0:.1f}s; wrote {cfg_path} and {ckpt} ({ckpt.stat().st_size / 1e6:.2f} MB)")
+    size = ckpt.stat().st_size / 1e6
+    print(f"trained in {time.perf_counter() - t0:.1f}s; wrote {cfg_path} and {ckpt} ({size:.2f} MB)")
     return ckpt
 
 
