@@ -5,6 +5,7 @@ model loaded in this process (runners/clip.py, tests/runners/test_siglip.py chec
 
 from __future__ import annotations
 
+import base64
 import io
 import math
 from collections.abc import Iterator
@@ -85,3 +86,13 @@ def test_siglip_served_end_to_end(siglip_server: Server, siglip_dir: Path) -> No
         cos = img[0] @ local.encode_texts(["a red circle", "a red square", "a blue square"]).T
         red_raw = (1 + cos[0]) / 2 if cos[0] >= cos[1] else 1 - (1 + cos[1]) / 2
         assert out["raw_scores"]["red"] == pytest.approx(float(red_raw), abs=1e-4)
+
+        # Image examples (few-shot) on a SigLIP: the same image as a class's example wins, with its probability.
+        shots = [
+            {"name": "red", "examples_to_include": [{"image": base64.b64encode(red).decode()}]},
+            {"name": "blue", "examples_to_include": [{"image": base64.b64encode(png((30, 40, 220))).decode()}]},
+        ]
+        dep = deploy(c, shots, augment_examples=False)["deployed_id"]
+        out = c.post("/classify", params={"deployed_id": dep}, files=files(red)).json()
+        assert out["pred"] == "red" and set(out["probabilities"]) == {"red", "blue"}
+        assert out["probabilities"]["red"] >= out["probabilities"]["blue"]
