@@ -581,7 +581,15 @@ def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
     from torch.ao.quantization import quantize_dynamic
 
     dtype = next(model.parameters()).dtype
+    # Linears whose callers read them as float stay float: a projection open_clip applies with `isinstance(proj,
+    # nn.Linear)` or else `x @ proj` (a SigLIP text tower's, with a bias), and SigLIP 2's patch embedding (transformers
+    # reads its `weight.dtype`, a method on a quantised Linear).
+    names = ("text_projection", "patch_embedding")
+    keep = {n: m for n, m in model.named_modules() if n.endswith(names) and type(m) is torch.nn.Linear}
     model = quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    for name, module in keep.items():
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, module)
     for m in model.modules():
         if isinstance(m, DynamicInt8Linear):
             # open_clip reads a block's compute dtype from its MLP weight, or from this attribute when it is int8.

@@ -161,3 +161,14 @@ def test_siglip2_naflex_image_tower_stays_in_torch(tmp_path: Path) -> None:
     hf2 = write_tiny_hf_siglip(tmp_path / "hf2", version=2)
     enc = load_clip_encoder(hf_settings(hf2).model_copy(update={"backend": "onnx", "data_dir": tmp_path / "data"}))
     assert enc.backend == "torch" and enc.encode_images([Image.new("RGB", (8, 8))]).shape == (1, 64)
+
+
+def test_int8_in_torch_is_close_and_keyed_apart(oc_siglip: ClipFiles, hf_siglip: Path) -> None:
+    """ZSS_CLIP_QUANTIZE=int8 on both forms (open_clip's SigLIP text projection, a Linear with a bias, stays float)."""
+    pixels = np.random.default_rng(2).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    for source in (oc_settings(oc_siglip), hf_settings(hf_siglip)):
+        ref = load_clip_encoder(source)
+        enc = load_clip_encoder(source.model_copy(update={"clip_quantize": "int8"}))
+        assert enc.model_id == ref.model_id + "+int8"
+        assert float((enc.encode_pixels(pixels) * ref.encode_pixels(pixels)).sum(axis=1).min()) >= 0.99
+        assert float((enc.encode_texts(TEXTS) * ref.encode_texts(TEXTS)).sum(axis=1).min()) >= 0.99
