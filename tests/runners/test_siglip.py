@@ -172,3 +172,12 @@ def test_int8_in_torch_is_close_and_keyed_apart(oc_siglip: ClipFiles, hf_siglip:
         assert enc.model_id == ref.model_id + "+int8"
         assert float((enc.encode_pixels(pixels) * ref.encode_pixels(pixels)).sum(axis=1).min()) >= 0.99
         assert float((enc.encode_texts(TEXTS) * ref.encode_texts(TEXTS)).sum(axis=1).min()) >= 0.99
+
+
+def test_what_names_a_transformers_model() -> None:
+    """A hub id (``org/name``) is transformers' (keyed by itself, resolved without loading); open_clip's names,
+    ``hf-hub:`` ids and config files stay open_clip's."""
+    spec = resolve_model(Settings(clip_model="google/siglip-so400m-patch14-384", clip_pretrained="ignored"))
+    assert (spec.form, spec.model_id) == ("transformers", "hf:google/siglip-so400m-patch14-384")
+    for name in ("ViT-B-16-SigLIP2", "hf-hub:timm/ViT-B-16-SigLIP2", "models/shapes-clip/shapes-clip.json"):
+        assert not clip.is_transformers(name)
