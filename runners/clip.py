@@ -114,6 +114,8 @@ def _resolve(model: str, pretrained: str, random_seed: int, checkpoint_digest: s
         arch_id = model
     pre = pretrained.strip()
     if pre.lower() == "random":
+        if not override and "siglip" in name.lower():
+            override = _tag_preprocess(name)
         return ModelSpec(name, None, f"{arch_id}@random-seed{random_seed}", override, random_seed)
     if Path(pre).is_file():
         digest = checkpoint_digest or _file_digest(Path(pre))
@@ -121,6 +123,18 @@ def _resolve(model: str, pretrained: str, random_seed: int, checkpoint_digest: s
     if pre in {"", "none"}:
         raise ValueError("ZSS_CLIP_PRETRAINED is empty: give a tag, a checkpoint path, or 'random'")
     return ModelSpec(name, pre, f"{arch_id}@{pre}", override, None)
+
+
+def _tag_preprocess(name: str) -> dict[str, Any]:
+    """The preprocessing of a named open_clip model's first pretrained tag. open_clip keeps it with the tag, not the
+    architecture, so random weights would get CLIP's defaults: a SigLIP's random-weight tower is then given its own
+    (mean/std 0.5, ``squash``), as a benchmark of it should run."""
+    from open_clip.pretrained import get_pretrained_cfg, list_pretrained_tags_by_model
+
+    tags = list_pretrained_tags_by_model(name)
+    cfg = get_pretrained_cfg(name, tags[0]) if tags else {}
+    keys = ("mean", "std", "interpolation", "resize_mode")
+    return {k: cfg[k] for k in keys if cfg.get(k) is not None}
 
 
 def is_transformers(model: str) -> bool:
@@ -360,6 +374,11 @@ class ClipEncoder:
         visual = getattr(self.model, "visual", None)
         if isinstance(getattr(visual, "output_dim", None), int):
             return int(visual.output_dim)
+        if visual is not None:  # e.g. a timm image tower whose text tower was dropped: one forward pass tells
+            p = next(visual.parameters())
+            with torch.inference_mode():
+                x = torch.zeros((1, 3, *self.preprocess.size), device=p.device, dtype=p.dtype)
+                return int(self.model.encode_image(x).shape[-1])
         raise ValueError("cannot determine the embedding dimension")
 
     @property
@@ -402,6 +421,8 @@ class ClipEncoder:
 
     # -- text --------------------------------------------------------------------------------------------------
     def tokenize(self, texts: list[str]) -> torch.Tensor:
+        if self.tokenizer is None:
+            raise RuntimeError("this encoder holds the image tower only")
         return self.tokenizer(texts)
 
     def _encode_tokens(self, tokens: torch.Tensor, trim: bool) -> torch.Tensor:
@@ -485,7 +506,8 @@ def load_clip_encoder(settings: Settings, towers: str = "both", lanes: int = 1) 
         )
         # Read the preprocessing before a tower is dropped: it travels with the model's config and weights.
         pp_cfg = open_clip.get_model_preprocess_cfg(model)
-        tokenizer = open_clip.get_tokenizer(spec.name)
+        # The image encoder needs no tokenizer (a SigLIP's may live on the hub: an image tower then loads offline).
+        tokenizer = open_clip.get_tokenizer(spec.name) if towers != "image" else None
     model.eval()
     logits = sigmoid_logits(model)
     # The tower a service does not use is dropped to halve its memory.

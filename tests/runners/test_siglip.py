@@ -181,3 +181,26 @@ def test_what_names_a_transformers_model() -> None:
     assert (spec.form, spec.model_id) == ("transformers", "hf:google/siglip-so400m-patch14-384")
     for name in ("ViT-B-16-SigLIP2", "hf-hub:timm/ViT-B-16-SigLIP2", "models/shapes-clip/shapes-clip.json"):
         assert not clip.is_transformers(name)
+
+
+def test_image_tower_needs_no_tokenizer(tmp_path: Path, oc_siglip: ClipFiles) -> None:
+    """The image encoder service never tokenises: a SigLIP whose tokenizer is not here (e.g. open_clip's names, whose
+    tokenizers live on the hub, with random weights for benchmarks) still loads as an image tower."""
+    shutil.copy(oc_siglip.config, tmp_path / oc_siglip.config.name)
+    shutil.copy(oc_siglip.checkpoint, tmp_path / oc_siglip.checkpoint.name)
+    files = ClipFiles(tmp_path / oc_siglip.config.name, tmp_path / oc_siglip.checkpoint.name)
+    enc = load_clip_encoder(oc_settings(files), towers="image")
+    assert enc.dim == 32 and enc.encode_images([Image.new("RGB", (8, 8))]).shape == (1, 32)
+    with pytest.raises(RuntimeError, match="image tower only"):
+        enc.tokenize(["x"])
+
+
+def test_named_siglip_with_random_weights_gets_its_tags_preprocessing() -> None:
+    spec = resolve_model(Settings(clip_model="ViT-B-16-SigLIP2", clip_pretrained="random"))
+    assert spec.preprocess_override == {
+        "mean": (0.5, 0.5, 0.5),
+        "std": (0.5, 0.5, 0.5),
+        "interpolation": "bicubic",
+        "resize_mode": "squash",
+    }
+    assert resolve_model(Settings(clip_model="ViT-B-32", clip_pretrained="random")).preprocess_override == {}
