@@ -20,6 +20,8 @@ def classification(c: Classification) -> dict[str, Any]:
     out = {"scores": dict(zip(names, c.scores)), "pred": c.label, "raw_scores": dict(zip(names, c.raw_scores))}
     if c.rejected is not None:  # only a deployment with an open set says whether the image was turned away
         out["rejected"] = c.rejected
+    if c.probabilities is not None:  # only a model with probabilities (SigLIP) has them
+        out["probabilities"] = dict(zip(names, c.probabilities))
     return out
 
 

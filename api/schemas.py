@@ -67,6 +67,11 @@ class ClassifyResult(BaseModel):
     pred: str
     raw_scores: dict[str, float]
     rejected: bool | None = Field(default=None, description="With an open set: true when pred is its label")
+    probabilities: dict[str, float] | None = Field(
+        default=None,
+        description="On a sigmoid-loss model (SigLIP): each class's probability sigmoid(scale * cos + bias) from the "
+        "score the rule picked (a deciding negative example makes it near 0)",
+    )
 
 
 class Detection(BaseModel):

@@ -106,10 +106,13 @@ class DetectorConfig(ClassifierConfig):
 
 class OpenSet(_Body):
     """ "None of these": an image whose best class's raw score (its two-stage evidence, in [0, 1]) is below
-    ``threshold`` gets ``label`` as its prediction and ``"rejected": true``."""
+    ``threshold`` gets ``label`` as its prediction and ``"rejected": true``. On a model with probabilities (SigLIP),
+    ``min_probability`` instead rejects an image no class of which reaches that probability; it is the rule there when
+    neither is given (0.5). A CLIP needs ``threshold``."""
 
     label: str = Field(default="none of these", min_length=1, max_length=512)
-    threshold: float = Field(ge=0.0, le=1.0)
+    threshold: float | None = Field(default=None, ge=0.0, le=1.0)
+    min_probability: float | None = Field(default=None, ge=0.0, le=1.0)
 
 
 class DeployClassifierRequest(_Body):
@@ -153,7 +156,10 @@ def stored_config(body: DeployRequest) -> dict[str, Any]:
     exclude = {"deployed_id"}
     if isinstance(body, DeployClassifierRequest) and body.open_set is None:
         exclude.add("open_set")
-    return body.model_dump(mode="json", exclude=exclude)
+    out = body.model_dump(mode="json", exclude=exclude)
+    if isinstance(out.get("open_set"), dict):  # the rule it was given, not the other one as null
+        out["open_set"] = {k: v for k, v in out["open_set"].items() if v is not None}
+    return out
 
 
 def load_config(kind: Kind, config: dict[str, Any]) -> DeployRequest:

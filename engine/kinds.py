@@ -22,7 +22,14 @@ from engine.embedder import TextEmbedder
 from engine.exemplars import ImageEmbedder, has_images
 from errors import Invalid
 from imaging.geometry import scale_boxes
-from semantic.classify import CompiledClassifier, classify, compile_classifier, rejected
+from semantic.classify import (
+    CompiledClassifier,
+    classify,
+    compile_classifier,
+    probabilities,
+    rejected,
+    rejected_by_probability,
+)
 from semantic.detect import box_class_scores, detect, image_query_index, iou_graph
 
 
@@ -37,6 +44,8 @@ class Classification:
     # With an open set: the label a rejected image gets, and whether this one is rejected (None: no open set).
     open_label: str | None = None
     rejected: bool | None = None
+    # A sigmoid-loss model's per-class probabilities (class order); None for a CLIP.
+    probabilities: list[float] | None = None
 
     @property
     def label(self) -> str:
@@ -127,25 +136,47 @@ class ClassifierKind:
 
     @staticmethod
     def compile(
-        body: DeployClassifierRequest, embedder: TextEmbedder, images: ImageEmbedder | None = None
+        body: DeployClassifierRequest,
+        embedder: TextEmbedder,
+        images: ImageEmbedder | None = None,
+        logits: tuple[float, float] | None = None,
     ) -> CompiledClassifier:
+        """``logits``: the model's (logit scale, logit bias) when it has probabilities (SigLIP), else None."""
+        open_set = body.open_set
+        if open_set is not None:
+            if open_set.threshold is not None and open_set.min_probability is not None:
+                raise Invalid("Give the open set a threshold or a min_probability, not both.")
+            if open_set.min_probability is not None and logits is None:
+                raise Invalid("This model has no probabilities (no logit bias): give the open set a threshold.")
+            if open_set.threshold is None and logits is None:
+                raise Invalid("The open set needs a threshold (on the best class's raw score).")
         clf = compile_examples(body.classifier_configs, embedder, body.augment_examples, images)
-        if body.open_set is not None:
-            clf = replace(clf, open_set=(body.open_set.label, float(body.open_set.threshold)))
+        clf = replace(clf, logits=logits)
+        if open_set is not None and open_set.threshold is not None:
+            clf = replace(clf, open_set=(open_set.label, float(open_set.threshold)))
+        elif open_set is not None:
+            p = open_set.min_probability
+            clf = replace(clf, open_set_probability=(open_set.label, 0.5 if p is None else float(p)))
         return clf
 
     @staticmethod
     def score(image_embeddings: np.ndarray, clf: CompiledClassifier) -> list[Classification]:
-        """Image embeddings [B, D] -> one result per image (with the open set's verdict when it has one)."""
+        """Image embeddings [B, D] -> one result per image (with the open set's verdict when it has one, and the
+        per-class probabilities when the model has them)."""
         emb = torch.from_numpy(np.ascontiguousarray(image_embeddings, dtype=np.float32))
         raw, probs, pred = classify(emb, clf)
+        sig = probabilities(raw, clf.logits) if clf.logits is not None else None
         label, verdicts = None, [None] * len(pred)
         if clf.open_set is not None:
             label, threshold = clf.open_set
             verdicts = [bool(x) for x in rejected(raw, threshold).tolist()]
+        elif clf.open_set_probability is not None and sig is not None:
+            label, p_min = clf.open_set_probability
+            verdicts = [bool(x) for x in rejected_by_probability(sig, p_min).tolist()]
+        sigs = sig.tolist() if sig is not None else [None] * len(pred)
         return [
-            Classification(clf.class_names, p, r, k, label, x)
-            for r, p, k, x in zip(raw.tolist(), probs.tolist(), pred.tolist(), verdicts)
+            Classification(clf.class_names, p, r, k, label, x, s)
+            for r, p, k, x, s in zip(raw.tolist(), probs.tolist(), pred.tolist(), verdicts, sigs)
         ]
 
 

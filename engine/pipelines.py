@@ -135,6 +135,13 @@ class Engine:
                 self._preprocess = Preprocess.from_open_clip(self.image_encoder.info()["preprocess"])
             return self._preprocess
 
+    def sigmoid_logits(self) -> tuple[float, float] | None:
+        """The CLIP model's (logit scale, logit bias) when it has probabilities (SigLIP), else None."""
+        info = self.image_encoder.info()
+        if info.get("logit_bias") is None:
+            return None
+        return float(info["logit_scale"]), float(info["logit_bias"])
+
     def detector_info(self) -> dict[str, Any]:
         """The detector's info; 503 with the reason when this server has no detector."""
         with self._lock:
@@ -212,6 +219,8 @@ class Engine:
             images = self.image_embedder() if has_images(body.classes) else None
         if progress is not None:
             embedder = embedder.with_progress(progress)
+        if kind is Kind.CLASSIFIER:
+            return ClassifierKind.compile(body, embedder, images, self.sigmoid_logits())  # type: ignore[arg-type]
         return KINDS[kind].compile(body, embedder, images)  # type: ignore[arg-type]
 
     # -- images -----------------------------------------------------------------------------------------------------

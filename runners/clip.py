@@ -51,6 +51,8 @@ class ModelSpec:
     model_id: str
     preprocess_override: dict[str, Any]
     random_seed: int | None
+    # "open_clip", or "transformers" (a SiglipModel / Siglip2Model directory or hub id in ``name``; runners/siglip.py)
+    form: str = "open_clip"
 
 
 def _file_digest(path: Path) -> str:
@@ -81,6 +83,8 @@ def _resolve(model: str, pretrained: str, random_seed: int, checkpoint_digest: s
     """``checkpoint_digest``: the checkpoint file's digest where the caller has just computed it."""
     override: dict[str, Any] = {}
     model_path = Path(model)
+    if is_transformers(model):
+        return _resolve_transformers(model, pretrained, random_seed)
     if _is_config_path(model):
         if not model_path.is_file():
             raise FileNotFoundError(f"ZSS_CLIP_MODEL: model config {model_path} not found")
@@ -90,8 +94,10 @@ def _resolve(model: str, pretrained: str, random_seed: int, checkpoint_digest: s
         model_cfg = {k: v for k, v in model_cfg.items() if k != "preprocess_cfg"}
         if not all(k in model_cfg for k in ("embed_dim", "vision_cfg", "text_cfg")):
             raise ValueError(f"{model_path} is not an open_clip model config (needs embed_dim, vision_cfg, text_cfg)")
+        model_cfg, tokenizer_digest = _local_tokenizer(model_cfg, model_path)
         # open_clip registers configs by file stem; write the bare model config where it can find it.
-        name = f"zss-{model_path.stem}-{hashlib.sha256(model_path.read_bytes()).hexdigest()[:12]}"
+        registered = json.dumps(model_cfg, sort_keys=True).encode()
+        name = f"zss-{model_path.stem}-{hashlib.sha256(model_path.read_bytes() + registered).hexdigest()[:12]}"
         reg_dir = Path(tempfile.gettempdir()) / "zss-open-clip-configs"
         reg_dir.mkdir(parents=True, exist_ok=True)
         reg_file = reg_dir / f"{name}.json"
@@ -101,11 +107,15 @@ def _resolve(model: str, pretrained: str, random_seed: int, checkpoint_digest: s
             tmp.replace(reg_file)
         open_clip.add_model_config(reg_file)
         arch_id = f"config:{model_path.stem}:{hashlib.sha256(model_path.read_bytes()).hexdigest()[:16]}"
+        if tokenizer_digest:  # a tokenizer directory beside the config: its content keys the cache too
+            arch_id += f"+tok:{tokenizer_digest}"
     else:
         name = model
         arch_id = model
     pre = pretrained.strip()
     if pre.lower() == "random":
+        if not override and "siglip" in name.lower():
+            override = _tag_preprocess(name)
         return ModelSpec(name, None, f"{arch_id}@random-seed{random_seed}", override, random_seed)
     if Path(pre).is_file():
         digest = checkpoint_digest or _file_digest(Path(pre))
@@ -115,9 +125,74 @@ def _resolve(model: str, pretrained: str, random_seed: int, checkpoint_digest: s
     return ModelSpec(name, pre, f"{arch_id}@{pre}", override, None)
 
 
+def _tag_preprocess(name: str) -> dict[str, Any]:
+    """The preprocessing of a named open_clip model's first pretrained tag. open_clip keeps it with the tag, not the
+    architecture, so random weights would get CLIP's defaults: a SigLIP's random-weight tower is then given its own
+    (mean/std 0.5, ``squash``), as a benchmark of it should run."""
+    from open_clip.pretrained import get_pretrained_cfg, list_pretrained_tags_by_model
+
+    tags = list_pretrained_tags_by_model(name)
+    cfg = get_pretrained_cfg(name, tags[0]) if tags else {}
+    keys = ("mean", "std", "interpolation", "resize_mode")
+    return {k: cfg[k] for k in keys if cfg.get(k) is not None}
+
+
+def is_transformers(model: str) -> bool:
+    """A transformers SigLIP directory, or a Hugging Face id (``org/name``, not open_clip's ``hf-hub:`` form) that
+    is no local path."""
+    from runners.siglip import hf_model_type
+
+    model = model.strip()
+    if hf_model_type(model) is not None:
+        return True
+    return (
+        "/" in model
+        and ":" not in model
+        and not Path(model).exists()
+        and not model.endswith(".json")
+        and not model.startswith((".", "/", "~"))
+    )
+
+
+def _resolve_transformers(model: str, pretrained: str, random_seed: int) -> ModelSpec:
+    """A transformers SigLIP: its weights come with it (ZSS_CLIP_PRETRAINED is read only for ``random``); a local
+    directory is keyed by its content, a hub id by itself."""
+    from runners.siglip import content_hash
+
+    local = Path(model).expanduser()
+    arch_id = f"hf:{local.name}:{content_hash(local.resolve())}" if local.is_dir() else f"hf:{model}"
+    source = str(local.resolve()) if local.is_dir() else model
+    if pretrained.strip().lower() == "random":
+        return ModelSpec(source, None, f"{arch_id}@random-seed{random_seed}", {}, random_seed, "transformers")
+    return ModelSpec(source, source, arch_id, {}, None, "transformers")
+
+
+def _local_tokenizer(model_cfg: dict[str, Any], config_path: Path) -> tuple[dict[str, Any], str | None]:
+    """A config whose text tower names a Hugging Face tokenizer by a path relative to the config file (a SigLIP's
+    tokenizer kept beside it): the config with that path made absolute, and the tokenizer directory's digest."""
+    from runners.siglip import content_hash
+
+    text_cfg = model_cfg.get("text_cfg", {})
+    name = text_cfg.get("hf_tokenizer_name")
+    if not name or Path(name).is_absolute():
+        return model_cfg, None
+    folder = (config_path.parent / name).resolve()
+    if not folder.is_dir():
+        return model_cfg, None  # a hub id
+    return {**model_cfg, "text_cfg": {**text_cfg, "hf_tokenizer_name": str(folder)}}, content_hash(folder)
+
+
 def _resolve_stored(tag: str, random_seed: int) -> ModelSpec:
     """The spec of a stored model: its stored config and checkpoint, under the model id recorded at import."""
     entry = open_entry(tag, CLIP_KIND)
+    if entry.metadata.get("form") == "transformers":
+        from runners.siglip import content_hash
+
+        if content_hash(entry.path) != entry.metadata["content_hash"]:
+            raise ValueError(f"model {entry.tag}: its files do not match the content hash recorded at import")
+        spec = _resolve_transformers(str(entry.path), "", random_seed)
+        log.info("SigLIP %s from BentoML's model store (%s)", entry.metadata["model_id"], entry.tag)
+        return replace(spec, model_id=str(entry.metadata["model_id"]))
     config, checkpoint = entry.file("config"), entry.file("checkpoint")
     digests = {path: _file_digest(path) for path in (config, checkpoint)}
     for path, key in ((config, "config_digest"), (checkpoint, "checkpoint_digest")):
@@ -141,6 +216,8 @@ def import_to_store(model: str, pretrained: str, name: str | None = None) -> tup
 
     if store_tag(model) is not None:
         raise ValueError(f"{model} is already a model-store tag")
+    if is_transformers(model):
+        return _import_transformers(model, name)
     spec = _resolve(model, pretrained, 0)
     if spec.pretrained is None:
         raise ValueError("random weights: there is nothing to store (serve ZSS_CLIP_PRETRAINED=random directly)")
@@ -171,6 +248,17 @@ def import_to_store(model: str, pretrained: str, name: str | None = None) -> tup
             checkpoint = Path(_download_pretrained(spec.name, spec.pretrained))
         if config.name == checkpoint.name:
             raise ValueError(f"the config and the checkpoint are both named {config.name}")
+        files = {config.name: config, checkpoint.name: checkpoint}
+        if _is_config_path(model):
+            # A tokenizer directory named relative to the config travels with it, under the same relative name.
+            text_cfg = json.loads(config.read_text()).get("model_cfg", json.loads(config.read_text()))["text_cfg"]
+            tok = text_cfg.get("hf_tokenizer_name")
+            if tok and not Path(tok).is_absolute() and (config.parent / tok).is_dir():
+                root = (config.parent / tok).resolve()
+                rel = Path(tok)
+                if ".." in rel.parts:
+                    raise ValueError(f"the tokenizer {tok} must lie in or below the config's folder to be stored")
+                files.update({str(rel / p.relative_to(root)): p for p in sorted(root.rglob("*")) if p.is_file()})
         if _is_config_path(model):
             stem = Path(model).stem
         else:
@@ -190,10 +278,41 @@ def import_to_store(model: str, pretrained: str, name: str | None = None) -> tup
         return create_entry(
             name or tag_name(stem),
             version,
-            {config.name: config, checkpoint.name: checkpoint},
+            files,
             metadata,
             {"project": "zeroshot-server", "kind": "clip"},
         )
+
+
+def _import_transformers(model: str, name: str | None) -> tuple[str, bool]:
+    """A transformers SigLIP directory (or a hub id, downloaded here) into the store: its files as they are."""
+    from runners.siglip import content_hash, load_hf
+    from runners.store import content_version, create_entry, tag_name
+
+    local = Path(model).expanduser()
+    if local.is_dir():
+        root = local.resolve()
+    else:
+        from huggingface_hub import snapshot_download
+
+        root = Path(snapshot_download(model, allow_patterns=["*.json", "*.txt", "*.model", "*.safetensors"]))
+    load_hf(str(root))  # a broken checkpoint fails here, not when a container starts
+    spec = _resolve_transformers(model, "", 0)
+    files = {
+        str(p.relative_to(root)): p
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    }
+    digest = content_hash(root)
+    metadata = {KIND_KEY: CLIP_KIND, "form": "transformers", "model_id": spec.model_id, "content_hash": digest}
+    stem = local.name if local.is_dir() else model.rsplit("/", 1)[-1]
+    return create_entry(
+        name or tag_name(stem),
+        content_version(spec.model_id, digest),
+        files,
+        metadata,
+        {"project": "zeroshot-server", "kind": "clip"},
+    )
 
 
 def _download_pretrained(name: str, tag: str) -> str:
@@ -223,8 +342,11 @@ class ClipEncoder:
         dim: int | None = None,
         text_runtime: Any = None,
         text_backend: str = "torch",
+        logits: tuple[float, float] | None = None,
     ) -> None:
         self.model = model
+        # (logit scale, logit bias) of a sigmoid-loss model (SigLIP), None for a CLIP: see ``sigmoid_logits``.
+        self.logits = logits
         # Exported towers (runners/backends.py), None = torch: uint8 pixels -> normalised float32 (image), int64
         # tokens [N, L] with L trimmed to the batch's longest prompt -> normalised float32 (text).
         self.image_runtime = image_runtime
@@ -243,11 +365,20 @@ class ClipEncoder:
         self.can_trim_context = text_runtime is not None or text_exportable(model)
 
     def _probe_dim(self) -> int:
-        proj = getattr(self.model, "text_projection", None)
+        text = getattr(self.model, "text", None)  # CustomTextCLIP (SigLIP): the projection is the text tower's
+        proj = getattr(text if text is not None else self.model, "text_projection", None)
         if isinstance(proj, torch.nn.Linear):
             return int(proj.out_features)
         if isinstance(proj, torch.Tensor):
             return int(proj.shape[1])
+        visual = getattr(self.model, "visual", None)
+        if isinstance(getattr(visual, "output_dim", None), int):
+            return int(visual.output_dim)
+        if visual is not None:  # e.g. a timm image tower whose text tower was dropped: one forward pass tells
+            p = next(visual.parameters())
+            with torch.inference_mode():
+                x = torch.zeros((1, 3, *self.preprocess.size), device=p.device, dtype=p.dtype)
+                return int(self.model.encode_image(x).shape[-1])
         raise ValueError("cannot determine the embedding dimension")
 
     @property
@@ -258,6 +389,8 @@ class ClipEncoder:
             "dim": self.dim,
             "preprocess": p.as_dict(),
             "context_length": int(getattr(self.model, "context_length", 77)),
+            # Present only for sigmoid-loss models, so a CLIP's info reads as before.
+            **({"logit_scale": self.logits[0], "logit_bias": self.logits[1]} if self.logits else {}),
             "device": str(self.device),
             "backend": self.backend,
             "text_backend": self.text_backend,
@@ -288,6 +421,8 @@ class ClipEncoder:
 
     # -- text --------------------------------------------------------------------------------------------------
     def tokenize(self, texts: list[str]) -> torch.Tensor:
+        if self.tokenizer is None:
+            raise RuntimeError("this encoder holds the image tower only")
         return self.tokenizer(texts)
 
     def count_tokens(self, texts: list[str]) -> list[int]:
@@ -363,15 +498,24 @@ def load_clip_encoder(settings: Settings, towers: str = "both", lanes: int = 1) 
             spec.random_seed,
         )
         torch.manual_seed(spec.random_seed or 0)
-    model = open_clip.create_model(
-        spec.name,
-        pretrained=spec.pretrained,
-        device="cpu",
-        force_preprocess_cfg=spec.preprocess_override or None,
-    )
+    tokenizer: Any
+    if spec.form == "transformers":
+        from runners.siglip import load_hf
+
+        model, tokenizer, pp_cfg = load_hf(spec.name, random=spec.pretrained is None)
+    else:
+        model = open_clip.create_model(
+            spec.name,
+            pretrained=spec.pretrained,
+            device="cpu",
+            force_preprocess_cfg=spec.preprocess_override or None,
+        )
+        # Read the preprocessing before a tower is dropped: it travels with the model's config and weights.
+        pp_cfg = open_clip.get_model_preprocess_cfg(model)
+        # The image encoder needs no tokenizer (a SigLIP's may live on the hub: an image tower then loads offline).
+        tokenizer = open_clip.get_tokenizer(spec.name) if towers != "image" else None
     model.eval()
-    # Read the preprocessing before a tower is dropped: it travels with the model's config and weights.
-    pp_cfg = open_clip.get_model_preprocess_cfg(model)
+    logits = sigmoid_logits(model)
     # The tower a service does not use is dropped to halve its memory.
     if towers == "image":
         for attr in ("transformer", "token_embedding", "ln_final", "text"):
@@ -395,6 +539,9 @@ def load_clip_encoder(settings: Settings, towers: str = "both", lanes: int = 1) 
         for attr in ("transformer", "token_embedding", "ln_final"):
             setattr(model, attr, None)
         log.info("CLIP text tower on %s (%s) from %s", text_backend, precision, directory)
+    if backend != "torch" and not getattr(model, "image_exportable", True):
+        log.warning("the image tower of %s cannot be exported: it runs in torch", spec.model_id)
+        backend = "torch"
     if backend != "torch":
         # The exported tower replaces torch's, whose weights are then dropped. Float32 backends give torch's vectors
         # (cosine >= 0.9999, tested), so they share its model id and cached text vectors.
@@ -413,7 +560,6 @@ def load_clip_encoder(settings: Settings, towers: str = "both", lanes: int = 1) 
         # share cache entries with either.
         used = {backend} if towers == "image" else {text_backend} if towers == "text" else {backend, text_backend}
         model_id += "+int8" + "".join(f"-{b}" for b in sorted(used - {"torch"}))
-    tokenizer = open_clip.get_tokenizer(spec.name)
     return ClipEncoder(
         model,
         tokenizer,
@@ -426,7 +572,18 @@ def load_clip_encoder(settings: Settings, towers: str = "both", lanes: int = 1) 
         dim=dim,
         text_runtime=text_runtime,
         text_backend=text_backend,
+        logits=logits,
     )
+
+
+def sigmoid_logits(model: torch.nn.Module) -> tuple[float, float] | None:
+    """(scale, bias) of a model trained with the sigmoid loss (SigLIP: it has a logit bias), where
+    sigmoid(scale * cos + bias) is the probability that an image matches a text; None for a CLIP (no bias)."""
+    bias = getattr(model, "logit_bias", None)
+    scale = getattr(model, "logit_scale", None)
+    if not isinstance(bias, torch.Tensor) or not isinstance(scale, torch.Tensor):
+        return None
+    return float(scale.detach().float().exp().reshape(-1)[0]), float(bias.detach().float().reshape(-1)[0])
 
 
 QUANTIZE_MODES = ("none", "int8")
@@ -452,7 +609,15 @@ def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
     from torch.ao.quantization import quantize_dynamic
 
     dtype = next(model.parameters()).dtype
+    # Linears whose callers read them as float stay float: a projection open_clip applies with `isinstance(proj,
+    # nn.Linear)` or else `x @ proj` (a SigLIP text tower's, with a bias), and SigLIP 2's patch embedding (transformers
+    # reads its `weight.dtype`, a method on a quantised Linear).
+    names = ("text_projection", "patch_embedding")
+    keep = {n: m for n, m in model.named_modules() if n.endswith(names) and type(m) is torch.nn.Linear}
     model = quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    for name, module in keep.items():
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, module)
     for m in model.modules():
         if isinstance(m, DynamicInt8Linear):
             # open_clip reads a block's compute dtype from its MLP weight, or from this attribute when it is int8.

@@ -83,6 +83,11 @@ class CompiledClassifier:
     # evidence of; None without positive image examples (or when compiled with probe_steps=0).
     probe: torch.Tensor | None = None
     probe_class: torch.Tensor | None = None
+    # A sigmoid-loss model's (logit scale, logit bias) (SigLIP): each class then also gets a probability
+    # (:func:`probabilities`); None for a CLIP.
+    logits: tuple[float, float] | None = None
+    # Open set on those probabilities: (label, p): rejected when no class's probability reaches p.
+    open_set_probability: tuple[str, float] | None = None
 
     @property
     def n_classes(self) -> int:
@@ -311,6 +316,25 @@ def raw_scores(image_embeddings: torch.Tensor, clf: CompiledClassifier) -> torch
 def rejected(raw: torch.Tensor, threshold: float) -> torch.Tensor:
     """Open set: [B] True where the best class's raw score (its evidence, in [0, 1]) is below ``threshold``."""
     return raw.max(dim=-1).values < threshold
+
+
+def probabilities(raw: torch.Tensor, logits: tuple[float, float]) -> torch.Tensor:
+    """Per-class sigmoid probabilities [B, C] of a sigmoid-loss model from the rule's raw scores [B, C].
+
+    The raw score is taken back to the cosine scale (c = 2 * raw - 1) and read as SigLIP reads an (image, text)
+    pair: sigmoid(scale * c + bias). Where a positive example decided the class, c is its cosine, so a class with one
+    text example gets exactly SigLIP's own probability for that text. Where a negative example decided it (the veto),
+    c is minus that negative's cosine, so the probability is sigmoid(-scale * cos_neg + bias): near 0 (with SigLIP's
+    bias of about -10 and scale of about 110 it is below 1e-4 for any cos_neg >= 0), the class reads as "not this".
+    Each probability stands on its own (several classes may pass 0.5, or none), unlike the softmax ``scores``.
+    """
+    scale, bias = logits
+    return torch.sigmoid(raw.mul(2.0).sub(1.0).mul(scale).add(bias))
+
+
+def rejected_by_probability(probs: torch.Tensor, p: float) -> torch.Tensor:
+    """Open set on probabilities: [B] True where no class's probability reaches ``p``."""
+    return probs.max(dim=-1).values < p
 
 
 def classify(

@@ -41,13 +41,17 @@ def text_vector(text: str, dim: int = DIM) -> np.ndarray:
 class FakeClip:
     """Both CLIP towers; counts what it encodes."""
 
-    def __init__(self, model_id: str = "fake-clip") -> None:
+    def __init__(self, model_id: str = "fake-clip", logits: tuple[float, float] | None = None) -> None:
         self.model_id = model_id
+        self.logits = logits  # (logit scale, logit bias): a sigmoid-loss model (SigLIP) has them
         self.prompts_encoded = 0
         self.images_encoded = 0
 
     def info(self) -> dict[str, Any]:
-        return {"model_id": self.model_id, "dim": DIM, "preprocess": PREPROCESS}
+        info = {"model_id": self.model_id, "dim": DIM, "preprocess": PREPROCESS}
+        if self.logits is not None:
+            info.update(logit_scale=self.logits[0], logit_bias=self.logits[1])
+        return info
 
     def encode(self, prompts: list[str]) -> np.ndarray:
         self.prompts_encoded += len(prompts)
@@ -92,11 +96,13 @@ class FakeDetector:
         return out
 
 
-def fake_engine(data_dir: Path, *, detector: bool = True, **settings: Any) -> tuple[Engine, FakeClip]:
+def fake_engine(
+    data_dir: Path, *, detector: bool = True, logits: tuple[float, float] | None = None, **settings: Any
+) -> tuple[Engine, FakeClip]:
     """An engine over the fake encoders with a real registry and embedding cache under ``data_dir`` (in Redis too
-    with ``redis_url=...``)."""
+    with ``redis_url=...``); ``logits``: a CLIP with a logit scale and bias, as a SigLIP has."""
     s = Settings(data_dir=data_dir, **settings)
-    clip = FakeClip()
+    clip = FakeClip(logits=logits)
     registry, vectors = open_stores(s)
     engine = Engine(
         s,

@@ -54,7 +54,7 @@ from engine.pipelines import Engine
 from errors import ZssError
 from runners.clip import ClipEncoder, load_clip_encoder
 from runners.device import configure_threads
-from semantic.classify import CompiledClassifier, raw_scores, rejected
+from semantic.classify import CompiledClassifier, probabilities, raw_scores, rejected, rejected_by_probability
 from settings import Settings, get_settings
 from tools.image_files import Loaded, list_images, list_inputs, load_pixels, read_bytes
 
@@ -412,7 +412,11 @@ def cmd_eval(args: argparse.Namespace, engine: Runtime) -> dict[str, Any]:
     order = torch.argsort(raw, dim=1, descending=True)[:, :5].tolist()
     ranked = [[clf.class_names[j] for j in row] for row in order]
     # The open set as /classify applies it (a config's ``open_set``): rejected images are wrong in top-1.
-    out = rejected(raw, open_set.threshold).tolist() if open_set is not None else None
+    out = None
+    if clf.open_set is not None:
+        out = rejected(raw, clf.open_set[1]).tolist()
+    elif clf.open_set_probability is not None and clf.logits is not None:  # SigLIP: no class reaches p
+        out = rejected_by_probability(probabilities(raw, clf.logits), clf.open_set_probability[1]).tolist()
     m = metrics(truth, ranked, clf.class_names, out)
     m["unreadable"] = errors
     if args.train:

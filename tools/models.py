@@ -3,6 +3,7 @@
     python -m tools.models clip --model models/shapes-clip/shapes-clip.json \
                                 --pretrained models/shapes-clip/shapes-clip.fp16.pt
     python -m tools.models clip --model ViT-B-32 --pretrained laion2b_s34b_b79k     # downloads once (needs the hub)
+    python -m tools.models clip --model path/to/siglip-dir                          # transformers SiglipModel dir
     python -m tools.models detector --model path/to/owlv2-dir                        # a save_pretrained directory
     python -m tools.models detector --model google/owlv2-base-patch16-ensemble       # downloads once (needs the hub)
     python -m tools.models list
@@ -29,7 +30,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = get_settings()
     parser = argparse.ArgumentParser(prog="python -m tools.models", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    p_clip = sub.add_parser("clip", help="import an open_clip model (config JSON + checkpoint, or name + tag)")
+    p_clip = sub.add_parser(
+        "clip",
+        help="import an open_clip model (config JSON + checkpoint, or name + tag) or a transformers SigLIP",
+    )
     p_clip.add_argument("--model", default=settings.clip_model, help="as ZSS_CLIP_MODEL (default: its value)")
     p_clip.add_argument("--pretrained", default=settings.clip_pretrained, help="as ZSS_CLIP_PRETRAINED")
     p_clip.add_argument("--name", help="model-store name (default: from the config file or model name)")

@@ -337,3 +337,17 @@ def test_an_image_example_still_counts_in_full_for_a_probed_class() -> None:
     queries, truth = torch.cat(exemplars), torch.arange(n).repeat_interleave(4)
     assert not torch.equal((queries @ clf.probe.T).argmax(1), truth)  # the probe alone gets one of the twins wrong
     assert torch.equal(raw_scores(queries, clf).argmax(1), truth)
+
+
+def test_sigmoid_probabilities_read_the_picked_score_on_the_cosine_scale() -> None:
+    from semantic.classify import probabilities, rejected_by_probability
+
+    pos, neg = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.6, 0.8]])
+    clf = compile_classifier(["a", "b"], [pos, torch.tensor([[0.0, 1.0]])], [neg, torch.zeros(0, 2)])
+    v = torch.tensor([[0.6, 0.8]])  # exactly the negative of "a": the veto decides "a"
+    raw = raw_scores(v, clf)
+    probs = probabilities(raw, (10.0, -10.0))
+    assert float(probs[0, 0]) == pytest.approx(float(torch.sigmoid(torch.tensor(-10.0 * 1.0 - 10.0))))  # vetoed
+    assert float(probs[0, 1]) == pytest.approx(float(torch.sigmoid(torch.tensor(10.0 * 0.8 - 10.0))))  # ~0.12
+    assert rejected_by_probability(probs, 0.5).tolist() == [True]  # no class reaches 0.5
+    assert rejected_by_probability(probs, 0.1).tolist() == [False]
