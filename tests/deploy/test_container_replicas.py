@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -21,6 +20,7 @@ from testing import containers as pc
 from testing.client import assert_error, files
 from testing.images import encode_png
 from testing.server import ROOT
+from testing.waits import wait_for
 from tools import shapes
 
 pytestmark = pytest.mark.server
@@ -112,15 +112,16 @@ def test_redis_stop_gives_envelopes_then_recovers_without_restarting_replicas(cl
                 # The deployment lives in Redis: no answer from a stale copy, an enveloped 503 instead.
                 assert_error(c.post("/deploy_classifier", json=RED), 503)
                 assert c.get("/readyz").status_code == 503
-        # Both replicas report not ready: the balancer answers in the same envelope, never its own HTML page.
-        deadline = time.monotonic() + 30
+        # Through the balancer: the replicas' own 503 envelopes until its health checks take both out, then its
+        # own 503 in the same envelope, never an HTML page.
         with cluster.balancer.client(timeout=30) as lb:
-            while True:
+
+            def balancer_gave_up() -> bool:
                 r = lb.get("/deployments")
-                if r.status_code == 503 or time.monotonic() > deadline:
-                    break
-                time.sleep(0.5)
-            assert_error(r, 503, "No replica is ready")
+                assert_error(r, 503)
+                return "No replica is ready" in r.json()["message"]
+
+            wait_for(balancer_gave_up, "the balancer answers that no replica is ready", deadline_s=60)
     finally:
         pc.podman("start", cluster.redis.name)
     # Back (the append-only file kept the deployments), with the same replica processes.
