@@ -9,7 +9,9 @@ it selects, and a host port on loopback. Then it gets a classification through t
 
 from __future__ import annotations
 
+import base64
 import copy
+import json
 import subprocess
 from collections.abc import Iterator
 from typing import Any
@@ -105,6 +107,8 @@ def for_podman(
         if doc["kind"] == "Secret":
             secret = copy.deepcopy(doc)
             secret["stringData"]["ZSS_API_KEYS"] = f"{KEY}:ops:admin"
+            # podman 4.3 keeps a secret for kube play as a JSON map of base64 values (the Secret's `data`).
+            secret["data"] = {k: base64.b64encode(v.encode()).decode() for k, v in secret["stringData"].items()}
         elif doc["kind"] == "StatefulSet":
             sts = copy.deepcopy(doc)
             claims = sts["spec"].pop("volumeClaimTemplates")
@@ -124,7 +128,7 @@ def for_podman(
         if doc["kind"] != "Deployment":
             continue
         doc["spec"]["replicas"] = 1
-        pods[doc["metadata"]["name"]] = f"{doc['metadata']['name']}-pod"
+        pods[doc["metadata"]["name"]] = f"{doc['metadata']['name']}-pod-0"  # podman 4.3's pod name
         for c in doc["spec"]["template"]["spec"]["containers"]:
             if c["image"].startswith("zeroshot-server"):
                 c["image"] = image
@@ -150,7 +154,7 @@ def played(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     kube = base / "kube.yaml"
     kube.write_text(yaml.safe_dump_all(docs))
     secret_file = base / "secret.yaml"
-    secret_file.write_text(yaml.safe_dump(secret))
+    secret_file.write_text(json.dumps(secret["data"]))
     secret_name = secret["metadata"]["name"]
     pc.podman("secret", "rm", secret_name, check=False)
     pc.podman("secret", "create", secret_name, str(secret_file))
@@ -165,8 +169,16 @@ def played(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                 pc.podman("volume", "rm", "-f", pvc["metadata"]["name"], check=False)
 
 
+def container_of(deployment: str, container: str) -> str:
+    """podman names a Deployment's pod <name>-pod-<n> (the version decides n) and its containers <pod>-<container>."""
+    names = pc.podman("ps", "--format", "{{.Names}}").split()
+    found = [n for n in names if n.startswith(f"{deployment}-pod") and n.endswith(f"-{container}")]
+    assert len(found) == 1, names
+    return found[0]
+
+
 def test_played_manifests_classify_with_the_secrets_key(played: str) -> None:
-    api = pc.Container("zss-api-pod-api", played)
+    api = pc.Container(container_of("zss-api", "api"), played)
     pc.wait_ready(api, timeout=420)
     headers = {"Authorization": f"Bearer {KEY}"}
     with httpx.Client(base_url=played, timeout=60) as c:
@@ -178,5 +190,5 @@ def test_played_manifests_classify_with_the_secrets_key(played: str) -> None:
         assert r.status_code == 200, r.text
         assert r.json()["pred"] == "red"
     # The deployment is in the Redis pod (the ConfigMap's ZSS_REDIS_URL), not in the API pod.
-    keys = pc.podman("exec", "zss-redis-pod-redis", "redis-cli", "--scan", "--pattern", "zss:*")
+    keys = pc.podman("exec", container_of("zss-redis", "redis"), "redis-cli", "--scan", "--pattern", "zss:*")
     assert keys.strip(), "no deployment in the Redis pod"
