@@ -19,7 +19,7 @@ import pytest
 from testing import containers as pc
 from testing.client import assert_error, files
 from testing.images import encode_png
-from testing.server import ROOT
+from testing.server import ROOT, free_port
 from testing.waits import wait_for
 from tools import shapes
 
@@ -41,6 +41,18 @@ class Cluster:
     redis: pc.Container
     replicas: list[pc.Container]
     balancer: pc.Container
+    stats: str  # HAProxy's statistics page (deploy/haproxy/haproxy.cfg)
+
+    def in_rotation(self) -> set[str]:
+        """The replicas the balancer sends to now (its servers api1, api2 that are UP)."""
+        rows = httpx.get(self.stats + "/;csv", timeout=10).text.splitlines()
+        head = rows[0].lstrip("# ").split(",")
+        up = set()
+        for row in rows[1:]:
+            cells = dict(zip(head, row.split(",")))
+            if cells.get("pxname") == "api" and cells.get("status") == "UP":
+                up.add(cells["svname"])
+        return up
 
 
 def red(seed: int) -> bytes:
@@ -68,20 +80,21 @@ def cluster() -> Iterator[Cluster]:
             env = {"ZSS_REDIS_URL": f"redis://{redis.name}:6379/0", "ZSS_DATA_DIR": "/tmp/zss"}
             replicas = [pc.run_container(image, name=pc.unique(f"api{i}"), network=net, env=env) for i in (1, 2)]
             names += [r.name for r in replicas]
+            stats_port = free_port()
             balancer = pc.run_container(
                 pc.INFRA_IMAGE,
                 name=pc.unique("lb"),
                 network=net,
                 env={"ZSS_API1": replicas[0].name, "ZSS_API2": replicas[1].name},
                 volumes={str(HAPROXY): "/usr/local/etc/zss:ro"},
-                extra=["--user", "haproxy"],
+                extra=["--user", "haproxy", "-p", f"127.0.0.1:{stats_port}:8404"],
                 command=["haproxy", "-W", "-db", "-f", "/usr/local/etc/zss/haproxy.cfg"],
             )
             names.append(balancer.name)
             with cf.ThreadPoolExecutor(2) as pool:
                 list(pool.map(lambda r: pc.wait_ready(r, timeout=420), replicas))
             pc.wait_ready(balancer, timeout=60)
-            yield Cluster(net, redis, replicas, balancer)
+            yield Cluster(net, redis, replicas, balancer, f"http://127.0.0.1:{stats_port}")
         finally:
             pc.remove(*names)
 
@@ -136,6 +149,8 @@ def test_redis_stop_gives_envelopes_then_recovers_without_restarting_replicas(cl
 
 def test_killing_a_replica_under_load_loses_no_request_and_no_deployment(cluster: Cluster) -> None:
     with cluster.balancer.client() as lb:
+        # Both replicas in rotation (the balancer takes a replica back after two good health checks).
+        wait_for(lambda: cluster.in_rotation() == {"api1", "api2"}, "both replicas in rotation", deadline_s=120)
         dep = lb.post("/deploy_classifier", json=RED).json()["deployed_id"]
         before = {d["deployed_id"] for d in lb.get("/deployments").json()["deployments"]}
     stop = threading.Event()
@@ -166,6 +181,8 @@ def test_killing_a_replica_under_load_loses_no_request_and_no_deployment(cluster
         stop.set()
         statuses = [s for f in futures for s in f.result(timeout=420)]
     assert statuses.count(200) == len(statuses), {s: statuses.count(s) for s in set(statuses)}
+    # The balancer takes the dead one out of rotation.
+    wait_for(lambda: cluster.in_rotation() == {"api2"}, "the killed replica out of rotation", deadline_s=60)
     with cluster.balancer.client() as lb:
         after = {d["deployed_id"] for d in lb.get("/deployments").json()["deployments"]}
     assert before <= after
