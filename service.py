@@ -26,6 +26,7 @@ from fastapi.staticfiles import StaticFiles
 
 from api import auth, convert, errors
 from api.arrival import Arrival, arrived
+from api.collections import build_router as collection_routes
 from api.inputs import image_sources
 from api.openapi import AUTH_ERRORS, ERRORS, image_body
 from api.schemas import (
@@ -205,6 +206,8 @@ def build_app(engine: Engine | None = None, settings: Settings | None = None) ->
         except ZssError:
             detector = False
         return {"allow_url_fetch": bool(s and s.allow_url_fetch), "detector_enabled": detector}
+
+    app.include_router(collection_routes())  # /collections (api/collections.py)
 
     # The web page (ui/: static HTML + JS, no build step) at /ui/.
     if UI_DIR.is_dir():

@@ -44,6 +44,20 @@ class Classification:
 
 
 @dataclass(frozen=True)
+class Scored:
+    """Images scored by a classifier, as tensors: raw [B, C], softmax [B, C], prediction [B], open-set verdict [B]."""
+
+    raw: torch.Tensor
+    probs: torch.Tensor
+    pred: torch.Tensor
+    rejected: torch.Tensor | None
+
+    def rows(self, index: torch.Tensor) -> Scored:
+        pick = None if self.rejected is None else self.rejected[index]
+        return Scored(self.raw[index], self.probs[index], self.pred[index], pick)
+
+
+@dataclass(frozen=True)
 class Detection:
     tlbr: list[float]  # x1, y1, x2, y2 in the client's original pixels
     score: float
@@ -137,15 +151,23 @@ class ClassifierKind:
     @staticmethod
     def score(image_embeddings: np.ndarray, clf: CompiledClassifier) -> list[Classification]:
         """Image embeddings [B, D] -> one result per image (with the open set's verdict when it has one)."""
+        return ClassifierKind.results(ClassifierKind.tensors(image_embeddings, clf), clf)
+
+    @staticmethod
+    def tensors(image_embeddings: np.ndarray, clf: CompiledClassifier) -> Scored:
+        """The scores of :meth:`score` as tensors (a stored collection is scored whole, its results built per page)."""
         emb = torch.from_numpy(np.ascontiguousarray(image_embeddings, dtype=np.float32))
         raw, probs, pred = classify(emb, clf)
-        label, verdicts = None, [None] * len(pred)
-        if clf.open_set is not None:
-            label, threshold = clf.open_set
-            verdicts = [bool(x) for x in rejected(raw, threshold).tolist()]
+        verdicts = rejected(raw, clf.open_set[1]) if clf.open_set is not None else None
+        return Scored(raw, probs, pred, verdicts)
+
+    @staticmethod
+    def results(s: Scored, clf: CompiledClassifier) -> list[Classification]:
+        label = clf.open_set[0] if clf.open_set is not None else None
+        verdicts = [bool(x) for x in s.rejected.tolist()] if s.rejected is not None else [None] * len(s.pred)
         return [
             Classification(clf.class_names, p, r, k, label, x)
-            for r, p, k, x in zip(raw.tolist(), probs.tolist(), pred.tolist(), verdicts)
+            for r, p, k, x in zip(s.raw.tolist(), s.probs.tolist(), s.pred.tolist(), verdicts)
         ]
 
 
