@@ -200,9 +200,10 @@ def top_k(
 class VectorIndex:
     """Approximate inner-product search: a FAISS inverted file (IndexIVFFlat, full vectors, so only the lists not
     probed cost recall), about sqrt(N) lists trained on a sample. How many lists a query probes is calibrated on the
-    data at build time: from ``nprobe`` (at least 1/16 of the lists) up, doubled until recall@10 against exact search reaches ``target`` for a
-    sample of the stored vectors as queries (so clustered data probes few lists, diffuse data more). Ids are row
-    positions of the snapshot it was built from; rows appended later are added without retraining."""
+    data at build time: from ``nprobe`` (at least 1/16 of the lists) up, doubled until recall@10 against exact search
+    reaches ``target`` for 64 queries midway between two stored vectors (so clustered data probes few lists, diffuse
+    data more). Ids are row positions of the snapshot it was built from; rows appended later are added without
+    retraining (the index is rebuilt once the collection has grown 4x, or after a delete)."""
 
     def __init__(self, matrix: np.ndarray, nprobe: int = 16, target: float = 0.97, seed: int = 0) -> None:
         import faiss

@@ -369,41 +369,46 @@ class Collections:
         def run() -> CollectionClassification:
             snap = self.store.snapshot(info.cid, info.dim)
             rows = snap.rows_of(rows_seqs) if rows_seqs is not None else np.arange(snap.size)
-            scored = score_rows(snap.matrix, rows, clf)
-            labels = list(clf.class_names)
-            counts = dict.fromkeys(labels, 0)
-            for c, n in zip(*np.unique(scored.pred.numpy(), return_counts=True)):
-                counts[labels[int(c)]] += int(n)
-            if scored.rejected is not None and clf.open_set is not None:
-                for c, n in zip(*np.unique(scored.pred[scored.rejected].numpy(), return_counts=True)):
-                    counts[labels[int(c)]] -= int(n)
-                counts[clf.open_set[0]] = counts.get(clf.open_set[0], 0) + int(scored.rejected.sum())
-            page = torch.arange(offset, min(offset + limit, len(rows)))
-            results = ClassifierKind.results(scored.rows(page), clf) if len(page) else []
-            page_ids = [snap.ids[int(rows[i])] for i in page.tolist()]
-            best = self._top(scored, clf, top, [snap.ids[int(r)] for r in rows]) if top else None
+            total, counts, page, results, best = classify_rows(snap.matrix, rows, clf, offset, limit, top)
+            page_ids = [snap.ids[int(rows[i])] for i in page]
             metas = self.store.metadata(info.cid, page_ids)
             items = [ClassifiedItem(i, r, metas.get(i, {})) for i, r in zip(page_ids, results)]
-            return CollectionClassification(deployed_id, len(rows), counts, offset, items, best)
+            tops = None
+            if best is not None:
+                tops = {c: [(snap.ids[int(rows[i])], r, p) for i, r, p in rs] for c, rs in best.items()}
+            return CollectionClassification(deployed_id, total, counts, offset, items, tops)
 
         return await in_thread(run)
 
-    @staticmethod
-    def _top(
-        scored: Scored, clf: CompiledClassifier, top: int, ids: list[str]
-    ) -> dict[str, list[tuple[str, float, float]]]:
-        out: dict[str, list[tuple[str, float, float]]] = {}
-        kept = (
-            scored.rejected.logical_not()
-            if scored.rejected is not None
-            else torch.ones_like(scored.pred, dtype=torch.bool)
-        )
-        for c, label in enumerate(clf.class_names):
-            members = ((scored.pred == c) & kept).nonzero(as_tuple=True)[0]
-            raw = scored.raw[members, c]
-            order = members[torch.argsort(raw, descending=True, stable=True)[:top]]
-            out[label] = [(ids[i], float(scored.raw[i, c]), float(scored.probs[i, c])) for i in order.tolist()]
-        return out
+
+def classify_rows(
+    matrix: np.ndarray, rows: np.ndarray, clf: CompiledClassifier, offset: int, limit: int, top: int | None
+) -> tuple[int, dict[str, int], list[int], list[Classification], dict[str, list[tuple[int, float, float]]] | None]:
+    """Score the given rows: (total, counts per label, the page's positions in ``rows``, their results, and with
+    ``top`` the best positions of each class as (position, raw score, probability))."""
+    scored = score_rows(matrix, rows, clf)
+    labels = list(clf.class_names)
+    counts = dict.fromkeys(labels, 0)
+    for c, n in zip(*np.unique(scored.pred.numpy(), return_counts=True)):
+        counts[labels[int(c)]] += int(n)
+    if scored.rejected is not None and clf.open_set is not None:
+        for c, n in zip(*np.unique(scored.pred[scored.rejected].numpy(), return_counts=True)):
+            counts[labels[int(c)]] -= int(n)
+        counts[clf.open_set[0]] = counts.get(clf.open_set[0], 0) + int(scored.rejected.sum())
+    page = torch.arange(offset, min(offset + limit, len(rows)))
+    results = ClassifierKind.results(scored.rows(page), clf) if len(page) else []
+    best = _top(scored, clf, top) if top else None
+    return len(rows), counts, page.tolist(), results, best
+
+
+def _top(scored: Scored, clf: CompiledClassifier, top: int) -> dict[str, list[tuple[int, float, float]]]:
+    out: dict[str, list[tuple[int, float, float]]] = {}
+    kept = torch.ones_like(scored.pred, dtype=torch.bool) if scored.rejected is None else scored.rejected.logical_not()
+    for c, label in enumerate(clf.class_names):
+        members = ((scored.pred == c) & kept).nonzero(as_tuple=True)[0]
+        order = members[torch.argsort(scored.raw[members, c], descending=True, stable=True)[:top]]
+        out[label] = [(i, float(scored.raw[i, c]), float(scored.probs[i, c])) for i in order.tolist()]
+    return out
 
 
 def score_rows(matrix: np.ndarray, rows: np.ndarray, clf: CompiledClassifier) -> Scored:
