@@ -12,11 +12,13 @@ own scoring (engine/kinds.py ``ClassifierKind``), so every raw score, probabilit
 from __future__ import annotations
 
 import json
+import os
 import re
 import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 
@@ -412,17 +414,18 @@ def _top(scored: Scored, clf: CompiledClassifier, top: int) -> dict[str, list[tu
 
 
 def score_rows(matrix: np.ndarray, rows: np.ndarray, clf: CompiledClassifier) -> Scored:
-    """The classifier's scores of the given rows, in chunks (the engine's scoring path, chunk by chunk)."""
-    parts = [ClassifierKind.tensors(matrix[rows[i : i + SCORE_CHUNK]], clf) for i in range(0, len(rows), SCORE_CHUNK)]
-    if not parts:
-        n = clf.n_classes
-        empty = torch.zeros(0, n)
+    """The classifier's scores of the given rows through the engine's scoring (``ClassifierKind.tensors``), in
+    chunks scored side by side on the process's cores (torch runs one thread per call in the API worker; its
+    matrix products release the GIL)."""
+    chunks = [rows[i : i + SCORE_CHUNK] for i in range(0, len(rows), SCORE_CHUNK)]
+    if not chunks:
+        empty = torch.zeros(0, clf.n_classes)
         return Scored(
-            empty,
-            empty,
-            torch.zeros(0, dtype=torch.long),
-            None if clf.open_set is None else torch.zeros(0, dtype=torch.bool),
+            empty, empty, torch.zeros(0, dtype=torch.long), None if clf.open_set is None else empty.bool()[:, 0]
         )
+    workers = min(len(chunks), len(os.sched_getaffinity(0)))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        parts = list(pool.map(lambda c: ClassifierKind.tensors(matrix[c], clf), chunks))
     rej = None if parts[0].rejected is None else torch.cat([p.rejected for p in parts])  # type: ignore[misc]
     return Scored(
         torch.cat([p.raw for p in parts]), torch.cat([p.probs for p in parts]), torch.cat([p.pred for p in parts]), rej

@@ -32,6 +32,7 @@ def test_minimal_request_shapes_and_classify_equals_classify(server: Server) -> 
         assert r.status_code == 200, r.text
         ids = r.json()["ids"]
         assert len(ids) == 6 and r.json()["added"] == 6
+        encoded = server.metric("zss_images_encoded_total")
         again = c.post("/collections/served/images", files=files(blobs[2])).json()
         assert again["ids"] == [ids[2]] and again["existing"] == 1
 
@@ -49,6 +50,7 @@ def test_minimal_request_shapes_and_classify_equals_classify(server: Server) -> 
 
         deployed = deploy(c)["deployed_id"]
         out = c.post("/collections/served/classify", json={"deployed_id": deployed}).json()
+        assert server.metric("zss_images_encoded_total") == encoded  # neither the duplicate nor the collection
         assert out["total"] == 6 and sum(out["counts"].values()) == 6
         for item, blob in zip(out["results"], blobs):
             want = c.post("/classify", params={"deployed_id": deployed}, files=files(blob)).json()

@@ -59,10 +59,10 @@ def test_classifying_the_collection_equals_classify(shapes_server: Server, drawn
     classes[0]["examples_to_exclude"] = ["red square"]  # a negative example takes part in the rule too
     with shapes_server.client() as c:
         deployed = c.post("/deploy_classifier", json={"classifier_configs": classes}).json()["deployed_id"]
-        encoded = shapes_server.metric("zss_images_encoded")
+        encoded = shapes_server.metric("zss_images_encoded_total")
         out = c.post("/collections/shapes/classify", json={"deployed_id": deployed, "limit": 1000, "top": 3}).json()
         assert out["total"] == len(drawn) and sum(out["counts"].values()) == len(drawn)
-        assert shapes_server.metric("zss_images_encoded") == encoded
+        assert shapes_server.metric("zss_images_encoded_total") == encoded
         for start in range(0, len(drawn), 24):
             chunk = drawn[start : start + 24]
             direct = c.post("/classify", params={"deployed_id": deployed}, files=files(*(b for b, _ in chunk))).json()
