@@ -17,6 +17,7 @@ import re
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -47,7 +48,8 @@ MAX_ID_CHARS = 512
 MAX_METADATA_BYTES = 16_384
 MAX_K = 1000
 MAX_PAGE = 1000
-SCORE_CHUNK = 8192  # rows scored at once: bounds the [rows, examples] similarity matrix
+SCORE_CHUNK = 8192
+SCORED_KEPT = 2  # rows scored at once: bounds the [rows, examples] similarity matrix
 
 
 P = ParamSpec("P")
@@ -134,6 +136,9 @@ class Collections:
         self.store = store
         self._lock = threading.Lock()
         self._model: tuple[str, int] | None = None
+        # The scores of the last few classifications (a collection version, a compiled deployment, a filter): the
+        # pages of one answer are scored once.
+        self._scored: OrderedDict[tuple[Any, ...], tuple[CompiledClassifier, Scored]] = OrderedDict()
 
     @classmethod
     def open(cls, engine: Any) -> Collections:
@@ -371,7 +376,16 @@ class Collections:
         def run() -> CollectionClassification:
             snap = self.store.snapshot(info.cid, info.dim)
             rows = snap.rows_of(rows_seqs) if rows_seqs is not None else np.arange(snap.size)
-            total, counts, page, results, best = classify_rows(snap.matrix, rows, clf, offset, limit, top)
+            key = (info.cid, snap.version, deployed_id, id(clf), json.dumps(flt, sort_keys=True, default=str))
+            with self._lock:
+                scored = self._scored.get(key)
+            if scored is None or scored[0] is not clf:
+                scored = (clf, score_rows(snap.matrix, rows, clf))
+                with self._lock:  # the next page of the same question is not scored again
+                    self._scored[key] = scored
+                    while len(self._scored) > SCORED_KEPT:
+                        self._scored.popitem(last=False)
+            total, counts, page, results, best = classify_rows(snap.matrix, rows, clf, offset, limit, top, scored[1])
             page_ids = [snap.ids[int(rows[i])] for i in page]
             metas = self.store.metadata(info.cid, page_ids)
             items = [ClassifiedItem(i, r, metas.get(i, {})) for i, r in zip(page_ids, results)]
@@ -384,11 +398,19 @@ class Collections:
 
 
 def classify_rows(
-    matrix: np.ndarray, rows: np.ndarray, clf: CompiledClassifier, offset: int, limit: int, top: int | None
+    matrix: np.ndarray,
+    rows: np.ndarray,
+    clf: CompiledClassifier,
+    offset: int,
+    limit: int,
+    top: int | None,
+    scored: Scored | None = None,
 ) -> tuple[int, dict[str, int], list[int], list[Classification], dict[str, list[tuple[int, float, float]]] | None]:
-    """Score the given rows: (total, counts per label, the page's positions in ``rows``, their results, and with
-    ``top`` the best positions of each class as (position, raw score, probability))."""
-    scored = score_rows(matrix, rows, clf)
+    """Score the given rows (unless ``scored`` holds their scores): (total, counts per label, the page's positions in
+    ``rows``, their results, and with ``top`` the best positions of each class as (position, raw score,
+    probability))."""
+    if scored is None:
+        scored = score_rows(matrix, rows, clf)
     labels = list(clf.class_names)
     counts = dict.fromkeys(labels, 0)
     for c, n in zip(*np.unique(scored.pred.numpy(), return_counts=True)):
