@@ -8,7 +8,8 @@ import json
 import threading
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Path, Request
+from fastapi import APIRouter, Depends, Path, Query, Request
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import UploadFile
 
@@ -16,8 +17,10 @@ from api import auth, convert
 from api.arrival import arrived
 from api.inputs import MAX_IMAGES_PER_REQUEST, image_sources
 from api.openapi import ERRORS
+from api.schemas import JobAccepted
 from cache.collections import CollectionInfo
-from engine.collections import Collections, Query
+from engine.collections import CollectionClassification, Collections
+from engine.collections import Query as SearchQuery
 from engine.tenancy import Tenant
 from errors import Invalid, ZssError
 from imaging.sources import ImageSource
@@ -38,6 +41,9 @@ CollectionsDep = Annotated[Collections, Depends(_collections)]
 CallerDep = Annotated[Tenant, Depends(auth.caller)]
 Name = Annotated[str, Path(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
 ItemId = Annotated[str, Path(max_length=512)]
+Wait = Annotated[
+    bool, Query(description="false: answer 202 with a job id at once; the classification goes on as a job")
+]
 
 
 class CreateCollection(BaseModel):
@@ -222,7 +228,7 @@ def build_router() -> APIRouter:
         given = [v is not None for v in (body.text, body.image, body.url, body.id)]
         if sum(given) != 1:
             raise Invalid('A search takes exactly one of "text", "image", "url" or "id".')
-        query = Query(
+        query = SearchQuery(
             text=body.text,
             image=ImageSource("base64", body.image)
             if body.image is not None
@@ -233,31 +239,46 @@ def build_router() -> APIRouter:
         hits = await cols.search(name, query, caller=who, k=body.k, flt=body.filter)
         return {"results": [{"id": h.id, "score": h.score, "metadata": h.metadata} for h in hits]}
 
-    @router.post("/collections/{name}/classify", responses=ERRORS)
+    @router.post("/collections/{name}/classify", responses={**ERRORS, 202: {"model": JobAccepted}})
     async def classify_collection(
-        body: ClassifyCollectionRequest, name: Name, cols: CollectionsDep, who: CallerDep
-    ) -> dict[str, Any]:
+        body: ClassifyCollectionRequest, name: Name, cols: CollectionsDep, who: CallerDep, wait: Wait = True
+    ) -> Any:
         """Score every stored image with a deployed classifier exactly as ``/classify`` would (no image encoded):
         ``counts`` per class (an open set's label for rejected items), ``results`` one page of per-item results
         (``id``, ``metadata`` and ``/classify``'s ``scores``, ``pred``, ``raw_scores``, ``rejected``), and with
         ``top`` the best items of each class."""
-        out = await cols.classify(
-            name, body.deployed_id, caller=who, offset=body.offset, limit=body.limit, top=body.top, flt=body.filter
-        )
-        answer: dict[str, Any] = {
-            "deployed_id": out.deployed_id,
-            "total": out.total,
-            "counts": out.counts,
-            "offset": out.offset,
-            "results": [{"id": i.id, **convert.classification(i.result), "metadata": i.metadata} for i in out.items],
-        }
-        if out.top is not None:
-            answer["top"] = {
-                label: [{"id": i, "raw_score": r, "score": p} for i, r, p in rows] for label, rows in out.top.items()
-            }
-        return answer
+        options = {"offset": body.offset, "limit": body.limit, "top": body.top, "flt": body.filter}
+        if not wait:
+            job = cols.start_classify(name, body.deployed_id, caller=who, **options)
+            url = f"/jobs/{job.job_id}"
+            accepted = JobAccepted(job_id=job.job_id, state=job.state, status_url=url)
+            return JSONResponse(accepted.model_dump(), status_code=202, headers={"Location": url})
+        return _classified(await cols.classify(name, body.deployed_id, caller=who, **options))
+
+    @router.get("/collections/{name}/classify/{job_id}", responses=ERRORS)
+    async def classify_job_result(
+        name: Name, job_id: Annotated[str, Path(max_length=64)], cols: CollectionsDep, who: CallerDep
+    ) -> dict[str, Any]:
+        """The answer of a classification started with ``?wait=false``, once its job is done (409 while it runs;
+        ``GET /jobs/{job_id}`` has its progress: items scored of the total)."""
+        return _classified(cols.job_result(name, job_id, caller=who))
 
     return router
+
+
+def _classified(out: CollectionClassification) -> dict[str, Any]:
+    answer: dict[str, Any] = {
+        "deployed_id": out.deployed_id,
+        "total": out.total,
+        "counts": out.counts,
+        "offset": out.offset,
+        "results": [{"id": i.id, **convert.classification(i.result), "metadata": i.metadata} for i in out.items],
+    }
+    if out.top is not None:
+        answer["top"] = {
+            label: [{"id": i, "raw_score": r, "score": p} for i, r, p in rows] for label, rows in out.top.items()
+        }
+    return answer
 
 
 def _add_body() -> dict[str, Any]:

@@ -37,6 +37,9 @@ from cache.collections import (
     content_hash,
 )
 from engine.configs import Kind
+from engine.deployments import DeployOutcome
+from engine.embedder import Progress
+from engine.jobs import Job
 from engine.kinds import Classification, ClassifierKind, Scored
 from engine.tenancy import Tenant
 from errors import Invalid, ZssError
@@ -49,7 +52,9 @@ MAX_METADATA_BYTES = 16_384
 MAX_K = 1000
 MAX_PAGE = 1000
 SCORE_CHUNK = 8192
-SCORED_KEPT = 2  # rows scored at once: bounds the [rows, examples] similarity matrix
+SCORED_KEPT = 2
+RESULTS_KEPT = 100
+JOB_KIND = "collection_classify"  # rows scored at once: bounds the [rows, examples] similarity matrix
 
 
 P = ParamSpec("P")
@@ -138,6 +143,7 @@ class Collections:
         self._model: tuple[str, int] | None = None
         # The scores of the last few classifications (a collection version, a compiled deployment, a filter): the
         # pages of one answer are scored once.
+        self._results: OrderedDict[str, tuple[str, CollectionClassification]] = OrderedDict()
         self._scored: OrderedDict[tuple[Any, ...], tuple[CompiledClassifier, Scored]] = OrderedDict()
 
     @classmethod
@@ -359,6 +365,7 @@ class Collections:
         limit: int = 100,
         top: int | None = None,
         flt: Mapping[str, Any] | None = None,
+        progress: Progress | None = None,
     ) -> CollectionClassification:
         """Every stored vector (those passing the filter) scored by the deployed classifier: the counts per label
         (an open set's label for rejected items), one page of per-item results in insertion order, and with ``top``
@@ -380,7 +387,7 @@ class Collections:
             with self._lock:
                 scored = self._scored.get(key)
             if scored is None or scored[0] is not clf:
-                scored = (clf, score_rows(snap.matrix, rows, clf))
+                scored = (clf, score_rows(snap.matrix, rows, clf, progress))
                 with self._lock:  # the next page of the same question is not scored again
                     self._scored[key] = scored
                     while len(self._scored) > SCORED_KEPT:
@@ -395,6 +402,40 @@ class Collections:
             return CollectionClassification(deployed_id, total, counts, offset, items, tops)
 
         return await in_thread(run)
+
+    def start_classify(self, name: str, deployed_id: str, *, caller: Tenant, **options: Any) -> Job:
+        """:meth:`classify` as a job (engine/jobs.py, as long deploys): its report counts the items scored; its
+        answer is kept for :meth:`job_result` (the newest ``RESULTS_KEPT``)."""
+        check_name(name)
+        holder: dict[str, str] = {}
+
+        async def run(progress: Progress) -> DeployOutcome:
+            out = await self.classify(name, deployed_id, caller=caller, progress=progress, **options)
+            with self._lock:
+                self._results[holder["job_id"]] = (name, out)
+                while len(self._results) > RESULTS_KEPT:
+                    self._results.popitem(last=False)
+            return DeployOutcome(deployed_id, f"Classified {out.total} items of collection {name!r}.")
+
+        job = self.engine.jobs.start(JOB_KIND, caller, run)
+        holder["job_id"] = job.job_id  # before the job first runs: it starts when the caller next awaits
+        return job
+
+    def job_result(self, name: str, job_id: str, *, caller: Tenant) -> CollectionClassification:
+        """A classification job's answer; 404 for an unknown job (or another tenant's, or another collection's), 409
+        while it runs, and a failed job's own error."""
+        job = self.engine.jobs.get(job_id, caller)
+        if job is None or job.kind != JOB_KIND:
+            raise ZssError("Job not found.", 404)
+        if job.state == "running":
+            raise ZssError("The job is still running (GET /jobs/{job_id} for its progress).", 409)
+        if job.state == "failed":
+            raise ZssError(job.message or "The job failed.", job.status_code or 500)
+        with self._lock:
+            found = self._results.get(job_id)
+        if found is None or found[0] != name:
+            raise ZssError("Job not found.", 404)
+        return found[1]
 
 
 def classify_rows(
@@ -435,7 +476,9 @@ def _top(scored: Scored, clf: CompiledClassifier, top: int) -> dict[str, list[tu
     return out
 
 
-def score_rows(matrix: np.ndarray, rows: np.ndarray, clf: CompiledClassifier) -> Scored:
+def score_rows(
+    matrix: np.ndarray, rows: np.ndarray, clf: CompiledClassifier, progress: Progress | None = None
+) -> Scored:
     """The classifier's scores of the given rows through the engine's scoring (``ClassifierKind.tensors``), in
     chunks scored side by side on the process's cores (torch runs one thread per call in the API worker; its
     matrix products release the GIL)."""
@@ -446,8 +489,17 @@ def score_rows(matrix: np.ndarray, rows: np.ndarray, clf: CompiledClassifier) ->
             empty, empty, torch.zeros(0, dtype=torch.long), None if clf.open_set is None else empty.bool()[:, 0]
         )
     workers = min(len(chunks), len(os.sched_getaffinity(0)))
+    if progress is not None:
+        progress.start(len(rows))
+
+    def one(chunk: np.ndarray) -> Scored:
+        out = ClassifierKind.tensors(matrix[chunk], clf)
+        if progress is not None:
+            progress.advance(len(chunk))
+        return out
+
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        parts = list(pool.map(lambda c: ClassifierKind.tensors(matrix[c], clf), chunks))
+        parts = list(pool.map(one, chunks))
     rej = None if parts[0].rejected is None else torch.cat([p.rejected for p in parts])  # type: ignore[misc]
     return Scored(
         torch.cat([p.raw for p in parts]), torch.cat([p.probs for p in parts]), torch.cat([p.pred for p in parts]), rej

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -223,3 +224,29 @@ def _b64(blob: bytes) -> str:
     import base64
 
     return base64.b64encode(blob).decode()
+
+
+def test_classify_as_a_job(served: tuple[TestClient, FakeClip]) -> None:
+    client, _ = served
+    filled(client)
+    deployed = deploy(client, [{"name": c, "examples_to_include": [c]} for c in COLOURS])["deployed_id"]
+    r = client.post("/collections/photos/classify", params={"wait": "false"}, json={"deployed_id": deployed})
+    assert r.status_code == 202 and r.headers["location"] == r.json()["status_url"]
+    job_id = r.json()["job_id"]
+    for _ in range(200):
+        report = client.get(f"/jobs/{job_id}").json()
+        if report["state"] != "running":
+            break
+        time.sleep(0.05)
+    assert report["state"] == "done" and report["done"] == report["total"] == 8
+    result = client.get(f"/collections/photos/classify/{job_id}").json()
+    direct = client.post("/collections/photos/classify", json={"deployed_id": deployed}).json()
+    assert result == direct
+    assert_error(client.get(f"/collections/other/classify/{job_id}"), 404)
+    assert_error(client.get("/collections/photos/classify/nope"), 404)
+    failed = client.post("/collections/photos/classify", params={"wait": "false"}, json={"deployed_id": "nope"})
+    for _ in range(200):
+        if client.get(f"/jobs/{failed.json()['job_id']}").json()["state"] != "running":
+            break
+        time.sleep(0.05)
+    assert_error(client.get(f"/collections/photos/classify/{failed.json()['job_id']}"), 400, "Key not found")
