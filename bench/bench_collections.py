@@ -1,6 +1,7 @@
 """Collections (issue 31): classifying stored vectors, searching them, and adding images, one run.
 
     .venv/bin/python -m bench.bench_collections [--classify-n 100000] [--search-n 1000000] [--adds 8]
+        [--model shapes|vit-b-32] [--skip classify search add]
 
 * classify: N stored 512-d unit vectors scored by a 100-class deployment with 10 positive examples per class (1,000
   example vectors), through the route's own path (engine/collections.py ``classify_rows``: the engine's scoring,
@@ -10,9 +11,10 @@
   cosine from their centre) in the approximate index (cache/collections.py ``VectorIndex``), p50/p95 of single queries,
   and recall@10 against exact search for held-out queries of the same distribution and for random directions (the
   worst case); also exact search at the exact threshold (ZSS_COLLECTION_EXACT_MAX);
-* add: images per second of ``POST /collections/{name}/images`` against ``POST /embed_image``, the same fresh images
-  (no dedup) in batches of 8, alternating rounds, through a real `bentoml serve` of the shapes CLIP (the tiniest real
-  model here: the encoder costs least, so the collection's own overhead weighs most).
+* add: images per second of ``POST /collections/{name}/images`` against ``POST /embed_image``, fresh images (no
+  dedup) in batches of 8, alternating rounds, through a real `bentoml serve` of the shapes CLIP (``--model shapes``,
+  the tiniest real model here: the encoder costs least, so the collection's own overhead weighs most) or ViT-B-32
+  with random weights (``--model vit-b-32``, the released architecture's cost).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common import loadavg, machine
+from bench.common import VIT_B32_RANDOM, loadavg, machine
 from cache.collections import VectorIndex, top_k
 from engine.collections import classify_rows
 from semantic.classify import compile_classifier
@@ -110,7 +112,7 @@ def bench_search(n: int, exact_n: int) -> dict[str, float]:
     return out
 
 
-def bench_add(adds: int, batch: int) -> dict[str, float]:
+def bench_add(adds: int, batch: int, model: str) -> dict[str, float]:
     from testing.client import files
     from testing.images import encode_png
     from testing.models import shapes_clip_env
@@ -124,7 +126,12 @@ def bench_add(adds: int, batch: int) -> dict[str, float]:
         return [encode_png(shapes.draw(*combos[(k + j) % len(combos)], rng)) for j in range(batch)]
 
     with tempfile.TemporaryDirectory() as tmp:
-        env = shapes_clip_env(Path(tmp) / "data")
+        # The shapes CLIP (the cheapest encoder: the collection's own overhead weighs most), or ViT-B-32 with random
+        # weights (the released architecture's cost).
+        env = {
+            **(shapes_clip_env(Path(tmp) / "data") if model == "shapes" else VIT_B32_RANDOM),
+            "ZSS_DATA_DIR": str(Path(tmp) / "data"),
+        }
         with running_server(env, Path(tmp) / "serve.log") as srv, srv.client() as c:
             assert c.post("/collections", json={"name": "bench"}).status_code == 201
             c.post("/embed_image", files=files(*fresh(0)))  # warm
@@ -149,6 +156,9 @@ def main() -> None:
     ap.add_argument("--exact-n", type=int, default=100_000)
     ap.add_argument("--adds", type=int, default=8, help="rounds of each add route")
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument(
+        "--model", choices=["shapes", "vit-b-32"], default="shapes", help="the served model of the add runs"
+    )
     ap.add_argument("--skip", nargs="*", default=[], choices=["classify", "search", "add"])
     args = ap.parse_args()
     print(json.dumps({"machine": machine(), "loadavg": loadavg()}))
@@ -162,7 +172,9 @@ def main() -> None:
     if "search" not in args.skip:
         print(json.dumps({"search": bench_search(args.search_n, args.exact_n), "loadavg": loadavg()}))
     if "add" not in args.skip:
-        print(json.dumps({"add": bench_add(args.adds, args.batch), "loadavg": loadavg()}))
+        print(
+            json.dumps({"add": bench_add(args.adds, args.batch, args.model), "model": args.model, "loadavg": loadavg()})
+        )
 
 
 if __name__ == "__main__":
