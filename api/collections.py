@@ -16,8 +16,8 @@ from starlette.datastructures import UploadFile
 from api import auth, convert
 from api.arrival import arrived
 from api.inputs import MAX_IMAGES_PER_REQUEST, image_sources
-from api.openapi import ERRORS
-from api.schemas import JobAccepted
+from api.openapi import ERRORS as BASE_ERRORS
+from api.schemas import ErrorResponse, JobAccepted
 from cache.collections import CollectionInfo
 from engine.collections import CollectionClassification, Collections
 from engine.collections import Query as SearchQuery
@@ -26,6 +26,14 @@ from errors import Invalid, ZssError
 from imaging.sources import ImageSource
 
 _open_lock = threading.Lock()
+ERRORS: dict[int | str, dict[str, Any]] = {
+    **BASE_ERRORS,
+    404: {**BASE_ERRORS[404], "description": "Unknown collection (or another tenant's), item or job; or no such route"},
+    409: {
+        "model": ErrorResponse,
+        "description": "The collection exists already, holds another model's vectors, or the job is still running",
+    },
+}
 
 
 def _collections(request: Request) -> Collections:
@@ -152,6 +160,7 @@ async def _images(request: Request) -> tuple[list[ImageSource], list[Any] | None
             raise Invalid("No image in the request.")
         if len(sources) > MAX_IMAGES_PER_REQUEST:
             raise ZssError(f"Too many images in one request (limit {MAX_IMAGES_PER_REQUEST}).", 413)
+        request.scope[auth.SCOPE_IMAGES] = len(sources)  # counted per tenant when the request succeeds
         return sources, _json_list(body.get("metadata"), "metadata"), _json_list(body.get("ids"), "ids")
     sources = await image_sources(request)
     form = await request.form()  # parsed once already: the same form
@@ -166,7 +175,7 @@ def build_router() -> APIRouter:
         """A new, empty collection of the caller's tenant, for the served image model."""
         return _info(await cols.create(body.name, caller=who))
 
-    @router.get("/collections", response_model=CollectionList)
+    @router.get("/collections", response_model=CollectionList, responses=ERRORS)
     async def list_collections(cols: CollectionsDep, who: CallerDep) -> Any:
         """The caller's tenant's collections with their item counts."""
         return {"collections": [_info(c) for c in await cols.list(caller=who)]}

@@ -155,7 +155,10 @@ def filter_sql(flt: Mapping[str, Any], known: set[str]) -> tuple[str, list[Any]]
 
 
 def _scalar(v: Any) -> bool:
-    return v is None or isinstance(v, str | int | float | bool) and not (isinstance(v, float) and not math.isfinite(v))
+    """A value SQLite can compare with: a string, a finite float, an int of 64 bits, a boolean, None."""
+    if isinstance(v, int) and not isinstance(v, bool):
+        return -(2**63) <= v < 2**63
+    return v is None or isinstance(v, str | bool) or isinstance(v, float) and math.isfinite(v)
 
 
 @dataclass

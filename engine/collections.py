@@ -46,7 +46,7 @@ from errors import Invalid, ZssError
 from imaging.sources import ImageSource, source_bytes
 from semantic.classify import CompiledClassifier
 
-NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+NAME = re.compile(r"^(?!\.+$)[A-Za-z0-9_.-]{1,64}$")  # not "." or "..": they would read as path steps
 MAX_ID_CHARS = 512
 MAX_METADATA_BYTES = 16_384
 MAX_K = 1000
@@ -108,7 +108,7 @@ class CollectionClassification:
 
 def check_name(name: str) -> str:
     if not NAME.match(name):
-        raise Invalid("A collection name is 1 to 64 characters of letters, digits, '_', '.' and '-'.")
+        raise Invalid("A collection name is 1 to 64 characters of letters, digits, '_', '.' and '-' (not dots only).")
     return name
 
 
@@ -121,7 +121,11 @@ def check_id(item_id: Any) -> str:
 def check_metadata(meta: Any) -> dict[str, Any]:
     if not isinstance(meta, dict):
         raise Invalid("Each item's metadata must be a JSON object.")
-    if len(json.dumps(meta, ensure_ascii=False)) > MAX_METADATA_BYTES:
+    try:
+        text = json.dumps(meta, ensure_ascii=False, allow_nan=False)
+    except ValueError as exc:
+        raise Invalid("Metadata values must be JSON: no NaN or infinity.") from exc
+    if len(text.encode()) > MAX_METADATA_BYTES:
         raise Invalid(f"An item's metadata is limited to {MAX_METADATA_BYTES} bytes of JSON.")
     return meta
 

@@ -67,6 +67,11 @@ def test_create_list_get_delete(served: tuple[TestClient, FakeClip]) -> None:
     assert r.json()["model_id"] == "fake-clip"
     assert_error(client.post("/collections", json={"name": "photos"}), 409, "already exists")
     assert client.post("/collections", json={"name": "bad name!"}).status_code == 422
+    assert_error(client.post("/collections", json={"name": ".."}), 422, "not dots only")
+    nan = '[{"x": NaN}]'
+    assert_error(client.post("/collections/photos/images", files=files(solid((3, 3, 3))), data={"metadata": nan}), 422)
+    big = {"text": "x", "filter": {"n": 2**64}}
+    assert_error(client.post("/collections/photos/search", json=big), 400)
     assert [c["name"] for c in client.get("/collections").json()["collections"]] == ["photos"]
     assert client.get("/collections/photos").json()["count"] == 0
     assert client.delete("/collections/photos").status_code == 200

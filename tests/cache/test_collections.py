@@ -72,7 +72,7 @@ def test_filters(tmp_path: Path) -> None:
     assert len(ids({"n": {"in": [1, 2, 42]}})) == 2
     assert len(ids({"n": {"ne": 3}})) == 9  # NULL is not "not 3" (SQL)
     assert len(ids({"n": None})) == 1 and len(ids({"name": "sun"})) == 1
-    for bad in ({"size": 1}, {"n": {"near": 1}}, {"n": {"in": []}}, {"n": [1, 2]}, {"n": {}}):
+    for bad in ({"size": 1}, {"n": {"near": 1}}, {"n": {"in": []}}, {"n": [1, 2]}, {"n": {}}, {"n": 2**64}):
         with pytest.raises(FilterError):
             store.matching(info.cid, bad)
 
