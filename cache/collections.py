@@ -452,8 +452,6 @@ class CollectionStore:
                     new.index = None  # grown well past what it was trained on: retrain below
                 else:
                     new.index.add(mat)
-        if new.index is None and new.size > self.exact_max:
-            new.index = VectorIndex(new.matrix, self.nprobe)
         with self._lock:
             self._snapshots[cid] = new
         return new
@@ -463,7 +461,10 @@ class CollectionStore:
     ) -> tuple[np.ndarray, np.ndarray]:
         """(row positions, scores) best first: exact below ``exact_max`` vectors or over a filtered subset, through
         the approximate index above."""
-        if rows is None and snap.index is not None:
+        if rows is None and snap.size > self.exact_max:
+            with snap._lock:  # built by the first search that needs it (classification never does)
+                if snap.index is None:
+                    snap.index = VectorIndex(snap.matrix, self.nprobe)
             return snap.index.search(query, k, snap.size)
         return top_k(snap.matrix, query, k, rows)
 

@@ -103,6 +103,8 @@ def test_approximate_index_above_the_threshold_keeps_recall(tmp_path: Path) -> N
     vecs = clustered(6000, 32, seed=2)
     store.add(info.cid, items(vecs[:5000], meta=False), lambda: "x")
     snap = store.snapshot(info.cid, 32)
+    assert snap.index is None  # built by the first search, not by reading the vectors (classification)
+    store.nearest(snap, vecs[0], 10)
     assert snap.index is not None and snap.index.ntotal == 5000
     store.add(info.cid, items(vecs[5000:], start=5000, meta=False), lambda: "x")
     snap = store.snapshot(info.cid, 32)  # appended rows join the index without retraining
