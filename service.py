@@ -26,6 +26,7 @@ from fastapi.staticfiles import StaticFiles
 
 from api import auth, convert, errors, kserve, openai_compat
 from api.arrival import Arrival, arrived
+from api.collections import build_router as collection_routes
 from api.connections import guard_connections
 from api.headers import SecurityHeaders
 from api.inputs import image_sources
@@ -226,6 +227,7 @@ def build_app(engine: Engine | None = None, settings: Settings | None = None) ->
 
     openai_compat.install(app)  # POST /v1/embeddings, GET /v1/models (issue 30)
     kserve.install(app)  # the KServe v2 / Triton protocol under /v2 (issue 30)
+    app.include_router(collection_routes())  # /collections (api/collections.py)
 
     # The web page (ui/: static HTML + JS, no build step) at /ui/.
     if UI_DIR.is_dir():

@@ -121,6 +121,11 @@ class Settings(BaseSettings):
     rate_limit_burst: int = 0
     # With API keys: /metrics only for an admin key (it shows every tenant's counters); False leaves it open.
     metrics_require_key: bool = False
+    # Collections (README "Collections"): exact nearest-neighbour search up to this many vectors in a collection, a
+    # FAISS inverted file above it, probing at least this many lists per query (more where the index's calibration
+    # on the stored vectors needs them for recall@10 >= 0.97; BENCHMARKS.md).
+    collection_exact_max: int = 100_000
+    collection_nprobe: int = 16
 
     @field_validator("rate_limit_rps", "rate_limit_burst")
     @classmethod
@@ -176,6 +181,10 @@ class Settings(BaseSettings):
     @property
     def registry_path(self) -> Path:
         return self.data_dir / "registry.sqlite3"
+
+    @property
+    def collections_path(self) -> Path:
+        return self.data_dir / "collections.sqlite3"
 
     @property
     def cache_dir(self) -> Path:

@@ -53,6 +53,32 @@ class Classification:
 
 
 @dataclass(frozen=True)
+class Scored:
+    """Images scored by a classifier, as tensors: raw [B, C], softmax [B, C], prediction [B], open-set verdict [B],
+    and the sigmoid probabilities [B, C] where the model has a logit bias (SigLIP)."""
+
+    raw: torch.Tensor
+    probs: torch.Tensor
+    pred: torch.Tensor
+    rejected: torch.Tensor | None
+    sigmoid: torch.Tensor | None = None
+
+    def rows(self, index: torch.Tensor) -> Scored:
+        pick = None if self.rejected is None else self.rejected[index]
+        sig = None if self.sigmoid is None else self.sigmoid[index]
+        return Scored(self.raw[index], self.probs[index], self.pred[index], pick, sig)
+
+
+def open_set_label(clf: CompiledClassifier) -> str | None:
+    """The label an open set gives rejected images (by score threshold, or by probability on SigLIP), if any."""
+    if clf.open_set is not None:
+        return clf.open_set[0]
+    if clf.open_set_probability is not None:
+        return clf.open_set_probability[0]
+    return None
+
+
+@dataclass(frozen=True)
 class Detection:
     tlbr: list[float]  # x1, y1, x2, y2 in the client's original pixels
     score: float
@@ -163,20 +189,29 @@ class ClassifierKind:
     def score(image_embeddings: np.ndarray, clf: CompiledClassifier) -> list[Classification]:
         """Image embeddings [B, D] -> one result per image (with the open set's verdict when it has one, and the
         per-class probabilities when the model has them)."""
+        return ClassifierKind.results(ClassifierKind.tensors(image_embeddings, clf), clf)
+
+    @staticmethod
+    def tensors(image_embeddings: np.ndarray, clf: CompiledClassifier) -> Scored:
+        """The scores of :meth:`score` as tensors (a stored collection is scored whole, its results built per page)."""
         emb = torch.from_numpy(np.ascontiguousarray(image_embeddings, dtype=np.float32))
         raw, probs, pred = classify(emb, clf)
         sig = probabilities(raw, clf.logits) if clf.logits is not None else None
-        label, verdicts = None, [None] * len(pred)
+        verdicts = None
         if clf.open_set is not None:
-            label, threshold = clf.open_set
-            verdicts = [bool(x) for x in rejected(raw, threshold).tolist()]
+            verdicts = rejected(raw, clf.open_set[1])
         elif clf.open_set_probability is not None and sig is not None:
-            label, p_min = clf.open_set_probability
-            verdicts = [bool(x) for x in rejected_by_probability(sig, p_min).tolist()]
-        sigs = sig.tolist() if sig is not None else [None] * len(pred)
+            verdicts = rejected_by_probability(sig, clf.open_set_probability[1])
+        return Scored(raw, probs, pred, verdicts, sig)
+
+    @staticmethod
+    def results(s: Scored, clf: CompiledClassifier) -> list[Classification]:
+        label = open_set_label(clf) if s.rejected is not None else None
+        verdicts = [bool(x) for x in s.rejected.tolist()] if s.rejected is not None else [None] * len(s.pred)
+        sigs = s.sigmoid.tolist() if s.sigmoid is not None else [None] * len(s.pred)
         return [
-            Classification(clf.class_names, p, r, k, label, x, s)
-            for r, p, k, x, s in zip(raw.tolist(), probs.tolist(), pred.tolist(), verdicts, sigs)
+            Classification(clf.class_names, p, r, k, label, x, g)
+            for r, p, k, x, g in zip(s.raw.tolist(), s.probs.tolist(), s.pred.tolist(), verdicts, sigs)
         ]
 
 
