@@ -40,3 +40,25 @@ def test_classify_rows_equals_classify_in_chunks(monkeypatch) -> None:
         members = [i for i, w in enumerate(want) if w.label == name]
         best = sorted(members, key=lambda i: -want[i].raw_scores[c])[:3]
         assert [i for i, _, _ in top[name]] == best
+
+
+def test_a_sigmoid_model_s_collection_has_its_probabilities_and_probability_open_set(monkeypatch) -> None:
+    """A SigLIP deployment (logit scale and bias): stored vectors get the same probabilities and the same
+    probability open set as /classify (issue 27 on issue 31's collections)."""
+    rng = np.random.default_rng(1)
+    dim, names = 16, ["a", "b"]
+    pos = [torch.from_numpy(unit(rng.standard_normal((2, dim)))) for _ in names]
+    neg = [torch.zeros(0, dim) for _ in names]
+    clf = replace(compile_classifier(names, pos, neg), logits=(10.0, -2.0), open_set_probability=("none", 0.5))
+    matrix = unit(rng.standard_normal((40, dim)))
+    rows = np.arange(40)
+    monkeypatch.setattr(cols, "SCORE_CHUNK", 9)
+    total, counts, _, results, _ = cols.classify_rows(matrix, rows, clf, 0, 40, None)
+    want = ClassifierKind.score(matrix, clf)
+    assert all(w.probabilities is not None for w in want)
+    for got, w in zip(results, want):
+        assert np.allclose(got.probabilities, w.probabilities, rtol=0, atol=1e-6)
+        assert (got.label, got.rejected) == (w.label, w.rejected)
+    labels = [w.label for w in want]
+    assert counts == {n: labels.count(n) for n in [*names, "none"]}
+    assert "none" in labels  # the probability open set rejected some (a + b probability below 0.5 at bias -2)
