@@ -43,16 +43,16 @@ class Cluster:
     balancer: pc.Container
     stats: str  # HAProxy's statistics page (deploy/haproxy/haproxy.cfg)
 
-    def in_rotation(self) -> set[str]:
-        """The replicas the balancer sends to now (its servers api1, api2 that are UP)."""
+    def servers(self) -> dict[str, str]:
+        """The balancer's view of its servers api1, api2: their status (UP, DOWN, MAINT ...)."""
         rows = httpx.get(self.stats + "/;csv", timeout=10).text.splitlines()
         head = rows[0].lstrip("# ").split(",")
-        up = set()
-        for row in rows[1:]:
-            cells = dict(zip(head, row.split(",")))
-            if cells.get("pxname") == "api" and cells.get("status") == "UP":
-                up.add(cells["svname"])
-        return up
+        cells = [dict(zip(head, row.split(","))) for row in rows[1:]]
+        return {c["svname"]: c["status"] for c in cells if c.get("pxname") == "api" and c["svname"] != "BACKEND"}
+
+    def in_rotation(self) -> set[str]:
+        """The replicas the balancer sends to now."""
+        return {name for name, status in self.servers().items() if status == "UP"}
 
 
 def red(seed: int) -> bytes:
@@ -150,7 +150,10 @@ def test_redis_stop_gives_envelopes_then_recovers_without_restarting_replicas(cl
 def test_killing_a_replica_under_load_loses_no_request_and_no_deployment(cluster: Cluster) -> None:
     with cluster.balancer.client() as lb:
         # Both replicas in rotation (the balancer takes a replica back after two good health checks).
-        wait_for(lambda: cluster.in_rotation() == {"api1", "api2"}, "both replicas in rotation", deadline_s=120)
+        try:
+            wait_for(lambda: cluster.in_rotation() == {"api1", "api2"}, "both replicas in rotation", 120)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; the balancer's servers: {cluster.servers()}") from None
         dep = lb.post("/deploy_classifier", json=RED).json()["deployed_id"]
         before = {d["deployed_id"] for d in lb.get("/deployments").json()["deployments"]}
     stop = threading.Event()
