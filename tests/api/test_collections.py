@@ -210,9 +210,10 @@ def test_import_an_embed_dataset_checks_the_model(served: tuple[TestClient, Fake
 
 
 def test_tenants_see_only_their_own_collections(tmp_path: Path) -> None:
-    engine, _ = fake_engine(tmp_path / "data", detector=False, api_keys="ka:alice,kb:bob")
+    ka, kb = "a" * 32, "b" * 32  # keys are at least 32 characters (api/keys.py)
+    engine, _ = fake_engine(tmp_path / "data", detector=False, api_keys=f"{ka}:alice,{kb}:bob")
     with TestClient(build_app(engine)) as client:
-        a, b = {"Authorization": "Bearer ka"}, {"Authorization": "Bearer kb"}
+        a, b = {"Authorization": f"Bearer {ka}"}, {"Authorization": f"Bearer {kb}"}
         assert client.post("/collections", json={"name": "mine"}, headers=a).status_code == 201
         assert client.post("/collections/mine/images", files=files(solid((1, 1, 1))), headers=a).status_code == 200
         assert client.get("/collections", headers=b).json()["collections"] == []
