@@ -12,7 +12,7 @@ read from BentoML's store (the image's tag is the bento's).
   each from its launch to /readyz 200 and then /healthz_models (the encoders answered).
 - throughput: /embed_image (a 640x480 JPEG) on both, side by side in alternating rounds, CLIENTS closed-loop
   clients for SECONDS seconds each (bench.common.steady_load).
-- failover: two replicas, Redis and HAProxy (tests/deploy/test_container_replicas.py's set-up) under a Locust load
+- failover: two replicas, Redis and HAProxy (testing.containers.replica_set, as the tests run them) under a Locust load
   (locustfile.py, /classify users) through the balancer; one replica killed after a third of the run: requests
   lost (Locust's failures), deployments lost; then Redis stopped for 10 s and started again: how long until each
   replica answers 200 again (no replica restarted).
@@ -21,7 +21,6 @@ read from BentoML's store (the image's tag is the bento's).
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as cf
 import contextlib
 import csv
 import os
@@ -177,72 +176,46 @@ def locust_totals(csv_prefix: Path) -> tuple[int, int]:
 
 
 def cmd_failover(image: str, seconds: int, users: int) -> None:
-
-    haproxy = ROOT / "deploy" / "haproxy"
-    with pc.network() as net, pc.volume() as redis_data, tempfile.TemporaryDirectory() as tmp:
-        names: list[str] = []
-        try:
-            redis = pc.run_container(
-                pc.INFRA_IMAGE,
-                network=net,
-                publish=None,
-                volumes={redis_data: "/data"},
-                extra=["--user", "redis"],
-                command=["redis-server", "--appendonly", "yes", "--dir", "/data", "--protected-mode", "no"],
+    with pc.replica_set(image, ready_timeout=600) as rs, tempfile.TemporaryDirectory() as tmp:
+        lb, (victim, survivor) = rs.balancer, rs.replicas
+        assert lb.url is not None and survivor.url is not None
+        with httpx.Client(base_url=lb.url, timeout=120) as c:
+            deps = {c.post("/deploy_classifier", json=RED).json()["deployed_id"] for _ in range(3)}
+        prefix = Path(tmp) / "locust"
+        load = locust(lb.url, users, seconds, prefix)
+        time.sleep(seconds / 3)
+        pc.podman("kill", victim.name)
+        killed = time.monotonic()
+        while rs.in_rotation() != {"api2"}:
+            time.sleep(0.1)
+        out_of_rotation = time.monotonic() - killed
+        load.wait(timeout=seconds * 3 + 60)
+        total, failures = locust_totals(prefix)
+        with httpx.Client(base_url=lb.url, timeout=120) as c:
+            listed = {d["deployed_id"] for d in c.get("/deployments").json()["deployments"]}
+        print(
+            table(
+                ["Locust requests", "failed", "deployments lost", "killed at (s)", "out of rotation after (s)"],
+                [[total, failures, len(deps - listed), f"{seconds / 3:.0f}", f"{out_of_rotation:.1f}"]],
             )
-            names.append(redis.name)
-            env = {"ZSS_REDIS_URL": f"redis://{redis.name}:6379/0", "ZSS_DATA_DIR": "/tmp/zss"}
-            replicas = [pc.run_container(image, network=net, env=env) for _ in range(2)]
-            names += [r.name for r in replicas]
-            lb = pc.run_container(
-                pc.INFRA_IMAGE,
-                network=net,
-                env={"ZSS_API1": replicas[0].name, "ZSS_API2": replicas[1].name},
-                volumes={str(haproxy): "/usr/local/etc/zss:ro"},
-                extra=["--user", "haproxy"],
-                command=["haproxy", "-W", "-db", "-f", "/usr/local/etc/zss/haproxy.cfg"],
+        )
+        # Redis down for 10 s, then back: how long until the survivor answers 200 again (no replica restarted).
+        pc.podman("stop", "-t", "2", rs.redis.name)
+        time.sleep(10)
+        with httpx.Client(base_url=survivor.url, timeout=30) as c:
+            during = c.post("/deploy_classifier", json=RED).status_code
+            pc.podman("start", rs.redis.name)
+            back = time.monotonic()
+            while c.get("/deployments").status_code != 200:
+                time.sleep(0.05)
+            recovered = time.monotonic() - back
+            still = {d["deployed_id"] for d in c.get("/deployments").json()["deployments"]}
+        print(
+            table(
+                ["deploy during the outage", "200 again after `podman start` returned (s)", "deployments lost"],
+                [[during, f"{recovered:.2f}", len(deps - still)]],
             )
-            names.append(lb.name)
-            with cf.ThreadPoolExecutor(2) as pool:
-                list(pool.map(lambda r: pc.wait_ready(r, timeout=300), replicas))
-            pc.wait_ready(lb)
-            assert lb.url is not None
-            with httpx.Client(base_url=lb.url, timeout=120) as c:
-                deps = {c.post("/deploy_classifier", json=RED).json()["deployed_id"] for _ in range(3)}
-            prefix = Path(tmp) / "locust"
-            load = locust(lb.url, users, seconds, prefix)
-            time.sleep(seconds / 3)
-            pc.podman("kill", replicas[0].name)
-            load.wait(timeout=seconds * 3 + 60)
-            total, failures = locust_totals(prefix)
-            with httpx.Client(base_url=lb.url, timeout=120) as c:
-                listed = {d["deployed_id"] for d in c.get("/deployments").json()["deployments"]}
-            print(
-                table(
-                    ["requests", "failed", "deployments lost", "killed after (s)"],
-                    [[total, failures, len(deps - listed), f"{seconds / 3:.0f}"]],
-                )
-            )
-            # Redis down for 10 s, then back: time until the survivor answers 200 again.
-            survivor = replicas[1]
-            pc.podman("stop", "-t", "2", redis.name)
-            time.sleep(10)
-            with httpx.Client(base_url=survivor.url, timeout=30) as c:
-                during = c.post("/deploy_classifier", json=RED).status_code
-                pc.podman("start", redis.name)
-                back = time.monotonic()
-                while c.get("/deployments").status_code != 200:
-                    time.sleep(0.05)
-                recovered = time.monotonic() - back
-                still = {d["deployed_id"] for d in c.get("/deployments").json()["deployments"]}
-            print(
-                table(
-                    ["during the outage", "back to 200 after Redis started (s)", "deployments lost"],
-                    [[during, f"{recovered:.2f}", len(deps - still)]],
-                )
-            )
-        finally:
-            pc.remove(*names)
+        )
 
 
 def main() -> None:

@@ -8,6 +8,7 @@ removed by the context managers that make it (``cleanup`` removes whatever a kil
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import contextlib
 import json
 import os
@@ -17,7 +18,6 @@ import time
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
 
@@ -182,8 +182,66 @@ def cleanup() -> None:
                     podman(kind, "rm", "-f", name, check=False)
 
 
-def write_file(directory: Path, name: str, text: str) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / name
-    path.write_text(text)
-    return path
+HAPROXY = ROOT / "deploy" / "haproxy"
+
+
+@dataclass
+class ReplicaSet:
+    """Two API replicas, Redis and HAProxy on one podman network (README "Containers", deploy/haproxy)."""
+
+    network: str
+    redis: Container
+    replicas: list[Container]
+    balancer: Container
+    stats: str  # HAProxy's statistics page (deploy/haproxy/haproxy.cfg)
+
+    def servers(self) -> dict[str, str]:
+        """The balancer's view of its servers api1, api2: their status (UP, DOWN, MAINT ...)."""
+        rows = httpx.get(self.stats + "/;csv", timeout=10).text.splitlines()
+        head = rows[0].lstrip("# ").split(",")
+        cells = [dict(zip(head, row.split(","))) for row in rows[1:]]
+        return {c["svname"]: c["status"] for c in cells if c.get("pxname") == "api" and c["svname"] != "BACKEND"}
+
+    def in_rotation(self) -> set[str]:
+        """The replicas the balancer sends to now."""
+        return {name for name, status in self.servers().items() if status == "UP"}
+
+
+@contextlib.contextmanager
+def replica_set(image: str, ready_timeout: float = 420) -> Iterator[ReplicaSet]:
+    """Start the set (Redis with its append-only file on a new volume), wait until every part is ready, remove it all
+    afterwards."""
+    podman("image", "exists", INFRA_IMAGE)
+    names: list[str] = []
+    with network() as net, volume() as redis_data:
+        try:
+            redis = run_container(
+                INFRA_IMAGE,
+                name=unique("redis"),
+                network=net,
+                publish=None,
+                volumes={redis_data: "/data"},
+                extra=["--user", "redis"],
+                command=["redis-server", "--appendonly", "yes", "--dir", "/data", "--protected-mode", "no"],
+            )
+            names.append(redis.name)
+            env = {"ZSS_REDIS_URL": f"redis://{redis.name}:6379/0", "ZSS_DATA_DIR": "/tmp/zss"}
+            replicas = [run_container(image, name=unique(f"api{i}"), network=net, env=env) for i in (1, 2)]
+            names += [r.name for r in replicas]
+            stats_port = free_port()
+            balancer = run_container(
+                INFRA_IMAGE,
+                name=unique("lb"),
+                network=net,
+                env={"ZSS_API1": replicas[0].name, "ZSS_API2": replicas[1].name},
+                volumes={str(HAPROXY): "/usr/local/etc/zss:ro"},
+                extra=["--user", "haproxy", "-p", f"127.0.0.1:{stats_port}:8404"],
+                command=["haproxy", "-W", "-db", "-f", "/usr/local/etc/zss/haproxy.cfg"],
+            )
+            names.append(balancer.name)
+            with cf.ThreadPoolExecutor(2) as pool:
+                list(pool.map(lambda r: wait_ready(r, timeout=ready_timeout), replicas))
+            wait_ready(balancer, timeout=60)
+            yield ReplicaSet(net, redis, replicas, balancer, f"http://127.0.0.1:{stats_port}")
+        finally:
+            remove(*names)

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from runners.serving import BUILD_SETTINGS
+from settings import Settings
 from testing.server import ROOT
 
 # Longer than the suite's 600 s per test (pyproject): `bentoml build` runs up to 300 s each.
@@ -81,7 +83,10 @@ def test_bentoml_build_packages_the_gpu_variant(tmp_path: Path) -> None:
     assert "uv venv --python 3.11" in docker
     assert "ENV PIP_BREAK_SYSTEM_PACKAGES=" in docker  # Ubuntu's pip may then install uv
     info = yaml.safe_load((src.parent / "bento.yaml").read_text())
-    assert not info.get("args") and all(not s.get("models") for s in info["services"])
+    # Code only (no model from the store); the settings it was built with are recorded (issue 26), the defaults here.
+    assert all(not s.get("models") for s in info["services"])
+    assert set(info["args"]) == set(BUILD_SETTINGS)
+    assert info["args"]["ZSS_DETECTOR_MODEL"] == Settings.model_fields["detector_model"].default
 
 
 def test_a_build_naming_a_model_that_is_not_in_the_store_fails_naming_it(tmp_path: Path) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import httpx
 import numpy as np
@@ -19,13 +18,11 @@ import pytest
 from testing import containers as pc
 from testing.client import assert_error, files
 from testing.images import encode_png
-from testing.server import ROOT, free_port
 from testing.waits import wait_for
 from tools import shapes
 
 pytestmark = pytest.mark.server
 
-HAPROXY = ROOT / "deploy" / "haproxy"
 RED = {
     "classifier_configs": [
         {"name": "red", "examples_to_include": ["red shape"]},
@@ -35,75 +32,22 @@ RED = {
 }
 
 
-@dataclass
-class Cluster:
-    network: str
-    redis: pc.Container
-    replicas: list[pc.Container]
-    balancer: pc.Container
-    stats: str  # HAProxy's statistics page (deploy/haproxy/haproxy.cfg)
-
-    def servers(self) -> dict[str, str]:
-        """The balancer's view of its servers api1, api2: their status (UP, DOWN, MAINT ...)."""
-        rows = httpx.get(self.stats + "/;csv", timeout=10).text.splitlines()
-        head = rows[0].lstrip("# ").split(",")
-        cells = [dict(zip(head, row.split(","))) for row in rows[1:]]
-        return {c["svname"]: c["status"] for c in cells if c.get("pxname") == "api" and c["svname"] != "BACKEND"}
-
-    def in_rotation(self) -> set[str]:
-        """The replicas the balancer sends to now."""
-        return {name for name, status in self.servers().items() if status == "UP"}
-
-
 def red(seed: int) -> bytes:
     return encode_png(shapes.draw("red", "circle", np.random.default_rng(seed)))
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[Cluster]:
+def cluster() -> Iterator[pc.ReplicaSet]:
     pc.cleanup()
-    image = pc.image_under_test()
-    pc.podman("image", "exists", pc.INFRA_IMAGE)
-    names: list[str] = []
-    with pc.network() as net, pc.volume() as redis_data:
-        try:
-            redis = pc.run_container(
-                pc.INFRA_IMAGE,
-                name=pc.unique("redis"),
-                network=net,
-                publish=None,
-                volumes={redis_data: "/data"},
-                extra=["--user", "redis"],
-                command=["redis-server", "--appendonly", "yes", "--dir", "/data", "--protected-mode", "no"],
-            )
-            names.append(redis.name)
-            env = {"ZSS_REDIS_URL": f"redis://{redis.name}:6379/0", "ZSS_DATA_DIR": "/tmp/zss"}
-            replicas = [pc.run_container(image, name=pc.unique(f"api{i}"), network=net, env=env) for i in (1, 2)]
-            names += [r.name for r in replicas]
-            stats_port = free_port()
-            balancer = pc.run_container(
-                pc.INFRA_IMAGE,
-                name=pc.unique("lb"),
-                network=net,
-                env={"ZSS_API1": replicas[0].name, "ZSS_API2": replicas[1].name},
-                volumes={str(HAPROXY): "/usr/local/etc/zss:ro"},
-                extra=["--user", "haproxy", "-p", f"127.0.0.1:{stats_port}:8404"],
-                command=["haproxy", "-W", "-db", "-f", "/usr/local/etc/zss/haproxy.cfg"],
-            )
-            names.append(balancer.name)
-            with cf.ThreadPoolExecutor(2) as pool:
-                list(pool.map(lambda r: pc.wait_ready(r, timeout=420), replicas))
-            pc.wait_ready(balancer, timeout=60)
-            yield Cluster(net, redis, replicas, balancer, f"http://127.0.0.1:{stats_port}")
-        finally:
-            pc.remove(*names)
+    with pc.replica_set(pc.image_under_test()) as replica_set:
+        yield replica_set
 
 
 def classify(c: httpx.Client, dep: str, seed: int) -> httpx.Response:
     return c.post("/classify", params={"deployed_id": dep}, files=files(red(seed)))
 
 
-def test_deploy_through_the_balancer_classify_on_each_replica(cluster: Cluster) -> None:
+def test_deploy_through_the_balancer_classify_on_each_replica(cluster: pc.ReplicaSet) -> None:
     with cluster.balancer.client() as lb:
         r = lb.post("/deploy_classifier", json=RED)
         assert r.status_code == 200, r.text
@@ -115,7 +59,7 @@ def test_deploy_through_the_balancer_classify_on_each_replica(cluster: Cluster) 
             assert r.json()["pred"] == "red"
 
 
-def test_redis_stop_gives_envelopes_then_recovers_without_restarting_replicas(cluster: Cluster) -> None:
+def test_redis_stop_gives_envelopes_then_recovers_without_restarting_replicas(cluster: pc.ReplicaSet) -> None:
     with cluster.balancer.client() as lb:
         dep = lb.post("/deploy_classifier", json=RED).json()["deployed_id"]
     pc.podman("stop", "-t", "2", cluster.redis.name)
@@ -147,7 +91,7 @@ def test_redis_stop_gives_envelopes_then_recovers_without_restarting_replicas(cl
     assert {r.name: r.state()["StartedAt"] for r in cluster.replicas} == started
 
 
-def test_killing_a_replica_under_load_loses_no_request_and_no_deployment(cluster: Cluster) -> None:
+def test_killing_a_replica_under_load_loses_no_request_and_no_deployment(cluster: pc.ReplicaSet) -> None:
     with cluster.balancer.client() as lb:
         # Both replicas in rotation (the balancer takes a replica back after two good health checks).
         try:
