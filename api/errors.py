@@ -113,7 +113,7 @@ def unexpected(exc: Exception) -> JSONResponse:
         code = 500
     if code == 503:  # expected under overload: one WARNING line now and then, no traceback
         _overload_log.warning("encoder overloaded: answered 503")
-        return envelope(503, OVERLOADED)
+        return envelope(503, OVERLOADED, headers={"Retry-After": "1"})
     if code >= 500:
         log.exception("unhandled error", exc_info=exc)
     return envelope(code, "Internal server error." if code >= 500 else str(exc))
