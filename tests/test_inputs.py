@@ -212,7 +212,7 @@ def test_two_thousand_classes(server: Server) -> None:
 
 def test_long_unicode_and_emoji_examples(server: Server) -> None:
     classes = [
-        # 950 characters: far past the model's context (the tokenizer cuts it), under ZSS_DEPLOY_MAX_EXAMPLE_CHARS (1000)
+        # 950 characters: past the model's context (the tokenizer cuts it), under ZSS_DEPLOY_MAX_EXAMPLE_CHARS (1000)
         {"name": "chat 🐱", "examples_to_include": ["un chat très mignon 🐱", "word " * 190]},
         {"name": "犬", "examples_to_include": ["犬の写真"], "examples_to_exclude": ["🐕‍🦺 service dog"]},
     ]
