@@ -121,7 +121,7 @@ def run_container(
 
 def remove(*names: str) -> None:
     for name in names:
-        podman("rm", "-f", "-t", "0", name, check=False, timeout=60)
+        podman("rm", "-f", "-v", "-t", "0", name, check=False, timeout=60)  # -v: its anonymous volumes too
 
 
 def wait_ready(container: Container, timeout: float = 120.0, path: str = "/readyz") -> float:
