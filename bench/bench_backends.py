@@ -43,7 +43,7 @@ from settings import get_settings
 from testing.models import shapes_clip_env
 from tools import eval_shapes_clip as ev
 
-CONFIGS = ("torch", "onnx", "openvino", "torch+int8", "onnx+int8")
+CONFIGS = ("torch", "onnx", "openvino", "openvino+bf16", "torch+int8", "onnx+int8")
 
 
 def encoder(config: str, env: dict[str, str], data_dir: Path, towers: str = "image") -> ClipEncoder:

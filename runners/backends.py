@@ -46,13 +46,19 @@ EXPORT_VERSION = 1
 TEXT_EXPORT_VERSION = 1
 # What ``auto`` picks on a CPU, per precision: the fastest backend whose vectors match torch's (fp32: cosine >= 0.9999)
 # in bench/bench_backends.py on the development machine (BENCHMARKS.md, issue 19). On a GPU ``auto`` is torch.
-AUTO_CPU = {"none": "openvino", "int8": "onnx"}  # the image tower
+AUTO_CPU = {"none": "openvino", "bf16": "openvino", "int8": "onnx"}  # the image tower
 # The text tower: ONNX Runtime. OpenVINO's float32 costs a few per cent less CPU per prompt, but its one stream runs
 # concurrent calls one after another, so the text encoder's short lane (``encode_now``: one prompt) would wait
 # behind a deploy's batch (0.75 s against ONNX Runtime's 25 ms, BENCHMARKS.md); ONNX Runtime runs them side by side.
-AUTO_CPU_TEXT = {"none": "onnx", "int8": "onnx"}
-# Backends and the precisions they offer.
-PRECISIONS = {"torch": ("none", "int8"), "onnx": ("none", "int8"), "openvino": ("none",)}
+# In bf16 too: the short lane's latency matters more than the deploy's throughput (BENCHMARKS.md, issue 29).
+AUTO_CPU_TEXT = {"none": "onnx", "bf16": "onnx", "int8": "onnx"}
+# Backends and the precisions (ZSS_CLIP_QUANTIZE) they offer. bf16 is OpenVINO's inference precision on a CPU that
+# executes it natively; ONNX Runtime's CPU provider has no bf16 kernels for these graphs, torch's are slower.
+PRECISIONS = {
+    "torch": ("none", "int8"),
+    "onnx": ("none", "int8"),
+    "openvino": ("none", "bf16"),
+}
 
 Runtime = Callable[[np.ndarray], np.ndarray]
 ImageRuntime = Runtime  # uint8 pixels [N, H, W, 3] -> normalised float32 [N, D]
@@ -60,13 +66,16 @@ TextRuntime = Runtime  # int64 tokens [N, L] -> normalised float32 [N, D]
 
 
 def choose_backend(setting: str, precision: str, device: torch.device, tower: str = "image") -> str:
-    """The backend of ``tower`` ("image" or "text") for ZSS_BACKEND ``setting`` at ``precision`` ("none" or "int8")
+    """The backend of ``tower`` ("image" or "text") for ZSS_BACKEND ``setting`` at ``precision`` (ZSS_CLIP_QUANTIZE)
     on ``device``; ValueError naming ZSS_BACKEND for a value it does not know or a combination that does not exist."""
     name = setting.strip().lower()
     if name not in BACKENDS:
         raise ValueError(f"ZSS_BACKEND must be one of {', '.join(BACKENDS)}, not {setting!r}")
     if name == "auto":
-        return "torch" if device.type != "cpu" else (AUTO_CPU if tower == "image" else AUTO_CPU_TEXT)[precision]
+        if device.type != "cpu":
+            return "torch"
+        # Asked for bf16, a tower whose auto backend has none computes in float32 there (compute_precision).
+        return (AUTO_CPU if tower == "image" else AUTO_CPU_TEXT)[precision]
     if name != "torch" and device.type != "cpu":
         raise ValueError(f"ZSS_BACKEND={name} is a CPU backend; on {device.type} use torch (or auto)")
     if precision not in PRECISIONS[name]:
@@ -180,12 +189,18 @@ def _versions(backend: str) -> dict[str, str]:
     return out
 
 
+def stored_precision(precision: str) -> str:
+    """The precision of the exported file: int8 graphs are their own; float32 and bf16 share one float32 graph (bf16
+    is OpenVINO's inference precision, chosen when the graph is compiled)."""
+    return "int8" if precision == "int8" else "none"
+
+
 def export_key(model_id: str, backend: str, precision: str, preprocess: Preprocess) -> dict[str, object]:
     """Everything an image export depends on; its digest names the export's directory."""
     return {
         "model_id": model_id,
         "backend": backend,
-        "precision": precision,
+        "precision": stored_precision(precision),
         "export_version": EXPORT_VERSION,
         "preprocess": preprocess.as_dict(),
         "versions": _versions(backend),
@@ -198,7 +213,7 @@ def text_export_key(model_id: str, backend: str, precision: str, context_length:
         "model_id": model_id,
         "tower": "text",
         "backend": backend,
-        "precision": precision,
+        "precision": stored_precision(precision),
         "export_version": TEXT_EXPORT_VERSION,
         "context_length": context_length,
         "versions": _versions(backend),
@@ -315,7 +330,8 @@ def onnx_runtime(path: Path, threads: int) -> Runtime:
     return run
 
 
-def openvino_runtime(path: Path, threads: int, lanes: int) -> Runtime:
+def openvino_runtime(path: Path, threads: int, lanes: int, precision: str = "fp32") -> Runtime:
+    """``precision`` "bf16": OpenVINO's bf16 inference (only where the CPU executes it natively: the caller checks)."""
     import openvino as ov
 
     compiled = ov.Core().compile_model(
@@ -325,8 +341,8 @@ def openvino_runtime(path: Path, threads: int, lanes: int) -> Runtime:
             # One stream per lane, so the lanes' batches run side by side like torch's threads do.
             "NUM_STREAMS": max(1, lanes),
             "INFERENCE_NUM_THREADS": max(1, threads * lanes),
-            # Never bf16/fp16 behind our back (a CPU with AMX would otherwise pick it): vectors must match torch's.
-            "INFERENCE_PRECISION_HINT": "f32",
+            # Never bf16/fp16 behind our back (a CPU with AMX would otherwise pick it): only when asked for.
+            "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
             "ENABLE_CPU_PINNING": False,
         },
     )
@@ -343,7 +359,7 @@ def openvino_runtime(path: Path, threads: int, lanes: int) -> Runtime:
 
 
 def _load_runtime(
-    key: dict[str, object], export: Exporter, data_dir: Path, threads: int, lanes: int
+    key: dict[str, object], export: Exporter, data_dir: Path, threads: int, lanes: int, compute: str
 ) -> tuple[Runtime, Path, bool]:
     backend, precision = str(key["backend"]), str(key["precision"])
     exports = Path(data_dir) / "exports"
@@ -352,7 +368,7 @@ def _load_runtime(
         load = lambda d: onnx_runtime(d / "model.onnx", threads)  # noqa: E731
     elif backend == "openvino":
         build = _build_openvino(export)
-        load = lambda d: openvino_runtime(d / "model.xml", threads, lanes)  # noqa: E731
+        load = lambda d: openvino_runtime(d / "model.xml", threads, lanes, compute)  # noqa: E731
     else:
         raise ValueError(f"no exported runtime for backend {backend!r}")
     directory, built = cached_export(exports, key, build)
@@ -378,7 +394,7 @@ def load_image_runtime(
     """The image tower on ``backend`` ("onnx" or "openvino"): (runtime, export directory, whether it was built now).
     ``threads`` per call (the torch threads of one lane), ``lanes``: how many calls run at once."""
     key = export_key(model_id, backend, precision, preprocess)
-    return _load_runtime(key, lambda path: export_onnx(visual, preprocess, path), data_dir, threads, lanes)
+    return _load_runtime(key, lambda path: export_onnx(visual, preprocess, path), data_dir, threads, lanes, precision)
 
 
 def load_text_runtime(
@@ -387,4 +403,4 @@ def load_text_runtime(
     """The text tower of ``model`` (``text_exportable``) on ``backend``: (runtime, export directory, built now).
     The runtime takes int64 tokens [N, L], 2 <= L <= the context length."""
     key = text_export_key(model_id, backend, precision, int(model.attn_mask.shape[0]))
-    return _load_runtime(key, lambda path: export_text_onnx(model, path), data_dir, threads, lanes)
+    return _load_runtime(key, lambda path: export_text_onnx(model, path), data_dir, threads, lanes, precision)

@@ -34,8 +34,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from imaging.preprocess import Preprocess
-from runners.backends import choose_backend, load_image_runtime, load_text_runtime, text_exportable
-from runners.device import select_device
+from runners.backends import PRECISIONS, choose_backend, load_image_runtime, load_text_runtime, text_exportable
+from runners.device import BF16_FLAGS, native_bf16, select_device
 from runners.store import CLIP_KIND, KIND_KEY, open_entry, store_tag
 from settings import Settings
 
@@ -343,6 +343,8 @@ class ClipEncoder:
         text_runtime: Any = None,
         text_backend: str = "torch",
         logits: tuple[float, float] | None = None,
+        precision: str = "fp32",
+        text_precision: str = "fp32",
     ) -> None:
         self.model = model
         # (logit scale, logit bias) of a sigmoid-loss model (SigLIP), None for a CLIP: see ``sigmoid_logits``.
@@ -353,6 +355,9 @@ class ClipEncoder:
         self.backend = backend
         self.text_runtime = text_runtime
         self.text_backend = text_backend
+        # What each tower computes in: "fp32", "bf16" (OpenVINO on a CPU with native bf16), "int8" or "fp16" (CUDA).
+        self.precision = precision
+        self.text_precision = text_precision
         self.tokenizer = tokenizer
         self.preprocess = preprocess
         self.model_id = model_id
@@ -394,6 +399,8 @@ class ClipEncoder:
             "device": str(self.device),
             "backend": self.backend,
             "text_backend": self.text_backend,
+            "precision": self.precision,
+            "text_precision": self.text_precision,
         }
 
     # -- images ------------------------------------------------------------------------------------------------
@@ -527,18 +534,22 @@ def load_clip_encoder(settings: Settings, towers: str = "both", lanes: int = 1) 
     model = model.to(device=device, dtype=dtype)
     preprocess = Preprocess.from_open_clip(pp_cfg)
     runtime, dim, text_runtime = None, None, None
+    text_precision = "fp16" if dtype == torch.float16 else "int8" if precision == "int8" else "fp32"
     if text_backend != "torch" and not text_exportable(model):
         log.warning("the text tower of %s cannot be exported exactly: it runs in torch", spec.model_id)
         text_backend = "torch"
     if text_backend != "torch":
         # Like the image tower: float32 exports give torch's vectors (tested) and share its model id.
+        text_precision = compute_precision(precision, text_backend)
         text_runtime, directory, _ = load_text_runtime(
-            model, spec.model_id, text_backend, precision, settings.data_dir, torch.get_num_threads()
+            model, spec.model_id, text_backend, text_precision, settings.data_dir, torch.get_num_threads()
         )
         dim = int(text_runtime(np.array([[1, 2]], np.int64)).shape[1])
         for attr in ("transformer", "token_embedding", "ln_final"):
             setattr(model, attr, None)
-        log.info("CLIP text tower on %s (%s) from %s", text_backend, precision, directory)
+        log.info("CLIP text tower on %s (%s) from %s", text_backend, text_precision, directory)
+    torch_precision = "fp16" if dtype == torch.float16 else "int8" if precision == "int8" else "fp32"
+    image_precision = torch_precision
     if backend != "torch" and not getattr(model, "image_exportable", True):
         log.warning("the image tower of %s cannot be exported: it runs in torch", spec.model_id)
         backend = "torch"
@@ -546,12 +557,13 @@ def load_clip_encoder(settings: Settings, towers: str = "both", lanes: int = 1) 
         # The exported tower replaces torch's, whose weights are then dropped. Float32 backends give torch's vectors
         # (cosine >= 0.9999, tested), so they share its model id and cached text vectors.
         threads = torch.get_num_threads()
+        image_precision = compute_precision(precision, backend)
         runtime, directory, _ = load_image_runtime(
-            model.visual, preprocess, spec.model_id, backend, precision, settings.data_dir, threads, lanes
+            model.visual, preprocess, spec.model_id, backend, image_precision, settings.data_dir, threads, lanes
         )
         dim = int(runtime(np.zeros((1, *preprocess.size, 3), np.uint8)).shape[1])
         model.visual = None  # type: ignore[assignment]
-        log.info("CLIP image tower on %s (%s) from %s", backend, precision, directory)
+        log.info("CLIP image tower on %s (%s) from %s", backend, image_precision, directory)
     model_id = spec.model_id
     if precision == "int8":
         if (towers != "text" and backend == "torch") or (towers != "image" and text_backend == "torch"):
@@ -560,6 +572,10 @@ def load_clip_encoder(settings: Settings, towers: str = "both", lanes: int = 1) 
         # share cache entries with either.
         used = {backend} if towers == "image" else {text_backend} if towers == "text" else {backend, text_backend}
         model_id += "+int8" + "".join(f"-{b}" for b in sorted(used - {"torch"}))
+    elif precision == "bf16":
+        # Not torch's vectors to the float32 backends' standard (BENCHMARKS.md, issue 29): a cache namespace of its
+        # own, the same for both towers (one service's text tower may compute in float32: still one namespace).
+        model_id += "+bf16"
     return ClipEncoder(
         model,
         tokenizer,
@@ -573,6 +589,8 @@ def load_clip_encoder(settings: Settings, towers: str = "both", lanes: int = 1) 
         text_runtime=text_runtime,
         text_backend=text_backend,
         logits=logits,
+        precision=image_precision if towers != "text" else text_precision,
+        text_precision=text_precision,
     )
 
 
@@ -586,17 +604,35 @@ def sigmoid_logits(model: torch.nn.Module) -> tuple[float, float] | None:
     return float(scale.detach().float().exp().reshape(-1)[0]), float(bias.detach().float().reshape(-1)[0])
 
 
-QUANTIZE_MODES = ("none", "int8")
+# ZSS_CLIP_QUANTIZE: "none" (float32), "bf16" (OpenVINO's bf16 inference, only on a CPU that executes bf16
+# natively), "int8" (dynamic int8 quantisation). bf16 moved the shapes evaluation by up to 0.4 points where the float32
+# backends move it by none (BENCHMARKS.md, issue 29), so like int8 it is asked for, never picked, and keyed apart.
+QUANTIZE_MODES = ("none", "bf16", "int8")
 
 
-def quantize_mode(value: str, device: torch.device) -> str:
-    """Validate ZSS_CLIP_QUANTIZE against the device: int8 is a CPU backend."""
+def quantize_mode(value: str, device: torch.device, bf16: bool | None = None) -> str:
+    """Validate ZSS_CLIP_QUANTIZE against the device: int8 and bf16 are CPU precisions, and bf16 needs a CPU that
+    executes it natively (``bf16``: whether it does; default: read from this CPU)."""
     mode = value.strip().lower() or "none"
     if mode not in QUANTIZE_MODES:
         raise ValueError(f"ZSS_CLIP_QUANTIZE must be one of {', '.join(QUANTIZE_MODES)}, not {value!r}")
-    if mode == "int8" and device.type != "cpu":
-        raise ValueError("ZSS_CLIP_QUANTIZE=int8 is a CPU backend; on a GPU use ZSS_FP16=true instead")
+    if mode in ("int8", "bf16") and device.type != "cpu":
+        raise ValueError(f"ZSS_CLIP_QUANTIZE={mode} is a CPU precision; on a GPU use ZSS_FP16=true instead")
+    if mode == "bf16" and not (native_bf16() if bf16 is None else bf16):
+        raise ValueError(
+            "ZSS_CLIP_QUANTIZE=bf16 needs a CPU that executes bf16 natively (AVX-512 BF16 or AMX: flags "
+            f"{' or '.join(sorted(BF16_FLAGS))}); this one would emulate it, slower than float32. "
+            "Use none (float32 here) or int8"
+        )
     return mode
+
+
+def compute_precision(mode: str, backend: str) -> str:
+    """What a tower on ``backend`` computes in for ZSS_CLIP_QUANTIZE ``mode`` (validated): "fp32", "bf16" or "int8".
+    bf16 asked of a backend that has none (ZSS_BACKEND=auto's text tower, ONNX Runtime) computes in float32 there."""
+    if mode == "bf16":
+        return "bf16" if "bf16" in PRECISIONS.get(backend, ()) else "fp32"
+    return "int8" if mode == "int8" else "fp32"
 
 
 def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:

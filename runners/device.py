@@ -81,3 +81,20 @@ def select_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+# CPU flags with native bf16 arithmetic: AVX-512 BF16 (dot products) or AMX (tile matrix multiply). Without them a
+# runtime emulates bf16 through float32, slower than float32 itself.
+BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+
+
+def native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether this CPU executes bf16 natively (``BF16_FLAGS`` in the kernel's flags); False where it cannot be read."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return False
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return bool(BF16_FLAGS & set(line.partition(":")[2].split()))
+    return False

@@ -137,6 +137,12 @@ def test_quantize_setting_is_validated() -> None:
     assert quantize_mode(" INT8 ", torch.device("cpu")) == "int8"
     with pytest.raises(ValueError, match="ZSS_CLIP_QUANTIZE"):
         quantize_mode("int4", torch.device("cpu"))
-    with pytest.raises(ValueError, match="CPU backend"):
+    with pytest.raises(ValueError, match="CPU precision"):
         quantize_mode("int8", torch.device("cuda"))
+    # bf16: only where the CPU executes it natively, never on a GPU (ZSS_FP16 is the GPU's half precision).
+    assert quantize_mode("bf16", torch.device("cpu"), bf16=True) == "bf16"
+    with pytest.raises(ValueError, match="executes bf16 natively.*avx512_bf16"):
+        quantize_mode("BF16", torch.device("cpu"), bf16=False)
+    with pytest.raises(ValueError, match="ZSS_FP16"):
+        quantize_mode("bf16", torch.device("cuda"), bf16=True)
     assert get_settings({"ZSS_CLIP_QUANTIZE": "int8"}).clip_quantize == "int8"

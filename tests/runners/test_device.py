@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from runners.device import configure_threads, cpu_quota, encoder_lanes, service_workers
+from runners.device import configure_threads, cpu_quota, encoder_lanes, native_bf16, service_workers
 from testing.server import ROOT
 
 
@@ -196,3 +196,24 @@ def test_log_level_setting_applies_to_project_loggers() -> None:
 def test_a_zero_period_is_no_limit_not_a_crash(tmp_path: Path) -> None:
     (tmp_path / "cpu.max").write_text("100000 0\n")
     assert cpu_quota(root=tmp_path, affinity=3) == 3
+
+
+@pytest.mark.parametrize(
+    ("flags", "native"),
+    [
+        ("fpu sse avx2 avx512f avx512_vnni avx512_bf16 vaes", True),  # Zen 4, Cooper Lake
+        ("fpu avx512f amx_bf16 amx_tile amx_int8", True),  # Sapphire Rapids
+        ("fpu sse avx2 avx512f avx512_vnni", False),  # Cascade Lake: emulated only
+        ("fpu neon asimd", False),
+    ],
+)
+def test_native_bf16_reads_the_kernels_flags(tmp_path: Path, flags: str, native: bool) -> None:
+    info = tmp_path / "cpuinfo"
+    info.write_text(f"processor\t: 0\nvendor_id\t: X\nflags\t\t: {flags}\nbogomips\t: 1\n")
+    assert native_bf16(info) is native
+
+
+def test_native_bf16_is_false_where_unreadable(tmp_path: Path) -> None:
+    assert native_bf16(tmp_path / "missing") is False
+    (tmp_path / "no-flags").write_text("processor\t: 0\n")
+    assert native_bf16(tmp_path / "no-flags") is False
