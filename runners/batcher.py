@@ -127,6 +127,30 @@ class LaneBatcher:
         self._poke()
         return await req.future
 
+    def warm_up(self, rows: np.ndarray, sizes: tuple[int, ...], fn: BatchFn | None = None) -> float:
+        """Run ``fn`` (default: the batch function) on every lane's own thread at once, once per size in ``sizes``
+        (on ``rows[:size]``), before the first request: a runtime's per-thread state (an OpenVINO infer request per
+        lane, its stream's buffers, torch's thread pools) is then made before the service reports ready, not in its
+        first requests. The last round's time per row seeds the cost estimate that deadlines use. Returns seconds."""
+        import threading
+
+        t_all = self._clock()
+        for size in sizes:
+            part = rows[: max(1, min(size, self.max_batch))]
+            # Every lane thread runs one call: each waits at the barrier until all lanes hold one.
+            barrier = threading.Barrier(self.lanes)
+
+            def one(part: np.ndarray = part, barrier: threading.Barrier = barrier) -> float:
+                barrier.wait(timeout=600)
+                t = self._clock()
+                (fn or self.fn)(part)
+                return self._clock() - t
+
+            times = [f.result() for f in [self._pool.submit(one) for _ in range(self.lanes)]]
+            self._batch_s = sum(times) / len(times)
+            self._row_s = self._batch_s / len(part)
+        return self._clock() - t_all
+
     def hold_s(self) -> float:
         """How long a free lane may wait for its share right now."""
         if self._batch_s is None:

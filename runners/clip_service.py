@@ -60,6 +60,10 @@ class BadPixels(bentoml.exceptions.InvalidArgument):
     """A pixel batch that is not uint8 [N, H, W, 3] at the model's input size (400, before it can join a batch)."""
 
 
+# Batch sizes each lane of the image encoder runs once before it reports ready.
+WARM_UP_SIZES = (1, 8)
+
+
 @bentoml.service(
     name="clip_image_encoder",
     # One process: its lanes share one queue (runners/batcher.py). More workers would each batch on their own;
@@ -92,13 +96,18 @@ class ClipImageEncoder:
             max_wait_s=settings.image_max_latency_ms / 1000,
             name="clip-image",
         )
+        # Each lane runs the tower before ready (issue 29: full speed from the first request).
+        zeros = np.zeros((WARM_UP_SIZES[-1], *self.size, 3), np.uint8)
+        warm_s = self.batcher.warm_up(zeros, WARM_UP_SIZES, fn=self.encoder.encode_pixels)
         log.info(
-            "image encoder %s ready (%d lanes x %d torch threads, 1 of %d workers) on %s",
+            "image encoder %s ready (%d lanes x %d torch threads, 1 of %d workers) on %s %s, warmed up in %.1f s",
             self.encoder.model_id,
             lanes,
             self.threads,
             workers,
             self.encoder.backend,
+            self.encoder.precision,
+            warm_s,
         )
 
     def _forward(self, pixels: np.ndarray) -> np.ndarray:

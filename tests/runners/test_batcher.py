@@ -494,3 +494,39 @@ def test_a_request_whose_own_rows_cannot_finish_in_time_is_shed() -> None:
             b.close()
 
     asyncio.run(main())
+
+
+def test_warm_up_runs_every_lane_before_the_first_request_and_seeds_the_cost() -> None:
+    """Each lane's own thread runs the model once per warm-up size (a runtime's per-thread state is made before
+    ready), and the measured time per row judges the very first request: one that cannot finish in time is shed at
+    once instead of being run blind."""
+    calls: list[tuple[str, int]] = []
+    lock = threading.Lock()
+    spent = threading.local()  # each thread's own clock: the lanes run side by side, as on real cores
+
+    def clock() -> float:
+        return 1000.0 + getattr(spent, "t", 0.0)
+
+    def model(x: np.ndarray) -> np.ndarray:
+        with lock:
+            calls.append((threading.current_thread().name, len(x)))
+        spent.t = getattr(spent, "t", 0.0) + 0.1 * len(x)  # 0.1 s per row
+        return x * 2
+
+    async def main() -> None:
+        b = LaneBatcher(model, lanes=2, max_batch=8, max_wait_s=1.0, clock=clock)
+        try:
+            b.warm_up(np.zeros((16, 3), np.float32), (1, 4, 32))  # 32 is cut to max_batch
+            assert sorted(n for _, n in calls) == [1, 1, 4, 4, 8, 8]
+            for size in (1, 4, 8):  # both lanes, each on its own thread, at every size
+                assert len({name for name, n in calls if n == size}) == 2
+            assert all(name.startswith("batcher-lane") for name, _ in calls)
+            assert b.stats.batches == 0  # warm-up is not traffic
+            assert b._row_s == pytest.approx(0.1)
+            with pytest.raises(Overloaded):  # 0.95 s spent + 0.1 s expected > 1.0 s
+                await within_deadline(b.submit(rows(1), spent_s=0.95))
+            np.testing.assert_array_equal(await within_deadline(b.submit(rows(1, 5), spent_s=0.5)), rows(1, 5) * 2)
+        finally:
+            b.close()
+
+    asyncio.run(main())
