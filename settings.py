@@ -58,8 +58,14 @@ class Settings(BaseSettings):
     device: str = "auto"
     # Half precision on CUDA (ignored on CPU).
     fp16: bool = True
-    # "none", or "int8": dynamic int8 quantisation of the CLIP towers' Linear layers (CPU only; see BENCHMARKS.md for
-    # its speed and accuracy). The model id, and so the embedding cache, differs from the float model's.
+    # The image encoder decodes JPEGs itself, on its device (nvJPEG on a GPU; imaging/device_decode.py): the API
+    # sends the encoded bytes of eligible JPEGs instead of decoding and resizing them. Meant for a GPU encoder.
+    device_decode: bool = False
+    # Page-locked host memory for the pixels copied to a GPU (asynchronous copies); ignored on a CPU.
+    pin_memory: bool = False
+    # "none" (float32), "bf16" (OpenVINO, on a CPU with native bf16 only) or "int8": dynamic int8 quantisation
+    # (CPU only; see BENCHMARKS.md for speed and accuracy). The model id, and so the embedding cache, differs from the
+    # float model's for bf16 and int8.
     clip_quantize: str = "none"
     # Runtime of the CLIP image tower (runners/backends.py): "torch", "onnx" (ONNX Runtime), "openvino" (CPU only, no
     # int8), or "auto": the fastest backend measured whose vectors match torch's (CPU: openvino for float32, onnx for

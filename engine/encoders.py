@@ -24,6 +24,7 @@ from PIL import Image
 
 from engine.kinds import BoxEncoding
 from errors import Unavailable
+from imaging import device_decode
 from runners.clip_wire import SHORT_LANE_PROMPTS
 from runners.owl_wire import unpack
 
@@ -40,6 +41,11 @@ class ImageEncoder(Protocol):
     async def encode_pixels(self, pixels: np.ndarray, spent_s: float = 0.0) -> np.ndarray:
         """uint8 [N, H, W, 3] at the model's input size -> L2-normalised float32 [N, D]; ``spent_s`` (time the request
         already took) counts towards the encoder's latency bound."""
+        ...
+
+    async def encode_jpegs(self, jpegs: list[bytes], spent_s: float = 0.0) -> np.ndarray | None:
+        """JPEG files -> the same vectors, decoded and resized on the encoder's device (ZSS_DEVICE_DECODE); None when
+        the device could not decode one of them (the caller then decodes them itself)."""
         ...
 
 
@@ -77,6 +83,19 @@ class LocalClip:
 
     async def encode_pixels(self, pixels: np.ndarray, spent_s: float = 0.0) -> np.ndarray:
         return await anyio.to_thread.run_sync(self.encoder.encode_pixels, pixels)
+
+    async def encode_jpegs(self, jpegs: list[bytes], spent_s: float = 0.0) -> np.ndarray | None:
+        enc = self.encoder
+
+        def run() -> np.ndarray | None:
+            try:
+                encoded = device_decode.unpack(*device_decode.pack(jpegs))
+                pixels = device_decode.decode_to_pixels(encoded, enc.preprocess, enc.device)
+            except (RuntimeError, ValueError):  # torchvision's refusal of a JPEG
+                return None
+            return enc.encode_pixels(pixels.cpu().numpy())
+
+        return await anyio.to_thread.run_sync(run)
 
     def encode(self, prompts: list[str]) -> np.ndarray:
         return np.asarray(self.encoder.encode_texts(prompts), dtype=np.float32)
@@ -157,6 +176,18 @@ class _Remote:
 class RemoteClipImage(_Remote):
     async def encode_pixels(self, pixels: np.ndarray, spent_s: float = 0.0) -> np.ndarray:
         out = await call_async(lambda: self.handle.to_async.encode_pixels(pixels, spent_s=spent_s))
+        return np.asarray(out, dtype=np.float32)
+
+    async def encode_jpegs(self, jpegs: list[bytes], spent_s: float = 0.0) -> np.ndarray | None:
+        blob, ends = device_decode.pack(jpegs)
+        try:
+            out = await call_async(lambda: self.handle.to_async.encode_jpegs(blob, ends, spent_s=spent_s))
+        except Exception as exc:
+            # The device refused a JPEG (not an error: the caller decodes it itself).
+            code = getattr(exc, "error_code", None)  # BentoML's client errors carry the status (an HTTPStatus)
+            if isinstance(code, int) and int(code) == device_decode.UNDECODABLE:
+                return None
+            raise
         return np.asarray(out, dtype=np.float32)
 
 

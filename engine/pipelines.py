@@ -35,10 +35,12 @@ from engine.jobs import FAILED, Job, Jobs
 from engine.kinds import KINDS, Classification, ClassifierKind, CompiledDetector, Detection, DetectorKind
 from engine.tenancy import Tenant
 from errors import Invalid, Unavailable
+from imaging import device_decode
 from imaging.budget import PixelBudget
+from imaging.decode import decode_image
 from imaging.geometry import shrink_to
 from imaging.preprocess import Preprocess
-from imaging.sources import ImageLimits, ImageSource, load_image
+from imaging.sources import ImageLimits, ImageSource, load_image, source_bytes
 from semantic.classify import CompiledClassifier
 from semantic.detect import QUERY_RULE_VERSION
 from semantic.templates import CLIP_TEMPLATES
@@ -46,6 +48,9 @@ from semantic.templates_detect import DETECTION_TEMPLATE_VERSION, DETECTION_TEMP
 from settings import LimitedLog, Settings
 
 log = logging.getLogger(__name__)
+
+# What the image encoder is given: uint8 pixels decoded here, or JPEG bytes it decodes on its device.
+Prepared = np.ndarray | list[bytes]
 
 EXAMPLES_ENCODED = Counter("zss_text_examples_encoded", "Example texts encoded (embedding-cache misses)")
 CACHE_HITS = Counter("zss_embedding_cache_hits", "Example texts found in the embedding cache")
@@ -228,6 +233,33 @@ class Engine:
         pre = self.preprocess()
         return np.stack([pre.to_pixels(load_image(s, self.limits, pre.draft_size)) for s in sources])
 
+    def _prepare(self, sources: list[ImageSource]) -> Prepared:
+        """What the image encoder gets for ``sources``: with ZSS_DEVICE_DECODE, the JPEG bytes when every image can be
+        decoded on the encoder's device (imaging/device_decode.py); else uint8 pixels decoded here. An unreadable
+        image raises here (422), before anything else is looked at."""
+        if not self.settings.device_decode:
+            return self._pixels(sources)
+        pre = self.preprocess()
+        datas = [source_bytes(s, self.limits) for s in sources]  # a URL is fetched once, whichever path it takes
+        if all(device_decode.eligible(d, self.limits.max_pixels, pre) for d in datas):
+            return datas
+        return self._decode_bytes(datas)
+
+    def _decode_bytes(self, datas: list[bytes]) -> np.ndarray:
+        pre, lim = self.preprocess(), self.limits
+        decode = lambda d: decode_image(d, max_pixels=lim.max_pixels, draft_size=pre.draft_size, budget=lim.budget)  # noqa: E731
+        return np.stack([pre.to_pixels(decode(d)) for d in datas])
+
+    async def _encode(self, prepared: Prepared, t0: float) -> np.ndarray:
+        """``_prepare``'s result -> image vectors. JPEGs the device cannot decode take the CPU path, which words the
+        error a client gets exactly as without ZSS_DEVICE_DECODE."""
+        if isinstance(prepared, list):
+            out = await self.image_encoder.encode_jpegs(prepared, time.monotonic() - t0)
+            if out is not None:
+                return out
+            prepared = await in_thread(self._decode_bytes, prepared)
+        return await self.image_encoder.encode_pixels(prepared, time.monotonic() - t0)
+
     def _for_detector(self, sources: list[ImageSource], side: int) -> list[tuple[Image.Image, float, float]]:
         # Shrunk so the longer side is at most the detector's input size: less to send and to pad.
         return [shrink_to(load_image(s, self.limits), side) for s in sources]
@@ -327,11 +359,11 @@ class Engine:
     ) -> list[Classification]:
         """``arrived``: when the request arrived (``time.monotonic()``); given, the image latency bound applies."""
         async with self._admitted(len(sources), arrived) as t0:
-            pixels = await in_thread(self._pixels, sources)  # an unreadable image is 422 whatever the id (DirectAI)
+            prepared = await in_thread(self._prepare, sources)  # an unreadable image is 422 whatever the id (DirectAI)
             clf: CompiledClassifier = await in_thread(
                 self.deployments.compiled, deployed_id, Kind.CLASSIFIER, caller=caller
             )
-            emb = await self.image_encoder.encode_pixels(pixels, time.monotonic() - t0)
+            emb = await self._encode(prepared, t0)
         return await in_thread(ClassifierKind.score, emb, clf)
 
     async def detect(
@@ -370,8 +402,7 @@ class Engine:
     async def embed_images(self, sources: list[ImageSource], *, arrived: float | None = None) -> np.ndarray:
         """``arrived``: as for :meth:`classify`."""
         async with self._admitted(len(sources), arrived) as t0:
-            pixels = await in_thread(self._pixels, sources)
-            return await self.image_encoder.encode_pixels(pixels, time.monotonic() - t0)
+            return await self._encode(await in_thread(self._prepare, sources), t0)
 
     @asynccontextmanager
     async def _admitted(

@@ -358,6 +358,7 @@ class ClipEncoder:
         # What each tower computes in: "fp32", "bf16" (OpenVINO on a CPU with native bf16), "int8" or "fp16" (CUDA).
         self.precision = precision
         self.text_precision = text_precision
+        self.pin_memory = False  # ZSS_PIN_MEMORY: pixels go to a GPU through page-locked memory
         self.tokenizer = tokenizer
         self.preprocess = preprocess
         self.model_id = model_id
@@ -417,7 +418,12 @@ class ClipEncoder:
         if self.image_runtime is not None:
             return self.image_runtime(pixels)
         with torch.inference_mode():
-            x = torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device)
+            x = torch.from_numpy(np.ascontiguousarray(pixels))
+            if self.pin_memory and self.device.type == "cuda":
+                # Page-locked (from torch's caching host allocator): the copy to the GPU is one asynchronous DMA.
+                x = x.pin_memory().to(self.device, non_blocking=True)
+            else:
+                x = x.to(self.device)
             x = self.preprocess.normalise(x).to(self.dtype)
             feats = self.model.encode_image(x)
             return F.normalize(feats.float(), dim=-1).cpu().numpy()
@@ -576,7 +582,7 @@ def load_clip_encoder(settings: Settings, towers: str = "both", lanes: int = 1) 
         # Not torch's vectors to the float32 backends' standard (BENCHMARKS.md, issue 29): a cache namespace of its
         # own, the same for both towers (one service's text tower may compute in float32: still one namespace).
         model_id += "+bf16"
-    return ClipEncoder(
+    encoder = ClipEncoder(
         model,
         tokenizer,
         preprocess,
@@ -592,6 +598,8 @@ def load_clip_encoder(settings: Settings, towers: str = "both", lanes: int = 1) 
         precision=image_precision if towers != "text" else text_precision,
         text_precision=text_precision,
     )
+    encoder.pin_memory = settings.pin_memory
+    return encoder
 
 
 def sigmoid_logits(model: torch.nn.Module) -> tuple[float, float] | None:

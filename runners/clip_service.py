@@ -8,8 +8,10 @@ and resized in its own process, so decoding overlaps the forward pass here.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import bentoml
@@ -17,6 +19,7 @@ import numpy as np
 from prometheus_client import Counter, Histogram
 from starlette.responses import PlainTextResponse
 
+from imaging.device_decode import UNDECODABLE, decode_to_pixels, unpack
 from runners.batcher import LaneBatcher, Overloaded
 from runners.clip import load_clip_encoder
 from runners.clip_wire import SHORT_LANE_PROMPTS
@@ -88,6 +91,8 @@ class ClipImageEncoder:
         # Not BentoML's adaptive batching: its per-worker queues hand a free worker batches of 1-2 images under load
         # on a CPU (BENCHMARKS.md, P1). Created here; its dispatcher starts on the first request, in the server's loop.
         self.shed_log = LimitedLog(log)
+        # ZSS_DEVICE_DECODE's JPEG decoding, off the event loop and off the lanes (torch releases the GIL in both).
+        self._decoder = ThreadPoolExecutor(max_workers=2, thread_name_prefix="clip-decode")
         self.batcher = LaneBatcher(
             self._forward,
             lanes=lanes,
@@ -137,8 +142,36 @@ class ClipImageEncoder:
         BentoML's request context; it stays unannotated so that BentoML recognises it by name). An in-process call
         (no context) gets ``ServiceUnavailable`` raised.
         """
+        return await self._encode(self._check(pixels), spent_s, ctx)
+
+    @bentoml.api
+    async def encode_jpegs(
+        self,
+        blob: np.ndarray,
+        ends: np.ndarray,
+        spent_s: float = 0.0,
+        ctx=None,  # noqa: ANN001
+    ) -> np.ndarray:
+        """JPEG files (``imaging.device_decode.pack``: their bytes end to end, and where each ends) -> the vectors of
+        ``encode_pixels``, decoded and resized on this encoder's device (ZSS_DEVICE_DECODE). A JPEG the device cannot
+        decode answers ``UNDECODABLE`` for the whole request: the API then decodes them on its CPU path."""
+        t0 = time.monotonic()
         try:
-            return await self.batcher.submit(self._check(pixels), spent_s)
+            pixels = await asyncio.get_running_loop().run_in_executor(self._decoder, self._decode, blob, ends)
+        except (RuntimeError, ValueError) as exc:
+            if ctx is None:
+                raise bentoml.exceptions.InvalidArgument(f"undecodable JPEG: {exc}") from exc
+            ctx.response.status_code = UNDECODABLE
+            return PlainTextResponse(f"undecodable JPEG: {exc}", status_code=UNDECODABLE)  # type: ignore[return-value]
+        return await self._encode(pixels, spent_s + time.monotonic() - t0, ctx)
+
+    def _decode(self, blob: np.ndarray, ends: np.ndarray) -> np.ndarray:
+        encoded = unpack(blob, ends)
+        return decode_to_pixels(encoded, self.encoder.preprocess, self.encoder.device).cpu().numpy()
+
+    async def _encode(self, pixels: np.ndarray, spent_s: float, ctx: Any) -> np.ndarray:
+        try:
+            return await self.batcher.submit(pixels, spent_s)
         except Overloaded as exc:
             IMAGES_SHED.inc(len(pixels))
             self.shed_log.warning("image encoder overloaded: a request was shed (%s)", exc)
