@@ -14,6 +14,8 @@ the suite goes on with what it measured):
 2. ``serve``: one `bentoml serve` (ViT-B-32 fp16, full-size OWLv2 with random weights, API workers and image lanes
    for a GPU) loaded by several client processes: ``/embed_image``; a cold deploy of 1,000 classes x 10 examples
    (text-tower throughput); ``/classify`` against it; and ``/detect`` with a 20-class detector.
+3. ``decode``: ``serve``'s /embed_image again with ZSS_DEVICE_DECODE and ZSS_PIN_MEMORY (the image encoder decodes
+   the JPEGs on the GPU; the API neither decodes nor resizes).
 
 The suite prints one markdown table and writes every number as JSON. ``--smoke`` runs the same code on the CPU with the
 tests' tiny CLIP and OWLv2 and tiny sizes, so the script is known to work before a GPU ever runs it
@@ -92,7 +94,7 @@ def gpu_plan() -> Plan:
         examples=10,
         detect_clients=32,
         detect_classes=20,
-        timeouts={"tower": 120.0, "serve": 330.0, "container": 300.0},
+        timeouts={"tower": 120.0, "serve": 330.0, "decode": 150.0, "container": 300.0},
     )
 
 
@@ -121,13 +123,13 @@ def smoke_plan(workdir: Path) -> Plan:
         decode_images=8,
         clients=4,
         load_procs=2,
-        seconds=1.5,
+        seconds=3.0,  # long enough that a loaded CI machine still finishes requests inside the window
         ramp=0.5,
         classes=20,
         examples=2,
         detect_clients=2,
         detect_classes=3,
-        timeouts={"tower": 120.0, "serve": 240.0, "container": 240.0},
+        timeouts={"tower": 120.0, "serve": 240.0, "decode": 200.0, "container": 240.0},
         server_start_s=200.0,
     )
 
@@ -304,6 +306,23 @@ def stage_serve(plan: Plan, out: Results, workdir: Path) -> None:
         add_load(out, "serve", f"/detect ({plan.detect_classes} classes)", r, plan.detect_clients)
 
 
+DEVICE_DECODE_ROW = "/embed_image, decoded on the device"
+
+
+def stage_decode(plan: Plan, out: Results, workdir: Path) -> None:
+    """``serve``'s /embed_image with ZSS_DEVICE_DECODE and ZSS_PIN_MEMORY (issue 29): the image encoder decodes the
+    JPEGs (nvJPEG on a GPU) and the API neither decodes nor resizes; the same load, beside ``serve``'s row."""
+    from testing.server import running_server
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    env = {**plan.env, "ZSS_DATA_DIR": str(workdir / "data"), "ZSS_DEVICE_DECODE": "true", "ZSS_PIN_MEMORY": "true"}
+    with running_server(env, workdir / "serve.log") as srv:
+        embed = image_post("/embed_image", jpeg())
+        steady_load(srv.url, embed, min(plan.clients, 32), plan.ramp, ramp_s=0.0)  # warm-up
+        r = parallel_load(srv.url, embed, plan.clients, plan.load_procs, plan.seconds, plan.ramp)
+        add_load(out, "decode", DEVICE_DECODE_ROW, r, plan.clients)
+
+
 def stage_container(plan: Plan, out: Results, image: str) -> None:
     """The GPU image (bentoml build -f bentofile.gpu.yaml, then containerize) run as an operator runs it, with the
     GPU passed in (podman: CDI ``--device nvidia.com/gpu=all``; docker: ``--gpus all``), loaded like ``serve``."""
@@ -360,6 +379,9 @@ def summary(rows: list[dict[str, Any]]) -> list[list[Any]]:
         out.append(["goal", "/embed_image over the bare tower's best batch", f"{embed / best:.2f}", "x", "goal >= 0.9"])
     if embed is not None:
         out.append(["goal", "/embed_image", f"{embed:.0f}", "img/s", "goal >= 2,000 on a GPU (ViT-B-32 fp16)"])
+    decoded = next((r["value"] for r in rows if r["what"] == DEVICE_DECODE_ROW), None)
+    if decoded is not None and embed:
+        out.append(["goal", "device decode over the API's decode", f"{decoded / embed:.2f}", "x", "/embed_image"])
     return out
 
 
@@ -372,7 +394,7 @@ def main() -> int:
         metavar="IMAGE",
         help="also run the GPU image under podman (docker where ZSS_CONTAINER_ENGINE=docker) and load its /embed_image",
     )
-    ap.add_argument("--stage", choices=("tower", "serve", "container"), help=argparse.SUPPRESS)
+    ap.add_argument("--stage", choices=("tower", "serve", "decode", "container"), help=argparse.SUPPRESS)
     ap.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
 
@@ -384,6 +406,8 @@ def main() -> int:
             stage_tower(plan, out)
         elif args.stage == "container":
             stage_container(plan, out, args.container)
+        elif args.stage == "decode":
+            stage_decode(plan, out, args.workdir / "decode")
         else:
             stage_serve(plan, out, args.workdir / "serve")
         return 0
@@ -401,7 +425,7 @@ def main() -> int:
         print(f"machine: {machine()}; GPU: {gpu}", flush=True)
         rows: list[dict[str, Any]] = []
         ended: dict[str, str] = {}
-        for name in ("tower", "serve", *(["container"] if args.container else [])):
+        for name in ("tower", "serve", "decode", *(["container"] if args.container else [])):
             got, ended[name] = run_stage(name, args, plan, workdir)
             rows += got
     took = time.perf_counter() - started

@@ -24,6 +24,7 @@ EXPECTED = (
     "cold deploy, 20 x 2 examples",
     "/classify (20 classes x 2)",
     "/detect (3 classes)",
+    "/embed_image, decoded on the device",
 )
 
 
@@ -38,11 +39,11 @@ def test_smoke_run_measures_every_stage(tmp_path: Path) -> None:
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     report = json.loads(out.read_text())
-    assert report["smoke"] is True and report["stages"] == {"tower": "ok", "serve": "ok"}
+    assert report["smoke"] is True and report["stages"] == {"tower": "ok", "serve": "ok", "decode": "ok"}
     rows = {r["what"]: r for r in report["rows"]}
     for what in EXPECTED:
         assert rows[what]["value"] > 0, what
-    for what in ("/embed_image", "/classify (20 classes x 2)", "/detect (3 classes)"):
+    for what in ("/embed_image", "/classify (20 classes x 2)", "/detect (3 classes)", EXPECTED[-1]):
         assert rows[what]["errors"] == 0 and rows[what]["p99_ms"] >= rows[what]["p50_ms"] > 0, rows[what]
     assert "| goal | /embed_image over the bare tower's best batch |" in run.stdout  # the one table
 
