@@ -164,6 +164,36 @@ def export_onnx(visual: torch.nn.Module, preprocess: Preprocess, path: Path) -> 
     _export(graph, example, "pixels", {0: torch.export.Dim("batch", min=1, max=4096)}, path)
 
 
+def full_context_text(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The text tower of a model read over its whole context (SigLIP: padded to the full length, not causal, pooled
+    at the last position or by a head), as a module taking int64 tokens [N, C]; None where there is none. Its export
+    takes the full context only: trimming would change what the padding contributes."""
+    text = getattr(model, "text", None)
+    return text if isinstance(text, torch.nn.Module) and not text_exportable(model) else None
+
+
+class FullTextGraph(torch.nn.Module):
+    """int64 tokens [N, C] (the whole context) -> ``full_context_text``'s tower -> L2-normalised [N, D]."""
+
+    def __init__(self, text: torch.nn.Module) -> None:
+        super().__init__()
+        self.text = text
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        out = self.text(tokens)
+        return F.normalize(out[0] if isinstance(out, tuple) else out, dim=-1)
+
+
+def export_full_text_onnx(model: torch.nn.Module, context: int, path: Path) -> None:
+    """Export a ``full_context_text`` tower to one ONNX file, the batch dynamic, the context fixed."""
+    text = full_context_text(model)
+    if text is None:
+        raise ValueError("the model has no full-context text tower")
+    graph = FullTextGraph(text).float().eval()
+    example = torch.ones((2, context), dtype=torch.int64)
+    _export(graph, example, "tokens", {0: torch.export.Dim("batch", min=1, max=4096)}, path)
+
+
 def export_text_onnx(model: torch.nn.Module, path: Path) -> None:
     """Export the float32 text tower to one ONNX file, batch and sequence length dynamic (2 .. the context)."""
     graph = TextGraph(model).float().eval()
@@ -207,11 +237,14 @@ def export_key(model_id: str, backend: str, precision: str, preprocess: Preproce
     }
 
 
-def text_export_key(model_id: str, backend: str, precision: str, context_length: int) -> dict[str, object]:
+def text_export_key(
+    model_id: str, backend: str, precision: str, context_length: int, full_context: bool = False
+) -> dict[str, object]:
     """Everything a text export depends on (the model id covers the weights and the tokenizer's model name)."""
     return {
         "model_id": model_id,
         "tower": "text",
+        **({"graph": "full-context"} if full_context else {}),
         "backend": backend,
         "precision": stored_precision(precision),
         "export_version": TEXT_EXPORT_VERSION,
@@ -398,9 +431,22 @@ def load_image_runtime(
 
 
 def load_text_runtime(
-    model: torch.nn.Module, model_id: str, backend: str, precision: str, data_dir: Path, threads: int, lanes: int = 1
+    model: torch.nn.Module,
+    model_id: str,
+    backend: str,
+    precision: str,
+    data_dir: Path,
+    threads: int,
+    lanes: int = 1,
+    context: int | None = None,
 ) -> tuple[TextRuntime, Path, bool]:
-    """The text tower of ``model`` (``text_exportable``) on ``backend``: (runtime, export directory, built now).
-    The runtime takes int64 tokens [N, L], 2 <= L <= the context length."""
-    key = text_export_key(model_id, backend, precision, int(model.attn_mask.shape[0]))
-    return _load_runtime(key, lambda path: export_text_onnx(model, path), data_dir, threads, lanes, precision)
+    """The text tower of ``model`` on ``backend``: (runtime, export directory, built now). ``text_exportable``: the
+    runtime takes int64 tokens [N, L], 2 <= L <= the context length. Else ``full_context_text`` with ``context``
+    (its tokenizer's length): tokens [N, context] only."""
+    if context is None:
+        key = text_export_key(model_id, backend, precision, int(model.attn_mask.shape[0]))
+        export: Exporter = lambda path: export_text_onnx(model, path)  # noqa: E731
+    else:
+        key = text_export_key(model_id, backend, precision, context, full_context=True)
+        export = lambda path: export_full_text_onnx(model, context, path)  # noqa: E731
+    return _load_runtime(key, export, data_dir, threads, lanes, precision)

@@ -34,7 +34,14 @@ import torch.nn.functional as F
 from PIL import Image
 
 from imaging.preprocess import Preprocess
-from runners.backends import PRECISIONS, choose_backend, load_image_runtime, load_text_runtime, text_exportable
+from runners.backends import (
+    PRECISIONS,
+    choose_backend,
+    full_context_text,
+    load_image_runtime,
+    load_text_runtime,
+    text_exportable,
+)
 from runners.device import BF16_FLAGS, native_bf16, select_device
 from runners.store import CLIP_KIND, KIND_KEY, open_entry, store_tag
 from settings import Settings
@@ -345,6 +352,7 @@ class ClipEncoder:
         logits: tuple[float, float] | None = None,
         precision: str = "fp32",
         text_precision: str = "fp32",
+        text_trims: bool = True,
     ) -> None:
         self.model = model
         # (logit scale, logit bias) of a sigmoid-loss model (SigLIP), None for a CLIP: see ``sigmoid_logits``.
@@ -368,7 +376,8 @@ class ClipEncoder:
         self.dim = int(dim or getattr(model, "embed_dim", 0) or self._probe_dim())
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="clip-pre")
         # Trimming the context is exact only for causal text towers pooled at the EOT token (the only ones exported).
-        self.can_trim_context = text_runtime is not None or text_exportable(model)
+        # An exported SigLIP text tower (``text_trims`` False) takes the full context only.
+        self.can_trim_context = text_trims if text_runtime is not None else text_exportable(model)
 
     def _probe_dim(self) -> int:
         text = getattr(self.model, "text", None)  # CustomTextCLIP (SigLIP): the projection is the text tower's
@@ -482,7 +491,7 @@ class ClipEncoder:
                 idx = order[start : start + self.text_batch_size]
                 if self.text_runtime is not None:
                     chunk = tokens[idx]
-                    if trim_context:  # at least SOT + EOT: the export's shortest context
+                    if trim_context and self.can_trim_context:  # at least SOT + EOT: the export's shortest context
                         chunk = chunk[:, : max(2, int(lengths[idx].max().item()))]
                     out[idx] = torch.from_numpy(self.text_runtime(chunk.numpy().astype(np.int64, copy=False)))
                     continue
@@ -540,20 +549,35 @@ def load_clip_encoder(settings: Settings, towers: str = "both", lanes: int = 1) 
     model = model.to(device=device, dtype=dtype)
     preprocess = Preprocess.from_open_clip(pp_cfg)
     runtime, dim, text_runtime = None, None, None
-    text_precision = "fp16" if dtype == torch.float16 else "int8" if precision == "int8" else "fp32"
-    if text_backend != "torch" and not text_exportable(model):
+    torch_text_precision = "fp16" if dtype == torch.float16 else "int8" if precision == "int8" else "fp32"
+    text_precision = torch_text_precision
+    full_text = text_backend != "torch" and not text_exportable(model) and full_context_text(model) is not None
+    if text_backend != "torch" and not (text_exportable(model) or full_text):
         log.warning("the text tower of %s cannot be exported exactly: it runs in torch", spec.model_id)
         text_backend = "torch"
     if text_backend != "torch":
-        # Like the image tower: float32 exports give torch's vectors (tested) and share its model id.
+        # Like the image tower: float32 exports give torch's vectors (tested) and share its model id. A SigLIP's text
+        # tower reads its whole context (padded to the full length): exported with that length fixed.
         text_precision = compute_precision(precision, text_backend)
+        context = int(tokenizer(["a"]).shape[1]) if full_text else None
         text_runtime, directory, _ = load_text_runtime(
-            model, spec.model_id, text_backend, text_precision, settings.data_dir, torch.get_num_threads()
+            model,
+            spec.model_id,
+            text_backend,
+            text_precision,
+            settings.data_dir,
+            torch.get_num_threads(),
+            context=context,
         )
-        dim = int(text_runtime(np.array([[1, 2]], np.int64)).shape[1])
-        for attr in ("transformer", "token_embedding", "ln_final"):
-            setattr(model, attr, None)
-        log.info("CLIP text tower on %s (%s) from %s", text_backend, text_precision, directory)
+        if full_text and not _same_text_vectors(model, tokenizer, text_runtime, text_precision):
+            log.warning("the exported text tower of %s does not match torch's: it runs in torch", spec.model_id)
+            text_backend, text_runtime, text_precision = "torch", None, torch_text_precision
+        else:
+            probe = tokenizer(["a"]).numpy().astype(np.int64) if full_text else np.array([[1, 2]], np.int64)
+            dim = int(text_runtime(probe).shape[1])
+            for attr in ("text",) if full_text else ("transformer", "token_embedding", "ln_final"):
+                setattr(model, attr, None)
+            log.info("CLIP text tower on %s (%s) from %s", text_backend, text_precision, directory)
     torch_precision = "fp16" if dtype == torch.float16 else "int8" if precision == "int8" else "fp32"
     image_precision = torch_precision
     if backend != "torch" and not getattr(model, "image_exportable", True):
@@ -597,9 +621,23 @@ def load_clip_encoder(settings: Settings, towers: str = "both", lanes: int = 1) 
         logits=logits,
         precision=image_precision if towers != "text" else text_precision,
         text_precision=text_precision,
+        text_trims=not full_text,
     )
     encoder.pin_memory = settings.pin_memory
     return encoder
+
+
+def _same_text_vectors(model: torch.nn.Module, tokenizer: Any, runtime: Any, precision: str) -> bool:
+    """Whether an exported full-context text tower gives torch's vectors on a few prompts (cosine >= 0.9999 in
+    float32, 0.999 in bf16; int8 is checked by its own tests): a tower whose forward the exporter got wrong stays in
+    torch rather than serving other vectors under the same model id."""
+    if precision == "int8":
+        return True
+    tokens = tokenizer(["a photo of a dog", "x", "two red squares on a light background"])
+    with torch.inference_mode():
+        want = F.normalize(model.encode_text(tokens).float(), dim=-1).numpy()
+    got = runtime(tokens.numpy().astype(np.int64))
+    return float((got * want).sum(axis=1).min()) >= (0.999 if precision == "bf16" else 0.9999)
 
 
 def sigmoid_logits(model: torch.nn.Module) -> tuple[float, float] | None:

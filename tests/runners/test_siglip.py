@@ -140,20 +140,31 @@ def test_both_forms_go_through_the_model_store(store: Path, oc_siglip: ClipFiles
 
 
 @pytest.mark.parametrize("backend", ["onnx", "openvino"])
-def test_exported_image_towers_give_torchs_vectors(
+def test_exported_towers_give_torchs_vectors(
     backend: str, oc_siglip: ClipFiles, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    """open_clip's and transformers' SigLIP image towers on ONNX Runtime / OpenVINO (fp32): torch's vectors, torch's
-    model id; the text towers (non-causal, pooled at the last position) stay in torch."""
+    """open_clip's and transformers' SigLIP towers on ONNX Runtime / OpenVINO (fp32): torch's vectors, torch's model
+    id. The text towers (non-causal, reading the padding to the full context) are exported with the context fixed,
+    never trimmed; SigLIP 2's text tower too (only its NaFlex image tower stays in torch)."""
     pixels = np.random.default_rng(1).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
     data = tmp_path_factory.mktemp("exports")
     hf1 = write_tiny_hf_siglip(tmp_path_factory.mktemp("hf-export"), version=1)
-    for source in (oc_settings(oc_siglip), hf_settings(hf1)):
-        ref = load_clip_encoder(source, towers="image")
+    hf2 = write_tiny_hf_siglip(tmp_path_factory.mktemp("hf2-export"), version=2)
+    texts = [*TEXTS, "a " * 200]  # one past the context: cut by the tokenizer, as in torch
+    for source, image_backend in (
+        (oc_settings(oc_siglip), backend),
+        (hf_settings(hf1), backend),
+        (hf_settings(hf2), "torch"),
+    ):
+        ref = load_clip_encoder(source)
         enc = load_clip_encoder(source.model_copy(update={"backend": backend, "data_dir": data}))
-        assert enc.backend == backend and enc.text_backend == "torch" and enc.model_id == ref.model_id
+        assert (enc.backend, enc.text_backend) == (image_backend, backend) and enc.model_id == ref.model_id
+        assert enc.text_runtime is not None and not enc.can_trim_context
         got, want = enc.encode_pixels(pixels), ref.encode_pixels(pixels)
         assert float((got * want).sum(axis=1).min()) >= 0.9999
+        got, want = enc.encode_texts(texts), ref.encode_texts(texts)
+        assert got.shape == want.shape and float((got * want).sum(axis=1).min()) >= 0.9999
+        assert float((enc.encode_texts(["a"]) * ref.encode_texts(["a"])).sum()) >= 0.9999  # a batch of one
 
 
 def test_siglip2_naflex_image_tower_stays_in_torch(tmp_path: Path) -> None:
