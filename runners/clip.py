@@ -588,8 +588,13 @@ def load_clip_encoder(settings: Settings, towers: str = "both", lanes: int = 1) 
         # (cosine >= 0.9999, tested), so they share its model id and cached text vectors.
         threads = torch.get_num_threads()
         image_precision = compute_precision(precision, backend)
+        visual = model.visual
+        if spec.form == "transformers":  # SigLIP 2: its position embeddings fixed to the input size for the export
+            from runners.siglip import export_visual
+
+            visual = export_visual(visual, preprocess.size)
         runtime, directory, _ = load_image_runtime(
-            model.visual, preprocess, spec.model_id, backend, image_precision, settings.data_dir, threads, lanes
+            visual, preprocess, spec.model_id, backend, image_precision, settings.data_dir, threads, lanes
         )
         dim = int(runtime(np.zeros((1, *preprocess.size, 3), np.uint8)).shape[1])
         model.visual = None  # type: ignore[assignment]

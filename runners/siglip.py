@@ -15,6 +15,7 @@ form open_clip's SigLIP 2 models use, so a batch is one tensor and the tower exp
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -97,6 +98,35 @@ class _Vision(torch.nn.Module):
         return self.vision_model(pixel_values=seq, pixel_attention_mask=mask, spatial_shapes=shapes).pooler_output
 
 
+class _FixedGridEmbeddings(torch.nn.Module):
+    """SigLIP 2's patch embeddings with the position embeddings already resized to one patch grid: what the NaFlex
+    embeddings compute for that grid, without the run-time resize the ONNX exporter cannot translate."""
+
+    def __init__(self, embeddings: torch.nn.Module, grid: tuple[int, int]) -> None:
+        super().__init__()
+        self.patch_embedding = embeddings.patch_embedding
+        size = int(embeddings.position_embedding_size)
+        table = embeddings.position_embedding.weight.reshape(size, size, -1)
+        with torch.no_grad():
+            pos = embeddings.resize_positional_embeddings(table, torch.tensor([grid]), grid[0] * grid[1])
+        self.register_buffer("pos", pos.detach().clone())
+
+    def forward(self, pixel_values: torch.Tensor, spatial_shapes: torch.Tensor) -> torch.Tensor:
+        return self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype)) + self.pos
+
+
+def export_visual(visual: torch.nn.Module, size: tuple[int, int]) -> torch.nn.Module:
+    """The image tower to export at the input ``size`` (height, width): SigLIP 2's with its position embeddings fixed
+    to that size's patch grid (exact for that size: tested), any other tower as it is."""
+    if not isinstance(visual, _Vision) or visual.patch is None:
+        return visual
+    grid = (size[0] // visual.patch, size[1] // visual.patch)
+    vm = copy.copy(visual.vision_model)
+    vm._modules = dict(vm._modules)  # a copy that shares every layer but its embeddings
+    vm.embeddings = _FixedGridEmbeddings(visual.vision_model.embeddings, grid)
+    return _Vision(vm, visual.patch)
+
+
 class _Text(torch.nn.Module):
     def __init__(self, text_model: torch.nn.Module) -> None:
         super().__init__()
@@ -115,8 +145,8 @@ class HFSiglip(torch.nn.Module):
         siglip2 = model.config.model_type == "siglip2"
         self.visual = _Vision(model.vision_model, int(model.config.vision_config.patch_size) if siglip2 else None)
         # SigLIP 2's NaFlex tower resizes its position embeddings from the patch grid given as data at run time,
-        # which torch.onnx.export does not translate (aten._is_all_true): it stays in torch on every backend.
-        self.image_exportable = not siglip2
+        # which torch.onnx.export does not translate (aten._is_all_true): ``export_visual`` fixes them to the
+        # model's input size first.
         self.text: _Text | None = _Text(model.text_model)
         self.logit_scale = model.logit_scale
         self.logit_bias = model.logit_bias

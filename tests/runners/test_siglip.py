@@ -145,33 +145,22 @@ def test_exported_towers_give_torchs_vectors(
 ) -> None:
     """open_clip's and transformers' SigLIP towers on ONNX Runtime / OpenVINO (fp32): torch's vectors, torch's model
     id. The text towers (non-causal, reading the padding to the full context) are exported with the context fixed,
-    never trimmed; SigLIP 2's text tower too (only its NaFlex image tower stays in torch)."""
+    never trimmed. SigLIP 2's NaFlex image tower is exported with its position embeddings fixed to the input size."""
     pixels = np.random.default_rng(1).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
     data = tmp_path_factory.mktemp("exports")
     hf1 = write_tiny_hf_siglip(tmp_path_factory.mktemp("hf-export"), version=1)
     hf2 = write_tiny_hf_siglip(tmp_path_factory.mktemp("hf2-export"), version=2)
     texts = [*TEXTS, "a " * 200]  # one past the context: cut by the tokenizer, as in torch
-    for source, image_backend in (
-        (oc_settings(oc_siglip), backend),
-        (hf_settings(hf1), backend),
-        (hf_settings(hf2), "torch"),
-    ):
+    for source in (oc_settings(oc_siglip), hf_settings(hf1), hf_settings(hf2)):
         ref = load_clip_encoder(source)
         enc = load_clip_encoder(source.model_copy(update={"backend": backend, "data_dir": data}))
-        assert (enc.backend, enc.text_backend) == (image_backend, backend) and enc.model_id == ref.model_id
+        assert (enc.backend, enc.text_backend) == (backend, backend) and enc.model_id == ref.model_id
         assert enc.text_runtime is not None and not enc.can_trim_context
         got, want = enc.encode_pixels(pixels), ref.encode_pixels(pixels)
         assert float((got * want).sum(axis=1).min()) >= 0.9999
         got, want = enc.encode_texts(texts), ref.encode_texts(texts)
         assert got.shape == want.shape and float((got * want).sum(axis=1).min()) >= 0.9999
         assert float((enc.encode_texts(["a"]) * ref.encode_texts(["a"])).sum()) >= 0.9999  # a batch of one
-
-
-def test_siglip2_naflex_image_tower_stays_in_torch(tmp_path: Path) -> None:
-    """Its position embeddings are resized from data at run time, which the ONNX exporter does not translate."""
-    hf2 = write_tiny_hf_siglip(tmp_path / "hf2", version=2)
-    enc = load_clip_encoder(hf_settings(hf2).model_copy(update={"backend": "onnx", "data_dir": tmp_path / "data"}))
-    assert enc.backend == "torch" and enc.encode_images([Image.new("RGB", (8, 8))]).shape == (1, 64)
 
 
 def test_int8_in_torch_is_close_and_keyed_apart(oc_siglip: ClipFiles, hf_siglip: Path) -> None:
