@@ -54,3 +54,15 @@ def shapes_clip_env(data_dir: Path) -> dict[str, str]:
         "ZSS_CLIP_PRETRAINED": str(SHAPES_CLIP / "shapes-clip.fp16.pt"),
         "ZSS_DATA_DIR": str(data_dir),
     }
+
+
+SHAPES_SIGLIP = Path(__file__).resolve().parents[1] / "models" / "shapes-siglip"  # the project's trained toy SigLIP
+
+
+def shapes_siglip_env(data_dir: Path) -> dict[str, str]:
+    """Settings that serve the shipped shapes SigLIP from its files (its tokenizer folder lies beside them)."""
+    return {
+        "ZSS_CLIP_MODEL": str(SHAPES_SIGLIP / "shapes-siglip.json"),
+        "ZSS_CLIP_PRETRAINED": str(SHAPES_SIGLIP / "shapes-siglip.fp16.pt"),
+        "ZSS_DATA_DIR": str(data_dir),
+    }
