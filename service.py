@@ -240,7 +240,7 @@ app = build_app()
 # A side effect at import, on purpose: BentoML's server process reads the Prometheus folder between importing this
 # module and starting the workers (no hook runs earlier). With the BentoML version check and the per-request timers'
 # release, every use of BentoML's internals is in runners/bentoml_internals.py.
-prepare_server()
+prepare_server(service_settings().stop_timeout_s)
 # Before BentoML's worker builds its uvicorn configuration: deadlines for request heads and bodies, 431 for oversized
 # heads (api/connections.py; BentoML 1.4 exposes neither).
 guard_connections(service_settings)
