@@ -91,7 +91,7 @@ def _accepted(job: Job) -> JSONResponse:
 async def _deploy(eng: Engine, body: DeployClassifierRequest | DeployDetectorRequest, who: Tenant, wait: bool) -> Any:
     """Both deploy routes: wait for the job (DirectAI's answer), or answer 202 with the job at once."""
     if not wait:
-        return _accepted(eng.start_deploy(body, caller=who))
+        return _accepted(await eng.start_deploy(body, caller=who))
     out = await eng.deploy(body, caller=who)
     return DeployResponse(deployed_id=out.deployed_id, message=out.message)
 

@@ -60,6 +60,13 @@ class JobStore(Protocol):
 
     def put_job(self, record: dict[str, Any]) -> None: ...
 
+    def begin_job(self, record: dict[str, Any], limit: int, fresh_s: float) -> bool:
+        """Write a new running job's record, durably, unless its tenant already has ``limit`` running jobs (0: no
+        limit) whose records were written in the last ``fresh_s`` seconds (a dead process's job stops counting once
+        its heartbeat is that old); the count and the write are one atomic step for every process of the store.
+        False when refused."""
+        ...
+
     def get_job(self, job_id: str) -> dict[str, Any] | None: ...
 
     def list_jobs(self, tenant: str | None = None) -> list[dict[str, Any]]: ...

@@ -211,6 +211,33 @@ class Registry:
                     (KEEP_JOBS,),
                 )
 
+    def begin_job(self, record: dict[str, Any], limit: int, fresh_s: float) -> bool:
+        """cache/interfaces.py ``JobStore.begin_job``: one write transaction (``BEGIN IMMEDIATE``) counts and inserts,
+        so the API workers sharing this file never admit more than ``limit`` jobs of a tenant between them."""
+        body = json.dumps(record, ensure_ascii=False, sort_keys=True)
+        now = time.time()
+        row = (record["job_id"], record["tenant"], record["state"], record["owner"], body, record["created_at"], now)
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                (running,) = self._db.execute(
+                    "SELECT count(*) FROM jobs WHERE tenant = ? AND state = 'running' AND updated_at > ?",
+                    (record["tenant"], now - fresh_s),
+                ).fetchone()
+                if limit and running >= limit:
+                    self._db.execute("ROLLBACK")
+                    return False
+                self._db.execute(
+                    "INSERT INTO jobs (id, tenant, state, owner, record, created_at, updated_at) "
+                    "VALUES (?,?,?,?,?,?,?)",
+                    row,
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return True
+
     def get_job(self, job_id: str) -> dict[str, Any] | None:
         with self._lock:
             row = self._db.execute("SELECT record, owner, updated_at FROM jobs WHERE id = ?", (job_id,)).fetchone()

@@ -247,16 +247,18 @@ class Engine:
     async def deploy(self, body: DeployRequest, *, caller: Tenant) -> DeployOutcome:
         """Embed every example now (once, through the cache), then register: a deployed id always scores. Runs as
         a job (engine/jobs.py) that finishes even if the caller stops waiting."""
-        return await self.jobs.wait(self.start_deploy(body, caller=caller))
+        return await self.jobs.wait(await self.start_deploy(body, caller=caller))
 
-    def start_deploy(self, body: DeployRequest, *, caller: Tenant) -> Job:
-        """The deploy as a job, started now (call from a coroutine); a body that cannot deploy is refused here."""
+    async def start_deploy(self, body: DeployRequest, *, caller: Tenant) -> Job:
+        """The deploy as a job, started now and recorded in the job store before this returns; a body that cannot
+        deploy is refused here, and so is one over its tenant's jobs in flight (engine/jobs.py ``begin``)."""
         check_classes(body)
         kind = kind_of(body)
         templates = len(DETECTION_TEMPLATES if kind is Kind.DETECTOR else CLIP_TEMPLATES)
         check_limits(body, self.deploy_limits, templates)
 
-        return self.jobs.start(kind.value, caller, self._deploy_run(kind, body, caller), body.model_dump(mode="json"))
+        run = self._deploy_run(kind, body, caller)
+        return await self.jobs.begin(kind.value, caller, run, body.model_dump(mode="json"))
 
     def _deploy_run(
         self, kind: Kind, body: DeployRequest, caller: Tenant, resumed: bool = False

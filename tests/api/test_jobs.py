@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -206,25 +207,25 @@ def test_deploy_jobs_in_flight_are_limited_per_tenant_and_stopping_refuses_new_o
     body = DeployClassifierRequest.model_validate({"classifier_configs": CLASSES})
 
     async def scenario() -> None:
-        first = engine.start_deploy(body, caller=a)
+        first = await engine.start_deploy(body, caller=a)
         with pytest.raises(ZssError) as refused:
-            engine.start_deploy(body, caller=a)
+            await engine.start_deploy(body, caller=a)
         assert refused.value.status_code == 429 and "ZSS_DEPLOY_MAX_JOBS_PER_TENANT" in refused.value.message
         assert refused.value.headers == {"Retry-After": "5"}
-        other = engine.start_deploy(body, caller=b)  # another tenant is not held up
+        other = await engine.start_deploy(body, caller=b)  # another tenant is not held up
         gate.set()
         await engine.jobs.wait(first)
         await engine.jobs.wait(other)
-        engine.start_deploy(body, caller=a)  # a's slot is free again
+        await engine.start_deploy(body, caller=a)  # a's slot is free again
         gate.clear()
-        slow = engine.start_deploy(body, caller=b)
+        slow = await engine.start_deploy(body, caller=b)
         engine.jobs.stop()  # SIGTERM: the running job stops, new ones are refused
         gate.set()
         with pytest.raises(ZssError) as stopped:
             await engine.jobs.wait(slow)
         assert stopped.value.status_code == 503
         with pytest.raises(ZssError) as late:
-            engine.start_deploy(body, caller=b)
+            await engine.start_deploy(body, caller=b)
         assert late.value.status_code == 503
 
     asyncio.run(scenario())
@@ -275,3 +276,79 @@ def test_a_dead_processs_job_is_resumed_from_the_registry_and_a_finished_one_sta
         assert dep is not None and [k["name"] for k in dep.config["classifier_configs"]] == ["cat", "car"]
         assert second.deployments.store.get_job("left")["state"] == "done"  # type: ignore[attr-defined]
     second.close()
+
+
+def _limit_across_engines(make: Any) -> None:
+    """Two engines over one shared store (the API workers of one registry file, or replicas of one Redis), one job
+    in flight per tenant: a's running job on the first makes the second refuse a's next deploy, not b's."""
+    from engine.configs import DeployClassifierRequest
+    from errors import ZssError
+
+    (one, clip), (two, _) = make(), make()
+    gate = threading.Event()
+    real = clip.encode
+    clip.encode = lambda prompts: (gate.wait(30), real(prompts))[1]  # type: ignore[method-assign]
+    body = DeployClassifierRequest.model_validate({"classifier_configs": CLASSES})
+    a, b = Tenant("a"), Tenant("b")
+
+    async def scenario() -> None:
+        first = await one.start_deploy(body, caller=a)
+        with pytest.raises(ZssError) as refused:
+            await two.start_deploy(body, caller=a)
+        assert refused.value.status_code == 429 and "ZSS_DEPLOY_MAX_JOBS_PER_TENANT" in refused.value.message
+        await two.jobs.wait(await two.start_deploy(body, caller=b))  # another tenant is not held up
+        gate.set()
+        await one.jobs.wait(first)
+        await two.jobs.wait(await two.start_deploy(body, caller=a))  # a's slot is free again, on either
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        gate.set()
+        one.close()
+        two.close()
+
+
+def test_deploy_jobs_in_flight_are_limited_per_tenant_across_workers_of_one_registry(tmp_path: Path) -> None:
+    """Issue 32: the limit is the registry's (shared by the API workers of a server), not one worker's."""
+    _limit_across_engines(lambda: fake_engine(tmp_path / "data", deploy_max_jobs_per_tenant=1))
+
+
+def test_deploy_jobs_in_flight_are_limited_per_tenant_across_replicas_of_one_redis(
+    redis_server: Any, redis_prefix: str, tmp_path: Path
+) -> None:
+    """Issue 32: with ZSS_REDIS_URL the limit is Redis's, shared by the replicas (each with a data dir of its own)."""
+    n = iter(range(2))
+    _limit_across_engines(
+        lambda: fake_engine(
+            tmp_path / f"replica-{next(n)}",
+            deploy_max_jobs_per_tenant=1,
+            redis_url=redis_server.url,
+            redis_prefix=redis_prefix,
+        )
+    )
+
+
+def test_a_started_deploy_job_is_committed_before_start_deploy_returns(tmp_path: Path) -> None:
+    """Issue 32: the 202 of ``?wait=false`` follows the job's record: when ``start_deploy`` returns, before the job
+    has run at all, another connection to the registry file (what the next start would read after a kill -9) finds
+    it running, with the body to resume from."""
+    from cache.registry import Registry
+    from engine.configs import DeployClassifierRequest
+
+    engine, _ = fake_engine(tmp_path / "data")
+    body = DeployClassifierRequest.model_validate({"classifier_configs": CLASSES})
+
+    async def scenario() -> None:
+        job = await engine.start_deploy(body, caller=Tenant("a"))
+        other = Registry(engine.deployments.store.path)  # type: ignore[attr-defined]
+        try:
+            rec = other.get_job(job.job_id)
+        finally:
+            other.close()
+        assert rec is not None and rec["state"] == "running" and rec["tenant"] == "a", rec
+        assert rec["body"]["classifier_configs"][0]["name"] == CLASSES[0]["name"]
+        await engine.jobs.wait(job)
+
+    asyncio.run(scenario())
+    engine.close()
