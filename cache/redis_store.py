@@ -394,6 +394,19 @@ class SharedVectors:
         return out, added
 
     @_guarded
+    def uncached(self, ns: str, texts: list[str]) -> list[str]:
+        """The distinct texts neither the local copy nor Redis holds (``EXISTS`` per key, no vector read)."""
+        todo = self.local.uncached(ns, texts)
+        out: list[str] = []
+        for start in range(0, len(todo), self.BATCH):
+            chunk = todo[start : start + self.BATCH]
+            pipe = self.client.pipeline(transaction=False)
+            for t in chunk:
+                pipe.exists(self.key(ns, t))
+            out.extend(t for t, there in zip(chunk, pipe.execute()) if not there)
+        return out
+
+    @_guarded
     def get_or_encode(
         self, ns: str, texts: list[str], encode: Callable[[list[str]], np.ndarray]
     ) -> tuple[np.ndarray, LookupStats]:

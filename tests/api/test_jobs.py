@@ -166,6 +166,30 @@ def test_deploys_over_a_limit_are_refused_with_the_setting_named_before_any_enco
     engine.close()
 
 
+def test_the_prompt_limit_counts_only_the_texts_the_cache_lacks(tmp_path: Path) -> None:
+    """Issue 32: texts already in the embedding cache cost no encoding, so they do not count against
+    ZSS_DEPLOY_MAX_PROMPTS (160 here: two augmented texts); texts a deploy repeats count once."""
+    engine, clip = fake_engine(tmp_path / "data", deploy_max_prompts=160)
+    calls: list[int] = []
+    real = clip.encode
+    clip.encode = lambda prompts: (calls.append(len(prompts)), real(prompts))[1]  # type: ignore[method-assign]
+
+    def body(*texts: str) -> dict[str, object]:
+        return {"classifier_configs": [{"name": t, "examples_to_include": [t]} for t in texts]}
+
+    with TestClient(build_app(engine)) as c:
+        assert_error(c.post("/deploy_classifier", json=body("a", "b", "c")), 413, "240 (3 example texts not cached")
+        assert c.post("/deploy_classifier", json=body("a", "b")).status_code == 200
+        calls.clear()
+        # 4 texts, 2 of them cached: 160 prompts to encode.
+        assert c.post("/deploy_classifier", json=body("a", "b", "c", "d")).status_code == 200
+        assert sum(calls) == 160, calls
+        assert_error(
+            c.post("/deploy_classifier", json=body("a", "e", "f", "g")), 413, "240 (3 example texts not cached, of 4"
+        )
+    engine.close()
+
+
 def test_a_cancelled_job_stops_before_its_next_encoder_call(served: tuple[TestClient, FakeClip]) -> None:
     c, clip = served
     calls: list[int] = []
