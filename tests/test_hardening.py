@@ -100,9 +100,7 @@ def test_a_body_trickling_in_below_the_minimum_rate_is_answered_408(server: Serv
     assert host is not None and port is not None
     start = time.monotonic()
     with socket.create_connection((host, port), timeout=30) as s:
-        s.sendall(
-            b"POST /embed_text HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
-        )
+        s.sendall(bad.trickled_body_head())
         s.settimeout(2.0)
         answer = b""
         while not answer and time.monotonic() - start < 25:
