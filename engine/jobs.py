@@ -156,7 +156,9 @@ class Jobs:
             raise ZssError(f"The job store is unavailable ({exc}); retry later.", 503) from exc
         if not admitted:
             raise self._too_many()
-        if self.stopping:  # SIGTERM while the record was written: the record stays running, the next start resumes it
+        if self.stopping:  # SIGTERM while the record was written: its client gets a 503, so the job ends here too
+            job.state, job.message, job.status_code, job.finished_at = FAILED, STOPPING, 503, time.time()
+            await asyncio.shield(asyncio.to_thread(self.save, job))
             raise ZssError(STOPPING, 503)
         return self.start(kind, caller, run, job=job, recorded=True)
 

@@ -56,7 +56,8 @@ def _workers_answering(log: str, status: int) -> set[str]:
 
 
 def test_deploy_jobs_in_flight_per_tenant_are_counted_across_the_api_workers(two_workers: Server) -> None:
-    body = {"classifier_configs": _classes("big", 60, 5), "augment_examples": True}  # 24,000 prompts
+    # 80,000 prompts: it runs until cancelled below (tens of seconds at least), however the workers share connections
+    body = {"classifier_configs": _classes("big", 100, 10), "augment_examples": True}
     r = httpx.post(f"{two_workers.url}/deploy_classifier", params={"wait": "false"}, json=body, timeout=60)
     assert r.status_code == 202, r.text
     job_id = r.json()["job_id"]
