@@ -73,6 +73,12 @@ class JobStore(Protocol):
 
     def claim_job(self, job_id: str, owner_was: str, owner: str) -> bool: ...
 
+    def request_cancel(self, job_id: str) -> None:
+        """Ask whichever process runs the job to cancel it (it looks at its heartbeats: ``cancel_requested``)."""
+        ...
+
+    def cancel_requested(self, job_id: str) -> bool: ...
+
 
 class VectorStore(Protocol):
     """Vectors by (namespace, text): each text is encoded at most once per namespace and kept across restarts."""

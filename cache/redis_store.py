@@ -9,7 +9,8 @@ Layout (every key starts with the prefix, ``zss:`` by default):
 - ``vec:<namespace>:<sha256 of namespace + text>``: one example vector, float32 bytes, written once (set-if-absent);
 - ``vec-counts``: a hash namespace -> vectors written in it (``count``);
 - ``job:<id>``: a deploy job's record; ``jobs``: their ids by creation time; ``jobs:finished``: the ended ones;
-  ``jobs:running:<tenant>``: a tenant's running ones, counted by ``begin_job`` (the global limit per tenant).
+  ``jobs:running:<tenant>``: a tenant's running ones, counted by ``begin_job`` (the global limit per tenant);
+  ``job-cancel:<id>``: a cancel asked of whichever replica runs the job.
 
 A write (``put``, ``delete``) is one Lua script: the owner check and the write are one atomic step, so every replica
 gives a tenant the same view. The per-request check (``version``) is one ``HMGET`` (version and owner): one round
@@ -339,6 +340,15 @@ class RedisRegistry:
             pipe.hgetall(self._job_key(i))
         jobs = [_job(h) for h in (pipe.execute() if ids else []) if h]
         return [j for j in jobs if tenant is None or j["tenant"] == tenant]
+
+    @_guarded
+    def request_cancel(self, job_id: str) -> None:
+        """A cancel for the replica running the job (a key that expires after a day)."""
+        self.client.set(f"{self.prefix}job-cancel:{job_id}", b"1", ex=86_400)
+
+    @_guarded
+    def cancel_requested(self, job_id: str) -> bool:
+        return bool(self.client.exists(f"{self.prefix}job-cancel:{job_id}"))
 
     @_guarded
     def claim_job(self, job_id: str, owner_was: str, owner: str) -> bool:

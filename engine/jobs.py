@@ -204,6 +204,8 @@ class Jobs:
             if time.monotonic() - last[0] >= HEARTBEAT_S:
                 last[0] = time.monotonic()
                 self.save(job)
+                if self._cancel_requested(job.job_id):  # DELETE /jobs/{id} answered by another process
+                    job.progress.cancel()
 
         return beat
 
@@ -259,15 +261,38 @@ class Jobs:
     def running(self, tenant: str) -> int:
         return sum(1 for j in self._jobs.values() if j.state == RUNNING and j.tenant == tenant)
 
+    def _cancel_requested(self, job_id: str) -> bool:
+        try:
+            return self.store is not None and self.store.cancel_requested(job_id)
+        except Exception as exc:  # the store down: the job goes on; a later heartbeat looks again
+            log.warning("deploy job %s: its cancel requests were not read (%s)", job_id, exc)
+            return False
+
     async def cancel(self, job: Job, wait_s: float = 10.0) -> Job:
         """Ask a running job to stop (its encoding stops before its next encoder call) and wait up to ``wait_s`` for
-        it to end; 409 for a job that has already ended or that another process runs."""
+        it to end; 409 for a job that has already ended. A job another process runs (another API worker, another
+        replica) is asked through the store: its process sees the request at its next heartbeat (after the chunk
+        it is encoding) and stops; the answer is its record once it has ended, or as it stands after ``wait_s``."""
         if job.state != RUNNING:
             raise ZssError(f"Job already {job.state}.", 409)
-        if job.task is None:
+        if job.task is not None:
+            job.progress.cancel()
+            await asyncio.wait([job.task], timeout=wait_s)
+            return job
+        if self.store is None:
             raise ZssError("Job runs in another server process; cancel it there.", 409)
-        job.progress.cancel()
-        await asyncio.wait([job.task], timeout=wait_s)
+        try:
+            await asyncio.to_thread(self.store.request_cancel, job.job_id)
+        except Exception as exc:
+            raise ZssError(f"The job store is unavailable ({exc}); retry later.", 503) from exc
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            await asyncio.sleep(0.25)
+            now = await asyncio.to_thread(self._stored, job.job_id)
+            if now is not None:
+                job = now
+                if job.state != RUNNING:
+                    break
         return job
 
     def stop(self) -> None:

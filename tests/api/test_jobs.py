@@ -376,3 +376,35 @@ def test_a_started_deploy_job_is_committed_before_start_deploy_returns(tmp_path:
 
     asyncio.run(scenario())
     engine.close()
+
+
+def test_a_job_running_in_another_worker_is_cancelled_through_the_registry(tmp_path: Path) -> None:
+    """DELETE /jobs/{id} taken by an API worker that does not run the job: the request goes through the registry and
+    the worker running it stops at its next heartbeat (after the chunk it is encoding)."""
+    from engine.configs import DeployClassifierRequest
+
+    (one, clip), (two, _) = (fake_engine(tmp_path / "data") for _ in range(2))
+    gate = threading.Event()
+    calls: list[int] = []
+    real = clip.encode
+    clip.encode = lambda prompts: (calls.append(len(prompts)), gate.wait(30), real(prompts))[2]  # type: ignore[method-assign]
+    texts = [{"name": f"c{i}", "examples_to_include": [f"thing {i}"]} for i in range(60)]  # 60 x 80: 5 chunks
+    body = DeployClassifierRequest.model_validate({"classifier_configs": texts, "augment_examples": True})
+
+    async def scenario() -> None:
+        job = await one.start_deploy(body, caller=Tenant("a"))
+        seen = two.jobs.get(job.job_id, Tenant("a"))
+        assert seen is not None and seen.task is None  # another process's job, read from the registry
+        cancelling = asyncio.create_task(two.jobs.cancel(seen, wait_s=30))
+        await asyncio.sleep(0.5)
+        gate.set()  # the first chunk ends; its heartbeat finds the request
+        ended = await cancelling
+        assert ended.state == "cancelled" and job.state == "cancelled", (ended, job)
+        assert len(calls) < 5  # stopped before the rest of the deploy was encoded
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        gate.set()
+        one.close()
+        two.close()
