@@ -174,8 +174,8 @@ def build_app(engine: Engine | None = None, settings: Settings | None = None) ->
     @app.delete("/jobs/{job_id}", response_model=JobStatus, responses={**ERRORS, **CANCELLED})
     async def cancel_job(job_id: Annotated[str, Path(max_length=64)], eng: EngineDep, who: CallerDep) -> Any:
         """Cancel a running deploy job (its owner's tenant or an admin): its encoding stops before its next encoder
-        call; the texts already encoded stay cached. Answers the job (``cancelled`` once it has stopped); 409 if it
-        had already ended."""
+        call (a job another API worker or replica runs: after the chunk it is encoding); the texts already encoded
+        stay cached. Answers the job (``cancelled`` once it has stopped); 409 if it had already ended."""
         job = await in_thread(eng.jobs.get, job_id, who)
         if job is None:
             raise ZssError("Job not found.", 404)
