@@ -99,7 +99,7 @@ class Settings(BaseSettings):
     body_grace_s: float = 10.0
     # SIGTERM: a worker still running this long after it is told to stop is killed, and `bentoml serve` exits
     # (runners/bentoml_internals.py stop_promptly; Docker's and Kubernetes' default grace periods are 10 and 30 s).
-    stop_timeout_s: float = 8.0
+    stop_timeout_s: float = 7.0
     # Server-side fetching of image URLs: off unless enabled; comma-separated host allow-list ("" = any public host).
     allow_url_fetch: bool = False
     url_allow_hosts: str = ""

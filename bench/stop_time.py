@@ -1,12 +1,14 @@
 """How long `bentoml serve` takes to go after SIGTERM during a long deploy (issue 32, item 1): every process of its
 tree, BentoML's own server process (circus's arbiter) included, and what new connections meet after the signal.
 
-    .venv/bin/python -m bench.stop_time [--runs 3] [--root CHECKOUT]
+    .venv/bin/python -m bench.stop_time [--runs 3] [--root CHECKOUT] [--hung-worker]
 
 Serves the tiny random CLIP (as the tests do); per run: a 24,000-prompt deploy with ``?wait=false`` in flight plus 4
 clients classifying and embedding, then SIGTERM to the server process. Reports, per run, when the workers and when the
 server process were gone, and the outcomes of one-request connections opened one after another from the signal until
 one is refused. ``--root``: another checkout to serve (a before/after comparison from one machine and one session).
+``--hung-worker``: the text encoder's worker is stopped (SIGSTOP) just before the signal, so it cannot end by itself:
+the bound then comes from ``ZSS_STOP_TIMEOUT_S``.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ def _outcome(call: object) -> str:
     return str(r.status_code)
 
 
-def one_run(env: dict[str, str], work: Path, root: Path) -> dict[str, object]:
+def one_run(env: dict[str, str], work: Path, root: Path, hung: bool = False) -> dict[str, object]:
     server = start_server(env, work / "serve.log", root=root)
     arbiter = psutil.Process(server.proc.pid)
     workers = arbiter.children(recursive=True)
@@ -81,6 +83,9 @@ def one_run(env: dict[str, str], work: Path, root: Path) -> dict[str, object]:
             time.sleep(3)
             with httpx.Client(base_url=server.url, timeout=60) as c:
                 done = c.get(f"/jobs/{job}").json()
+            if hung:
+                (encoder,) = [p for p in workers if "clip_text_encoder" in " ".join(p.cmdline())]
+                os.kill(encoder.pid, signal.SIGSTOP)
             t0 = time.monotonic()
             os.kill(server.proc.pid, signal.SIGTERM)
             newcomers: list[str] = []
@@ -112,6 +117,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--root", type=Path, default=ROOT)
+    ap.add_argument("--hung-worker", action="store_true")
     args = ap.parse_args()
     print(f"machine: {machine()}; serving {args.root}")
     with tempfile.TemporaryDirectory(prefix="zss-stop-") as tmp:
@@ -119,7 +125,7 @@ def main() -> None:
         for i in range(args.runs):
             work = Path(tmp) / f"run{i}"
             work.mkdir()
-            out = one_run(clip_env(clip, work / "data"), work, args.root)
+            out = one_run(clip_env(clip, work / "data"), work, args.root, args.hung_worker)
             print(f"run {i + 1}: {out}; load {loadavg()}", flush=True)
 
 

@@ -49,7 +49,7 @@ def check_version(found: str | None = None) -> None:
         )
 
 
-def prepare_server(stop_timeout_s: float = 8.0) -> None:
+def prepare_server(stop_timeout_s: float = 7.0) -> None:
     """What the service module does at import, before BentoML's server process starts the workers: check the
     version, give the server its own metrics folder, release the per-request timers, and make a stop prompt."""
     check_version()
