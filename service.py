@@ -91,7 +91,7 @@ def _accepted(job: Job) -> JSONResponse:
 async def _deploy(eng: Engine, body: DeployClassifierRequest | DeployDetectorRequest, who: Tenant, wait: bool) -> Any:
     """Both deploy routes: wait for the job (DirectAI's answer), or answer 202 with the job at once."""
     if not wait:
-        return _accepted(eng.start_deploy(body, caller=who))
+        return _accepted(await eng.start_deploy(body, caller=who))
     out = await eng.deploy(body, caller=who)
     return DeployResponse(deployed_id=out.deployed_id, message=out.message)
 
@@ -174,8 +174,8 @@ def build_app(engine: Engine | None = None, settings: Settings | None = None) ->
     @app.delete("/jobs/{job_id}", response_model=JobStatus, responses={**ERRORS, **CANCELLED})
     async def cancel_job(job_id: Annotated[str, Path(max_length=64)], eng: EngineDep, who: CallerDep) -> Any:
         """Cancel a running deploy job (its owner's tenant or an admin): its encoding stops before its next encoder
-        call; the texts already encoded stay cached. Answers the job (``cancelled`` once it has stopped); 409 if it
-        had already ended."""
+        call (a job another API worker or replica runs: after the chunk it is encoding); the texts already encoded
+        stay cached. Answers the job (``cancelled`` once it has stopped); 409 if it had already ended."""
         job = await in_thread(eng.jobs.get, job_id, who)
         if job is None:
             raise ZssError("Job not found.", 404)
@@ -240,7 +240,7 @@ app = build_app()
 # A side effect at import, on purpose: BentoML's server process reads the Prometheus folder between importing this
 # module and starting the workers (no hook runs earlier). With the BentoML version check and the per-request timers'
 # release, every use of BentoML's internals is in runners/bentoml_internals.py.
-prepare_server()
+prepare_server(service_settings().stop_timeout_s)
 # Before BentoML's worker builds its uvicorn configuration: deadlines for request heads and bodies, 431 for oversized
 # heads (api/connections.py; BentoML 1.4 exposes neither).
 guard_connections(service_settings)

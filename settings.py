@@ -99,6 +99,13 @@ class Settings(BaseSettings):
     # connection closes. 0 turns a limit off.
     header_timeout_s: float = 10.0
     body_timeout_s: float = 30.0
+    # A body must also arrive at body_min_rate bytes/s on average once body_grace_s have passed since its head (a
+    # client trickling a byte every few seconds is never idle long enough for body_timeout_s): else 408. 0: off.
+    body_min_rate: float = 500.0
+    body_grace_s: float = 10.0
+    # SIGTERM: a worker still running this long after it is told to stop is killed, and `bentoml serve` exits
+    # (runners/bentoml_internals.py stop_promptly; Docker's and Kubernetes' default grace periods are 10 and 30 s).
+    stop_timeout_s: float = 7.0
     # Server-side fetching of image URLs: off unless enabled; comma-separated host allow-list ("" = any public host).
     allow_url_fetch: bool = False
     url_allow_hosts: str = ""
@@ -147,7 +154,14 @@ class Settings(BaseSettings):
             raise ValueError("must be more than 0 megapixels")
         return value
 
-    @field_validator("header_timeout_s", "body_timeout_s", "decode_wait_s")
+    @field_validator("stop_timeout_s")
+    @classmethod
+    def _stop_timeout(cls, value: float) -> float:
+        if not value > 0:  # NaN too
+            raise ValueError("must be more than 0 seconds")
+        return value
+
+    @field_validator("header_timeout_s", "body_timeout_s", "decode_wait_s", "body_min_rate", "body_grace_s")
     @classmethod
     def _seconds_or_off(cls, value: float) -> float:
         if not value >= 0:  # NaN too

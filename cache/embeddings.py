@@ -327,6 +327,19 @@ class EmbeddingCache:
                     found[i] = space.index.reconstruct(rid)
             return found, missing
 
+    def uncached(self, ns: str, texts: list[str]) -> list[str]:
+        """The distinct texts not cached (rows another process added are read first); no vector is read back."""
+        with self._lock:
+            space = self._space(ns)
+            by_key = {cache_key(ns, t): t for t in reversed(texts)}  # the first occurrence's text wins
+            if space is None:
+                return list(dict.fromkeys(texts))
+            unknown = [k for k in by_key if k not in space.ids]
+            if unknown:
+                self._pull(ns, space, unknown)
+            missing = {by_key[k] for k in unknown if k not in space.ids}
+        return [t for t in dict.fromkeys(texts) if t in missing]
+
     def _pull(self, ns: str, space: _Space, keys: list[str]) -> None:
         """Load rows another process added since this one loaded the namespace."""
         for start in range(0, len(keys), 500):

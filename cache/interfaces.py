@@ -60,11 +60,24 @@ class JobStore(Protocol):
 
     def put_job(self, record: dict[str, Any]) -> None: ...
 
+    def begin_job(self, record: dict[str, Any], limit: int, fresh_s: float) -> bool:
+        """Write a new running job's record, durably, unless its tenant already has ``limit`` running jobs (0: no
+        limit) whose records were written in the last ``fresh_s`` seconds (a dead process's job stops counting once
+        its heartbeat is that old); the count and the write are one atomic step for every process of the store.
+        False when refused."""
+        ...
+
     def get_job(self, job_id: str) -> dict[str, Any] | None: ...
 
     def list_jobs(self, tenant: str | None = None) -> list[dict[str, Any]]: ...
 
     def claim_job(self, job_id: str, owner_was: str, owner: str) -> bool: ...
+
+    def request_cancel(self, job_id: str) -> None:
+        """Ask whichever process runs the job to cancel it (it looks at its heartbeats: ``cancel_requested``)."""
+        ...
+
+    def cancel_requested(self, job_id: str) -> bool: ...
 
 
 class VectorStore(Protocol):
@@ -73,6 +86,10 @@ class VectorStore(Protocol):
     def get_or_encode(
         self, ns: str, texts: list[str], encode: Callable[[list[str]], np.ndarray]
     ) -> tuple[np.ndarray, LookupStats]: ...
+
+    def uncached(self, ns: str, texts: list[str]) -> list[str]:
+        """The distinct texts of ``texts`` that ``get_or_encode`` would have to encode now (first occurrence order)."""
+        ...
 
     def count(self, ns: str | None = None) -> int: ...
 

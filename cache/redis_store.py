@@ -7,7 +7,10 @@ Layout (every key starts with the prefix, ``zss:`` by default):
 - ``deps``: every id, scored by ``seq`` (creation order, what ``list`` returns); ``tenant:<name>``: one tenant's ids;
 - ``seq``: the counter behind ``seq``;
 - ``vec:<namespace>:<sha256 of namespace + text>``: one example vector, float32 bytes, written once (set-if-absent);
-- ``vec-counts``: a hash namespace -> vectors written in it (``count``).
+- ``vec-counts``: a hash namespace -> vectors written in it (``count``);
+- ``job:<id>``: a deploy job's record; ``jobs``: their ids by creation time; ``jobs:finished``: the ended ones;
+  ``jobs:running:<tenant>``: a tenant's running ones, counted by ``begin_job`` (the global limit per tenant);
+  ``job-cancel:<id>``: a cancel asked of whichever replica runs the job.
 
 A write (``put``, ``delete``) is one Lua script: the owner check and the write are one atomic step, so every replica
 gives a tenant the same view. The per-request check (``version``) is one ``HMGET`` (version and owner): one round
@@ -167,6 +170,30 @@ return 0
 """
 
 
+# A new job (JobStore.begin_job): count the tenant's running jobs with a fresh heartbeat (members that ended are
+# dropped from the set on the way), and write the record only under the limit. KEYS: the tenant's running set, the
+# job's hash, the jobs' index; ARGV: limit, oldest fresh updated_at, job id, record, state, owner, updated_at,
+# created_at, key prefix of job hashes.
+_BEGIN_JOB = """
+local n = 0
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+    local h = redis.call('HMGET', ARGV[9] .. id, 'state', 'updated_at')
+    if h[1] ~= 'running' then
+        redis.call('SREM', KEYS[1], id)
+    elseif tonumber(h[2]) > tonumber(ARGV[2]) then
+        n = n + 1
+    end
+end
+if tonumber(ARGV[1]) > 0 and n >= tonumber(ARGV[1]) then
+    return 0
+end
+redis.call('HSET', KEYS[2], 'record', ARGV[4], 'state', ARGV[5], 'owner', ARGV[6], 'updated_at', ARGV[7])
+redis.call('ZADD', KEYS[3], ARGV[8], ARGV[3])
+redis.call('SADD', KEYS[1], ARGV[3])
+return 1
+"""
+
+
 def _job(h: dict[bytes, bytes]) -> dict[str, Any]:
     return {**json.loads(h[b"record"]), "owner": _text(h[b"owner"]), "updated_at": float(h[b"updated_at"])}
 
@@ -181,6 +208,7 @@ class RedisRegistry:
         self._delete = client.register_script(_DELETE)
         self._restore = client.register_script(_RESTORE)
         self._claim = client.register_script(_CLAIM)
+        self._begin_job = client.register_script(_BEGIN_JOB)
 
     def _key(self, deployed_id: str) -> str:
         return f"{self.prefix}dep:{deployed_id}"
@@ -264,6 +292,19 @@ class RedisRegistry:
     def _job_key(self, job_id: str) -> str:
         return f"{self.prefix}job:{job_id}"
 
+    def _running_key(self, tenant: str) -> str:
+        return f"{self.prefix}jobs:running:{tenant}"
+
+    @_guarded
+    def begin_job(self, record: dict[str, Any], limit: int, fresh_s: float) -> bool:
+        """cache/interfaces.py ``JobStore.begin_job``: one Lua script, so the replicas sharing this Redis never
+        admit more than ``limit`` jobs of a tenant between them (each tenant's running job ids are a set)."""
+        body = json.dumps(record, ensure_ascii=False, sort_keys=True)
+        now = time.time()
+        keys = [self._running_key(record["tenant"]), self._job_key(record["job_id"]), f"{self.prefix}jobs"]
+        args = [limit, repr(now - fresh_s), record["job_id"], body, record["state"], record["owner"], repr(now)]
+        return bool(self._begin_job(keys=keys, args=[*args, repr(float(record["created_at"])), f"{self.prefix}job:"]))
+
     @_guarded
     def put_job(self, record: dict[str, Any]) -> None:
         """As the SQLite registry's: a hash per job plus the jobs' ids by creation time; finished jobs beyond the
@@ -275,6 +316,9 @@ class RedisRegistry:
         pipe.zadd(f"{self.prefix}jobs", {record["job_id"]: float(record["created_at"])})
         if record["state"] != "running":
             pipe.zadd(f"{self.prefix}jobs:finished", {record["job_id"]: float(record["created_at"])})
+            pipe.srem(self._running_key(record["tenant"]), record["job_id"])
+        else:
+            pipe.sadd(self._running_key(record["tenant"]), record["job_id"])
         pipe.execute()
         finished = f"{self.prefix}jobs:finished"
         if record["state"] != "running" and self.client.zcard(finished) > KEEP_JOBS:
@@ -296,6 +340,15 @@ class RedisRegistry:
             pipe.hgetall(self._job_key(i))
         jobs = [_job(h) for h in (pipe.execute() if ids else []) if h]
         return [j for j in jobs if tenant is None or j["tenant"] == tenant]
+
+    @_guarded
+    def request_cancel(self, job_id: str) -> None:
+        """A cancel for the replica running the job (a key that expires after a day)."""
+        self.client.set(f"{self.prefix}job-cancel:{job_id}", b"1", ex=86_400)
+
+    @_guarded
+    def cancel_requested(self, job_id: str) -> bool:
+        return bool(self.client.exists(f"{self.prefix}job-cancel:{job_id}"))
 
     @_guarded
     def claim_job(self, job_id: str, owner_was: str, owner: str) -> bool:
@@ -349,6 +402,19 @@ class SharedVectors:
                 else:
                     added += 1
         return out, added
+
+    @_guarded
+    def uncached(self, ns: str, texts: list[str]) -> list[str]:
+        """The distinct texts neither the local copy nor Redis holds (``EXISTS`` per key, no vector read)."""
+        todo = self.local.uncached(ns, texts)
+        out: list[str] = []
+        for start in range(0, len(todo), self.BATCH):
+            chunk = todo[start : start + self.BATCH]
+            pipe = self.client.pipeline(transaction=False)
+            for t in chunk:
+                pipe.exists(self.key(ns, t))
+            out.extend(t for t, there in zip(chunk, pipe.execute()) if not there)
+        return out
 
     @_guarded
     def get_or_encode(

@@ -51,6 +51,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     updated_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS jobs_by_created ON jobs (created_at);
+CREATE TABLE IF NOT EXISTS job_cancels (id TEXT PRIMARY KEY, at REAL NOT NULL);
 """
 # Finished jobs kept for their reports (the newest); running ones are always kept.
 KEEP_JOBS = 1000
@@ -205,11 +206,39 @@ class Registry:
                 (*row, time.time()),
             )
             if record["state"] != "running":
+                self._db.execute("DELETE FROM job_cancels WHERE id = ?", (record["job_id"],))
                 self._db.execute(
                     "DELETE FROM jobs WHERE state != 'running' AND id NOT IN (SELECT id FROM jobs WHERE state != "
                     "'running' ORDER BY created_at DESC LIMIT ?)",
                     (KEEP_JOBS,),
                 )
+
+    def begin_job(self, record: dict[str, Any], limit: int, fresh_s: float) -> bool:
+        """cache/interfaces.py ``JobStore.begin_job``: one write transaction (``BEGIN IMMEDIATE``) counts and inserts,
+        so the API workers sharing this file never admit more than ``limit`` jobs of a tenant between them."""
+        body = json.dumps(record, ensure_ascii=False, sort_keys=True)
+        now = time.time()
+        row = (record["job_id"], record["tenant"], record["state"], record["owner"], body, record["created_at"], now)
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                (running,) = self._db.execute(
+                    "SELECT count(*) FROM jobs WHERE tenant = ? AND state = 'running' AND updated_at > ?",
+                    (record["tenant"], now - fresh_s),
+                ).fetchone()
+                if limit and running >= limit:
+                    self._db.execute("ROLLBACK")
+                    return False
+                self._db.execute(
+                    "INSERT INTO jobs (id, tenant, state, owner, record, created_at, updated_at) "
+                    "VALUES (?,?,?,?,?,?,?)",
+                    row,
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return True
 
     def get_job(self, job_id: str) -> dict[str, Any] | None:
         with self._lock:
@@ -224,6 +253,15 @@ class Registry:
                 f"SELECT record, owner, updated_at FROM jobs WHERE 1 = 1{where} ORDER BY created_at", args
             ).fetchall()
         return [{**json.loads(r[0]), "owner": r[1], "updated_at": r[2]} for r in rows]
+
+    def request_cancel(self, job_id: str) -> None:
+        """A cancel for the process running the job, whichever API worker that is (cache/interfaces.py)."""
+        with self._lock:
+            self._db.execute("INSERT OR IGNORE INTO job_cancels (id, at) VALUES (?, ?)", (job_id, time.time()))
+
+    def cancel_requested(self, job_id: str) -> bool:
+        with self._lock:
+            return self._db.execute("SELECT 1 FROM job_cancels WHERE id = ?", (job_id,)).fetchone() is not None
 
     def claim_job(self, job_id: str, owner_was: str, owner: str) -> bool:
         """Take over a running job from ``owner_was`` (a dead process); False if it is not running or another process

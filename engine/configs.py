@@ -202,10 +202,23 @@ class DeployLimits:
         )
 
 
-def check_limits(body: DeployRequest, limits: DeployLimits, templates: int) -> None:
+class TooManyPrompts(ZssError):
+    """A deploy over ``ZSS_DEPLOY_MAX_PROMPTS`` counting every prompt: the engine then counts only those not cached."""
+
+    status_code = 413
+
+
+def example_texts(body: DeployRequest) -> list[str]:
+    """Every example text of a deploy, in the order the embedder gets them (duplicates kept)."""
+    return [t for c in body.classes for t in (*c.texts(True), *c.texts(False))]
+
+
+def check_limits(body: DeployRequest, limits: DeployLimits, templates: int, uncached_texts: int | None = None) -> None:
     """422 for an example text longer than the limit (refused, never truncated: a longer text is cut by the tokenizer
     at the model's context anyway, so a client sending one has made a mistake worth telling); 413 for a deploy with
-    more classes, examples per class or prompts (texts x ``templates`` when augmented) than the server takes."""
+    more classes, examples per class or prompts to encode than the server takes. Prompts are texts x ``templates``
+    when augmented; ``uncached_texts`` (the distinct texts the embedding cache lacks), when given, is what counts:
+    texts already cached cost no encoding. Without it every text counts, and :class:`TooManyPrompts` says so."""
     classes = body.classes
     if len(classes) > limits.classes:
         raise ZssError(f"Too many classes: {len(classes)} (at most {limits.classes}, ZSS_DEPLOY_MAX_CLASSES).", 413)
@@ -225,11 +238,13 @@ def check_limits(body: DeployRequest, limits: DeployLimits, templates: int) -> N
                     "ZSS_DEPLOY_MAX_EXAMPLE_CHARS; the model reads only its first 77 tokens)."
                 )
             texts += 1
-    prompts = texts * (templates if body.augment_examples else 1)
+    per_text = templates if body.augment_examples else 1
+    counted = texts if uncached_texts is None else uncached_texts
+    prompts = counted * per_text
     if prompts > limits.prompts:
-        raise ZssError(
-            f"Too many prompts to encode: {prompts} ({texts} example texts"
+        what = "example texts" if uncached_texts is None else f"example texts not cached, of {texts}"
+        raise TooManyPrompts(
+            f"Too many prompts to encode: {prompts} ({counted} {what}"
             f"{f' x {templates} templates' if body.augment_examples else ''}; at most {limits.prompts}, "
             "ZSS_DEPLOY_MAX_PROMPTS).",
-            413,
         )

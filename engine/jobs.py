@@ -130,25 +130,58 @@ class Jobs:
         self._jobs: OrderedDict[str, Job] = OrderedDict()
         self.stopping = False
 
+    def _too_many(self) -> ZssError:
+        exc = ZssError(
+            f"Too many deploy jobs in flight for this tenant: {self.per_tenant} (ZSS_DEPLOY_MAX_JOBS_PER_TENANT); "
+            "wait for one to finish or cancel one (DELETE /jobs/{job_id}).",
+            429,
+        )
+        exc.headers = {"Retry-After": "5"}
+        return exc
+
+    async def begin(self, kind: str, caller: Tenant, run: Run, body: dict[str, Any] | None = None) -> Job:
+        """A new job, returned once its record is in the store (committed: a server killed the next moment resumes
+        it at its next start, so a 202 for it never names a job that is lost); 429 when the caller's tenant already
+        runs ``per_tenant`` jobs in every process sharing the store (the API workers of one registry file, the
+        replicas of one Redis), 503 once the server is stopping or when the store does not answer. Without a
+        store, as :meth:`start`."""
+        if self.stopping:
+            raise ZssError(STOPPING, 503)
+        if self.store is None:
+            return self.start(kind, caller, run, body)
+        job = Job(uuid.uuid4().hex, kind, caller.name, admin=caller.admin, body=body)
+        try:
+            admitted = await asyncio.to_thread(self.store.begin_job, job.record(self.owner), self.per_tenant, LEASE_S)
+        except Exception as exc:
+            raise ZssError(f"The job store is unavailable ({exc}); retry later.", 503) from exc
+        if not admitted:
+            raise self._too_many()
+        if self.stopping:  # SIGTERM while the record was written: its client gets a 503, so the job ends here too
+            job.state, job.message, job.status_code, job.finished_at = FAILED, STOPPING, 503, time.time()
+            await asyncio.shield(asyncio.to_thread(self.save, job))
+            raise ZssError(STOPPING, 503)
+        return self.start(kind, caller, run, job=job, recorded=True)
+
     def start(
-        self, kind: str, caller: Tenant, run: Run, body: dict[str, Any] | None = None, job: Job | None = None
+        self,
+        kind: str,
+        caller: Tenant,
+        run: Run,
+        body: dict[str, Any] | None = None,
+        job: Job | None = None,
+        recorded: bool = False,
     ) -> Job:
         """A job running ``run(progress)`` on the event loop (it needs one: call from a coroutine); 429 when the
-        caller's tenant already runs ``per_tenant`` jobs, 503 once the server is stopping. ``job``: a stored job
-        taken over (resumed), which no limit refuses."""
+        caller's tenant already runs ``per_tenant`` jobs in this process, 503 once the server is stopping. ``job``: a
+        stored job taken over (resumed), or one :meth:`begin` admitted (``recorded``), which no limit refuses here.
+        Its record is written when it first runs (unless ``recorded``): deploys go through :meth:`begin`."""
         if self.stopping:
             raise ZssError(STOPPING, 503)
         if job is None and self.per_tenant and self.running(caller.name) >= self.per_tenant:
-            exc = ZssError(
-                f"Too many deploy jobs in flight for this tenant: {self.per_tenant} (ZSS_DEPLOY_MAX_JOBS_PER_TENANT); "
-                "wait for one to finish or cancel one (DELETE /jobs/{job_id}).",
-                429,
-            )
-            exc.headers = {"Retry-After": "5"}
-            raise exc
+            raise self._too_many()
         if job is None:
             job = Job(uuid.uuid4().hex, kind, caller.name, admin=caller.admin, body=body)
-        job.task = asyncio.get_running_loop().create_task(self._run(job, run))
+        job.task = asyncio.get_running_loop().create_task(self._run(job, run, recorded))
         # A job nobody waits for keeps its error in its report; retrieving it here keeps asyncio from logging it.
         job.task.add_done_callback(lambda t: t.cancelled() or t.exception())
         self._jobs[job.job_id] = job
@@ -171,12 +204,15 @@ class Jobs:
             if time.monotonic() - last[0] >= HEARTBEAT_S:
                 last[0] = time.monotonic()
                 self.save(job)
+                if self._cancel_requested(job.job_id):  # DELETE /jobs/{id} answered by another process
+                    job.progress.cancel()
 
         return beat
 
-    async def _run(self, job: Job, run: Run) -> DeployOutcome:
+    async def _run(self, job: Job, run: Run, recorded: bool = False) -> DeployOutcome:
         if self.store is not None:
-            await asyncio.to_thread(self.save, job)
+            if not recorded:
+                await asyncio.to_thread(self.save, job)
             job.progress.on_advance = self._heartbeat(job)
         try:
             out = await run(job.progress)
@@ -225,15 +261,38 @@ class Jobs:
     def running(self, tenant: str) -> int:
         return sum(1 for j in self._jobs.values() if j.state == RUNNING and j.tenant == tenant)
 
+    def _cancel_requested(self, job_id: str) -> bool:
+        try:
+            return self.store is not None and self.store.cancel_requested(job_id)
+        except Exception as exc:  # the store down: the job goes on; a later heartbeat looks again
+            log.warning("deploy job %s: its cancel requests were not read (%s)", job_id, exc)
+            return False
+
     async def cancel(self, job: Job, wait_s: float = 10.0) -> Job:
         """Ask a running job to stop (its encoding stops before its next encoder call) and wait up to ``wait_s`` for
-        it to end; 409 for a job that has already ended or that another process runs."""
+        it to end; 409 for a job that has already ended. A job another process runs (another API worker, another
+        replica) is asked through the store: its process sees the request at its next heartbeat (after the chunk
+        it is encoding) and stops; the answer is its record once it has ended, or as it stands after ``wait_s``."""
         if job.state != RUNNING:
             raise ZssError(f"Job already {job.state}.", 409)
-        if job.task is None:
+        if job.task is not None:
+            job.progress.cancel()
+            await asyncio.wait([job.task], timeout=wait_s)
+            return job
+        if self.store is None:
             raise ZssError("Job runs in another server process; cancel it there.", 409)
-        job.progress.cancel()
-        await asyncio.wait([job.task], timeout=wait_s)
+        try:
+            await asyncio.to_thread(self.store.request_cancel, job.job_id)
+        except Exception as exc:
+            raise ZssError(f"The job store is unavailable ({exc}); retry later.", 503) from exc
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            await asyncio.sleep(0.25)
+            now = await asyncio.to_thread(self._stored, job.job_id)
+            if now is not None:
+                job = now
+                if job.state != RUNNING:
+                    break
         return job
 
     def stop(self) -> None:

@@ -26,7 +26,17 @@ from prometheus_client import Counter
 from cache.embeddings import namespace
 from cache.interfaces import DeploymentStore, StoreUnavailable, VectorStore
 from engine.admission import Admission, Refused
-from engine.configs import SCHEMAS, DeployLimits, DeployRequest, Kind, check_classes, check_limits, kind_of
+from engine.configs import (
+    SCHEMAS,
+    DeployLimits,
+    DeployRequest,
+    Kind,
+    TooManyPrompts,
+    check_classes,
+    check_limits,
+    example_texts,
+    kind_of,
+)
 from engine.deployments import Compiled, DeploymentInfo, Deployments, DeployOutcome
 from engine.embedder import EmbedStats, Progress, TextEmbedder
 from engine.encoders import DetectorEncoder, ImageEncoder, TextEncoder
@@ -279,16 +289,27 @@ class Engine:
     async def deploy(self, body: DeployRequest, *, caller: Tenant) -> DeployOutcome:
         """Embed every example now (once, through the cache), then register: a deployed id always scores. Runs as
         a job (engine/jobs.py) that finishes even if the caller stops waiting."""
-        return await self.jobs.wait(self.start_deploy(body, caller=caller))
+        return await self.jobs.wait(await self.start_deploy(body, caller=caller))
 
-    def start_deploy(self, body: DeployRequest, *, caller: Tenant) -> Job:
-        """The deploy as a job, started now (call from a coroutine); a body that cannot deploy is refused here."""
+    async def start_deploy(self, body: DeployRequest, *, caller: Tenant) -> Job:
+        """The deploy as a job, started now and recorded in the job store before this returns; a body that cannot
+        deploy is refused here, and so is one over its tenant's jobs in flight (engine/jobs.py ``begin``)."""
         check_classes(body)
         kind = kind_of(body)
         templates = len(DETECTION_TEMPLATES if kind is Kind.DETECTOR else CLIP_TEMPLATES)
-        check_limits(body, self.deploy_limits, templates)
+        try:
+            check_limits(body, self.deploy_limits, templates)
+        except TooManyPrompts:  # over the limit counting every text: count those the cache lacks (blocking)
+            uncached = await in_thread(self._uncached_texts, kind, body)
+            check_limits(body, self.deploy_limits, templates, uncached)
 
-        return self.jobs.start(kind.value, caller, self._deploy_run(kind, body, caller), body.model_dump(mode="json"))
+        run = self._deploy_run(kind, body, caller)
+        return await self.jobs.begin(kind.value, caller, run, body.model_dump(mode="json"))
+
+    def _uncached_texts(self, kind: Kind, body: DeployRequest) -> int:
+        """How many distinct example texts of ``body`` its deploy would encode now (the embedding cache's misses)."""
+        embedder = self.detector_embedder() if kind is Kind.DETECTOR else self.text_embedder()
+        return len(embedder.cache.uncached(embedder.namespace(body.augment_examples), example_texts(body)))
 
     def _deploy_run(
         self, kind: Kind, body: DeployRequest, caller: Tenant, resumed: bool = False

@@ -7,6 +7,8 @@ naming this module and the installed version, when BentoML is not the series the
 - ``own_metrics_dir``: a Prometheus multiprocess folder per server (``BentoMLContainer.prometheus_multiproc_dir``).
 - ``release_request_timers``: BentoML's ``TimeoutMiddleware`` with its per-request timer released.
 - ``configured_workers``: a service's ``workers`` as BentoML's configuration says (``BentoMLContainer.config``).
+- ``stop_promptly``: the server process (circus's arbiter, ``bentoml._internal.utils.circus.Arbiter``) stops
+  accepting at once on SIGTERM, gives its workers a bounded time, and exits without Python's finalization.
 
 Still elsewhere: runners/serving.py's ``_record_argument`` (``BentoMLContainer.bento_arguments``, the bento arguments
 a build records).
@@ -15,8 +17,14 @@ a build records).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
+import logging
 import os
 import shutil
+import socket
+import sys
+import threading
 from importlib.metadata import version as installed_version
 from pathlib import Path
 from typing import Any
@@ -41,12 +49,13 @@ def check_version(found: str | None = None) -> None:
         )
 
 
-def prepare_server() -> None:
+def prepare_server(stop_timeout_s: float = 7.0) -> None:
     """What the service module does at import, before BentoML's server process starts the workers: check the
-    version, give the server its own metrics folder, and release the per-request timers."""
+    version, give the server its own metrics folder, release the per-request timers, and make a stop prompt."""
     check_version()
     own_metrics_dir()
     release_request_timers()
+    stop_promptly(stop_timeout_s)
 
 
 def own_metrics_dir() -> Path | None:
@@ -117,6 +126,80 @@ def release_request_timers() -> None:
 
     call._zss_releases_timer = True  # type: ignore[attr-defined]
     TimeoutMiddleware.__call__ = call  # type: ignore[method-assign]
+
+
+def is_serve_cli(argv: list[str] | None = None) -> bool:
+    """Whether this process is `bentoml serve` itself (``bentoml serve ...`` or ``python -m bentoml serve ...``)."""
+    argv = sys.argv if argv is None else argv
+    return len(argv) > 1 and argv[1] == "serve" and "bentoml" in argv[0]
+
+
+def stop_promptly(stop_timeout_s: float) -> None:
+    """Make `bentoml serve` stop within about ``stop_timeout_s`` of SIGTERM, refusing new connections from the first
+    moment (idempotent; nothing changes in a process that is not `bentoml serve`'s own).
+
+    What BentoML 1.4 does (measured, BENCHMARKS.md "Hardening"): on SIGTERM circus's arbiter signals the workers, which
+    exit in 1-1.4 s (runners/serving.py ``on_sigterm`` stops the deploy jobs), and then the arbiter itself took 3 s idle
+    and 10-13 s on a loaded 2-core machine to exit: all of it Python's finalization (``gc_collect_main`` and ``free``
+    over everything the service module imported: torch, transformers, open_clip), nothing left to do. Meanwhile the
+    listening socket stayed open in the arbiter after the API worker had stopped accepting: a connection made then
+    waited in its queue and was reset unread when the socket closed. And BentoML gives every worker 86,400 s
+    (``graceful_timeout``) before circus kills it. So:
+
+    - at the arbiter's stop, before the workers are signalled, its TCP listening sockets are shut down
+      (``shutdown(SHUT_RD)``: on Linux a listening socket stops listening for every process holding it): a new
+      connection is refused at once, cleanly; accepted connections, and the Unix sockets between the API worker and
+      the encoders, go on, so requests in flight finish;
+    - a worker still running ``stop_timeout_s`` after its SIGTERM is killed (circus's ``graceful_timeout``);
+    - once circus has stopped every worker and closed its sockets, the process leaves with ``os._exit(0)`` after
+      flushing its logs and streams, skipping the finalization that has nothing left to release.
+    """
+    from bentoml import serving
+    from bentoml._internal.utils import circus as bentoml_circus
+
+    arbiter = bentoml_circus.Arbiter
+    if not getattr(arbiter.start, "_zss_exits", False):
+        start, stop = arbiter.start, arbiter.stop
+
+        def start_then_exit(self: Any, cb: Any = None) -> None:
+            start(self, cb)  # returns once the arbiter has stopped its workers and closed its sockets
+            if type(self) is arbiter and threading.current_thread() is threading.main_thread() and is_serve_cli():
+                logging.shutdown()
+                for stream in (sys.stdout, sys.stderr):
+                    with contextlib.suppress(Exception):
+                        stream.flush()
+                os._exit(0)
+
+        def refuse_then_stop(self: Any) -> Any:
+            stop_listening(self.sockets.values())
+            return stop(self)
+
+        start_then_exit._zss_exits = True  # type: ignore[attr-defined]
+        arbiter.start = start_then_exit  # type: ignore[method-assign]
+        arbiter.stop = refuse_then_stop  # type: ignore[method-assign]
+
+    create = getattr(serving.create_watcher, "__wrapped__", serving.create_watcher)
+
+    @functools.wraps(create)
+    def bounded_watcher(*args: Any, **kwargs: Any) -> Any:
+        watcher = create(*args, **kwargs)
+        watcher.graceful_timeout = float(stop_timeout_s)
+        return watcher
+
+    serving.create_watcher = bounded_watcher  # type: ignore[assignment]
+
+
+def stop_listening(sockets: Any) -> int:
+    """Shut down the TCP listening sockets among ``sockets`` (new connections are refused; Unix sockets are left
+    alone); how many."""
+    done = 0
+    for sock in sockets:
+        if getattr(sock, "family", None) not in (socket.AF_INET, socket.AF_INET6):
+            continue
+        with contextlib.suppress(OSError):  # not listening yet, or already closed
+            sock.shutdown(socket.SHUT_RD)
+            done += 1
+    return done
 
 
 def configured_workers(name: str) -> Any:

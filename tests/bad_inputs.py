@@ -349,3 +349,12 @@ def surrogate_bodies() -> list[tuple[str, bytes, str]]:
             ("/classify?deployed_id=x", b'{"data": ' + text + b"}", "data"),
         ]
     return out
+
+
+# -- hostile connections (issue 32): sent over a raw socket ---------------------------------------------------------
+def trickled_body_head(length: int = 1000, route: str = "/embed_text") -> bytes:
+    """A request head announcing a ``length``-byte JSON body, which the client then sends one byte every few seconds:
+    never idle for the body timeout, far under the minimum rate (408)."""
+    return (
+        f"POST {route} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {length}\r\n\r\n"
+    ).encode("latin-1")

@@ -1,9 +1,11 @@
-"""A graceful stop under load (issue 18, item 7): SIGTERM to `bentoml serve` while clients classify, embed and
-deploy; every process is gone within the bound, and every request that was in flight when the signal came ends
-cleanly: answered (200, or the envelope of a 503 for one the stopping server could not finish), never a reset or a
-hang. A request sent after the signal may also find the port closed (refused) or, when it landed in the queue of
-BentoML's listening socket (held by its arbiter, not by the worker that stopped accepting), be reset unread when that
-socket closes: the known gap, which a client sees before any answer and can retry."""
+"""A graceful stop under load (issues 18 and 32): SIGTERM to `bentoml serve` while clients classify, embed and
+deploy (a 24,000-prompt deploy in flight); the whole process tree, BentoML's own server process included, is gone
+within the issue's 10 s, and every request that was in flight when the signal came ends cleanly: answered (200, or
+the envelope of a 503 for one the stopping server could not finish), never a reset or a hang. A connection made after
+the signal is refused at once (the server shuts its listening socket down first, runners/bentoml_internals.py
+``stop_promptly``) or answered; it is never accepted and then reset. (A client that sends a new request on a kept-alive
+connection just as the server closes it may still see that connection closed: HTTP/1.1's keep-alive race, which
+clients retry, RFC 9112 9.3.1.)"""
 
 from __future__ import annotations
 
@@ -26,8 +28,10 @@ from testing.waits import wait_for
 
 pytestmark = pytest.mark.server
 
-# A deadline that catches a hang, not a speed: the stop itself took 6-8 s on a loaded 2-core machine (BENCHMARKS.md).
+# A deadline that catches a hang (the wait gives up there); the bound the issue sets is asserted apart, and the
+# measured figure is BENCHMARKS.md's ("Hardening").
 STOP_DEADLINE_S = 60.0
+STOP_BOUND_S = 10.0
 CLIENTS = 8
 
 
@@ -83,12 +87,22 @@ def test_sigterm_under_load_stops_within_the_bound_and_every_request_ends_cleanl
                         break
             return out
 
-        with cf.ThreadPoolExecutor(CLIENTS) as pool:
+        def newcomer() -> list[str]:
+            """New connections, one request each, from the signal until one is refused."""
+            out: list[str] = []
+            while not stop.is_set() and (not out or out[-1] != "refused"):
+                out.append(
+                    _status(lambda: httpx.post(server.url + "/embed_text", json={"texts": ["late"]}, timeout=30))
+                )
+            return out
+
+        with cf.ThreadPoolExecutor(CLIENTS + 1) as pool:
             futures = [pool.submit(client, n) for n in range(CLIENTS)]
             # Every classify and embed client answered twice, the deploy client's first deploy still in flight.
             wait_for(lambda: all(answered[n] >= 2 for n in range(1, CLIENTS)), "load on every client")
             t0 = time.monotonic()
             os.kill(server.proc.pid, signal.SIGTERM)  # what `docker stop` / Kubernetes send
+            late = pool.submit(newcomer)
             wait_for(
                 lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in processes),
                 "every process gone after SIGTERM",
@@ -97,13 +111,17 @@ def test_sigterm_under_load_stops_within_the_bound_and_every_request_ends_cleanl
             stopped_s = time.monotonic() - t0
             stop.set()
             outcomes = [o for f in futures for o in f.result(timeout=120)]
+            newcomers = late.result(timeout=120)
     finally:
         stop.set()
         stop_server(server)
     before = [o for sent, o in outcomes if sent < t0]
     after = [o for sent, o in outcomes if sent >= t0]
     counts = {o: before.count(o) for o in set(before)}, {o: after.count(o) for o in set(after)}
-    print(f"stopped in {stopped_s:.1f} s")  # the figure for README (a deadline above, not a bound on speed)
+    print(f"stopped in {stopped_s:.1f} s; new connections after the signal: {newcomers}")  # BENCHMARKS.md's figure
     assert counts[0].get("200", 0) > CLIENTS, counts  # the load was real
     assert set(counts[0]) <= {"200", "503"}, counts
     assert set(counts[1]) <= {"200", "503", "refused", "ReadError", "RemoteProtocolError"}, counts
+    assert newcomers and set(newcomers) <= {"200", "503", "refused"}, newcomers
+    assert server.proc.returncode == 0, server.proc.returncode
+    assert stopped_s < STOP_BOUND_S, f"the process tree took {stopped_s:.1f} s to go after SIGTERM"

@@ -90,3 +90,28 @@ def test_requests_that_never_finish_arriving_are_closed_and_readyz_stays_quick(s
     finally:
         for s in conns:
             s.close()
+
+
+def test_a_body_trickling_in_below_the_minimum_rate_is_answered_408(server: Server) -> None:
+    """One byte every 2 s never leaves the connection idle for the body timeout (30 s), but is far under the minimum
+    rate (ZSS_BODY_MIN_RATE, 500 bytes/s after ZSS_BODY_GRACE_S, 10 s): 408 with the security headers, well before
+    the idle timeout would have fired."""
+    host, port = urlsplit(server.url).hostname, urlsplit(server.url).port
+    assert host is not None and port is not None
+    start = time.monotonic()
+    with socket.create_connection((host, port), timeout=30) as s:
+        s.sendall(bad.trickled_body_head())
+        s.settimeout(2.0)
+        answer = b""
+        while not answer and time.monotonic() - start < 25:
+            try:
+                s.sendall(b" ")
+                answer = s.recv(1000)
+            except TimeoutError:
+                continue
+            except OSError:  # closed under us: the answer, if any, is what recv got
+                break
+    elapsed = time.monotonic() - start
+    assert answer.startswith(b"HTTP/1.1 408 "), (elapsed, answer)
+    assert b"x-content-type-options: nosniff" in answer.lower() and b"too slowly" in answer, answer
+    assert elapsed < 25

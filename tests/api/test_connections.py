@@ -21,6 +21,7 @@ from settings import Settings
 from testing.server import free_port
 
 HEAD_S, BODY_S = 0.5, 0.5
+MIN_RATE, GRACE_S = 1000.0, 1.0  # bytes/s a body must average once GRACE_S have passed
 
 
 async def echo(request: Request) -> PlainTextResponse:
@@ -30,7 +31,9 @@ async def echo(request: Request) -> PlainTextResponse:
 @pytest.fixture(scope="module")
 def port() -> Iterator[int]:
     before = dict(uvicorn.config.HTTP_PROTOCOLS)
-    guard_connections(lambda: Settings(header_timeout_s=HEAD_S, body_timeout_s=BODY_S))
+    guard_connections(
+        lambda: Settings(header_timeout_s=HEAD_S, body_timeout_s=BODY_S, body_min_rate=MIN_RATE, body_grace_s=GRACE_S)
+    )
     app = Starlette(routes=[Route("/echo", echo, methods=["GET", "POST"])])
     config = uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_config=None, timeout_keep_alive=30)
     server = uvicorn.Server(config)
@@ -99,3 +102,34 @@ def test_a_200_kb_header_is_answered_431(port: int) -> None:
     assert r.status_code == 431, r.text
     out, _ = raw(port, b"GET /echo HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 200_000 + b"\r\n\r\n")
     assert out.startswith(b"HTTP/1.1 431 "), out[:100]
+
+
+def test_a_body_trickling_below_the_minimum_rate_is_answered_408(port: int) -> None:
+    """A byte every 0.2 s: never idle for BODY_S, far below MIN_RATE once GRACE_S have passed (issue 32)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        start = time.monotonic()
+        s.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n")
+        s.settimeout(0.2)
+        out = b""
+        while not out and time.monotonic() - start < 6:
+            try:
+                s.sendall(b"x")
+                out = s.recv(1000)
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+        took = time.monotonic() - start
+    assert out.startswith(b"HTTP/1.1 408 ") and b"too slowly" in out, (took, out)
+    assert GRACE_S * 0.8 < took < GRACE_S + 3
+
+
+def test_every_answer_of_the_connection_carries_the_security_headers(port: int) -> None:
+    """The app's own answers (this app has no SecurityHeaders middleware: what BentoML's middlewares outside the
+    service's send) and uvicorn's raw 400."""
+    r = httpx.get(f"http://127.0.0.1:{port}/echo")
+    assert r.headers["x-content-type-options"] == "nosniff" and r.headers["x-frame-options"] == "DENY", r.headers
+    out, _ = raw(port, b"NOT AN HTTP REQUEST\r\n\r\n")
+    head = out.lower()
+    assert out.startswith(b"HTTP/1.1 400 "), out
+    assert b"x-content-type-options: nosniff" in head and b"x-frame-options: deny" in head, out

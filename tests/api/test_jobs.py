@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -165,6 +166,30 @@ def test_deploys_over_a_limit_are_refused_with_the_setting_named_before_any_enco
     engine.close()
 
 
+def test_the_prompt_limit_counts_only_the_texts_the_cache_lacks(tmp_path: Path) -> None:
+    """Issue 32: texts already in the embedding cache cost no encoding, so they do not count against
+    ZSS_DEPLOY_MAX_PROMPTS (160 here: two augmented texts); texts a deploy repeats count once."""
+    engine, clip = fake_engine(tmp_path / "data", deploy_max_prompts=160)
+    calls: list[int] = []
+    real = clip.encode
+    clip.encode = lambda prompts: (calls.append(len(prompts)), real(prompts))[1]  # type: ignore[method-assign]
+
+    def body(*texts: str) -> dict[str, object]:
+        return {"classifier_configs": [{"name": t, "examples_to_include": [t]} for t in texts]}
+
+    with TestClient(build_app(engine)) as c:
+        assert_error(c.post("/deploy_classifier", json=body("a", "b", "c")), 413, "240 (3 example texts not cached")
+        assert c.post("/deploy_classifier", json=body("a", "b")).status_code == 200
+        calls.clear()
+        # 4 texts, 2 of them cached: 160 prompts to encode.
+        assert c.post("/deploy_classifier", json=body("a", "b", "c", "d")).status_code == 200
+        assert sum(calls) == 160, calls
+        assert_error(
+            c.post("/deploy_classifier", json=body("a", "e", "f", "g")), 413, "240 (3 example texts not cached, of 4"
+        )
+    engine.close()
+
+
 def test_a_cancelled_job_stops_before_its_next_encoder_call(served: tuple[TestClient, FakeClip]) -> None:
     c, clip = served
     calls: list[int] = []
@@ -206,25 +231,25 @@ def test_deploy_jobs_in_flight_are_limited_per_tenant_and_stopping_refuses_new_o
     body = DeployClassifierRequest.model_validate({"classifier_configs": CLASSES})
 
     async def scenario() -> None:
-        first = engine.start_deploy(body, caller=a)
+        first = await engine.start_deploy(body, caller=a)
         with pytest.raises(ZssError) as refused:
-            engine.start_deploy(body, caller=a)
+            await engine.start_deploy(body, caller=a)
         assert refused.value.status_code == 429 and "ZSS_DEPLOY_MAX_JOBS_PER_TENANT" in refused.value.message
         assert refused.value.headers == {"Retry-After": "5"}
-        other = engine.start_deploy(body, caller=b)  # another tenant is not held up
+        other = await engine.start_deploy(body, caller=b)  # another tenant is not held up
         gate.set()
         await engine.jobs.wait(first)
         await engine.jobs.wait(other)
-        engine.start_deploy(body, caller=a)  # a's slot is free again
+        await engine.start_deploy(body, caller=a)  # a's slot is free again
         gate.clear()
-        slow = engine.start_deploy(body, caller=b)
+        slow = await engine.start_deploy(body, caller=b)
         engine.jobs.stop()  # SIGTERM: the running job stops, new ones are refused
         gate.set()
         with pytest.raises(ZssError) as stopped:
             await engine.jobs.wait(slow)
         assert stopped.value.status_code == 503
         with pytest.raises(ZssError) as late:
-            engine.start_deploy(body, caller=b)
+            await engine.start_deploy(body, caller=b)
         assert late.value.status_code == 503
 
     asyncio.run(scenario())
@@ -275,3 +300,111 @@ def test_a_dead_processs_job_is_resumed_from_the_registry_and_a_finished_one_sta
         assert dep is not None and [k["name"] for k in dep.config["classifier_configs"]] == ["cat", "car"]
         assert second.deployments.store.get_job("left")["state"] == "done"  # type: ignore[attr-defined]
     second.close()
+
+
+def _limit_across_engines(make: Any) -> None:
+    """Two engines over one shared store (the API workers of one registry file, or replicas of one Redis), one job
+    in flight per tenant: a's running job on the first makes the second refuse a's next deploy, not b's."""
+    from engine.configs import DeployClassifierRequest
+    from errors import ZssError
+
+    (one, clip), (two, _) = make(), make()
+    gate = threading.Event()
+    real = clip.encode
+    clip.encode = lambda prompts: (gate.wait(30), real(prompts))[1]  # type: ignore[method-assign]
+    body = DeployClassifierRequest.model_validate({"classifier_configs": CLASSES})
+    a, b = Tenant("a"), Tenant("b")
+
+    async def scenario() -> None:
+        first = await one.start_deploy(body, caller=a)
+        with pytest.raises(ZssError) as refused:
+            await two.start_deploy(body, caller=a)
+        assert refused.value.status_code == 429 and "ZSS_DEPLOY_MAX_JOBS_PER_TENANT" in refused.value.message
+        await two.jobs.wait(await two.start_deploy(body, caller=b))  # another tenant is not held up
+        gate.set()
+        await one.jobs.wait(first)
+        await two.jobs.wait(await two.start_deploy(body, caller=a))  # a's slot is free again, on either
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        gate.set()
+        one.close()
+        two.close()
+
+
+def test_deploy_jobs_in_flight_are_limited_per_tenant_across_workers_of_one_registry(tmp_path: Path) -> None:
+    """Issue 32: the limit is the registry's (shared by the API workers of a server), not one worker's."""
+    _limit_across_engines(lambda: fake_engine(tmp_path / "data", deploy_max_jobs_per_tenant=1))
+
+
+def test_deploy_jobs_in_flight_are_limited_per_tenant_across_replicas_of_one_redis(
+    redis_server: Any, redis_prefix: str, tmp_path: Path
+) -> None:
+    """Issue 32: with ZSS_REDIS_URL the limit is Redis's, shared by the replicas (each with a data dir of its own)."""
+    n = iter(range(2))
+    _limit_across_engines(
+        lambda: fake_engine(
+            tmp_path / f"replica-{next(n)}",
+            deploy_max_jobs_per_tenant=1,
+            redis_url=redis_server.url,
+            redis_prefix=redis_prefix,
+        )
+    )
+
+
+def test_a_started_deploy_job_is_committed_before_start_deploy_returns(tmp_path: Path) -> None:
+    """Issue 32: the 202 of ``?wait=false`` follows the job's record: when ``start_deploy`` returns, before the job
+    has run at all, another connection to the registry file (what the next start would read after a kill -9) finds
+    it running, with the body to resume from."""
+    from cache.registry import Registry
+    from engine.configs import DeployClassifierRequest
+
+    engine, _ = fake_engine(tmp_path / "data")
+    body = DeployClassifierRequest.model_validate({"classifier_configs": CLASSES})
+
+    async def scenario() -> None:
+        job = await engine.start_deploy(body, caller=Tenant("a"))
+        other = Registry(engine.deployments.store.path)  # type: ignore[attr-defined]
+        try:
+            rec = other.get_job(job.job_id)
+        finally:
+            other.close()
+        assert rec is not None and rec["state"] == "running" and rec["tenant"] == "a", rec
+        assert rec["body"]["classifier_configs"][0]["name"] == CLASSES[0]["name"]
+        await engine.jobs.wait(job)
+
+    asyncio.run(scenario())
+    engine.close()
+
+
+def test_a_job_running_in_another_worker_is_cancelled_through_the_registry(tmp_path: Path) -> None:
+    """DELETE /jobs/{id} taken by an API worker that does not run the job: the request goes through the registry and
+    the worker running it stops at its next heartbeat (after the chunk it is encoding)."""
+    from engine.configs import DeployClassifierRequest
+
+    (one, clip), (two, _) = (fake_engine(tmp_path / "data") for _ in range(2))
+    gate = threading.Event()
+    calls: list[int] = []
+    real = clip.encode
+    clip.encode = lambda prompts: (calls.append(len(prompts)), gate.wait(30), real(prompts))[2]  # type: ignore[method-assign]
+    texts = [{"name": f"c{i}", "examples_to_include": [f"thing {i}"]} for i in range(60)]  # 60 x 80: 5 chunks
+    body = DeployClassifierRequest.model_validate({"classifier_configs": texts, "augment_examples": True})
+
+    async def scenario() -> None:
+        job = await one.start_deploy(body, caller=Tenant("a"))
+        seen = two.jobs.get(job.job_id, Tenant("a"))
+        assert seen is not None and seen.task is None  # another process's job, read from the registry
+        cancelling = asyncio.create_task(two.jobs.cancel(seen, wait_s=30))
+        await asyncio.sleep(0.5)
+        gate.set()  # the first chunk ends; its heartbeat finds the request
+        ended = await cancelling
+        assert ended.state == "cancelled" and job.state == "cancelled", (ended, job)
+        assert len(calls) < 5  # stopped before the rest of the deploy was encoded
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        gate.set()
+        one.close()
+        two.close()

@@ -180,3 +180,15 @@ def test_an_unroutable_or_silent_redis_times_out_instead_of_hanging(tmp_path: Pa
         reg = RedisRegistry(connect(f"redis://127.0.0.1:{port}/0"))
         with pytest.raises(StoreUnavailable, match=f"Redis at 127.0.0.1:{port} unavailable"):
             within(30, lambda: reg.version("x"))
+
+
+def test_uncached_counts_what_neither_the_local_copy_nor_redis_holds(
+    redis_server: RedisServer, redis_prefix: str, tmp_path: Path
+) -> None:
+    """Issue 32: the deploy prompt limit counts only texts to encode; a replica sees another's vectors as cached."""
+    a = replica(redis_server, redis_prefix, tmp_path / "a")
+    b = replica(redis_server, redis_prefix, tmp_path / "b")
+    assert b.uncached(NS, ["cat", "dog", "cat"]) == ["cat", "dog"]
+    a.get_or_encode(NS, ["cat"], encoder(1, []))
+    assert b.uncached(NS, ["dog", "cat", "eel", "dog"]) == ["dog", "eel"]  # cat: in Redis, not yet in b's copy
+    assert a.local.uncached(NS, ["cat", "eel"]) == ["eel"] and b.local.uncached(NS, ["cat"]) == ["cat"]

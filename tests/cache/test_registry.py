@@ -147,3 +147,20 @@ def test_job_records_outlive_their_process_and_a_dead_owners_job_is_claimed_once
     assert jobs.get_job("j1")["owner"] == "host:2"
     jobs.put_job(_job("j1", "a", state="done", owner="host:2"))
     assert jobs.get_job("j1")["state"] == "done" and not jobs.claim_job("j1", "host:2", "host:3")  # ended
+
+
+def test_begin_job_admits_up_to_the_limit_per_tenant_among_fresh_running_jobs(store: DeploymentStore) -> None:
+    """Issue 32: the global per-tenant job limit (one atomic count-and-write) and cancels asked through the store."""
+    jobs: Any = store
+    assert jobs.begin_job(_job("j1", "a"), 2, 300) and jobs.begin_job(_job("j2", "a"), 2, 300)
+    assert not jobs.begin_job(_job("j3", "a"), 2, 300) and jobs.get_job("j3") is None  # refused: nothing written
+    assert jobs.begin_job(_job("j4", "b"), 2, 300)  # another tenant
+    assert jobs.begin_job(_job("j5", "a"), 0, 300)  # 0: no limit
+    jobs.put_job(_job("j1", "a", state="done"))
+    jobs.put_job(_job("j5", "a", state="cancelled"))
+    assert jobs.begin_job(_job("j6", "a"), 2, 300)  # the ended ones no longer count
+    assert jobs.begin_job(_job("j7", "a"), 2, -1)  # a heartbeat older than fresh_s does not count
+    assert jobs.get_job("j6")["state"] == "running"
+    assert not jobs.cancel_requested("j6")
+    jobs.request_cancel("j6")
+    assert jobs.cancel_requested("j6") and not jobs.cancel_requested("j2")

@@ -3,11 +3,13 @@ other module of the served code reaches into ``bentoml._internal`` (but the one 
 
 from __future__ import annotations
 
+import socket
+import tempfile
 from pathlib import Path
 
 import pytest
 
-from runners.bentoml_internals import WRITTEN_FOR, check_version
+from runners.bentoml_internals import WRITTEN_FOR, check_version, is_serve_cli, stop_listening, stop_promptly
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -36,3 +38,39 @@ def test_no_other_served_module_uses_bentomls_internals() -> None:
     )
     # runners/serving.py: _record_argument (the bento arguments of a build), left there while issue 26 changes it.
     assert users == ["runners/bentoml_internals.py", "runners/serving.py"], users
+
+
+def test_only_bentoml_serve_itself_exits_without_finalizing() -> None:
+    assert is_serve_cli(["/venv/bin/bentoml", "serve", "service:ZeroShot"])
+    assert is_serve_cli(["/venv/lib/python3.11/site-packages/bentoml/__main__.py", "serve"])
+    assert not is_serve_cli(["/venv/bin/bentoml", "build"])
+    assert not is_serve_cli(["/venv/bin/pytest", "serve"])
+    assert not is_serve_cli(["python", "-m", "_bentoml_impl.worker.service", "--fd", "3"])
+
+
+def test_a_shut_listening_socket_refuses_new_connections_and_unix_sockets_are_left_alone() -> None:
+    tcp = socket.create_server(("127.0.0.1", 0))
+    port = tcp.getsockname()[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        unix = socket.socket(socket.AF_UNIX)
+        unix.bind(str(Path(tmp) / "s"))
+        unix.listen()
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()  # listening
+            assert stop_listening([tcp, unix]) == 1
+            with pytest.raises(ConnectionRefusedError):
+                socket.create_connection(("127.0.0.1", port), timeout=5)
+            with socket.socket(socket.AF_UNIX) as client:  # the encoders' sockets keep serving the API worker
+                client.connect(str(Path(tmp) / "s"))
+        finally:
+            tcp.close()
+            unix.close()
+
+
+def test_the_servers_workers_get_a_bounded_stop() -> None:
+    from bentoml import serving
+
+    stop_promptly(3.5)
+    stop_promptly(3.5)  # idempotent: wraps BentoML's own function once
+    watcher = serving.create_watcher(name="w", args=["-c", "pass"])
+    assert watcher.graceful_timeout == 3.5
