@@ -28,6 +28,8 @@ import torch
 from fastapi import Depends, FastAPI, Path, Query, Request
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.applications import Starlette
+from starlette.routing import BaseRoute
 
 from api import auth, convert, errors, kserve, openai_compat
 from api.arrival import Arrival, arrived
@@ -240,13 +242,21 @@ def build_app(engine: Engine | None = None, settings: Settings | None = None) ->
     return app
 
 
-class Routes:
-    """The routes' app as BentoML mounts it: an ASGI app that hands every request to ``build_app()``'s FastAPI app,
+class Routes(Starlette):
+    """The routes' app as BentoML mounts it: an empty shell that hands every request to ``build_app()``'s FastAPI app,
     built when the service starts in its API worker (``ZeroShot.__init__``), not at import. BentoML 1.4 takes the
-    mounted app when the class is declared, and starts the service (``__init__``) before it serves any request."""
+    mounted app when the class is declared, and starts the service (``__init__``) before it serves any request.
+
+    A Starlette because BentoML's mount matches a request against a Starlette app's ``routes`` (here the built app's)
+    and leaves an unknown path to BentoML's own 404; any other ASGI app would take every path."""
 
     def __init__(self) -> None:
+        super().__init__()
         self._app: FastAPI | None = None
+
+    @property
+    def routes(self) -> list[BaseRoute]:
+        return self.app.routes
 
     @property
     def built(self) -> bool:
@@ -259,7 +269,7 @@ class Routes:
             self._app = build_app()
         return self._app
 
-    def state(self, name: str) -> Any:
+    def app_state(self, name: str) -> Any:
         """``app.state.<name>`` of the built app; None before it is built."""
         return getattr(self._app.state, name, None) if self._app is not None else None
 
@@ -363,4 +373,4 @@ ZeroShot.add_asgi_middleware(SecurityHeaders)
 # still starting) is answered, not left to hang in BentoML's TimeoutMiddleware (issue 18).
 ZeroShot.add_asgi_middleware(errors.ServiceCatchAll)
 # /metrics is BentoML's own route, outside the routes' app: keyed here when ZSS_METRICS_REQUIRE_KEY is set.
-ZeroShot.add_asgi_middleware(auth.MetricsGuard, gate=lambda: routes.state("gate"))
+ZeroShot.add_asgi_middleware(auth.MetricsGuard, gate=lambda: routes.app_state("gate"))
