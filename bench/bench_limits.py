@@ -3,7 +3,8 @@
 
     .venv/bin/python -m bench.bench_limits [--takes 2000] [--rounds 3]
 
-A real redis-server on loopback (testing/redis.py), one event loop; each round times ``--takes`` takes of each kind,
+A real redis-server on loopback (testing/redis.py, append-only with ``--appendfsync``: a take writes its bucket, so
+under ``always`` each one waits for the disk), one event loop; each round times ``--takes`` takes of each kind,
 back to back, the kinds alternating so that a shared machine's load slows both alike (and the shared one's Redis
 call alone, without the thread hop). Quoted: the median over rounds of the microseconds per take, and the difference.
 """
@@ -45,9 +46,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--takes", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--appendfsync",
+        default="everysec",
+        choices=("always", "everysec", "no"),
+        help="the Redis's append-only fsync policy (README: everysec; the tests' Redis: always, a disk write per take)",
+    )
     args = parser.parse_args()
-    print(f"load average at start {loadavg()}")
+    print(f"load average at start {loadavg()}; appendfsync {args.appendfsync}")
     with tempfile.TemporaryDirectory() as tmp, running_redis(Path(tmp)) as redis:
+        with redis.client() as c:
+            c.config_set("appendfsync", args.appendfsync)
         local = RateLimiter(1e9, 10**9)
         shared = shared_limiter(Settings(redis_url=redis.url, redis_prefix="bench:"), "key", 1e9, 10**9)
         assert shared is not None
