@@ -3,7 +3,12 @@
 Each route parses the request (api/), makes one engine call (engine/) and converts the result (api/convert.py).
 The encoders are separate BentoML services (runners/), composed with ``bentoml.depends``; the engine reaches them
 through its remote encoder interface. ``build_app()`` builds the routes on their own, so tests can run them
-in-process against an engine with fake encoders.
+in-process against an engine with fake encoders; the service builds them when it starts (:data:`routes`).
+
+Importing this module declares the service and changes nothing else: no app is built, nothing of BentoML or uvicorn
+is patched, the command line is not read. The few things BentoML 1.4 runs no project code for later are done at
+import only in the BentoML process that needs them (:func:`_prepare_process`; README, "What importing service.py
+does").
 
 API keys and tenants are the HTTP edge's (api/auth.py): a middleware of the routes' app identifies the caller, and
 each route that touches deployments hands that caller to the engine, whose registry shows it its tenant's only.
@@ -23,6 +28,8 @@ import torch
 from fastapi import Depends, FastAPI, Path, Query, Request
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.applications import Starlette
+from starlette.routing import BaseRoute
 
 from api import auth, convert, errors, kserve, openai_compat
 from api.arrival import Arrival, arrived
@@ -54,7 +61,7 @@ from engine.jobs import Job
 from engine.pipelines import Engine, in_thread
 from engine.tenancy import Tenant
 from errors import ZssError
-from runners.bentoml_internals import prepare_server
+from runners.bentoml_internals import bentoml_process, prepare_server, prepare_worker
 from runners.clip_service import ClipImageEncoder, ClipTextEncoder
 from runners.lifeline import die_with_parent
 from runners.owl_service import OwlDetectorEncoder
@@ -235,24 +242,70 @@ def build_app(engine: Engine | None = None, settings: Settings | None = None) ->
     return app
 
 
-app = build_app()
+class Routes(Starlette):
+    """The routes' app as BentoML mounts it: an empty shell that hands every request to ``build_app()``'s FastAPI app,
+    built when the service starts in its API worker (``ZeroShot.__init__``), not at import. BentoML 1.4 takes the
+    mounted app when the class is declared, and starts the service (``__init__``) before it serves any request.
 
-# A side effect at import, on purpose: BentoML's server process reads the Prometheus folder between importing this
-# module and starting the workers (no hook runs earlier). With the BentoML version check and the per-request timers'
-# release, every use of BentoML's internals is in runners/bentoml_internals.py.
-prepare_server(service_settings().stop_timeout_s)
-# Before BentoML's worker builds its uvicorn configuration: deadlines for request heads and bodies, 431 for oversized
-# heads (api/connections.py; BentoML 1.4 exposes neither).
-guard_connections(service_settings)
-# In each of BentoML's workers (nothing elsewhere): end with the server, even when it is killed (runners/lifeline.py).
-die_with_parent()
+    A Starlette because BentoML's mount matches a request against a Starlette app's ``routes`` (here the built app's)
+    and leaves an unknown path to BentoML's own 404; any other ASGI app would take every path."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._app: FastAPI | None = None
+
+    @property
+    def routes(self) -> list[BaseRoute]:
+        return self.app.routes
+
+    @property
+    def built(self) -> bool:
+        return self._app is not None
+
+    @property
+    def app(self) -> FastAPI:
+        """The FastAPI app, built on first use."""
+        if self._app is None:
+            self._app = build_app()
+        return self._app
+
+    def app_state(self, name: str) -> Any:
+        """``app.state.<name>`` of the built app; None before it is built."""
+        return getattr(self._app.state, name, None) if self._app is not None else None
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await self.app(scope, receive, send)
+
+
+routes = Routes()
 
 # The one read of settings at import in this module: BentoML builds the service graph from the class attributes, so
 # a detector that is off (ZSS_DETECTOR_MODEL=none) is not declared at all: no process, no memory.
 _BUILT_WITH = service_settings()
 _DETECTOR_ON = detector_declared(_BUILT_WITH)
-# `bentoml build` keeps these in the bento, so it serves as built with no ZSS_* variable (runners/serving.py).
-record_build_settings(_BUILT_WITH)
+
+
+def _prepare_process() -> None:
+    """What BentoML 1.4 runs no project code for after importing this module, done at import in the one BentoML
+    process that needs it (runners/bentoml_internals.py ``bentoml_process``); imported anywhere else, nothing."""
+    where = bentoml_process()
+    if where == "cli":
+        # `bentoml serve` reads the Prometheus folder between importing this module and starting the workers: a
+        # folder per server (runners/bentoml_internals.py). `bentoml build` keeps the settings recorded here in the
+        # bento, so it serves as built with no ZSS_* variable (runners/serving.py).
+        prepare_server(_BUILT_WITH.stop_timeout_s)  # with the arbiter's prompt stop (runners/bentoml_internals.py)
+        record_build_settings(_BUILT_WITH)
+    elif where == "worker":
+        # A worker builds its uvicorn configuration right after importing this module, before the service starts:
+        # deadlines for request heads and bodies, 431 for oversized heads (api/connections.py; BentoML 1.4 exposes
+        # neither). The per-request timers' release, and the watch that ends the worker with the server, even when it
+        # is killed (runners/lifeline.py), as early as the worker runs project code.
+        prepare_worker()
+        guard_connections(service_settings)
+        die_with_parent()
+
+
+_prepare_process()
 DETECTOR_OFF = "the detector is disabled on this server (ZSS_DETECTOR_MODEL=none, or a bento built without one)"
 
 
@@ -267,7 +320,7 @@ def _listening_host() -> str | None:
         return None
 
 
-@bentoml.asgi_app(app, path="/")
+@bentoml.asgi_app(routes, path="/")
 @bentoml.service(name="zeroshot", workers=1, threads=32, traffic={"timeout": 600})
 class ZeroShot:
     image_encoder = bentoml.depends(ClipImageEncoder)
@@ -285,6 +338,7 @@ class ZeroShot:
         log.info("%s", gate.describe())
         if gate.keys is None and (warning := auth.open_server_warning(_listening_host())):
             log.warning("%s", warning)
+        app = routes.app  # built here, when the service starts
         app.state.settings = settings
         app.state.gate = gate
         registry, vectors = open_stores(settings)  # with ZSS_REDIS_URL: shared by the replicas through Redis
@@ -305,7 +359,7 @@ class ZeroShot:
     def __is_ready__(self) -> bool:
         """/readyz: not ready while a shared store (Redis) does not answer; the log says why (BentoML's 503 body
         does not)."""
-        reason = app.state.engine.unready()
+        reason = routes.app.state.engine.unready()
         if reason is not None:
             _unready_log.warning("not ready: %s", reason)
         return reason is None
@@ -319,4 +373,4 @@ ZeroShot.add_asgi_middleware(SecurityHeaders)
 # still starting) is answered, not left to hang in BentoML's TimeoutMiddleware (issue 18).
 ZeroShot.add_asgi_middleware(errors.ServiceCatchAll)
 # /metrics is BentoML's own route, outside the routes' app: keyed here when ZSS_METRICS_REQUIRE_KEY is set.
-ZeroShot.add_asgi_middleware(auth.MetricsGuard, gate=lambda: getattr(app.state, "gate", None))
+ZeroShot.add_asgi_middleware(auth.MetricsGuard, gate=lambda: routes.app_state("gate"))

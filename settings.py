@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import math
 import os
 import threading
 import time
@@ -134,13 +135,21 @@ class Settings(BaseSettings):
     rate_limit_burst: int = 0
     # With API keys: /metrics only for an admin key (it shows every tenant's counters); False leaves it open.
     metrics_require_key: bool = False
+    # With API keys: invalid keys allowed per client address in a window (a token bucket of this size refilled over
+    # the window; 0 = no limit); past it that address's invalid keys get 429 + Retry-After instead of 401. With
+    # ZSS_REDIS_URL this budget and the per-key rate limits are shared by every worker and replica.
+    auth_failure_limit: int = 30
+    auth_failure_window_s: float = 60.0
+    # Proxies (addresses or networks, comma-separated) whose X-Forwarded-For names the client address; "" = trust no
+    # header, the connection's peer is the client.
+    trusted_proxies: str = ""
     # Collections (README "Collections"): exact nearest-neighbour search up to this many vectors in a collection, a
     # FAISS inverted file above it, probing at least this many lists per query (more where the index's calibration
     # on the stored vectors needs them for recall@10 >= 0.97; BENCHMARKS.md).
     collection_exact_max: int = 100_000
     collection_nprobe: int = 16
 
-    @field_validator("rate_limit_rps", "rate_limit_burst")
+    @field_validator("rate_limit_rps", "rate_limit_burst", "auth_failure_limit")
     @classmethod
     def _not_negative(cls, value: float) -> float:
         if not value >= 0:  # NaN too
@@ -190,7 +199,14 @@ class Settings(BaseSettings):
             raise ValueError(f"must be one of {', '.join(BACKENDS)}")
         return value.strip().lower()
 
-    @field_validator("url_allow_networks")
+    @field_validator("auth_failure_window_s")
+    @classmethod
+    def _window(cls, value: float) -> float:
+        if not (value > 0 and math.isfinite(value)):  # NaN too
+            raise ValueError("must be more than 0 seconds")
+        return value
+
+    @field_validator("url_allow_networks", "trusted_proxies")
     @classmethod
     def _networks(cls, value: str) -> str:
         for item in value.split(","):

@@ -1,4 +1,5 @@
-"""API keys at the HTTP edge: who is calling (a tenant), per-key rate limits, per-tenant counters.
+"""API keys at the HTTP edge: who is calling (a tenant), per-key rate limits, a per-address budget of failed keys,
+per-tenant counters.
 
 :class:`ApiKeys` is an ASGI middleware of the routes' app (installed by ``build_app``, so in-process tests run it as
 the server does). For each request it:
@@ -7,13 +8,17 @@ the server does). For each request it:
 - on a server without keys (``ZSS_API_KEYS`` empty) calls every request :data:`engine.tenancy.OPEN`;
 - otherwise reads ``Authorization: Bearer <key>`` (or ``x-api-key: <key>``): none, or one that is not held, is 401
   with the envelope and ``WWW-Authenticate: Bearer``; a key over its rate is 429 with ``Retry-After``;
+- counts each invalid key against the client's address (api/client_address.py): past ``ZSS_AUTH_FAILURE_LIMIT`` of
+  them in ``ZSS_AUTH_FAILURE_WINDOW_S`` the address's invalid keys are 429 with ``Retry-After`` instead of 401 (its
+  valid keys, and other addresses, are not affected: README "API keys and tenants");
 - puts the caller's :class:`~engine.tenancy.Tenant` in the request scope for the routes (:func:`caller`) and counts
   the request (and, when it succeeded, its images) under the tenant in Prometheus.
 
 BentoML answers ``/livez``, ``/readyz`` and ``/metrics`` itself, outside this app: health stays open, and
 :class:`MetricsGuard` (a middleware of the BentoML service) keys ``/metrics`` when ``ZSS_METRICS_REQUIRE_KEY`` is set.
-The policy (keys, limiter) is a :class:`Gate` on ``app.state.gate``, read per request: the service sets it when it
-starts, and a request that comes before is refused (fail closed).
+The policy (keys, limiters) is a :class:`Gate` on ``app.state.gate``, read per request: the service sets it when it
+starts, and a request that comes before is refused (fail closed). With ``ZSS_REDIS_URL`` both limits are buckets in
+Redis shared by every worker and replica (engine/limits.py); Redis down, a request that needs one is 503 (fail closed).
 """
 
 from __future__ import annotations
@@ -21,17 +26,20 @@ from __future__ import annotations
 import ipaddress
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 
+import anyio
 from fastapi import Request, Security
 from fastapi.responses import JSONResponse
 from fastapi.security import APIKeyHeader, HTTPBearer
 from prometheus_client import Counter
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.client_address import Network, client_address, trusted_networks
 from api.errors import envelope
 from api.keys import Key, KeyRing
-from api.limits import RateLimiter, retry_after
+from api.limits import Limiter, RateLimiter, default_burst, retry_after
+from engine.limits import shared_limiter
 from engine.tenancy import OPEN, Tenant
 from errors import ZssError
 from settings import Settings
@@ -50,13 +58,18 @@ MISSING = "Missing API key: send 'Authorization: Bearer <key>' (or 'x-api-key: <
 INVALID = "Invalid API key."
 FORBIDDEN = "This key may not read /metrics (an admin key may)."
 LIMITED = "Rate limit exceeded for this API key; retry later."
+FAILURES_LIMITED = "Too many requests with an invalid API key from this address; retry later."
 STARTING = "The server is starting; retry later."
 
 REQUESTS = Counter(
     "zss_tenant_requests", "Requests with an API key (or all, without keys) by tenant", ["tenant", "code"]
 )
 IMAGES = Counter("zss_tenant_images", "Images in successful requests by tenant", ["tenant"])
-AUTH_FAILURES = Counter("zss_auth_failures", "Requests refused for a missing or invalid API key", ["reason"])
+AUTH_FAILURES = Counter(
+    "zss_auth_failures",
+    "Requests refused for a missing or invalid API key (limited: 429, address over budget)",
+    ["reason"],
+)
 
 # Declared for the OpenAPI document, so the docs page has an "Authorize" button (the middleware does the checking).
 BEARER = HTTPBearer(auto_error=False, description="An API key: 'Authorization: Bearer <key>' (ZSS_API_KEYS).")
@@ -65,31 +78,49 @@ DOCUMENTED = [Security(BEARER), Security(API_KEY_HEADER)]
 
 
 class Gate:
-    """The access policy of one API worker: its keys (None: an open server), its per-key limiter, and whether
-    /metrics needs an admin key."""
+    """The access policy of one API worker: its keys (None: an open server), its per-key limiter, its per-address
+    limiter of invalid keys and the proxies whose ``X-Forwarded-For`` it trusts, and whether /metrics needs an admin
+    key."""
 
     def __init__(
-        self, keys: KeyRing | None, limiter: RateLimiter | None = None, metrics_require_key: bool = False
+        self,
+        keys: KeyRing | None,
+        limiter: Limiter | None = None,
+        metrics_require_key: bool = False,
+        failures: Limiter | None = None,
+        trusted_proxies: tuple[Network, ...] = (),
     ) -> None:
         self.keys = keys
         self.limiter = limiter
+        self.failures = failures
+        self.trusted_proxies = trusted_proxies
         self.metrics_require_key = metrics_require_key and keys is not None
 
     @classmethod
     def from_settings(cls, settings: Settings, clock: Callable[[], float] = time.monotonic) -> Gate:
         """Raises ValueError (api.keys.KeyFileError) for an unusable ZSS_API_KEYS: the server must not start open."""
         keys = KeyRing.from_setting(settings.api_keys, clock)
-        limiter = None
+        limiter = failures = None
         if keys is not None and settings.rate_limit_rps > 0:
-            limiter = RateLimiter(settings.rate_limit_rps, settings.rate_limit_burst, clock)
-        return cls(keys, limiter, settings.metrics_require_key)
+            limiter = _limiter(settings, "key", settings.rate_limit_rps, settings.rate_limit_burst, clock)
+        if keys is not None and settings.auth_failure_limit > 0:
+            n = settings.auth_failure_limit
+            failures = _limiter(settings, "failed-key", n / settings.auth_failure_window_s, n, clock)
+        return cls(keys, limiter, settings.metrics_require_key, failures, trusted_networks(settings.trusted_proxies))
 
     def describe(self) -> str:
         if self.keys is None:
             return "API keys: none (ZSS_API_KEYS is empty): every caller sees and may change every deployment"
-        limit = f"{self.limiter.rate:g}/s per key, burst {self.limiter.burst:g}" if self.limiter else "no rate limit"
+        shared = " (shared through Redis)"
+        limit = "no rate limit"
+        if self.limiter:
+            limit = f"{self.limiter.rate:g}/s per key, burst {self.limiter.burst:g}{shared * self.limiter.shared}"
+        failed = "invalid keys not limited per address"
+        if self.failures:
+            window = self.failures.burst / self.failures.rate
+            failed = f"{self.failures.burst:g} invalid keys per {window:g} s per address{shared * self.failures.shared}"
         metrics = "admin key" if self.metrics_require_key else "open"
-        return f"API keys: {self.keys.summary()}; {limit}; /metrics {metrics}"
+        return f"API keys: {self.keys.summary()}; {limit}; {failed}; /metrics {metrics}"
 
     def identify(self, headers: Iterable[tuple[bytes, bytes]]) -> Key | str:
         """The held key the request presents, or the reason it has none (MISSING / INVALID). Keys required."""
@@ -98,6 +129,21 @@ class Gate:
         if presented is None:
             return MISSING
         return self.keys.lookup(presented) or INVALID
+
+
+def _limiter(settings: Settings, name: str, rate: float, burst: float, clock: Callable[[], float]) -> Limiter:
+    """Buckets shared through Redis with ZSS_REDIS_URL, else this worker's own."""
+    burst = default_burst(rate, burst)
+    return shared_limiter(settings, name, rate, burst) or RateLimiter(rate, burst, clock)
+
+
+async def take(limiter: Limiter | None, key: Hashable) -> float:
+    """``limiter.take(key)`` (0.0 without a limiter); a shared limiter's round trip to Redis runs in a thread."""
+    if limiter is None:
+        return 0.0
+    if limiter.shared:
+        return await anyio.to_thread.run_sync(limiter.take, key)
+    return limiter.take(key)
 
 
 def presented_key(headers: Iterable[tuple[bytes, bytes]]) -> bytes | None:
@@ -120,6 +166,11 @@ def presented_key(headers: Iterable[tuple[bytes, bytes]]) -> bytes | None:
 
 def is_public(path: str) -> bool:
     return path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES)
+
+
+def too_many_failures(wait: float) -> JSONResponse:
+    AUTH_FAILURES.labels("limited").inc()
+    return envelope(429, FAILURES_LIMITED, {"Retry-After": retry_after(wait)})
 
 
 def unauthorized(reason: str) -> JSONResponse:
@@ -146,11 +197,19 @@ class ApiKeys:
             tenant = OPEN
         else:
             key = gate.identify(scope["headers"])
-            if not isinstance(key, Key):
-                await unauthorized(key)(scope, receive, send)
+            try:
+                if not isinstance(key, Key):
+                    # Invalid keys only: a missing key is a client not set up yet (the web page before its key).
+                    failed = (
+                        await take(gate.failures, client_address(scope, gate.trusted_proxies)) if key == INVALID else 0
+                    )
+                    await (too_many_failures(failed) if failed > 0 else unauthorized(key))(scope, receive, send)
+                    return
+                wait = await take(gate.limiter, key.digest)
+            except ZssError as exc:  # the shared buckets are unreachable (Redis down): 503, fail closed
+                await envelope(exc.status_code, exc.message, exc.headers)(scope, receive, send)
                 return
             tenant = key.tenant
-            wait = gate.limiter.take(key.digest) if gate.limiter is not None else 0.0
             if wait > 0:
                 REQUESTS.labels(tenant.name, "429").inc()
                 await envelope(429, LIMITED, {"Retry-After": retry_after(wait)})(scope, receive, send)

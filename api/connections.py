@@ -38,6 +38,7 @@ import h11
 from uvicorn.protocols.http import flow_control, h11_impl
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from api.client_address import SCOPE_PEER
 from api.headers import ALWAYS, SecurityHeaders
 from settings import LimitedLog, Settings
 
@@ -102,6 +103,15 @@ class GuardedH11Protocol(H11Protocol):
             return event
 
         self.conn.next_event = next_event  # type: ignore[method-assign]
+        # The connection's peer, recorded before uvicorn's proxy-header middleware (on in BentoML 1.4, trusting any
+        # loopback peer) can rewrite the request's client: api/client_address.py trusts only ZSS_TRUSTED_PROXIES.
+        app = self.app
+
+        async def recorded_peer(scope: Any, receive: Any, send: Any) -> None:
+            scope[SCOPE_PEER] = self.client  # set when the connection was made
+            await app(scope, receive, send)
+
+        self.app = recorded_peer
 
     @classmethod
     def _configure(cls) -> None:

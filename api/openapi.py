@@ -29,7 +29,8 @@ AUTH_ERRORS: dict[int | str, dict[str, Any]] = {
     },
     429: {
         "model": ErrorResponse,
-        "description": "Over the API key's rate limit (with 'Retry-After', seconds)",
+        "description": "Over the API key's rate limit, or an invalid key from an address over its budget of them "
+        "(with 'Retry-After', seconds)",
         "headers": {"Retry-After": {"schema": {"type": "integer"}}},
     },
 }

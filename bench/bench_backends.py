@@ -40,6 +40,7 @@ from runners.clip import ClipEncoder, load_clip_encoder
 from runners.device import configure_threads
 from semantic.templates import expand
 from settings import get_settings
+from testing.clip_images import encode_images
 from testing.models import shapes_clip_env
 from tools import eval_shapes_clip as ev
 
@@ -191,7 +192,7 @@ def accuracy(configs: list[str], data_dir: Path, per_combo: int) -> str:
             reference.model,
             reference.preprocess,
             reference.tokenizer,
-            image_fn=lambda images, enc=enc: torch.from_numpy(enc.encode_images(list(images))),
+            image_fn=lambda images, enc=enc: torch.from_numpy(encode_images(enc, list(images))),
             text_fn=lambda texts, enc=enc: torch.from_numpy(enc.encode_texts(list(texts))),
         )
         results[c] = ev.evaluate(m, per_combo)

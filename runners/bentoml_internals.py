@@ -9,6 +9,9 @@ naming this module and the installed version, when BentoML is not the series the
 - ``configured_workers``: a service's ``workers`` as BentoML's configuration says (``BentoMLContainer.config``).
 - ``stop_promptly``: the server process (circus's arbiter, ``bentoml._internal.utils.circus.Arbiter``) stops
   accepting at once on SIGTERM, gives its workers a bounded time, and exits without Python's finalization.
+- ``bentoml_process``: which of BentoML's processes this is (its command line, one of its service workers, or
+  neither), from what BentoML 1.4 itself puts there: the service module does at import only what BentoML gives no
+  later hook for, and only in the process that needs it (README, "What importing service.py does").
 
 Still elsewhere: runners/serving.py's ``_record_argument`` (``BentoMLContainer.bento_arguments``, the bento arguments
 a build records).
@@ -49,13 +52,31 @@ def check_version(found: str | None = None) -> None:
         )
 
 
+def bentoml_process() -> str | None:
+    """``"worker"`` in one of BentoML's service workers (BentoML 1.4's arbiter starts every worker, the API's and each
+    dependency's, with ``BENTOML_RUNNER_MAP`` in its environment), ``"cli"`` in a process of BentoML's command line
+    (`bentoml serve`, `bentoml build`: ``bentoml_cli`` is loaded), None anywhere else (a test or a tool that imports
+    the service). Reads neither the command line nor anything it would change."""
+    if os.environ.get("BENTOML_RUNNER_MAP"):
+        return "worker"
+    if "bentoml_cli" in sys.modules:
+        return "cli"
+    return None
+
+
 def prepare_server(stop_timeout_s: float = 7.0) -> None:
-    """What the service module does at import, before BentoML's server process starts the workers: check the
-    version, give the server its own metrics folder, release the per-request timers, and make a stop prompt."""
+    """In BentoML's command-line process, at the service's import (before `bentoml serve` reads the metrics folder and
+    starts the workers; no later hook runs there): check the version, give the server its own metrics folder, and
+    make its stop prompt (``stop_promptly``: the arbiter runs in this process)."""
     check_version()
     own_metrics_dir()
-    release_request_timers()
     stop_promptly(stop_timeout_s)
+
+
+def prepare_worker() -> None:
+    """In each of BentoML's workers, before it serves: check the version and release the per-request timers."""
+    check_version()
+    release_request_timers()
 
 
 def own_metrics_dir() -> Path | None:

@@ -22,7 +22,6 @@ import hashlib
 import json
 import logging
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,6 @@ import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from imaging.preprocess import Preprocess
 from runners.backends import (
@@ -374,7 +372,6 @@ class ClipEncoder:
         self.dtype = dtype
         self.text_batch_size = text_batch_size
         self.dim = int(dim or getattr(model, "embed_dim", 0) or self._probe_dim())
-        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="clip-pre")
         # Trimming the context is exact only for causal text towers pooled at the EOT token (the only ones exported).
         # An exported SigLIP text tower (``text_trims`` False) takes the full context only.
         self.can_trim_context = text_trims if text_runtime is not None else text_exportable(model)
@@ -414,12 +411,6 @@ class ClipEncoder:
         }
 
     # -- images ------------------------------------------------------------------------------------------------
-    def images_to_pixels(self, images: list[Image.Image]) -> np.ndarray:
-        """Preprocess in a thread pool (PIL releases the GIL while resizing): uint8 [N, H, W, 3]."""
-        if not images:
-            return np.zeros((0, *self.preprocess.size, 3), np.uint8)
-        return np.stack(list(self._pool.map(self.preprocess.to_pixels, images)))
-
     def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 [N, H, W, 3] at the model's input size -> L2-normalised float32 [N, D]."""
         if pixels.shape[0] == 0:
@@ -436,10 +427,6 @@ class ClipEncoder:
             x = self.preprocess.normalise(x).to(self.dtype)
             feats = self.model.encode_image(x)
             return F.normalize(feats.float(), dim=-1).cpu().numpy()
-
-    def encode_images(self, images: list[Image.Image]) -> np.ndarray:
-        """RGB PIL images -> L2-normalised float32 [N, D]."""
-        return self.encode_pixels(self.images_to_pixels(images))
 
     # -- text --------------------------------------------------------------------------------------------------
     def tokenize(self, texts: list[str]) -> torch.Tensor:

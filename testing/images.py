@@ -29,3 +29,19 @@ def encode_png(img: Image.Image) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()
+
+
+def photo_jpeg(width: int, height: int, seed: int = 0, mode: str = "RGB", exif_orientation: int | None = None) -> bytes:
+    """A smooth, photo-like JPEG (gradients and a few shapes: what resizing a real photo meets)."""
+    rng = np.random.default_rng(seed)
+    x = np.linspace(0, 1, width)[None, :, None]
+    y = np.linspace(0, 1, height)[:, None, None]
+    arr = 255 * (0.5 + 0.5 * np.sin(9 * x * rng.random((1, 1, 3)) + 7 * y + rng.random((1, 1, 3)) * 6))
+    arr[height // 4 : height // 2, width // 3 : width // 2] = rng.integers(0, 256, 3)
+    img = Image.fromarray(np.broadcast_to(arr, (height, width, 3)).astype(np.uint8)).convert(mode)
+    buf = io.BytesIO()
+    exif = Image.Exif()
+    if exif_orientation is not None:
+        exif[0x0112] = exif_orientation  # EXIF Orientation
+    img.save(buf, format="JPEG", quality=92, exif=exif.tobytes())
+    return buf.getvalue()

@@ -58,6 +58,7 @@ def keyed(
         "ZSS_DETECTOR_MODEL": str(tiny_owl),
         "ZSS_DETECTOR_TOP_K": "48",
         "ZSS_API_KEYS": str(keys_path),
+        "ZSS_AUTH_FAILURE_LIMIT": "0",  # these checks send many invalid keys on purpose (tests/test_shared_limits.py)
         "ZSS_RATE_LIMIT_RPS": str(RATE),
         "ZSS_RATE_LIMIT_BURST": str(BURST),
         "ZSS_METRICS_REQUIRE_KEY": "true",

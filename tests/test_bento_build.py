@@ -65,7 +65,8 @@ def test_bentoml_build_packages_the_gpu_variant(tmp_path: Path) -> None:
             sys.executable,
             "-c",
             "import service, sys; assert not any('/tests' in p for p in sys.path);"
-            " assert any(getattr(r, 'path', '') == '/ui' for r in service.app.routes)",  # the web page is mounted
+            # the web page is mounted
+            " assert any(getattr(r, 'path', '') == '/ui' for r in service.routes.app.routes)",
         ],
         cwd=src,
         env={**clean, "ZSS_DETECTOR_MODEL": "none"},

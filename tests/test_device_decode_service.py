@@ -10,18 +10,19 @@ import httpx
 import numpy as np
 
 from imaging.decode import decode_image
-from runners.clip import load_clip_encoder
+from runners.clip import ClipEncoder, load_clip_encoder
 from settings import Settings
 from testing.client import CLASSES, deploy, files
+from testing.clip_images import encode_images
+from testing.images import photo_jpeg as photo
 from testing.images import png_bytes
 from testing.models import ClipFiles, clip_env
 from testing.server import running_server
-from tests.imaging.test_device_decode import photo
 
 
-def cpu_path(enc: object, data: bytes) -> np.ndarray:
-    img = decode_image(data, max_pixels=10**8, draft_size=enc.preprocess.draft_size)  # type: ignore[attr-defined]
-    return enc.encode_images([img])  # type: ignore[attr-defined]
+def cpu_path(enc: ClipEncoder, data: bytes) -> np.ndarray:
+    img = decode_image(data, max_pixels=10**8, draft_size=enc.preprocess.draft_size)
+    return encode_images(enc, [img])
 
 
 def test_served_device_decode_gives_the_cpu_paths_vectors_and_answers(tiny_clip: ClipFiles, tmp_path: Path) -> None:

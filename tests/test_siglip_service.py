@@ -19,6 +19,7 @@ from api.photofield import decode_embedding
 from runners.clip import load_clip_encoder
 from settings import Settings
 from testing.client import deploy, files
+from testing.clip_images import encode_images
 from testing.server import Server, running_server
 from testing.siglip import write_tiny_hf_siglip
 
@@ -65,7 +66,7 @@ def test_siglip_served_end_to_end(siglip_server: Server, siglip_dir: Path) -> No
         np.testing.assert_allclose(got, local.encode_texts(texts), atol=1e-4)
         red = png((220, 30, 30))
         img = np.asarray(c.post("/embed_image", files=files(red)).json()["embeddings"], np.float32)
-        expected = local.encode_images([Image.open(io.BytesIO(red)).convert("RGB")])
+        expected = encode_images(local, [Image.open(io.BytesIO(red)).convert("RGB")])
         np.testing.assert_allclose(img, expected, atol=1e-4)
         pf = c.post("/text-embeddings", json={"texts": texts}).json()
         vec, _ = decode_embedding(pf["texts"][0])

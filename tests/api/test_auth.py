@@ -79,7 +79,8 @@ def keyed(tmp_path: Path) -> Iterator[Keyed]:
     path = tmp_path / "keys.txt"
     path.write_text(key_file())
     path.chmod(0o600)
-    engine, _ = fake_engine(tmp_path / "data", api_keys=str(path), max_body_bytes=2**20)
+    # No budget of invalid keys per address here: these tests send many on purpose (its own tests: test_shared_limits).
+    engine, _ = fake_engine(tmp_path / "data", api_keys=str(path), max_body_bytes=2**20, auth_failure_limit=0)
     clock = Clock()
     app = build_app(engine)
     app.state.gate = Gate.from_settings(engine.settings, clock=clock)

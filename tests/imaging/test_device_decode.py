@@ -6,36 +6,18 @@ nvJPEG output is compared with the CPU decoder's too), against PIL's full decode
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from imaging import device_decode as dd
 from imaging.decode import decode_image
 from imaging.preprocess import Preprocess
 from testing.images import jpeg_bytes, png_bytes
+from testing.images import photo_jpeg as photo
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 MAX_PIXELS = 64_000_000
-
-
-def photo(width: int, height: int, seed: int = 0, mode: str = "RGB", exif_orientation: int | None = None) -> bytes:
-    """A smooth, photo-like JPEG (gradients and a few shapes: what resizing a real photo meets)."""
-    rng = np.random.default_rng(seed)
-    x = np.linspace(0, 1, width)[None, :, None]
-    y = np.linspace(0, 1, height)[:, None, None]
-    arr = 255 * (0.5 + 0.5 * np.sin(9 * x * rng.random((1, 1, 3)) + 7 * y + rng.random((1, 1, 3)) * 6))
-    arr[height // 4 : height // 2, width // 3 : width // 2] = rng.integers(0, 256, 3)
-    img = Image.fromarray(np.broadcast_to(arr, (height, width, 3)).astype(np.uint8)).convert(mode)
-    buf = io.BytesIO()
-    exif = Image.Exif()
-    if exif_orientation is not None:
-        exif[dd.EXIF_ORIENTATION] = exif_orientation
-    img.save(buf, format="JPEG", quality=92, exif=exif.tobytes())
-    return buf.getvalue()
 
 
 def pp(mode: str, size: tuple[int, int] = (224, 224), interpolation: str = "bicubic") -> Preprocess:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
+from concurrent.futures import Executor
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +16,7 @@ from PIL import Image
 
 from runners.clip import Preprocess, load_clip_encoder, quantize_mode, resolve_model
 from settings import Settings, get_settings
+from testing.clip_images import encode_images
 from testing.models import ClipFiles, write_tiny_clip
 
 
@@ -91,10 +94,20 @@ def test_image_embeddings_are_normalised_and_batch_independent(tiny_clip: ClipFi
     enc = load_clip_encoder(settings_for(tiny_clip), towers="image")
     rng = np.random.default_rng(0)
     imgs = [Image.fromarray((rng.random((40, 60, 3)) * 255).astype(np.uint8)) for _ in range(3)]
-    batch = enc.encode_images(imgs)
+    batch = encode_images(enc, imgs)
     assert batch.dtype == np.float32 and batch.shape == (3, 32)
     np.testing.assert_allclose(np.linalg.norm(batch, axis=1), 1.0, atol=1e-5)
-    np.testing.assert_allclose(batch[1:2], enc.encode_images(imgs[1:2]), atol=1e-5)
+    np.testing.assert_allclose(batch[1:2], encode_images(enc, imgs[1:2]), atol=1e-5)
+
+
+def test_the_served_encoder_carries_no_preprocessing_pool(tiny_clip: ClipFiles) -> None:
+    """The image encoder service gets pixels (the API worker preprocesses): PIL-image encoding and its thread pool
+    are bench/test-only (testing/clip_images.py), not members of the served encoder."""
+    before = {t.name for t in threading.enumerate()}
+    enc = load_clip_encoder(settings_for(tiny_clip), towers="image")
+    assert not hasattr(enc, "encode_images") and not hasattr(enc, "images_to_pixels")
+    assert not [v for v in vars(enc).values() if isinstance(v, Executor)]
+    assert not [n for n in {t.name for t in threading.enumerate()} - before if n.startswith("clip-pre")]
 
 
 def test_settings_from_env() -> None:

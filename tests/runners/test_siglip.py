@@ -21,6 +21,7 @@ from PIL import Image
 from runners import clip
 from runners.clip import load_clip_encoder, resolve_model
 from settings import Settings
+from testing.clip_images import encode_images
 from testing.models import ClipFiles
 from testing.siglip import CONTEXT, write_tiny_hf_siglip, write_tiny_open_clip_siglip
 
@@ -91,7 +92,7 @@ def test_transformers_siglip_matches_transformers(hf_siglip: Path) -> None:
         i = model.get_image_features(**processor(images=[img], return_tensors="pt")).pooler_output
     np.testing.assert_allclose(enc.encode_texts(TEXTS), torch.nn.functional.normalize(t, dim=-1).numpy(), atol=1e-5)
     # The processors' resampling differs a little from PIL's in imaging/; the vectors agree closely.
-    got = enc.encode_images([img])[0]
+    got = encode_images(enc, [img])[0]
     assert float(got @ torch.nn.functional.normalize(i, dim=-1).numpy()[0]) > 0.99
     info = enc.info
     assert info["preprocess"]["size"] == [32, 32] and info["preprocess"]["resize_mode"] == "squash"
@@ -190,7 +191,7 @@ def test_image_tower_needs_no_tokenizer(tmp_path: Path, oc_siglip: ClipFiles) ->
     shutil.copy(oc_siglip.checkpoint, tmp_path / oc_siglip.checkpoint.name)
     files = ClipFiles(tmp_path / oc_siglip.config.name, tmp_path / oc_siglip.checkpoint.name)
     enc = load_clip_encoder(oc_settings(files), towers="image")
-    assert enc.dim == 32 and enc.encode_images([Image.new("RGB", (8, 8))]).shape == (1, 32)
+    assert enc.dim == 32 and encode_images(enc, [Image.new("RGB", (8, 8))]).shape == (1, 32)
     with pytest.raises(RuntimeError, match="image tower only"):
         enc.tokenize(["x"])
 

@@ -27,6 +27,7 @@ from runners.serving import (
 )
 from runners.store import pin, store_tag
 from settings import Settings, get_settings
+from testing.clip_images import encode_images
 from testing.models import TINY_CLIP_CFG, ClipFiles, write_tiny_clip
 from testing.owl import build_tiny_owlv2
 
@@ -66,7 +67,7 @@ def test_stored_clip_keeps_its_model_id_and_embeddings(store: Path, tiny_clip: C
     assert a.model_id == b.model_id and a.info["preprocess"] == b.info["preprocess"]
     np.testing.assert_array_equal(a.encode_texts(["a red circle", "x"]), b.encode_texts(["a red circle", "x"]))
     img = [Image.new("RGB", (40, 30), (200, 30, 30))]
-    np.testing.assert_array_equal(a.encode_images(img), b.encode_images(img))
+    np.testing.assert_array_equal(encode_images(a, img), encode_images(b, img))
 
 
 def test_stored_clip_of_a_named_model_and_tag_keeps_name_at_tag_id(
