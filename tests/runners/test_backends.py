@@ -19,7 +19,7 @@ from settings import Settings, get_settings
 from testing.client import CLASSES, deploy, files
 from testing.clip_images import encode_images, images_to_pixels
 from testing.images import jpeg_bytes
-from testing.models import ClipFiles, clip_env, shapes_clip_env
+from testing.models import ClipFiles, clip_env, shapes_clip_env, shapes_siglip_env
 from testing.server import running_server
 
 FLOAT_BACKENDS = ("onnx", "openvino")
@@ -125,21 +125,26 @@ def test_onnx_int8_is_close_and_keyed_apart(tiny_clip: ClipFiles, torch_encoder:
     assert len(list((tmp_path / "exports").glob("text-onnx-int8-*/model.onnx"))) == 1
 
 
-@pytest.mark.parametrize(("backend", "precision"), [("onnx", "int8"), ("openvino", "bf16")])
-def test_reduced_precision_keeps_the_shapes_accuracy(tmp_path: Path, backend: str, precision: str) -> None:
+@pytest.mark.parametrize(
+    ("model", "backend", "precision"),
+    [("shapes-clip", "onnx", "int8"), ("shapes-clip", "openvino", "bf16"), ("shapes-siglip", "onnx", "int8")],
+)
+def test_reduced_precision_keeps_the_shapes_accuracy(tmp_path: Path, model: str, backend: str, precision: str) -> None:
     """Issue 19's goal for int8 (and issue 29's for bf16): within 0.5 points of float32 on the shapes evaluation, on
     the project's trained shapes CLIP with both towers on the reduced precision (what ZSS_CLIP_QUANTIZE serves on a
     CPU): zero-shot accuracy over 900 fresh images, and the predictions themselves agree with float32's. A broken
     quantisation (a bad scale, a quantised layer that should not be) moves these by many points. Where the CPU has
-    no native bf16, bf16 must be refused instead."""
+    no native bf16, bf16 must be refused instead. The shapes SigLIP's towers both export (its text tower over the full
+    context) and quantise like the CLIP's (issue 27)."""
     from tools import eval_shapes_clip as ev
 
-    env = {**shapes_clip_env(tmp_path), "ZSS_BACKEND": backend, "ZSS_CLIP_QUANTIZE": precision}
+    model_env = {"shapes-clip": shapes_clip_env, "shapes-siglip": shapes_siglip_env}[model]
+    env = {**model_env(tmp_path), "ZSS_BACKEND": backend, "ZSS_CLIP_QUANTIZE": precision}
     if precision == "bf16" and not native_bf16():
         with pytest.raises(ValueError, match="natively"):
             load_clip_encoder(get_settings(env))
         return
-    fp32 = load_clip_encoder(get_settings({**shapes_clip_env(tmp_path), "ZSS_BACKEND": "torch"}))
+    fp32 = load_clip_encoder(get_settings({**model_env(tmp_path), "ZSS_BACKEND": "torch"}))
     low = load_clip_encoder(get_settings(env))
     assert (low.info["backend"], low.info["text_backend"]) == (backend, backend)
     assert (low.info["precision"], low.info["text_precision"]) == (precision, precision)
@@ -154,7 +159,8 @@ def test_reduced_precision_keeps_the_shapes_accuracy(tmp_path: Path, backend: st
     ):
         pred = {k: (images[k] @ encoders[k].encode_texts(prompts).T).argmax(axis=1) for k in encoders}
         acc = {k: 100 * float(np.mean(pred[k] == np.asarray(truth))) for k in pred}
-        assert acc["fp32"] > 90  # the trained model, not noise
+        # The trained model, not noise (chance: 6-33%); the shapes SigLIP is the weaker model (81.6% on one set).
+        assert acc["fp32"] > {"shapes-clip": 90, "shapes-siglip": 75}[model], (prompts[0], acc)
         assert abs(acc["low"] - acc["fp32"]) <= 0.5, (prompts[0], acc)
         assert np.mean(pred["low"] == pred["fp32"]) >= 0.99, prompts[0]
 
