@@ -66,6 +66,10 @@ class Plan:
     detect_classes: int
     timeouts: dict[str, float] = field(default_factory=dict)
     server_start_s: float = 300.0
+    # The SigLIP image tower measured beside the CLIP's in the tower stage (issue 27).
+    siglip_name: str = "SigLIP SO400M-384"
+    siglip_env: dict[str, str] = field(default_factory=dict)
+    siglip_batches: list[int] = field(default_factory=lambda: [1, 32, 128])
 
 
 def gpu_plan() -> Plan:
@@ -84,6 +88,7 @@ def gpu_plan() -> Plan:
             "BENTOML_CONFIG_OPTIONS": f"services.zeroshot.workers={max(2, min(12, (os.cpu_count() or 4) - 4))}",
         },
         batches=[1, 8, 32, 64, 128, 256, 512],
+        siglip_env={"ZSS_CLIP_MODEL": "ViT-SO400M-14-SigLIP-384", "ZSS_CLIP_PRETRAINED": "random"},
         tower_seconds=2.0,
         decode_images=256,
         clients=256,
@@ -101,6 +106,7 @@ def gpu_plan() -> Plan:
 def smoke_plan(workdir: Path) -> Plan:
     from testing.models import ClipFiles, write_tiny_clip
     from testing.owl import build_tiny_owlv2
+    from testing.siglip import write_tiny_open_clip_siglip
 
     clip = ClipFiles(workdir / "tiny-clip" / "tiny-clip.json", workdir / "tiny-clip" / "tiny-clip.pt")
     if not clip.checkpoint.exists():  # the stages' processes reuse what the driver wrote
@@ -108,6 +114,9 @@ def smoke_plan(workdir: Path) -> Plan:
     owl = workdir / "tiny-owl"
     if not (owl / "config.json").exists():
         owl = build_tiny_owlv2(owl)
+    siglip = ClipFiles(workdir / "tiny-siglip" / "tiny-siglip.json", workdir / "tiny-siglip" / "tiny-siglip.pt")
+    if not siglip.checkpoint.exists():
+        siglip = write_tiny_open_clip_siglip(workdir / "tiny-siglip")
     return Plan(
         device="cpu",
         env={
@@ -119,6 +128,9 @@ def smoke_plan(workdir: Path) -> Plan:
             "ZSS_DETECTOR_TOP_K": "48",
         },
         batches=[1, 4],
+        siglip_name="tiny SigLIP",
+        siglip_env={"ZSS_CLIP_MODEL": str(siglip.config), "ZSS_CLIP_PRETRAINED": str(siglip.checkpoint)},
+        siglip_batches=[1, 4],
         tower_seconds=0.3,
         decode_images=8,
         clients=4,
@@ -163,33 +175,17 @@ def stage_tower(plan: Plan, out: Results) -> None:
     settings = get_settings({**plan.env, "ZSS_BACKEND": "torch"})
     enc = load_clip_encoder(settings, towers="image")
     device, dtype, pre = enc.device, enc.dtype, enc.preprocess
-    h, w = pre.size
-    cuda = device.type == "cuda"
-
-    def sync() -> None:
-        if cuda:
-            torch.cuda.synchronize()
 
     def tower(x: torch.Tensor) -> torch.Tensor:
         return F.normalize(enc.model.encode_image(pre.normalise(x).to(dtype)).float(), dim=-1)
 
-    best = 0.0
-    for b in plan.batches:
-        host = torch.randint(0, 256, (b, h, w, 3), dtype=torch.uint8)
-        if cuda:
-            host = host.pin_memory()
-        with torch.inference_mode():
-            for _ in range(2):  # warm-up: kernels picked for this shape
-                tower(host.to(device, non_blocking=True)).cpu()
-            sync()
-            n, t0 = 0, time.perf_counter()
-            while time.perf_counter() - t0 < plan.tower_seconds:
-                tower(host.to(device, non_blocking=True)).cpu()
-                n += b
-            rate = n / (time.perf_counter() - t0)
-        best = max(best, rate)
-        out.add("tower", f"bare image tower, batch {b}", rate, "img/s", f"{dtype}".replace("torch.", ""), batch=b)
+    best = bare_tower(enc, plan.batches, plan.tower_seconds, out, "bare image tower")
     out.add("tower", "bare image tower, best batch", best, "img/s", "", best=True)
+    # The SigLIP tower the Triton deployment this project replaces served (issue 27): SO400M at 384 px on a GPU.
+    siglip = load_clip_encoder(get_settings({**plan.env, **plan.siglip_env, "ZSS_BACKEND": "torch"}), towers="image")
+    best_siglip = bare_tower(siglip, plan.siglip_batches, plan.tower_seconds, out, f"{plan.siglip_name} image tower")
+    out.add("tower", f"{plan.siglip_name} image tower, best batch", best_siglip, "img/s", "")
+    del siglip
 
     blobs = [jpeg(seed=i % 16) for i in range(plan.decode_images)]
     what = f"JPEG decode + resize, CPU PIL ({os.cpu_count()} threads)"
@@ -197,6 +193,39 @@ def stage_tower(plan: Plan, out: Results) -> None:
     rate, both = gpu_decode(blobs, pre, device, tower)
     out.add("tower", f"JPEG decode + resize, torchvision on {device.type}", rate, "img/s", "640x480, batched")
     out.add("tower", f"decode on {device.type} + tower together", both, "img/s", f"batch {len(blobs)}")
+
+
+def bare_tower(enc: Any, batches: list[int], seconds: float, out: Results, label: str) -> float:
+    """``enc``'s image tower alone (uint8 pixels from pinned host memory, copied asynchronously, normalised on the
+    device) at each batch size, ``seconds`` each; one row per batch, the best rate returned."""
+    import torch
+    import torch.nn.functional as F
+
+    device, dtype, pre = enc.device, enc.dtype, enc.preprocess
+    h, w = pre.size
+    cuda = device.type == "cuda"
+
+    def tower(x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(enc.model.encode_image(pre.normalise(x).to(dtype)).float(), dim=-1)
+
+    best = 0.0
+    for b in batches:
+        host = torch.randint(0, 256, (b, h, w, 3), dtype=torch.uint8)
+        if cuda:
+            host = host.pin_memory()
+        with torch.inference_mode():
+            for _ in range(2):  # warm-up: kernels picked for this shape
+                tower(host.to(device, non_blocking=True)).cpu()
+            if cuda:
+                torch.cuda.synchronize()
+            n, t0 = 0, time.perf_counter()
+            while time.perf_counter() - t0 < seconds:
+                tower(host.to(device, non_blocking=True)).cpu()
+                n += b
+            rate = n / (time.perf_counter() - t0)
+        best = max(best, rate)
+        out.add("tower", f"{label}, batch {b}", rate, "img/s", f"{dtype}".replace("torch.", ""), batch=b)
+    return best
 
 
 def cpu_decode(blobs: list[bytes], pre: Any) -> float:
