@@ -66,6 +66,8 @@ def add_encoder_options(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--hold-ms", type=float, default=-1, help="ZSS_IMAGE_BATCH_HOLD_MS (negative: default)")
     ap.add_argument("--max-batch-size", type=int, default=0, help="ZSS_IMAGE_MAX_BATCH_SIZE (0: default)")
     ap.add_argument("--quantize", default="", help="ZSS_CLIP_QUANTIZE (and the bare tower's, where there is one)")
+    ap.add_argument("--clip-model", default="", help="ZSS_CLIP_MODEL instead of ViT-B-32 (a config file, a name)")
+    ap.add_argument("--clip-pretrained", default="", help="ZSS_CLIP_PRETRAINED with --clip-model")
 
 
 def encoder_env(args: argparse.Namespace, base: dict[str, str] = VIT_B32_RANDOM) -> dict[str, str]:
@@ -81,6 +83,9 @@ def encoder_env(args: argparse.Namespace, base: dict[str, str] = VIT_B32_RANDOM)
         env["ZSS_IMAGE_MAX_BATCH_SIZE"] = str(args.max_batch_size)
     if args.quantize:
         env["ZSS_CLIP_QUANTIZE"] = args.quantize
+    if getattr(args, "clip_model", ""):
+        env["ZSS_CLIP_MODEL"] = args.clip_model
+        env["ZSS_CLIP_PRETRAINED"] = args.clip_pretrained or "random"
     return env
 
 

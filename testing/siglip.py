@@ -123,3 +123,34 @@ def write_tiny_hf_siglip(directory: Path, version: int = 1, seed: int = 0) -> Pa
     model.save_pretrained(str(directory))
     (directory / "preprocessor_config.json").write_text(json.dumps(processor))
     return directory
+
+
+def write_full_size_open_clip_siglip(directory: Path, name: str = "ViT-B-16-SigLIP2", seed: int = 0) -> ClipFiles:
+    """open_clip's ``name`` at its released size with seeded random weights, for benchmarks: the released image tower
+    (what speed depends on), the text tower with the tokenizer trained here instead of the hub's (so its embedding
+    table has this small vocabulary). Written once: an existing checkpoint is reused."""
+    import open_clip
+    import torch
+
+    directory.mkdir(parents=True, exist_ok=True)
+    cfg_path, ckpt = directory / f"{name}-random.json", directory / f"{name}-random.pt"
+    if cfg_path.exists() and ckpt.exists():
+        return ClipFiles(cfg_path, ckpt)
+    vocab = train_tokenizer(corpus(), directory / "tokenizer", vocab_size=64)
+    cfg = open_clip.get_model_config(name)
+    cfg["text_cfg"] = {**cfg["text_cfg"], "vocab_size": vocab, "hf_tokenizer_name": "tokenizer"}
+    size = cfg["vision_cfg"]["image_size"]
+    cfg["preprocess_cfg"] = {
+        "size": size,
+        "mean": [0.5, 0.5, 0.5],
+        "std": [0.5, 0.5, 0.5],
+        "interpolation": "bicubic",
+        "resize_mode": "squash",
+    }
+    torch.manual_seed(seed)
+    model_cfg = {k: v for k, v in cfg.items() if k not in {"preprocess_cfg", "custom_text"}}
+    model_cfg["text_cfg"] = {k: v for k, v in cfg["text_cfg"].items() if k != "hf_tokenizer_name"}
+    model = open_clip.model.CustomTextCLIP(**model_cfg)
+    torch.save({k: v.half() for k, v in model.state_dict().items()}, ckpt)
+    cfg_path.write_text(json.dumps(cfg))
+    return ClipFiles(cfg_path, ckpt)
