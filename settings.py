@@ -126,6 +126,11 @@ class Settings(BaseSettings):
     # on the stored vectors needs them for recall@10 >= 0.97; BENCHMARKS.md).
     collection_exact_max: int = 100_000
     collection_nprobe: int = 16
+    # "" = the embedded SQLite file above; a postgresql:// URL = a PostgreSQL database with pgvector that several
+    # replicas share (cache/pg_collections.py): search in SQL, an HNSW index above collection_exact_max vectors,
+    # searched with this hnsw.ef_search.
+    collection_url: str = ""
+    collection_ef_search: int = 200
 
     @field_validator("rate_limit_rps", "rate_limit_burst")
     @classmethod
@@ -154,6 +159,21 @@ class Settings(BaseSettings):
         value = value.strip()
         if value and not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("must be empty or a redis://, rediss:// or unix:// URL")
+        return value
+
+    @field_validator("collection_url")
+    @classmethod
+    def _collection_url(cls, value: str) -> str:
+        value = value.strip()
+        if value and not value.startswith(("postgresql://", "postgres://")):
+            raise ValueError("must be empty (SQLite in the data dir) or a postgresql:// URL")
+        return value
+
+    @field_validator("collection_ef_search")
+    @classmethod
+    def _ef_search(cls, value: int) -> int:
+        if not 1 <= value <= 1000:
+            raise ValueError("must be between 1 and 1000 (pgvector's range)")
         return value
 
     @field_validator("redis_connect_timeout_s", "redis_timeout_s")

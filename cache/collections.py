@@ -185,6 +185,26 @@ class Snapshot:
         return pos[self.seqs[pos] == seqs]
 
 
+def grown(
+    snap: Snapshot | None, version: int, deletes: int, seqs: np.ndarray, ids: list[str], mat: np.ndarray
+) -> Snapshot:
+    """A collection's snapshot at ``version``: the rows read (all of them when ``snap`` is None, else only those
+    after its last seq) appended to ``snap``'s; its approximate index keeps up (rows added) until the collection has
+    grown 4x past what it was trained on."""
+    if snap is None:
+        return Snapshot(version, deletes, seqs, ids, mat.copy())
+    new = Snapshot(
+        version, deletes, np.concatenate([snap.seqs, seqs]), snap.ids + ids, np.concatenate([snap.matrix, mat])
+    )
+    new.index = snap.index
+    if new.index is not None:
+        if new.size > 4 * new.index.trained_on:
+            new.index = None  # grown well past what it was trained on: retrained by the next search that needs it
+        else:
+            new.index.add(mat)
+    return new
+
+
 def top_k(
     matrix: np.ndarray, query: np.ndarray, k: int, rows: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -440,18 +460,7 @@ class CollectionStore:
         seqs = np.fromiter((r[0] for r in rows), np.int64, len(rows))
         ids = [r[1] for r in rows]
         mat = np.frombuffer(b"".join(r[2] for r in rows), np.float32).reshape(len(rows), dim)
-        if snap is None:
-            new = Snapshot(version, deletes, seqs, ids, mat.copy())
-        else:
-            new = Snapshot(
-                version, deletes, np.concatenate([snap.seqs, seqs]), snap.ids + ids, np.concatenate([snap.matrix, mat])
-            )
-            new.index = snap.index
-            if new.index is not None:
-                if new.size > 4 * new.index.trained_on:
-                    new.index = None  # grown well past what it was trained on: retrain below
-                else:
-                    new.index.add(mat)
+        new = grown(snap, version, deletes, seqs, ids, mat)
         with self._lock:
             self._snapshots[cid] = new
         return new
@@ -467,6 +476,23 @@ class CollectionStore:
                     snap.index = VectorIndex(snap.matrix, self.nprobe)
             return snap.index.search(query, k, snap.size)
         return top_k(snap.matrix, query, k, rows)
+
+    def check_filter(self, cid: int, flt: Mapping[str, Any]) -> None:
+        """FilterError for a filter that cannot run on this collection (before anything is encoded for a search)."""
+        filter_sql(flt, self.fields(cid))
+
+    def search(
+        self, cid: int, dim: int, query: np.ndarray, k: int, flt: Mapping[str, Any] | None, exclude: str | None
+    ) -> list[tuple[str, float, dict[str, Any]]]:
+        """The ``k`` items of highest inner product with ``query`` (unit vectors: cosine), best first, among those
+        passing the filter, leaving out the item ``exclude``: (id, score, metadata)."""
+        seqs = self.matching(cid, flt) if flt is not None else None
+        snap = self.snapshot(cid, dim)
+        rows = snap.rows_of(seqs) if seqs is not None else None
+        pos, scores = self.nearest(snap, np.asarray(query, np.float32), k + (exclude is not None), rows)
+        found = [(snap.ids[p], float(s)) for p, s in zip(pos.tolist(), scores.tolist()) if snap.ids[p] != exclude]
+        metas = self.metadata(cid, [i for i, _ in found[:k]])
+        return [(i, s, metas.get(i, {})) for i, s in found[:k]]
 
     # -- helpers ----------------------------------------------------------------------------------------------------
     def _tx(self) -> _Transaction:

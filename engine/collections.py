@@ -37,13 +37,14 @@ from cache.collections import (
     NewItem,
     content_hash,
 )
+from cache.interfaces import CollectionBackend, StoreUnavailable
 from engine.configs import Kind
 from engine.deployments import DeployOutcome
 from engine.embedder import Progress
 from engine.jobs import Job
 from engine.kinds import Classification, ClassifierKind, Scored, open_set_label
 from engine.tenancy import Tenant
-from errors import Invalid, ZssError
+from errors import Invalid, Unavailable, ZssError
 from imaging.sources import ImageSource, source_bytes
 from semantic.classify import CompiledClassifier
 
@@ -63,7 +64,11 @@ T = TypeVar("T")
 
 
 async def in_thread(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
-    return await anyio.to_thread.run_sync(lambda: fn(*args, **kwargs))
+    """Blocking work in a worker thread; a shared store that cannot be reached (PostgreSQL down) is a 503."""
+    try:
+        return await anyio.to_thread.run_sync(lambda: fn(*args, **kwargs))
+    except StoreUnavailable as exc:
+        raise Unavailable(f"{exc} (retry later)") from exc
 
 
 class NoCollection(ZssError):
@@ -141,7 +146,7 @@ class Collections:
 
     # ``engine``: the Engine (engine/pipelines.py), not imported here: the API imports this module, and the
     # pipelines module reaches the encoders' wire types.
-    def __init__(self, engine: Any, store: CollectionStore) -> None:
+    def __init__(self, engine: Any, store: CollectionBackend) -> None:
         self.engine = engine
         self.store = store
         self._lock = threading.Lock()
@@ -153,8 +158,13 @@ class Collections:
 
     @classmethod
     def open(cls, engine: Any) -> Collections:
-        """The collections of the engine's data dir (ZSS_DATA_DIR/collections.sqlite3)."""
+        """The collections of the engine's data dir (ZSS_DATA_DIR/collections.sqlite3), or with ZSS_COLLECTION_URL
+        those of a PostgreSQL database (pgvector) that several replicas share."""
         s = engine.settings
+        if s.collection_url:
+            from cache.pg_collections import PgCollectionStore
+
+            return cls(engine, PgCollectionStore(s.collection_url, s.collection_exact_max, s.collection_ef_search))
         return cls(engine, CollectionStore(s.collections_path, s.collection_exact_max, s.collection_nprobe))
 
     def model(self) -> tuple[str, int]:
@@ -318,7 +328,8 @@ class Collections:
         if not 0 < k <= MAX_K:
             raise Invalid(f"k must be between 1 and {MAX_K}.")
         info = await in_thread(self._collection, caller, name)
-        rows_seqs = await in_thread(self._matching, info, flt)  # a bad filter is refused before any encoding
+        if flt is not None:
+            await in_thread(self._check_filter, info, flt)  # a bad filter is refused before any encoding
         exclude: str | None = None
         if query.text is not None:
             vec = (await self.engine.embed_texts([query.text], query.augment))[0]
@@ -333,20 +344,28 @@ class Collections:
             raise Invalid('A search needs one of "text", "image" or "id".')
 
         def run() -> list[Hit]:
-            snap = self.store.snapshot(info.cid, info.dim)
-            rows = snap.rows_of(rows_seqs) if rows_seqs is not None else None
-            pos, scores = self.store.nearest(snap, np.asarray(vec, np.float32), k + (exclude is not None), rows)
-            found = [(snap.ids[p], float(s)) for p, s in zip(pos.tolist(), scores.tolist()) if snap.ids[p] != exclude]
-            metas = self.store.metadata(info.cid, [i for i, _ in found[:k]])
-            return [Hit(i, s, metas.get(i, {})) for i, s in found[:k]]
+            try:
+                found = self.store.search(info.cid, info.dim, np.asarray(vec, np.float32), k, flt, exclude)
+            except FilterError as exc:
+                raise ZssError(str(exc), 400) from exc
+            except KeyError as exc:  # dropped meanwhile
+                raise NoCollection(name) from exc
+            return [Hit(i, s, m) for i, s, m in found]
 
         return await in_thread(run)
+
+    def _check_filter(self, info: CollectionInfo, flt: Mapping[str, Any]) -> None:
+        if not isinstance(flt, Mapping):
+            raise Invalid('"filter" must be an object of field conditions.')
+        try:
+            self.store.check_filter(info.cid, flt)
+        except FilterError as exc:
+            raise ZssError(str(exc), 400) from exc
 
     def _matching(self, info: CollectionInfo, flt: Mapping[str, Any] | None) -> np.ndarray | None:
         if flt is None:
             return None
-        if not isinstance(flt, Mapping):
-            raise Invalid('"filter" must be an object of field conditions.')
+        self._check_filter(info, flt)
         try:
             return self.store.matching(info.cid, flt)
         except FilterError as exc:
