@@ -53,10 +53,10 @@ MAX_ID_CHARS = 512
 MAX_METADATA_BYTES = 16_384
 MAX_K = 1000
 MAX_PAGE = 1000
-SCORE_CHUNK = 8192
+SCORE_CHUNK = 8192  # rows scored at once: bounds the [rows, examples] similarity matrix
 SCORED_KEPT = 2
 RESULTS_KEPT = 100
-JOB_KIND = "collection_classify"  # rows scored at once: bounds the [rows, examples] similarity matrix
+JOB_KIND = "collection_classify"
 
 
 P = ParamSpec("P")
@@ -405,7 +405,12 @@ class Collections:
         )
 
         def run() -> CollectionClassification:
-            snap = self.store.snapshot(info.cid, info.dim)
+            try:
+                snap = self.store.snapshot(info.cid, info.dim)
+            except KeyError as exc:  # dropped meanwhile
+                raise NoCollection(name) from exc
+            if progress is not None:
+                progress.check()
             rows = snap.rows_of(rows_seqs) if rows_seqs is not None else np.arange(snap.size)
             key = (info.cid, snap.version, deployed_id, id(clf), json.dumps(flt, sort_keys=True, default=str))
             with self._lock:
@@ -453,8 +458,8 @@ class Collections:
             raise ZssError("Job not found.", 404)
         if job.state == "running":
             raise ZssError("The job is still running (GET /jobs/{job_id} for its progress).", 409)
-        if job.state == "failed":
-            raise ZssError(job.message or "The job failed.", job.status_code or 500)
+        if job.state in ("failed", "cancelled"):
+            raise ZssError(job.message or f"The job {job.state}.", job.status_code or 500)
         with self._lock:
             found = self._results.get(job_id)
         if found is None or found[0] != name:
@@ -515,6 +520,8 @@ def score_rows(
         progress.start(len(rows))
 
     def one(chunk: np.ndarray) -> Scored:
+        if progress is not None:
+            progress.check()  # a cancelled job (DELETE /jobs/{id}) stops before its next chunk
         out = ClassifierKind.tensors(matrix[chunk], clf)
         if progress is not None:
             progress.advance(len(chunk))

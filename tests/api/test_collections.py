@@ -9,6 +9,7 @@ import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -256,3 +257,38 @@ def test_classify_as_a_job(served: tuple[TestClient, FakeClip]) -> None:
             break
         time.sleep(0.05)
     assert_error(client.get(f"/collections/photos/classify/{failed.json()['job_id']}"), 400, "Key not found")
+
+
+def test_cancel_a_classification_job(served: tuple[TestClient, FakeClip], monkeypatch: pytest.MonkeyPatch) -> None:
+    """DELETE /jobs/{id} stops a running ?wait=false classification before its next chunk: the job ends cancelled
+    within seconds with part of the collection scored, and its result is the cancellation (409), not an answer."""
+    import engine.collections as ec
+    from engine.kinds import ClassifierKind
+
+    client, _ = served
+    filled(client)
+    deployed = deploy(client, [{"name": c, "examples_to_include": [c]} for c in COLOURS])["deployed_id"]
+    scoring = ClassifierKind.tensors
+
+    def slow(embeddings: np.ndarray, clf: Any) -> Any:
+        time.sleep(0.5)  # a long run: 8 chunks of one row, two at a time
+        return scoring(embeddings, clf)
+
+    monkeypatch.setattr(ec, "SCORE_CHUNK", 1)
+    monkeypatch.setattr(ClassifierKind, "tensors", staticmethod(slow))
+    r = client.post("/collections/photos/classify", params={"wait": "false"}, json={"deployed_id": deployed})
+    job_id = r.json()["job_id"]
+    for _ in range(100):
+        if client.get(f"/jobs/{job_id}").json()["total"] == 8:
+            break
+        time.sleep(0.05)
+    t0 = time.monotonic()
+    cancelled = client.delete(f"/jobs/{job_id}")
+    assert cancelled.status_code == 200 and time.monotonic() - t0 < 2.0
+    report = cancelled.json()
+    assert report["state"] == "cancelled" and report["done"] < report["total"] == 8, report
+    assert_error(client.get(f"/collections/photos/classify/{job_id}"), 409, "cancelled")
+    assert_error(client.delete(f"/jobs/{job_id}"), 409)  # already ended
+    monkeypatch.setattr(ClassifierKind, "tensors", staticmethod(scoring))
+    done = client.post("/collections/photos/classify", json={"deployed_id": deployed})  # the next one runs whole
+    assert done.status_code == 200 and done.json()["total"] == 8
