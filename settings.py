@@ -131,6 +131,9 @@ class Settings(BaseSettings):
     # searched with this hnsw.ef_search.
     collection_url: str = ""
     collection_ef_search: int = 200
+    # Each added image keeps a thumbnail (JPEG, longer side at most this many pixels; a few kB) for the web page's
+    # results (GET /collections/{name}/items/{id}/thumbnail); 0 = none.
+    collection_thumbnail_px: int = 128
 
     @field_validator("rate_limit_rps", "rate_limit_burst")
     @classmethod
@@ -167,6 +170,13 @@ class Settings(BaseSettings):
         value = value.strip()
         if value and not value.startswith(("postgresql://", "postgres://")):
             raise ValueError("must be empty (SQLite in the data dir) or a postgresql:// URL")
+        return value
+
+    @field_validator("collection_thumbnail_px")
+    @classmethod
+    def _thumbnail_px(cls, value: int) -> int:
+        if not 0 <= value <= 512:
+            raise ValueError("must be 0 (no thumbnails) to 512 pixels")
         return value
 
     @field_validator("collection_ef_search")

@@ -48,6 +48,7 @@ CREATE TABLE IF NOT EXISTS items (
     metadata TEXT NOT NULL,
     vector BLOB NOT NULL,
     created_at REAL NOT NULL,
+    thumb BLOB,
     UNIQUE (cid, id)
 );
 CREATE INDEX IF NOT EXISTS items_by_hash ON items (cid, hash);
@@ -96,6 +97,7 @@ class NewItem:
     hash: str
     metadata: dict[str, Any] | None
     vector: np.ndarray
+    thumb: bytes | None = None  # a small JPEG (imaging/thumbnail.py); None: none kept (an import, or turned off)
 
 
 @dataclass(frozen=True)
@@ -294,6 +296,8 @@ class CollectionStore:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")  # an acknowledged item is on disk, even if the machine then stops
         db.executescript(_SCHEMA)
+        if "thumb" not in {r[1] for r in db.execute("PRAGMA table_info(items)")}:  # a file of before thumbnails
+            db.execute("ALTER TABLE items ADD COLUMN thumb BLOB")
         return db
 
     def close(self) -> None:
@@ -384,8 +388,8 @@ class CollectionStore:
                     replaced += self._db.execute("DELETE FROM items WHERE cid=? AND id=?", (cid, item_id)).rowcount
                 blob = np.ascontiguousarray(it.vector, dtype=np.float32).tobytes()
                 self._db.execute(
-                    "INSERT INTO items (cid, id, hash, metadata, vector, created_at) VALUES (?,?,?,?,?,?)",
-                    (cid, item_id, it.hash, meta, blob, now),
+                    "INSERT INTO items (cid, id, hash, metadata, vector, created_at, thumb) VALUES (?,?,?,?,?,?,?)",
+                    (cid, item_id, it.hash, meta, blob, now, it.thumb),
                 )
                 keys.update((it.metadata or {}).keys())
                 out.append(Added(item_id, True))
@@ -405,6 +409,16 @@ class CollectionStore:
         if row is None:
             return None
         return Item(row[0], row[1], json.loads(row[2]), np.frombuffer(row[3], np.float32).copy(), row[4])
+
+    def thumbnail(self, cid: int, item_id: str) -> bytes | None:
+        """The item's thumbnail, or that of an item of the same content (an image added again under another id)."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT thumb FROM items WHERE cid=? AND hash=(SELECT hash FROM items WHERE cid=? AND id=?) "
+                "AND thumb IS NOT NULL ORDER BY seq LIMIT 1",
+                (cid, cid, item_id),
+            ).fetchone()
+        return None if row is None else bytes(row[0])
 
     def delete_item(self, cid: int, item_id: str) -> bool:
         with self._lock, self._tx():

@@ -228,7 +228,7 @@ class PgCollectionStore:
                     c.execute(
                         f"CREATE TABLE {t} (seq BIGSERIAL PRIMARY KEY, id TEXT NOT NULL UNIQUE, hash TEXT NOT NULL, "
                         f"metadata JSONB NOT NULL, embedding vector({int(dim)}) NOT NULL, "
-                        "created_at DOUBLE PRECISION NOT NULL)"
+                        "created_at DOUBLE PRECISION NOT NULL, thumb BYTEA)"
                     )
                     c.execute(f"CREATE INDEX ON {t} (hash)")
             except psycopg.errors.UniqueViolation as exc:
@@ -317,8 +317,9 @@ class PgCollectionStore:
                     item_id = it.id
                     replaced += c.execute(f"DELETE FROM {t} WHERE id=%s", (item_id,)).rowcount
                 c.execute(
-                    f"INSERT INTO {t} (id, hash, metadata, embedding, created_at) VALUES (%s,%s,%s::jsonb,%s,%s)",
-                    (item_id, it.hash, meta, np.ascontiguousarray(it.vector, dtype=np.float32), now),
+                    f"INSERT INTO {t} (id, hash, metadata, embedding, created_at, thumb) "
+                    "VALUES (%s,%s,%s::jsonb,%s,%s,%s)",
+                    (item_id, it.hash, meta, np.ascontiguousarray(it.vector, dtype=np.float32), now, it.thumb),
                 )
                 keys.update((it.metadata or {}).keys())
                 out.append(Added(item_id, True))
@@ -342,6 +343,17 @@ class PgCollectionStore:
         if row is None:
             return None
         return Item(row[0], row[1], row[2], _array(row[3]), row[4])
+
+    def thumbnail(self, cid: int, item_id: str) -> bytes | None:
+        """The item's thumbnail, or that of an item of the same content (an image added again under another id)."""
+        t = _items(cid)
+        with self._pool.conn() as c, self._table(cid):
+            row = c.execute(
+                f"SELECT thumb FROM {t} WHERE hash=(SELECT hash FROM {t} WHERE id=%s) AND thumb IS NOT NULL "
+                "ORDER BY seq LIMIT 1",
+                (item_id,),
+            ).fetchone()
+        return None if row is None else bytes(row[0])
 
     def delete_item(self, cid: int, item_id: str) -> bool:
         with self._pool.conn() as c, self._table(cid), c.transaction():

@@ -45,7 +45,8 @@ from engine.jobs import Job
 from engine.kinds import Classification, ClassifierKind, Scored, open_set_label
 from engine.tenancy import Tenant
 from errors import Invalid, Unavailable, ZssError
-from imaging.sources import ImageSource, source_bytes
+from imaging.sources import ImageSource, load_image, source_bytes
+from imaging.thumbnail import thumbnail
 from semantic.classify import CompiledClassifier
 
 NAME = re.compile(r"^(?!\.+$)[A-Za-z0-9_.-]{1,64}$")  # not "." or "..": they would read as path steps
@@ -236,22 +237,35 @@ class Collections:
         hashes = [content_hash(b) for b in raws]
         vectors = await in_thread(self.store.known_vectors, info.cid, hashes)
         todo: dict[str, int] = {}
+        thumbs: dict[str, bytes | None] = {}
         for i, h in enumerate(hashes):
             if h not in vectors and h not in todo:
                 todo[h] = i
         if todo:
             fresh = [ImageSource("bytes", raws[i]) for i in todo.values()]
             async with self.engine._admitted(len(fresh), arrived) as t0:
-                pixels = await in_thread(self.engine._pixels, fresh)  # the decoding and preprocessing of /classify
+                pixels, made = await in_thread(self._pixels, fresh)  # the decoding and preprocessing of /classify
                 emb = await self.engine.image_encoder.encode_pixels(pixels, time.monotonic() - t0)
             if emb.shape[1] != info.dim:
                 raise ZssError(f"The image encoder's vectors ({emb.shape[1]}) are not the collection's ({info.dim}).")
             vectors.update(zip(todo, np.asarray(emb, np.float32)))
+            thumbs.update(zip(todo, made))
         items = [
-            NewItem(given[i] if given else None, h, metas[i] if metas else None, vectors[h])
+            NewItem(given[i] if given else None, h, metas[i] if metas else None, vectors[h], thumbs.get(h))
             for i, h in enumerate(hashes)
         ]
         return await in_thread(self._add, info, items)
+
+    def _pixels(self, sources: list[ImageSource]) -> tuple[np.ndarray, list[bytes | None]]:
+        """``/classify``'s pixels of each image and, from the same decoded image, its thumbnail (blocking)."""
+        pre = self.engine.preprocess()
+        side = self.engine.settings.collection_thumbnail_px
+        pixels, thumbs = [], []
+        for src in sources:
+            img = load_image(src, self.engine.limits, pre.draft_size)
+            pixels.append(pre.to_pixels(img))
+            thumbs.append(thumbnail(img, side) if side else None)
+        return np.stack(pixels), thumbs
 
     def _add(self, info: CollectionInfo, items: list[NewItem]) -> list[Added]:
         try:
@@ -266,6 +280,21 @@ class Collections:
             if it is None:
                 raise ZssError(f"Item {item_id!r} not found in collection {name!r}.", 404)
             return {"id": it.id, "hash": it.hash, "metadata": it.metadata, "created_at": it.created_at}
+
+        return await in_thread(run)
+
+    async def thumbnail(self, name: str, item_id: str, *, caller: Tenant) -> bytes:
+        """An item's thumbnail (JPEG); 404 for an unknown item or one without (imported as a vector)."""
+
+        def run() -> bytes:
+            info = self._collection(caller, name, same_model=False)
+            try:
+                thumb = self.store.thumbnail(info.cid, item_id)
+            except KeyError as exc:
+                raise NoCollection(name) from exc
+            if thumb is None:
+                raise ZssError(f"Item {item_id!r} of collection {name!r} has no thumbnail (or does not exist).", 404)
+            return thumb
 
         return await in_thread(run)
 

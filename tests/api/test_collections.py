@@ -216,7 +216,11 @@ def test_tenants_see_only_their_own_collections(tmp_path: Path) -> None:
     with TestClient(build_app(engine)) as client:
         a, b = {"Authorization": f"Bearer {ka}"}, {"Authorization": f"Bearer {kb}"}
         assert client.post("/collections", json={"name": "mine"}, headers=a).status_code == 201
-        assert client.post("/collections/mine/images", files=files(solid((1, 1, 1))), headers=a).status_code == 200
+        added = client.post("/collections/mine/images", files=files(solid((1, 1, 1))), headers=a)
+        assert added.status_code == 200
+        thumb = f"/collections/mine/thumbnails/{added.json()['ids'][0]}"
+        assert client.get(thumb, headers=a).status_code == 200
+        assert_error(client.get(thumb, headers=b), 404)
         assert client.get("/collections", headers=b).json()["collections"] == []
         assert_error(client.post("/collections/mine/search", json={"text": "x"}, headers=b), 404)
         assert_error(client.delete("/collections/mine", headers=b), 404)
@@ -292,3 +296,21 @@ def test_cancel_a_classification_job(served: tuple[TestClient, FakeClip], monkey
     monkeypatch.setattr(ClassifierKind, "tensors", staticmethod(scoring))
     done = client.post("/collections/photos/classify", json={"deployed_id": deployed})  # the next one runs whole
     assert done.status_code == 200 and done.json()["total"] == 8
+
+
+def test_thumbnails_are_small_jpegs_kept_at_add_time(served: tuple[TestClient, FakeClip]) -> None:
+    client, _ = served
+    assert client.post("/collections", json={"name": "thumbs"}).status_code == 201
+    big = solid((200, 40, 40), size=(400, 300), noise=3)
+    ids = add(client, "thumbs", [big, solid((1, 2, 3))]).json()["ids"]
+    r = client.get(f"/collections/thumbs/thumbnails/{ids[0]}")
+    assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"
+    img = Image.open(io.BytesIO(r.content))
+    assert img.format == "JPEG" and img.size == (128, 96) and len(r.content) < 16_000
+    red, green, blue = img.convert("RGB").getpixel((64, 48))
+    assert red > 150 and green < 90 and blue < 90  # the image's own colours
+    again = add(client, "thumbs", [big], ids=json.dumps(["copy"])).json()  # same content, another id: not encoded
+    assert again["ids"] == ["copy"]
+    assert client.get("/collections/thumbs/thumbnails/copy").content == r.content
+    assert_error(client.get("/collections/thumbs/thumbnails/nope"), 404)
+    assert_error(client.get(f"/collections/other/thumbnails/{ids[0]}"), 404)
