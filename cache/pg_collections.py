@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 
 PAGE = 20_000  # vectors per page read out of the database into a snapshot
 POOL = 8  # connections per process
+PLAIN_MAX_DIM = 1500  # vectors up to this size stay in their row (8 kB pages; a row holds one whole vector)
 CHECK_S = 2.0  # the least time between two looks at whether a collection needs its index
 _SCHEMA_LOCK = 0x2553_5331  # advisory lock: replicas starting at once create the schema one after the other
 _INDEX_LOCK = 0x2553_5332  # advisory lock (per collection): one replica builds a collection's index
@@ -230,6 +231,10 @@ class PgCollectionStore:
                         f"metadata JSONB NOT NULL, embedding vector({int(dim)}) NOT NULL, "
                         "created_at DOUBLE PRECISION NOT NULL, thumb BYTEA)"
                     )
+                    if dim <= PLAIN_MAX_DIM:
+                        # Kept in the row, not TOASTed (a 512-d vector is just over TOAST's threshold): a scan, the
+                        # exact search and the snapshot's pages read the rows only, not one TOAST lookup per row.
+                        c.execute(f"ALTER TABLE {t} ALTER COLUMN embedding SET STORAGE PLAIN")
                     c.execute(f"CREATE INDEX ON {t} (hash)")
             except psycopg.errors.UniqueViolation as exc:
                 raise Exists(name) from exc
