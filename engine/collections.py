@@ -165,7 +165,11 @@ class Collections:
         if s.collection_url:
             from cache.pg_collections import PgCollectionStore
 
-            return cls(engine, PgCollectionStore(s.collection_url, s.collection_exact_max, s.collection_ef_search))
+            try:
+                store = PgCollectionStore(s.collection_url, s.collection_exact_max, s.collection_ef_search)
+            except StoreUnavailable as exc:  # the database not up yet: 503, and the next request tries again
+                raise Unavailable(f"{exc} (retry later)") from exc
+            return cls(engine, store)
         return cls(engine, CollectionStore(s.collections_path, s.collection_exact_max, s.collection_nprobe))
 
     def model(self) -> tuple[str, int]:

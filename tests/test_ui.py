@@ -550,5 +550,7 @@ def test_collections_panel_search_and_classify_equal_the_api(ui: UI, server: Ser
         )
         assert page.eval_on_selector_all("#class-items .match", "ms => ms.map(m => m.dataset.id)") == want_ids
     ui.shot("collections")
+    page.set_viewport_size({"width": 390, "height": 844})  # phone width: nothing wider than the screen
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390
     with server.client() as c:
         assert c.delete("/collections/ui-photos").status_code == 200
