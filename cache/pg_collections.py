@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 PAGE = 20_000  # vectors per page read out of the database into a snapshot
 POOL = 8  # connections per process
 PLAIN_MAX_DIM = 1500  # vectors up to this size stay in their row (8 kB pages; a row holds one whole vector)
-CHECK_S = 2.0  # the least time between two looks at whether a collection needs its index
+CHECK_S = 5.0  # the least time between two looks at whether a collection needs its index
 _SCHEMA_LOCK = 0x2553_5331  # advisory lock: replicas starting at once create the schema one after the other
 _INDEX_LOCK = 0x2553_5332  # advisory lock (per collection): one replica builds a collection's index
 
@@ -456,8 +456,7 @@ class PgCollectionStore:
             if flt is not None:
                 c.execute("SET LOCAL enable_indexscan = off")  # exact over the rows that pass (see the module doc)
             else:  # through the HNSW index where there is one (the planner would scan a table of a few thousand)
-                c.execute("SET LOCAL enable_seqscan = off")
-                c.execute("SELECT set_config('hnsw.ef_search', %s, true)", (str(max(self.ef_search, k)),))
+                c.execute(f"SET LOCAL enable_seqscan = off; SET LOCAL hnsw.ef_search = {int(max(self.ef_search, k))}")
             rows = c.execute(
                 f"SELECT id, metadata, embedding <#> %s AS d FROM {_items(cid)} WHERE {where} ORDER BY d LIMIT %s",
                 [q, *args, k],
@@ -508,7 +507,7 @@ class PgCollectionStore:
             # The planner's estimate first: no count(*) over a big table on every add.
             row = c.execute("SELECT reltuples FROM pg_class WHERE relname = %s", (_items(cid),)).fetchone()
             est = float(row[0]) if row else 0.0
-            n = est if est > self.exact_max else self._count(c, cid)
+            n = est if est >= 0 else self._count(c, cid)  # -1: never analyzed (autovacuum has not come by yet)
         return n > self.exact_max and not self.has_index(cid)
 
     def ensure_index(self, cid: int, wait: bool = True) -> None:
