@@ -45,16 +45,20 @@ def _runnable_install(user: pwd.struct_passwd | None) -> Path:
     src = pg_install()
     if user is None or _reachable_by_all(src):
         return src
+    # The binaries find their libraries at $ORIGIN/../../../pgserver.libs (the wheel's layout): copied alike.
+    site = src.parents[1]
     dest = Path(tempfile.gettempdir()) / f"zss-pginstall-{src.stat().st_mtime_ns}"
-    if not (dest / "bin" / "postgres").exists():
+    if not (dest / "pgserver" / "pginstall" / "bin" / "postgres").exists():
         part = Path(tempfile.mkdtemp(prefix="zss-pginstall-"))
         for sub in ("bin", "lib", "share"):
-            shutil.copytree(src / sub, part / sub, symlinks=True)
-        part.chmod(0o755)
+            shutil.copytree(src / sub, part / "pgserver" / "pginstall" / sub, symlinks=True)
+        shutil.copytree(site / "pgserver.libs", part / "pgserver.libs", symlinks=True)
+        for d in (part, part / "pgserver", part / "pgserver" / "pginstall"):
+            d.chmod(0o755)
         with contextlib.suppress(OSError):
             part.rename(dest)  # another test process may have made it first
         shutil.rmtree(part, ignore_errors=True)
-    return dest
+    return dest / "pgserver" / "pginstall"
 
 
 def _as_user(user: pwd.struct_passwd | None):  # noqa: ANN202 - a preexec_fn
