@@ -1,5 +1,6 @@
-"""Collections in-process (ASGI client, fake encoders, real engine, SQLite store): every request shape of README
-"Collections", dedup without encoding, filters, classify = /classify, import, tenants, and bad input changing nothing.
+"""Collections in-process (ASGI client, fake encoders, real engine; the SQLite store and the PostgreSQL + pgvector
+store): every request shape of README "Collections", dedup without encoding, filters, classify = /classify, import,
+thumbnails, cancelling a classification job, tenants, and bad input changing nothing.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from PIL import Image
 from service import build_app
 from testing.client import assert_error, deploy, files
 from testing.fakes import FakeClip, fake_engine
+from testing.postgres import fresh_database
 from tools.embed_parquet import PartWriter
 
 COLOURS = {"red": (220, 20, 20), "green": (20, 200, 30), "blue": (20, 30, 220), "grey": (128, 128, 128)}
@@ -35,9 +37,14 @@ def solid(rgb: tuple[int, int, int], size: tuple[int, int] = (24, 24), noise: in
     return buf.getvalue()
 
 
-@pytest.fixture
-def served(tmp_path: Path) -> Iterator[tuple[TestClient, FakeClip]]:
-    engine, clip = fake_engine(tmp_path / "data", detector=False)
+@pytest.fixture(params=["sqlite", "postgres"])
+def served(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[TestClient, FakeClip]]:
+    """The app on the SQLite store, then on the PostgreSQL + pgvector one (a real server, a database per test): the
+    same requests, the same answers."""
+    shared = {}
+    if request.param == "postgres":
+        shared["collection_url"] = fresh_database(request.getfixturevalue("postgres"))
+    engine, clip = fake_engine(tmp_path / "data", detector=False, **shared)
     with TestClient(build_app(engine)) as client:
         yield client, clip
     engine.close()
