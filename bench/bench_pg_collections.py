@@ -90,6 +90,8 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=50)
     ap.add_argument("--hnsw", action="store_true")
     ap.add_argument("--classify", action="store_true")
+    ap.add_argument("--skip-exact", action="store_true")
+    ap.add_argument("--ef", type=lambda v: [int(x) for x in v.split(",")], default=[200], help="hnsw.ef_search values")
     ap.add_argument("--hnsw-timeout-s", type=float, default=0, help="give up the index build after this long")
     ap.add_argument("--maintenance-mem", default="512MB", help="maintenance_work_mem of a bounded build")
     ap.add_argument("--sqlite", action="store_true", help="the SQLite store's search beside it")
@@ -103,7 +105,8 @@ def main() -> None:
         info = store.create("bench", "c", "m", 512)
         out["pg_copy_s"] = copy_in(store, info.cid, data)
         store.search(info.cid, 512, queries[0], 10, None, None)  # warm the table's pages
-        out["pg_exact"] = timed_search(store, info.cid, queries, data)
+        if not args.skip_exact:
+            out["pg_exact"] = timed_search(store, info.cid, queries, data)
         if args.hnsw:
             t0 = time.perf_counter()
             if args.hnsw_timeout_s:
@@ -114,8 +117,9 @@ def main() -> None:
             out["pg_hnsw_build_s"] = time.perf_counter() - t0
             out["pg_hnsw_built"] = built
             if built:
-                out["pg_hnsw_ef_search"] = store.ef_search
-                out["pg_hnsw"] = timed_search(store, info.cid, queries, data)
+                for ef in args.ef:
+                    store.ef_search = ef
+                    out[f"pg_hnsw_ef{ef}"] = timed_search(store, info.cid, queries, data)
         if args.classify:
             rng = np.random.default_rng(0)
             pos = [torch.from_numpy(unit(rng.standard_normal((10, 512)))) for _ in range(100)]
