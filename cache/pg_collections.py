@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 PAGE = 20_000  # vectors per page read out of the database into a snapshot
 POOL = 8  # connections per process
 PLAIN_MAX_DIM = 1500  # vectors up to this size stay in their row (8 kB pages; a row holds one whole vector)
+TARGET_RECALL = 0.97  # recall@10 the HNSW index must reach on probe queries, or the collection stays exact
 CHECK_S = 5.0  # the least time between two looks at whether a collection needs its index
 _SCHEMA_LOCK = 0x2553_5331  # advisory lock: replicas starting at once create the schema one after the other
 _INDEX_LOCK = 0x2553_5332  # advisory lock (per collection): one replica builds a collection's index
@@ -64,6 +65,7 @@ CREATE TABLE IF NOT EXISTS zss_collections (
     created_at DOUBLE PRECISION NOT NULL,
     version BIGINT NOT NULL DEFAULT 0,
     deletes BIGINT NOT NULL DEFAULT 0,
+    hnsw_ef INTEGER,
     UNIQUE (tenant, name)
 );
 CREATE TABLE IF NOT EXISTS zss_collection_fields (
@@ -453,10 +455,14 @@ class PgCollectionStore:
             args.append(exclude)
         q = np.ascontiguousarray(query, dtype=np.float32)
         with self._pool.conn() as c, self._table(cid), c.transaction():
-            if flt is not None:
-                c.execute("SET LOCAL enable_indexscan = off")  # exact over the rows that pass (see the module doc)
-            else:  # through the HNSW index where there is one (the planner would scan a table of a few thousand)
-                c.execute(f"SET LOCAL enable_seqscan = off; SET LOCAL hnsw.ef_search = {int(max(self.ef_search, k))}")
+            row = c.execute("SELECT hnsw_ef FROM zss_collections WHERE cid=%s", (cid,)).fetchone()
+            ef = row[0] if row is not None else None
+            if flt is not None or ef is None or ef < 0:
+                # Exact over the rows that pass: a filter, no index yet, an index not calibrated yet, or one that
+                # misses at every ef_search (see the module doc).
+                c.execute("SET LOCAL enable_indexscan = off")
+            else:  # through the HNSW index (the planner would scan a table of a few thousand rows instead)
+                c.execute(f"SET LOCAL enable_seqscan = off; SET LOCAL hnsw.ef_search = {int(min(1000, max(ef, k)))}")
             rows = c.execute(
                 f"SELECT id, metadata, embedding <#> %s AS d FROM {_items(cid)} WHERE {where} ORDER BY d LIMIT %s",
                 [q, *args, k],
@@ -508,7 +514,8 @@ class PgCollectionStore:
             row = c.execute("SELECT reltuples FROM pg_class WHERE relname = %s", (_items(cid),)).fetchone()
             est = float(row[0]) if row else 0.0
             n = est if est >= 0 else self._count(c, cid)  # -1: never analyzed (autovacuum has not come by yet)
-        return n > self.exact_max and not self.has_index(cid)
+        # Above the size: no index yet, or one whose calibration did not finish (a killed process).
+        return n > self.exact_max and (not self.has_index(cid) or self.hnsw_ef(cid) is None)
 
     def ensure_index(self, cid: int, wait: bool = True) -> None:
         """Build the collection's HNSW index now (whatever its size): in this thread, or ``wait=False`` in the
@@ -521,7 +528,7 @@ class PgCollectionStore:
             if not wait:
                 return
             time.sleep(0.05)  # another thread builds it: wait for that build, then build only if it failed
-        if wait and self.has_index(cid):
+        if wait and self.has_index(cid) and self.hnsw_ef(cid) is not None:
             with self._lock:
                 self._building.discard(cid)
         elif wait:
@@ -535,13 +542,17 @@ class PgCollectionStore:
             try:
                 if not conn.execute("SELECT pg_try_advisory_lock(%s, %s)", (_INDEX_LOCK, cid)).fetchone()[0]:
                     return  # another process builds it
-                conn.execute(f"DROP INDEX IF EXISTS {_items(cid)}_hnsw")  # an invalid one left by a killed build
-                t0 = time.monotonic()
-                conn.execute(
-                    f"CREATE INDEX CONCURRENTLY IF NOT EXISTS {_items(cid)}_hnsw ON {_items(cid)} "
-                    f"USING hnsw (embedding vector_ip_ops) WITH (m = {int(self.hnsw_m)}, ef_construction = 64)"
-                )
-                log.info("collection %s: HNSW index built in %.1f s", cid, time.monotonic() - t0)
+                if not self.has_index(cid):
+                    conn.execute("UPDATE zss_collections SET hnsw_ef = NULL WHERE cid=%s", (cid,))
+                    conn.execute(f"DROP INDEX IF EXISTS {_items(cid)}_hnsw")  # an invalid one left by a killed build
+                    t0 = time.monotonic()
+                    conn.execute(
+                        f"CREATE INDEX CONCURRENTLY IF NOT EXISTS {_items(cid)}_hnsw ON {_items(cid)} "
+                        f"USING hnsw (embedding vector_ip_ops) WITH (m = {int(self.hnsw_m)}, ef_construction = 64)"
+                    )
+                    log.info("collection %s: HNSW index built in %.1f s", cid, time.monotonic() - t0)
+                ef, recall = self.calibrate(cid)
+                log.info("collection %s: HNSW ef_search %s (recall@10 %.3f on probe queries)", cid, ef, recall)
             finally:
                 conn.close()
         except Exception as exc:  # the searches stay exact; the next add or search tries again
@@ -549,3 +560,50 @@ class PgCollectionStore:
         finally:
             with self._lock:
                 self._building.discard(cid)
+
+    def calibrate(self, cid: int, target: float = TARGET_RECALL, queries: int = 64) -> tuple[int, float]:
+        """The least ``hnsw.ef_search`` (from ``ef_search``, doubled up to pgvector's 1,000) at which the index finds
+        ``target`` of the exact top 10 for probe queries midway between two stored vectors (as the SQLite store's
+        index calibrates its lists); kept in the collection's row, which searches read. -1 when even 1,000 does not:
+        the collection's searches then stay exact (correct, slower) rather than miss."""
+        t = _items(cid)
+        with self._pool.conn() as c:
+            pairs = [
+                _array(r[0]) for r in c.execute(f"SELECT embedding FROM {t} ORDER BY random() LIMIT %s", (2 * queries,))
+            ]
+        if len(pairs) < 2:
+            return -1, 0.0
+        mids = [a + b for a, b in zip(pairs[0::2], pairs[1::2])]
+        probes = [m / max(float(np.linalg.norm(m)), 1e-12) for m in mids]
+        exact = [set(self._top_ids(cid, q, 10, exact=True)) for q in probes]
+        ef, recall = max(1, min(self.ef_search, 1000)), 0.0
+        while True:
+            got = [set(self._top_ids(cid, q, 10, ef=ef)) for q in probes]
+            recall = float(np.mean([len(e & g) / max(len(e), 1) for e, g in zip(exact, got)]))
+            if recall >= target:
+                break
+            if ef >= 1000:
+                ef = -1
+                break
+            ef = min(1000, 2 * ef)
+        with self._pool.conn() as c:
+            c.execute("UPDATE zss_collections SET hnsw_ef = %s WHERE cid=%s", (ef, cid))
+        return ef, recall
+
+    def hnsw_ef(self, cid: int) -> int | None:
+        """The collection's calibrated ef_search: None = not calibrated (searches exact), -1 = the index misses
+        (searches exact), else what searches use."""
+        with self._pool.conn() as c:
+            row = c.execute("SELECT hnsw_ef FROM zss_collections WHERE cid=%s", (cid,)).fetchone()
+        return None if row is None or row[0] is None else int(row[0])
+
+    def _top_ids(self, cid: int, q: np.ndarray, k: int, exact: bool = False, ef: int = 0) -> list[int]:
+        with self._pool.conn() as c, c.transaction():
+            if exact:
+                c.execute("SET LOCAL enable_indexscan = off")
+            else:
+                c.execute(f"SET LOCAL enable_seqscan = off; SET LOCAL hnsw.ef_search = {int(ef)}")
+            rows = c.execute(
+                f"SELECT seq FROM {_items(cid)} ORDER BY embedding <#> %s LIMIT %s", (np.asarray(q, np.float32), k)
+            ).fetchall()
+        return [r[0] for r in rows]

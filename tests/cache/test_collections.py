@@ -216,14 +216,24 @@ def test_postgres_hnsw_index_above_the_threshold_keeps_recall(postgres: Postgres
     store.add(info.cid, items(vecs, meta=False), lambda: "x")
     assert not store.has_index(info.cid)  # an add past the threshold starts its build in the background
     deadline = time.monotonic() + 60
-    while not store.has_index(info.cid) and time.monotonic() < deadline:
+    while store.hnsw_ef(info.cid) is None and time.monotonic() < deadline:  # built, then calibrated
         time.sleep(0.1)
-    assert store.has_index(info.cid)
+    assert store.has_index(info.cid) and store.hnsw_ef(info.cid) > 0  # type: ignore[operator]
     queries = clustered(100, 32, seed=3)
-    recall = []
-    for q in queries:
-        exact, _ = top_k(vecs, q, 10)
-        approx = [int(h[0][1:]) for h in store.search(info.cid, 32, q, 10, None, None)]
-        recall.append(len(set(exact.tolist()) & set(approx)) / 10)
-    assert np.mean(recall) >= 0.95, np.mean(recall)
+
+    def recall() -> float:
+        found = []
+        for q in queries:
+            exact, _ = top_k(vecs, q, 10)
+            approx = [int(h[0][1:]) for h in store.search(info.cid, 32, q, 10, None, None)]
+            found.append(len(set(exact.tolist()) & set(approx)) / 10)
+        return float(np.mean(found))
+
+    assert recall() >= 0.95
+    store.ef_search = 1  # the least ef: the index misses...
+    with store._pool.conn() as c:
+        c.execute("UPDATE zss_collections SET hnsw_ef = 1 WHERE cid=%s", (info.cid,))
+    assert recall() < 0.95
+    assert store.calibrate(info.cid, target=1.01)[0] == -1  # ...and where no ef reaches the target, search is exact
+    assert recall() == 1.0
     store.close()
