@@ -128,7 +128,7 @@ class Settings(BaseSettings):
     collection_nprobe: int = 16
     # "" = the embedded SQLite file above; a postgresql:// URL = a PostgreSQL database with pgvector that several
     # replicas share (cache/pg_collections.py): search in SQL, an HNSW index above collection_exact_max vectors,
-    # searched with this hnsw.ef_search.
+    # searched with at least this hnsw.ef_search (more where its calibration needs it for recall@10 >= 0.97).
     collection_url: str = ""
     collection_ef_search: int = 200
     # Each added image keeps a thumbnail (JPEG, longer side at most this many pixels; a few kB) for the web page's

@@ -8,9 +8,11 @@ a collection's ``version`` moves with every write, in that transaction, so each 
 when it is stale. Search is SQL: ``ORDER BY embedding <#> query LIMIT k`` (negative inner product: the vectors are
 unit length, so this is the cosine order, and the score is the SQLite store's) with the metadata filter as a WHERE
 over the jsonb. It is exact (a scan) until the collection holds more than ``exact_max`` vectors; then one replica
-builds an HNSW index in the background (``CREATE INDEX CONCURRENTLY``, searches stay exact meanwhile) and unfiltered
-searches go through it with ``hnsw.ef_search`` = ``ef_search``. A filtered search is always exact: HNSW filters after
-its candidate list and would answer fewer than ``k``.
+builds an HNSW index in the background (``CREATE INDEX CONCURRENTLY``) and calibrates it: the least ``hnsw.ef_search``
+(from ``ef_search`` up, doubled, at most 1,000) at which it finds 97% of the exact top 10 for probe queries, kept in
+the collection's row. Searches stay exact until then, and for good when no ef_search reaches it (at a million
+clustered 512-d vectors ef_search 200 found only 80%: BENCHMARKS.md). A filtered search is always exact: HNSW filters
+after its candidate list and would answer fewer than ``k``.
 """
 
 from __future__ import annotations
