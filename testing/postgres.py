@@ -158,8 +158,8 @@ class PostgresServer:
 @contextlib.contextmanager
 def running_postgres(directory: Path | None = None) -> Iterator[PostgresServer]:
     server = PostgresServer(directory) if directory is not None else PostgresServer()
-    server.start()
     try:
+        server.start()  # a failed start removes its folder too
         yield server
     finally:
         server.stop()
