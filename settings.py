@@ -148,6 +148,14 @@ class Settings(BaseSettings):
     # on the stored vectors needs them for recall@10 >= 0.97; BENCHMARKS.md).
     collection_exact_max: int = 100_000
     collection_nprobe: int = 16
+    # "" = the embedded SQLite file above; a postgresql:// URL = a PostgreSQL database with pgvector that several
+    # replicas share (cache/pg_collections.py): search in SQL, an HNSW index above collection_exact_max vectors,
+    # searched with at least this hnsw.ef_search (more where its calibration needs it for recall@10 >= 0.97).
+    collection_url: str = ""
+    collection_ef_search: int = 200
+    # Each added image keeps a thumbnail (JPEG, longer side at most this many pixels; a few kB) for the web page's
+    # results (GET /collections/{name}/items/{id}/thumbnail); 0 = none.
+    collection_thumbnail_px: int = 128
 
     @field_validator("rate_limit_rps", "rate_limit_burst", "auth_failure_limit")
     @classmethod
@@ -183,6 +191,28 @@ class Settings(BaseSettings):
         value = value.strip()
         if value and not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("must be empty or a redis://, rediss:// or unix:// URL")
+        return value
+
+    @field_validator("collection_url")
+    @classmethod
+    def _collection_url(cls, value: str) -> str:
+        value = value.strip()
+        if value and not value.startswith(("postgresql://", "postgres://")):
+            raise ValueError("must be empty (SQLite in the data dir) or a postgresql:// URL")
+        return value
+
+    @field_validator("collection_thumbnail_px")
+    @classmethod
+    def _thumbnail_px(cls, value: int) -> int:
+        if not 0 <= value <= 512:
+            raise ValueError("must be 0 (no thumbnails) to 512 pixels")
+        return value
+
+    @field_validator("collection_ef_search")
+    @classmethod
+    def _ef_search(cls, value: int) -> int:
+        if not 1 <= value <= 1000:
+            raise ValueError("must be between 1 and 1000 (pgvector's range)")
         return value
 
     @field_validator("redis_connect_timeout_s", "redis_timeout_s")

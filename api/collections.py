@@ -9,7 +9,7 @@ import threading
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import UploadFile
 
@@ -207,6 +207,17 @@ def build_router() -> APIRouter:
     @router.get("/collections/{name}/items/{item_id:path}", response_model=ItemOut, responses=ERRORS)
     async def get_item(name: Name, item_id: ItemId, cols: CollectionsDep, who: CallerDep) -> Any:
         return await cols.item(name, item_id, caller=who)
+
+    @router.get(
+        "/collections/{name}/thumbnails/{item_id:path}",
+        response_class=Response,
+        responses={**ERRORS, 200: {"content": {"image/jpeg": {}}, "description": "The item's thumbnail (JPEG)"}},
+    )
+    async def get_thumbnail(name: Name, item_id: ItemId, cols: CollectionsDep, who: CallerDep) -> Response:
+        """A stored image's thumbnail (JPEG, longer side at most ZSS_COLLECTION_THUMBNAIL_PX), for the web page;
+        404 for an item imported as a vector."""
+        data = await cols.thumbnail(name, item_id, caller=who)
+        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
 
     @router.delete("/collections/{name}/items/{item_id:path}", response_model=Message, responses=ERRORS)
     async def delete_item(name: Name, item_id: ItemId, cols: CollectionsDep, who: CallerDep) -> Any:

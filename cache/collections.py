@@ -48,6 +48,7 @@ CREATE TABLE IF NOT EXISTS items (
     metadata TEXT NOT NULL,
     vector BLOB NOT NULL,
     created_at REAL NOT NULL,
+    thumb BLOB,
     UNIQUE (cid, id)
 );
 CREATE INDEX IF NOT EXISTS items_by_hash ON items (cid, hash);
@@ -96,6 +97,7 @@ class NewItem:
     hash: str
     metadata: dict[str, Any] | None
     vector: np.ndarray
+    thumb: bytes | None = None  # a small JPEG (imaging/thumbnail.py); None: none kept (an import, or turned off)
 
 
 @dataclass(frozen=True)
@@ -183,6 +185,26 @@ class Snapshot:
         ok = pos < len(self.seqs)
         pos, seqs = pos[ok], seqs[ok]
         return pos[self.seqs[pos] == seqs]
+
+
+def grown(
+    snap: Snapshot | None, version: int, deletes: int, seqs: np.ndarray, ids: list[str], mat: np.ndarray
+) -> Snapshot:
+    """A collection's snapshot at ``version``: the rows read (all of them when ``snap`` is None, else only those
+    after its last seq) appended to ``snap``'s; its approximate index keeps up (rows added) until the collection has
+    grown 4x past what it was trained on."""
+    if snap is None:
+        return Snapshot(version, deletes, seqs, ids, mat.copy())
+    new = Snapshot(
+        version, deletes, np.concatenate([snap.seqs, seqs]), snap.ids + ids, np.concatenate([snap.matrix, mat])
+    )
+    new.index = snap.index
+    if new.index is not None:
+        if new.size > 4 * new.index.trained_on:
+            new.index = None  # grown well past what it was trained on: retrained by the next search that needs it
+        else:
+            new.index.add(mat)
+    return new
 
 
 def top_k(
@@ -274,6 +296,8 @@ class CollectionStore:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")  # an acknowledged item is on disk, even if the machine then stops
         db.executescript(_SCHEMA)
+        if "thumb" not in {r[1] for r in db.execute("PRAGMA table_info(items)")}:  # a file of before thumbnails
+            db.execute("ALTER TABLE items ADD COLUMN thumb BLOB")
         return db
 
     def close(self) -> None:
@@ -364,8 +388,8 @@ class CollectionStore:
                     replaced += self._db.execute("DELETE FROM items WHERE cid=? AND id=?", (cid, item_id)).rowcount
                 blob = np.ascontiguousarray(it.vector, dtype=np.float32).tobytes()
                 self._db.execute(
-                    "INSERT INTO items (cid, id, hash, metadata, vector, created_at) VALUES (?,?,?,?,?,?)",
-                    (cid, item_id, it.hash, meta, blob, now),
+                    "INSERT INTO items (cid, id, hash, metadata, vector, created_at, thumb) VALUES (?,?,?,?,?,?,?)",
+                    (cid, item_id, it.hash, meta, blob, now, it.thumb),
                 )
                 keys.update((it.metadata or {}).keys())
                 out.append(Added(item_id, True))
@@ -385,6 +409,16 @@ class CollectionStore:
         if row is None:
             return None
         return Item(row[0], row[1], json.loads(row[2]), np.frombuffer(row[3], np.float32).copy(), row[4])
+
+    def thumbnail(self, cid: int, item_id: str) -> bytes | None:
+        """The item's thumbnail, or that of an item of the same content (an image added again under another id)."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT thumb FROM items WHERE cid=? AND hash=(SELECT hash FROM items WHERE cid=? AND id=?) "
+                "AND thumb IS NOT NULL ORDER BY seq LIMIT 1",
+                (cid, cid, item_id),
+            ).fetchone()
+        return None if row is None else bytes(row[0])
 
     def delete_item(self, cid: int, item_id: str) -> bool:
         with self._lock, self._tx():
@@ -440,18 +474,7 @@ class CollectionStore:
         seqs = np.fromiter((r[0] for r in rows), np.int64, len(rows))
         ids = [r[1] for r in rows]
         mat = np.frombuffer(b"".join(r[2] for r in rows), np.float32).reshape(len(rows), dim)
-        if snap is None:
-            new = Snapshot(version, deletes, seqs, ids, mat.copy())
-        else:
-            new = Snapshot(
-                version, deletes, np.concatenate([snap.seqs, seqs]), snap.ids + ids, np.concatenate([snap.matrix, mat])
-            )
-            new.index = snap.index
-            if new.index is not None:
-                if new.size > 4 * new.index.trained_on:
-                    new.index = None  # grown well past what it was trained on: retrain below
-                else:
-                    new.index.add(mat)
+        new = grown(snap, version, deletes, seqs, ids, mat)
         with self._lock:
             self._snapshots[cid] = new
         return new
@@ -467,6 +490,23 @@ class CollectionStore:
                     snap.index = VectorIndex(snap.matrix, self.nprobe)
             return snap.index.search(query, k, snap.size)
         return top_k(snap.matrix, query, k, rows)
+
+    def check_filter(self, cid: int, flt: Mapping[str, Any]) -> None:
+        """FilterError for a filter that cannot run on this collection (before anything is encoded for a search)."""
+        filter_sql(flt, self.fields(cid))
+
+    def search(
+        self, cid: int, dim: int, query: np.ndarray, k: int, flt: Mapping[str, Any] | None, exclude: str | None
+    ) -> list[tuple[str, float, dict[str, Any]]]:
+        """The ``k`` items of highest inner product with ``query`` (unit vectors: cosine), best first, among those
+        passing the filter, leaving out the item ``exclude``: (id, score, metadata)."""
+        seqs = self.matching(cid, flt) if flt is not None else None
+        snap = self.snapshot(cid, dim)
+        rows = snap.rows_of(seqs) if seqs is not None else None
+        pos, scores = self.nearest(snap, np.asarray(query, np.float32), k + (exclude is not None), rows)
+        found = [(snap.ids[p], float(s)) for p, s in zip(pos.tolist(), scores.tolist()) if snap.ids[p] != exclude]
+        metas = self.metadata(cid, [i for i, _ in found[:k]])
+        return [(i, s, metas.get(i, {})) for i, s in found[:k]]
 
     # -- helpers ----------------------------------------------------------------------------------------------------
     def _tx(self) -> _Transaction:

@@ -37,14 +37,16 @@ from cache.collections import (
     NewItem,
     content_hash,
 )
+from cache.interfaces import CollectionBackend, StoreUnavailable
 from engine.configs import Kind
 from engine.deployments import DeployOutcome
 from engine.embedder import Progress
 from engine.jobs import Job
 from engine.kinds import Classification, ClassifierKind, Scored, open_set_label
 from engine.tenancy import Tenant
-from errors import Invalid, ZssError
-from imaging.sources import ImageSource, source_bytes
+from errors import Invalid, Unavailable, ZssError
+from imaging.sources import ImageSource, load_image, source_bytes
+from imaging.thumbnail import thumbnail
 from semantic.classify import CompiledClassifier
 
 NAME = re.compile(r"^(?!\.+$)[A-Za-z0-9_.-]{1,64}$")  # not "." or "..": they would read as path steps
@@ -52,10 +54,10 @@ MAX_ID_CHARS = 512
 MAX_METADATA_BYTES = 16_384
 MAX_K = 1000
 MAX_PAGE = 1000
-SCORE_CHUNK = 8192
+SCORE_CHUNK = 8192  # rows scored at once: bounds the [rows, examples] similarity matrix
 SCORED_KEPT = 2
 RESULTS_KEPT = 100
-JOB_KIND = "collection_classify"  # rows scored at once: bounds the [rows, examples] similarity matrix
+JOB_KIND = "collection_classify"
 
 
 P = ParamSpec("P")
@@ -63,7 +65,11 @@ T = TypeVar("T")
 
 
 async def in_thread(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
-    return await anyio.to_thread.run_sync(lambda: fn(*args, **kwargs))
+    """Blocking work in a worker thread; a shared store that cannot be reached (PostgreSQL down) is a 503."""
+    try:
+        return await anyio.to_thread.run_sync(lambda: fn(*args, **kwargs))
+    except StoreUnavailable as exc:
+        raise Unavailable(f"{exc} (retry later)") from exc
 
 
 class NoCollection(ZssError):
@@ -141,7 +147,7 @@ class Collections:
 
     # ``engine``: the Engine (engine/pipelines.py), not imported here: the API imports this module, and the
     # pipelines module reaches the encoders' wire types.
-    def __init__(self, engine: Any, store: CollectionStore) -> None:
+    def __init__(self, engine: Any, store: CollectionBackend) -> None:
         self.engine = engine
         self.store = store
         self._lock = threading.Lock()
@@ -153,8 +159,17 @@ class Collections:
 
     @classmethod
     def open(cls, engine: Any) -> Collections:
-        """The collections of the engine's data dir (ZSS_DATA_DIR/collections.sqlite3)."""
+        """The collections of the engine's data dir (ZSS_DATA_DIR/collections.sqlite3), or with ZSS_COLLECTION_URL
+        those of a PostgreSQL database (pgvector) that several replicas share."""
         s = engine.settings
+        if s.collection_url:
+            from cache.pg_collections import PgCollectionStore
+
+            try:
+                store = PgCollectionStore(s.collection_url, s.collection_exact_max, s.collection_ef_search)
+            except StoreUnavailable as exc:  # the database not up yet: 503, and the next request tries again
+                raise Unavailable(f"{exc} (retry later)") from exc
+            return cls(engine, store)
         return cls(engine, CollectionStore(s.collections_path, s.collection_exact_max, s.collection_nprobe))
 
     def model(self) -> tuple[str, int]:
@@ -226,22 +241,35 @@ class Collections:
         hashes = [content_hash(b) for b in raws]
         vectors = await in_thread(self.store.known_vectors, info.cid, hashes)
         todo: dict[str, int] = {}
+        thumbs: dict[str, bytes | None] = {}
         for i, h in enumerate(hashes):
             if h not in vectors and h not in todo:
                 todo[h] = i
         if todo:
             fresh = [ImageSource("bytes", raws[i]) for i in todo.values()]
             async with self.engine._admitted(len(fresh), arrived) as t0:
-                pixels = await in_thread(self.engine._pixels, fresh)  # the decoding and preprocessing of /classify
+                pixels, made = await in_thread(self._pixels, fresh)  # the decoding and preprocessing of /classify
                 emb = await self.engine.image_encoder.encode_pixels(pixels, time.monotonic() - t0)
             if emb.shape[1] != info.dim:
                 raise ZssError(f"The image encoder's vectors ({emb.shape[1]}) are not the collection's ({info.dim}).")
             vectors.update(zip(todo, np.asarray(emb, np.float32)))
+            thumbs.update(zip(todo, made))
         items = [
-            NewItem(given[i] if given else None, h, metas[i] if metas else None, vectors[h])
+            NewItem(given[i] if given else None, h, metas[i] if metas else None, vectors[h], thumbs.get(h))
             for i, h in enumerate(hashes)
         ]
         return await in_thread(self._add, info, items)
+
+    def _pixels(self, sources: list[ImageSource]) -> tuple[np.ndarray, list[bytes | None]]:
+        """``/classify``'s pixels of each image and, from the same decoded image, its thumbnail (blocking)."""
+        pre = self.engine.preprocess()
+        side = self.engine.settings.collection_thumbnail_px
+        pixels, thumbs = [], []
+        for src in sources:
+            img = load_image(src, self.engine.limits, pre.draft_size)
+            pixels.append(pre.to_pixels(img))
+            thumbs.append(thumbnail(img, side) if side else None)
+        return np.stack(pixels), thumbs
 
     def _add(self, info: CollectionInfo, items: list[NewItem]) -> list[Added]:
         try:
@@ -256,6 +284,21 @@ class Collections:
             if it is None:
                 raise ZssError(f"Item {item_id!r} not found in collection {name!r}.", 404)
             return {"id": it.id, "hash": it.hash, "metadata": it.metadata, "created_at": it.created_at}
+
+        return await in_thread(run)
+
+    async def thumbnail(self, name: str, item_id: str, *, caller: Tenant) -> bytes:
+        """An item's thumbnail (JPEG); 404 for an unknown item or one without (imported as a vector)."""
+
+        def run() -> bytes:
+            info = self._collection(caller, name, same_model=False)
+            try:
+                thumb = self.store.thumbnail(info.cid, item_id)
+            except KeyError as exc:
+                raise NoCollection(name) from exc
+            if thumb is None:
+                raise ZssError(f"Item {item_id!r} of collection {name!r} has no thumbnail (or does not exist).", 404)
+            return thumb
 
         return await in_thread(run)
 
@@ -318,7 +361,8 @@ class Collections:
         if not 0 < k <= MAX_K:
             raise Invalid(f"k must be between 1 and {MAX_K}.")
         info = await in_thread(self._collection, caller, name)
-        rows_seqs = await in_thread(self._matching, info, flt)  # a bad filter is refused before any encoding
+        if flt is not None:
+            await in_thread(self._check_filter, info, flt)  # a bad filter is refused before any encoding
         exclude: str | None = None
         if query.text is not None:
             vec = (await self.engine.embed_texts([query.text], query.augment))[0]
@@ -333,20 +377,28 @@ class Collections:
             raise Invalid('A search needs one of "text", "image" or "id".')
 
         def run() -> list[Hit]:
-            snap = self.store.snapshot(info.cid, info.dim)
-            rows = snap.rows_of(rows_seqs) if rows_seqs is not None else None
-            pos, scores = self.store.nearest(snap, np.asarray(vec, np.float32), k + (exclude is not None), rows)
-            found = [(snap.ids[p], float(s)) for p, s in zip(pos.tolist(), scores.tolist()) if snap.ids[p] != exclude]
-            metas = self.store.metadata(info.cid, [i for i, _ in found[:k]])
-            return [Hit(i, s, metas.get(i, {})) for i, s in found[:k]]
+            try:
+                found = self.store.search(info.cid, info.dim, np.asarray(vec, np.float32), k, flt, exclude)
+            except FilterError as exc:
+                raise ZssError(str(exc), 400) from exc
+            except KeyError as exc:  # dropped meanwhile
+                raise NoCollection(name) from exc
+            return [Hit(i, s, m) for i, s, m in found]
 
         return await in_thread(run)
+
+    def _check_filter(self, info: CollectionInfo, flt: Mapping[str, Any]) -> None:
+        if not isinstance(flt, Mapping):
+            raise Invalid('"filter" must be an object of field conditions.')
+        try:
+            self.store.check_filter(info.cid, flt)
+        except FilterError as exc:
+            raise ZssError(str(exc), 400) from exc
 
     def _matching(self, info: CollectionInfo, flt: Mapping[str, Any] | None) -> np.ndarray | None:
         if flt is None:
             return None
-        if not isinstance(flt, Mapping):
-            raise Invalid('"filter" must be an object of field conditions.')
+        self._check_filter(info, flt)
         try:
             return self.store.matching(info.cid, flt)
         except FilterError as exc:
@@ -386,7 +438,12 @@ class Collections:
         )
 
         def run() -> CollectionClassification:
-            snap = self.store.snapshot(info.cid, info.dim)
+            try:
+                snap = self.store.snapshot(info.cid, info.dim)
+            except KeyError as exc:  # dropped meanwhile
+                raise NoCollection(name) from exc
+            if progress is not None:
+                progress.check()
             rows = snap.rows_of(rows_seqs) if rows_seqs is not None else np.arange(snap.size)
             key = (info.cid, snap.version, deployed_id, id(clf), json.dumps(flt, sort_keys=True, default=str))
             with self._lock:
@@ -434,8 +491,8 @@ class Collections:
             raise ZssError("Job not found.", 404)
         if job.state == "running":
             raise ZssError("The job is still running (GET /jobs/{job_id} for its progress).", 409)
-        if job.state == "failed":
-            raise ZssError(job.message or "The job failed.", job.status_code or 500)
+        if job.state in ("failed", "cancelled"):
+            raise ZssError(job.message or f"The job {job.state}.", job.status_code or 500)
         with self._lock:
             found = self._results.get(job_id)
         if found is None or found[0] != name:
@@ -496,6 +553,8 @@ def score_rows(
         progress.start(len(rows))
 
     def one(chunk: np.ndarray) -> Scored:
+        if progress is not None:
+            progress.check()  # a cancelled job (DELETE /jobs/{id}) stops before its next chunk
         out = ClassifierKind.tensors(matrix[chunk], clf)
         if progress is not None:
             progress.advance(len(chunk))

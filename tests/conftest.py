@@ -28,6 +28,7 @@ os.environ.setdefault("ZSS_BACKEND", "torch")
 
 from testing.models import ClipFiles, clip_env, shapes_clip_env, write_tiny_clip  # noqa: E402
 from testing.owl import build_tiny_owlv2  # noqa: E402
+from testing.postgres import PostgresServer, running_postgres  # noqa: E402
 from testing.redis import RedisServer, running_redis  # noqa: E402
 from testing.server import Server, running_server  # noqa: E402
 
@@ -68,6 +69,14 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     """One real redis-server for the tests that share it; each test keeps its keys apart with a prefix of its own
     (:func:`redis_prefix`). A test that kills Redis starts its own."""
     with running_redis(tmp_path_factory.mktemp("redis")) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """One real PostgreSQL server with pgvector (the collections' shared store) for the tests that share it; each
+    test takes a database of its own (testing.postgres.fresh_database)."""
+    with running_postgres() as srv:
         yield srv
 
 

@@ -1,9 +1,12 @@
 """Collections through a real `bentoml serve` (the session's tiny-CLIP server): the minimal request shapes of README
-"Collections" as written, classifying a collection = /classify on each image, bad input changing nothing; and, on a
-server of its own, `kill -9` during adds and a restart losing no acknowledged item."""
+"Collections" as written, classifying a collection = /classify on each image, bad input changing nothing; on a
+server of its own, `kill -9` during adds and a restart losing no acknowledged item; and two replicas sharing one
+PostgreSQL + pgvector store (a real server: tests/conftest.py ``postgres``)."""
 
 from __future__ import annotations
 
+import base64
+import concurrent.futures as cf
 import json
 import os
 import signal
@@ -18,6 +21,7 @@ import pytest
 from testing.client import assert_error, deploy, files
 from testing.images import png_bytes
 from testing.models import ClipFiles, clip_env
+from testing.postgres import PostgresServer, fresh_database
 from testing.server import Server, running_server, start_server, stop_server
 
 pytestmark = pytest.mark.server
@@ -129,3 +133,73 @@ def test_kill_9_during_adds_then_restart_loses_no_acknowledged_item(tiny_clip: C
             assert c.get(f"/collections/durable/items/{item_id}").status_code == 200, item_id
         hits = c.post("/collections/durable/search", json={"id": acked[0], "k": 5}).json()["results"]
         assert len(hits) == 5
+
+
+def test_two_replicas_share_a_postgres_collection(
+    tiny_clip: ClipFiles, postgres: PostgresServer, tmp_path: Path
+) -> None:
+    """Two `bentoml serve` replicas (data dirs of their own) on one PostgreSQL + pgvector (ZSS_COLLECTION_URL): what
+    is added through one is listed, searched (same answers) and classified (= /classify) by the other; a delete is
+    seen by both; bad input through either changes nothing."""
+    url = fresh_database(postgres)
+    envs = [{**clip_env(tiny_clip, tmp_path / name), "ZSS_COLLECTION_URL": url} for name in ("a", "b")]
+    with cf.ThreadPoolExecutor(2) as pool:  # started side by side: half the wait
+        starting = [pool.submit(start_server, env, tmp_path / f"{n}.log") for n, env in zip("ab", envs)]
+        cf.wait(starting)
+    started = [f.result() for f in starting if f.exception() is None]
+    try:
+        assert len(started) == 2, [f.exception() for f in starting]
+        a, b = started
+        blobs = [png_bytes(seed=700 + i, size=(40, 32)) for i in range(6)]
+        meta = [{"i": i, "half": "a" if i < 3 else "b"} for i in range(6)]
+        with a.client() as ca, b.client() as cb:
+            assert ca.post("/collections", json={"name": "shared"}).status_code == 201
+            assert_error(cb.post("/collections", json={"name": "shared"}), 409)  # one collection, both see it
+            r = ca.post("/collections/shared/images", files=files(*blobs), data={"metadata": json.dumps(meta)})
+            assert r.status_code == 200, r.text
+            ids = r.json()["ids"]
+            assert [c["name"] for c in cb.get("/collections").json()["collections"]] == ["shared"]
+            assert cb.get("/collections/shared").json()["count"] == 6
+            assert cb.get(f"/collections/shared/items/{ids[3]}").json()["metadata"] == meta[3]
+            again = cb.post("/collections/shared/images", files=files(blobs[1])).json()  # dedup across replicas
+            assert again["ids"] == [ids[1]] and again["existing"] == 1
+
+            query = {"text": "a photo", "k": 10}
+            on_a = ca.post("/collections/shared/search", json=query).json()["results"]
+            on_b = cb.post("/collections/shared/search", json=query).json()["results"]
+            assert [h["id"] for h in on_a] == [h["id"] for h in on_b] and len(on_b) == 6
+            assert all(abs(x["score"] - y["score"]) <= 1e-6 for x, y in zip(on_a, on_b))
+            flt = {"text": "x", "k": 10, "filter": {"half": "b", "i": {"lt": 5}}}
+            assert sorted(
+                h["metadata"]["i"] for h in cb.post("/collections/shared/search", json=flt).json()["results"]
+            ) == [3, 4]
+            by_image = cb.post(
+                "/collections/shared/search", json={"image": base64.b64encode(blobs[4]).decode(), "k": 1}
+            )
+            assert by_image.json()["results"][0]["id"] == ids[4]
+
+            deployed = deploy(cb)["deployed_id"]
+            out = cb.post("/collections/shared/classify", json={"deployed_id": deployed}).json()
+            assert out["total"] == 6 and sum(out["counts"].values()) == 6
+            for item, blob in zip(out["results"], blobs):
+                want = cb.post("/classify", params={"deployed_id": deployed}, files=files(blob)).json()
+                assert item["pred"] == want["pred"]
+                for name, raw in want["raw_scores"].items():
+                    assert abs(item["raw_scores"][name] - raw) <= 1e-6
+
+            assert ca.delete(f"/collections/shared/items/{ids[0]}").status_code == 200
+            assert cb.get("/collections/shared").json()["count"] == 5
+            assert_error(cb.get(f"/collections/shared/items/{ids[0]}"), 404)
+            assert ids[0] not in {h["id"] for h in cb.post("/collections/shared/search", json=query).json()["results"]}
+            assert cb.post("/collections/shared/classify", json={"deployed_id": deployed}).json()["total"] == 5
+
+            # Bad input through either replica: a clear 4xx, nothing changed for the other.
+            assert_error(cb.post("/collections/shared/images", files=files(png_bytes(seed=1), b"\x89PNG broken")), 422)
+            assert_error(cb.post("/collections/shared/search", json={"text": "x", "filter": {"colour": "red"}}), 400)
+            assert_error(ca.post("/collections/nope/images", files=files(png_bytes(seed=1))), 404)
+            assert ca.get("/collections/shared").json()["count"] == 5
+            assert ca.delete("/collections/shared").status_code == 200
+            assert_error(cb.get("/collections/shared"), 404)
+    finally:
+        with cf.ThreadPoolExecutor(2) as pool:
+            list(pool.map(stop_server, started))

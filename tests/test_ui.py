@@ -495,3 +495,62 @@ def test_open_set_in_the_form(ui: UI, server: Server) -> None:
     ui.page.uncheck("#open-set")
     assert ui.settle() == "done"
     assert "open_set" not in ui.export() and ui.page.locator("#strip .rejected-note").count() == 0
+
+
+def test_collections_panel_search_and_classify_equal_the_api(ui: UI, server: Server) -> None:
+    """The Collections panel: pick a collection, search by text and by a dropped image, see the matches as
+    thumbnails (fetched with the page's key); classify the collection with the form's classifier and browse its
+    classes. What it shows is what the API answers."""
+    blobs = [png_bytes(900 + i, (64, 48)) for i in range(5)]
+    with server.client() as c:
+        c.delete("/collections/ui-photos")
+        assert c.post("/collections", json={"name": "ui-photos"}).status_code == 201
+        meta = json.dumps([{"i": i} for i in range(5)])
+        ids = c.post("/collections/ui-photos/images", files=files(*blobs), data={"metadata": meta}).json()["ids"]
+    page = ui.page
+    page.click("#collections-refresh")
+    page.wait_for_selector("#collection option[value='ui-photos']", state="attached")
+    page.select_option("#collection", "ui-photos")
+    page.fill("#search-text", "a photo")
+    page.fill("#search-k", "3")
+    page.click("#search-form button[type=submit]")
+    page.wait_for_function("document.querySelectorAll('#matches .match img[src^=\"blob:\"]').length === 3")
+    shown = page.eval_on_selector_all("#matches .match", "ms => ms.map(m => [m.dataset.id, Number(m.dataset.score)])")
+    sizes = page.eval_on_selector_all("#matches .match img", "ims => ims.map(i => [i.naturalWidth, i.naturalHeight])")
+    assert sizes == [[64, 48]] * 3  # thumbnails of the stored images (smaller than the thumbnail size: as they are)
+    with server.client() as c:
+        want = c.post("/collections/ui-photos/search", json={"text": "a photo", "k": 3}).json()["results"]
+    assert [i for i, _ in shown] == [h["id"] for h in want]
+    assert [s for _, s in shown] == pytest.approx([h["score"] for h in want], abs=1e-6)
+
+    page.set_input_files("#search-file", files=[{"name": "q.png", "mimeType": "image/png", "buffer": blobs[2]}])
+    page.wait_for_selector(f"#matches .match:first-child[data-id='{ids[2]}']")
+
+    ui.fill_class(0, "cat", ["cat"])
+    page.click("#add-class")
+    ui.fill_class(1, "car", ["car"])
+    assert ui.settle() == "done"
+    page.click("#classify-collection")
+    page.wait_for_function("document.body.dataset.classified && document.querySelectorAll('#class-tabs button').length")
+    draft = page.evaluate("document.body.dataset.classified")
+    tabs = page.eval_on_selector_all(
+        "#class-tabs button", "bs => bs.map(b => [b.dataset.class, Number(b.dataset.count)])"
+    )
+    with server.client() as c:
+        out = c.post("/collections/ui-photos/classify", json={"deployed_id": draft, "limit": 0, "top": 24}).json()
+    assert dict(tabs) == out["counts"] and sum(out["counts"].values()) == 5
+    for cls, n in tabs:
+        if not n:
+            continue
+        page.click(f"#class-tabs button[data-class='{cls}']")
+        page.wait_for_selector(f"#class-tabs button[data-class='{cls}'][aria-pressed='true']")
+        want_ids = [r["id"] for r in out["top"][cls]]
+        page.wait_for_function(
+            "n => document.querySelectorAll('#class-items .match img[src^=\"blob:\"]').length === n", arg=n
+        )
+        assert page.eval_on_selector_all("#class-items .match", "ms => ms.map(m => m.dataset.id)") == want_ids
+    ui.shot("collections")
+    page.set_viewport_size({"width": 390, "height": 844})  # phone width: nothing wider than the screen
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390
+    with server.client() as c:
+        assert c.delete("/collections/ui-photos").status_code == 200

@@ -606,6 +606,151 @@ async function deleteDeployment(id) {
   }
 }
 
+// -- Collections: search a collection, classify it with the current classifier -----------------------------------
+// Thumbnails are fetched with the API key (an <img src> could not send it) and shown as blob: URLs, freed on redraw.
+const thumbUrls = { matches: [], "class-items": [] };
+
+function collectionName() {
+  return $("#collection").value;
+}
+
+async function refreshCollections() {
+  clearError($("#collections-error"));
+  try {
+    const data = await tracked(api("/collections"));
+    const select = $("#collection");
+    const keep = select.value;
+    const options = data.collections.map((c) => {
+      const o = document.createElement("option");
+      o.value = c.name;
+      o.textContent = `${c.name} (${c.count})`;
+      return o;
+    });
+    const none = document.createElement("option");
+    none.value = "";
+    none.textContent = options.length ? "(pick a collection)" : "(no collection)";
+    select.replaceChildren(none, ...options);
+    if (data.collections.some((c) => c.name === keep)) select.value = keep;
+    else if (options.length === 1) select.value = options[0].value;
+    showCollection(data.collections.find((c) => c.name === select.value));
+  } catch (e) {
+    showError($("#collections-error"), e.message);
+  }
+}
+
+function showCollection(info) {
+  $("#collection-info").textContent = info ? `${info.count} images, model ${info.model_id}` : "";
+  renderMatches("matches", []);
+  $("#class-tabs").replaceChildren();
+  renderMatches("class-items", []);
+}
+
+async function thumbnail(name, id) {
+  const headers = {};
+  const key = $("#api-key").value.trim();
+  if (key) headers.Authorization = `Bearer ${key}`;
+  const res = await fetch(`/collections/${encodeURIComponent(name)}/thumbnails/${encodeURIComponent(id)}`, { headers });
+  if (!res.ok) return null; // an item imported as a vector has no thumbnail
+  return URL.createObjectURL(await res.blob());
+}
+
+// Items as thumbnail cards: [{id, score (shown), title (on hover)}], in the order given.
+function renderMatches(listId, items, name = collectionName()) {
+  for (const u of thumbUrls[listId]) URL.revokeObjectURL(u);
+  thumbUrls[listId] = [];
+  const cards = items.map((it) => {
+    const li = document.createElement("li");
+    li.className = "match";
+    li.dataset.id = it.id;
+    li.dataset.score = String(it.score);
+    li.title = it.title;
+    const img = document.createElement("img");
+    img.alt = it.id;
+    const caption = document.createElement("span");
+    caption.className = "id";
+    caption.textContent = it.id;
+    const score = document.createElement("span");
+    score.textContent = it.score.toFixed(3);
+    li.append(img, caption, score);
+    thumbnail(name, it.id).then((url) => {
+      if (!url) return;
+      thumbUrls[listId].push(url);
+      img.src = url;
+    });
+    return li;
+  });
+  $(`#${listId}`).replaceChildren(...cards);
+}
+
+async function searchCollection(query) {
+  const name = collectionName();
+  clearError($("#collections-error"));
+  if (!name) {
+    showError($("#collections-error"), "Pick a collection first.");
+    return;
+  }
+  const k = Math.max(1, Math.min(100, Number($("#search-k").value) || 12));
+  try {
+    const data = await tracked(
+      api(`/collections/${encodeURIComponent(name)}/search`, { method: "POST", json: { ...query, k } }),
+    );
+    renderMatches(
+      "matches",
+      data.results.map((h) => ({ id: h.id, score: h.score, title: `score ${h.score}\n${JSON.stringify(h.metadata)}` })),
+    );
+    document.body.dataset.search = "done";
+  } catch (e) {
+    showError($("#collections-error"), e.message);
+  }
+}
+
+async function searchByImage(file) {
+  if (file) await searchCollection({ image: await readDataUri(file) });
+}
+
+async function classifyCollection() {
+  const name = collectionName();
+  clearError($("#collections-error"));
+  if (!name) return showError($("#collections-error"), "Pick a collection first.");
+  if (kind() !== "classifier") return showError($("#collections-error"), "Switch the model to Classifier first.");
+  if (state.lastDeployed !== JSON.stringify(currentConfig())) await run(); // the draft holds what the form shows
+  const draft = localStorage.getItem(DRAFT_STORE + "classifier");
+  if (!draft || state.lastDeployed !== JSON.stringify(currentConfig())) {
+    return showError($("#collections-error"), "Build a classifier above first (a name and an example per class).");
+  }
+  try {
+    const body = { deployed_id: draft, limit: 0, top: 24 };
+    const out = await tracked(api(`/collections/${encodeURIComponent(name)}/classify`, { method: "POST", json: body }));
+    const tabs = Object.entries(out.counts).map(([cls, n]) => {
+      const b = document.createElement("button");
+      b.type = "button";
+      b.dataset.class = cls;
+      b.dataset.count = String(n);
+      b.textContent = `${cls} (${n})`;
+      b.setAttribute("aria-pressed", "false");
+      b.addEventListener("click", () => showClass(out, cls, name));
+      return b;
+    });
+    $("#class-tabs").replaceChildren(...tabs);
+    const first = Object.keys(out.counts).find((c) => out.counts[c] > 0);
+    if (first !== undefined) showClass(out, first, name);
+    else renderMatches("class-items", []);
+    document.body.dataset.classified = draft;
+  } catch (e) {
+    showError($("#collections-error"), e.message);
+  }
+}
+
+function showClass(out, cls, name) {
+  for (const b of $$("#class-tabs button")) b.setAttribute("aria-pressed", String(b.dataset.class === cls));
+  const rows = (out.top && out.top[cls]) || []; // an open set's label has no top list: its items scored no class
+  renderMatches(
+    "class-items",
+    rows.map((r) => ({ id: r.id, score: r.raw_score, title: `raw score ${r.raw_score} (their order), probability ${r.score}` })),
+    name,
+  );
+}
+
 // -- Wiring -------------------------------------------------------------------------------------------------------
 function wire() {
   const key = $("#api-key");
@@ -676,6 +821,34 @@ function wire() {
   $("#copy-id").addEventListener("click", () => copy($("#deployed-id").value, "Id"));
   $("#copy-curl").addEventListener("click", () => copy($("#curl").value, "Curl command"));
   $("#refresh").addEventListener("click", refreshList);
+
+  $("#collections-refresh").addEventListener("click", refreshCollections);
+  $("#collection").addEventListener("change", () => {
+    showCollection(null);
+    refreshCollections();
+  });
+  $("#search-form").addEventListener("submit", (e) => {
+    e.preventDefault();
+    const text = $("#search-text").value.trim();
+    if (text) searchCollection({ text });
+  });
+  $("#search-file").addEventListener("change", (e) => {
+    searchByImage(e.target.files[0]);
+    e.target.value = "";
+  });
+  const searchDrop = $("#search-drop");
+  searchDrop.addEventListener("dragover", (e) => {
+    e.preventDefault();
+    searchDrop.classList.add("over");
+  });
+  searchDrop.addEventListener("dragleave", () => searchDrop.classList.remove("over"));
+  searchDrop.addEventListener("drop", (e) => {
+    e.preventDefault();
+    e.stopPropagation();
+    searchDrop.classList.remove("over");
+    searchByImage(Array.from(e.dataTransfer.files).find((f) => f.type.startsWith("image/")));
+  });
+  $("#classify-collection").addEventListener("click", classifyCollection);
 }
 
 async function start() {
@@ -691,6 +864,7 @@ async function start() {
   syncKind();
   document.body.dataset.state = "idle";
   refreshList();
+  refreshCollections();
 }
 
 window.zss = { currentConfig, loadConfig, explain };

@@ -1,5 +1,6 @@
-"""Collections in-process (ASGI client, fake encoders, real engine, SQLite store): every request shape of README
-"Collections", dedup without encoding, filters, classify = /classify, import, tenants, and bad input changing nothing.
+"""Collections in-process (ASGI client, fake encoders, real engine; the SQLite store and the PostgreSQL + pgvector
+store): every request shape of README "Collections", dedup without encoding, filters, classify = /classify, import,
+thumbnails, cancelling a classification job, tenants, and bad input changing nothing.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -18,6 +20,7 @@ from PIL import Image
 from service import build_app
 from testing.client import assert_error, deploy, files
 from testing.fakes import FakeClip, fake_engine
+from testing.postgres import fresh_database
 from tools.embed_parquet import PartWriter
 
 COLOURS = {"red": (220, 20, 20), "green": (20, 200, 30), "blue": (20, 30, 220), "grey": (128, 128, 128)}
@@ -34,9 +37,14 @@ def solid(rgb: tuple[int, int, int], size: tuple[int, int] = (24, 24), noise: in
     return buf.getvalue()
 
 
-@pytest.fixture
-def served(tmp_path: Path) -> Iterator[tuple[TestClient, FakeClip]]:
-    engine, clip = fake_engine(tmp_path / "data", detector=False)
+@pytest.fixture(params=["sqlite", "postgres"])
+def served(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[TestClient, FakeClip]]:
+    """The app on the SQLite store, then on the PostgreSQL + pgvector one (a real server, a database per test): the
+    same requests, the same answers."""
+    shared = {}
+    if request.param == "postgres":
+        shared["collection_url"] = fresh_database(request.getfixturevalue("postgres"))
+    engine, clip = fake_engine(tmp_path / "data", detector=False, **shared)
     with TestClient(build_app(engine)) as client:
         yield client, clip
     engine.close()
@@ -215,7 +223,11 @@ def test_tenants_see_only_their_own_collections(tmp_path: Path) -> None:
     with TestClient(build_app(engine)) as client:
         a, b = {"Authorization": f"Bearer {ka}"}, {"Authorization": f"Bearer {kb}"}
         assert client.post("/collections", json={"name": "mine"}, headers=a).status_code == 201
-        assert client.post("/collections/mine/images", files=files(solid((1, 1, 1))), headers=a).status_code == 200
+        added = client.post("/collections/mine/images", files=files(solid((1, 1, 1))), headers=a)
+        assert added.status_code == 200
+        thumb = f"/collections/mine/thumbnails/{added.json()['ids'][0]}"
+        assert client.get(thumb, headers=a).status_code == 200
+        assert_error(client.get(thumb, headers=b), 404)
         assert client.get("/collections", headers=b).json()["collections"] == []
         assert_error(client.post("/collections/mine/search", json={"text": "x"}, headers=b), 404)
         assert_error(client.delete("/collections/mine", headers=b), 404)
@@ -256,3 +268,56 @@ def test_classify_as_a_job(served: tuple[TestClient, FakeClip]) -> None:
             break
         time.sleep(0.05)
     assert_error(client.get(f"/collections/photos/classify/{failed.json()['job_id']}"), 400, "Key not found")
+
+
+def test_cancel_a_classification_job(served: tuple[TestClient, FakeClip], monkeypatch: pytest.MonkeyPatch) -> None:
+    """DELETE /jobs/{id} stops a running ?wait=false classification before its next chunk: the job ends cancelled
+    within seconds with part of the collection scored, and its result is the cancellation (409), not an answer."""
+    import engine.collections as ec
+    from engine.kinds import ClassifierKind
+
+    client, _ = served
+    filled(client)
+    deployed = deploy(client, [{"name": c, "examples_to_include": [c]} for c in COLOURS])["deployed_id"]
+    scoring = ClassifierKind.tensors
+
+    def slow(embeddings: np.ndarray, clf: Any) -> Any:
+        time.sleep(0.5)  # a long run: 8 chunks of one row, two at a time
+        return scoring(embeddings, clf)
+
+    monkeypatch.setattr(ec, "SCORE_CHUNK", 1)
+    monkeypatch.setattr(ClassifierKind, "tensors", staticmethod(slow))
+    r = client.post("/collections/photos/classify", params={"wait": "false"}, json={"deployed_id": deployed})
+    job_id = r.json()["job_id"]
+    for _ in range(100):
+        if client.get(f"/jobs/{job_id}").json()["total"] == 8:
+            break
+        time.sleep(0.05)
+    t0 = time.monotonic()
+    cancelled = client.delete(f"/jobs/{job_id}")
+    assert cancelled.status_code == 200 and time.monotonic() - t0 < 2.0
+    report = cancelled.json()
+    assert report["state"] == "cancelled" and report["done"] < report["total"] == 8, report
+    assert_error(client.get(f"/collections/photos/classify/{job_id}"), 409, "cancelled")
+    assert_error(client.delete(f"/jobs/{job_id}"), 409)  # already ended
+    monkeypatch.setattr(ClassifierKind, "tensors", staticmethod(scoring))
+    done = client.post("/collections/photos/classify", json={"deployed_id": deployed})  # the next one runs whole
+    assert done.status_code == 200 and done.json()["total"] == 8
+
+
+def test_thumbnails_are_small_jpegs_kept_at_add_time(served: tuple[TestClient, FakeClip]) -> None:
+    client, _ = served
+    assert client.post("/collections", json={"name": "thumbs"}).status_code == 201
+    big = solid((200, 40, 40), size=(400, 300), noise=3)
+    ids = add(client, "thumbs", [big, solid((1, 2, 3))]).json()["ids"]
+    r = client.get(f"/collections/thumbs/thumbnails/{ids[0]}")
+    assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"
+    img = Image.open(io.BytesIO(r.content))
+    assert img.format == "JPEG" and img.size == (128, 96) and len(r.content) < 16_000
+    red, green, blue = img.convert("RGB").getpixel((64, 48))
+    assert red > 150 and green < 90 and blue < 90  # the image's own colours
+    again = add(client, "thumbs", [big], ids=json.dumps(["copy"])).json()  # same content, another id: not encoded
+    assert again["ids"] == ["copy"]
+    assert client.get("/collections/thumbs/thumbnails/copy").content == r.content
+    assert_error(client.get("/collections/thumbs/thumbnails/nope"), 404)
+    assert_error(client.get(f"/collections/other/thumbnails/{ids[0]}"), 404)
