@@ -536,8 +536,9 @@ def load_clip_encoder(settings: Settings, towers: str = "both", lanes: int = 1) 
     model = model.to(device=device, dtype=dtype)
     preprocess = Preprocess.from_open_clip(pp_cfg)
     runtime, dim, text_runtime = None, None, None
-    torch_text_precision = "fp16" if dtype == torch.float16 else "int8" if precision == "int8" else "fp32"
-    text_precision = torch_text_precision
+    # What a tower left in torch computes in; an exported tower's is compute_precision's.
+    torch_precision = "fp16" if dtype == torch.float16 else "int8" if precision == "int8" else "fp32"
+    text_precision = image_precision = torch_precision
     full_text = text_backend != "torch" and not text_exportable(model) and full_context_text(model) is not None
     if text_backend != "torch" and not (text_exportable(model) or full_text):
         log.warning("the text tower of %s cannot be exported exactly: it runs in torch", spec.model_id)
@@ -558,15 +559,13 @@ def load_clip_encoder(settings: Settings, towers: str = "both", lanes: int = 1) 
         )
         if full_text and not _same_text_vectors(model, tokenizer, text_runtime, text_precision):
             log.warning("the exported text tower of %s does not match torch's: it runs in torch", spec.model_id)
-            text_backend, text_runtime, text_precision = "torch", None, torch_text_precision
+            text_backend, text_runtime, text_precision = "torch", None, torch_precision
         else:
             probe = tokenizer(["a"]).numpy().astype(np.int64) if full_text else np.array([[1, 2]], np.int64)
             dim = int(text_runtime(probe).shape[1])
             for attr in ("text",) if full_text else ("transformer", "token_embedding", "ln_final"):
                 setattr(model, attr, None)
             log.info("CLIP text tower on %s (%s) from %s", text_backend, text_precision, directory)
-    torch_precision = "fp16" if dtype == torch.float16 else "int8" if precision == "int8" else "fp32"
-    image_precision = torch_precision
     if backend != "torch" and not getattr(model, "image_exportable", True):
         log.warning("the image tower of %s cannot be exported: it runs in torch", spec.model_id)
         backend = "torch"
