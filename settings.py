@@ -64,13 +64,17 @@ class Settings(BaseSettings):
     device_decode: bool = False
     # Page-locked host memory for the pixels copied to a GPU (asynchronous copies); ignored on a CPU.
     pin_memory: bool = False
-    # "none" (float32), "bf16" (OpenVINO, on a CPU with native bf16 only) or "int8": dynamic int8 quantisation
-    # (CPU only; see BENCHMARKS.md for speed and accuracy). The model id, and so the embedding cache, differs from the
-    # float model's for bf16 and int8.
+    # "none" (float32), "bf16" (OpenVINO, on a CPU with native bf16 only) or "int8": int8 quantisation, CPU only
+    # (dynamic in torch and ONNX Runtime, static and calibrated in OpenVINO's image tower; see BENCHMARKS.md for speed
+    # and accuracy). The model id, and so the embedding cache, differs from the float model's for bf16 and int8.
     clip_quantize: str = "none"
-    # Runtime of the CLIP image tower (runners/backends.py): "torch", "onnx" (ONNX Runtime), "openvino" (CPU only, no
-    # int8), or "auto": the fastest backend measured whose vectors match torch's (CPU: openvino for float32, onnx for
-    # int8; GPU: torch). ONNX Runtime and OpenVINO export the tower once, at the first start, under data_dir/exports.
+    # A folder of the user's own images that calibrates OpenVINO's static int8 image tower (the first 32 by name);
+    # unset: a built-in synthetic set (imaging/calibration.py). A folder's images are part of the model id.
+    clip_int8_calibration: Path | None = None
+    # Runtime of the CLIP image tower (runners/backends.py): "torch", "onnx" (ONNX Runtime), "openvino" (CPU only), or
+    # "auto": the fastest backend measured whose vectors match torch's (CPU: openvino for the image tower, onnx for the
+    # text tower; GPU: torch). ONNX Runtime and OpenVINO export the tower once, at the first start, under
+    # data_dir/exports.
     backend: str = "auto"
     # Seed for "random" weights, so every worker of a random model holds the same weights.
     random_seed: int = 0

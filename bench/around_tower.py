@@ -1,6 +1,6 @@
 """What an /embed_image costs around the image tower, per image, in CPU milliseconds of one thread (issue 29, item 3).
 
-    .venv/bin/python -m bench.around_tower [--images 200] [--batch 16] [--precisions none,bf16]
+    .venv/bin/python -m bench.around_tower [--images 200] [--batch 16] [--precisions none,bf16,int8]
 
 Each stage of the served path runs alone in this process on one thread and is timed with ``time.thread_time`` (CPU
 time: what a shared machine's load distorts least), on the same 640x480 JPEG (``bench.common.jpeg``):
@@ -46,7 +46,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=200, help="images per stage")
     ap.add_argument("--batch", type=int, default=16, help="the tower's batch size")
-    ap.add_argument("--precisions", default="none,bf16", help="ZSS_CLIP_QUANTIZE values to time the tower at")
+    ap.add_argument("--precisions", default="none,bf16,int8", help="ZSS_CLIP_QUANTIZE values to time the tower at")
     ap.add_argument("--data-dir", type=Path, default=ROOT / ".zss" / "bench-exports")
     args = ap.parse_args()
     torch.set_num_threads(1)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import contextlib
 import datetime as dt
 import http.client
 import io
@@ -118,6 +119,22 @@ def machine() -> str:
         f"({cpu_model()}), Python {platform.python_version()}, torch {torch.__version__}, "
         f"load average at start {loadavg()}"
     )
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process and its live descendants (a server's workers)."""
+    import psutil
+
+    total = 0.0
+    try:
+        root = psutil.Process(pid)
+        for p in [root, *root.children(recursive=True)]:
+            with contextlib.suppress(psutil.Error):
+                t = p.cpu_times()
+                total += t.user + t.system
+    except psutil.Error:
+        pass
+    return total
 
 
 def table(headers: list[str], rows: list[list[Any]], align: str | None = None) -> str:

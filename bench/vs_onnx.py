@@ -28,7 +28,18 @@ from typing import Any
 import httpx
 import numpy as np
 
-from bench.common import ROOT, LoadResult, image_post, jpeg, machine, merge, served, steady_load, table
+from bench.common import (
+    ROOT,
+    LoadResult,
+    cpu_seconds,
+    image_post,
+    jpeg,
+    machine,
+    merge,
+    served,
+    steady_load,
+    table,
+)
 from testing.server import free_port
 
 
@@ -61,22 +72,6 @@ def baseline_server(workdir: Path, model: str, pretrained: str, timeout: float =
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process and its live descendants (a server's workers)."""
-    import psutil
-
-    total = 0.0
-    try:
-        root = psutil.Process(pid)
-        for p in [root, *root.children(recursive=True)]:
-            with contextlib.suppress(psutil.Error):
-                t = p.cpu_times()
-                total += t.user + t.system
-    except psutil.Error:
-        pass
-    return total
 
 
 def measured(url: str, pid: int, post: Any, args: argparse.Namespace) -> tuple[LoadResult, float]:

@@ -11,11 +11,14 @@ graph takes int64 tokens [N, L] with L dynamic (2 .. the context length) and ret
 caller trims the context to the longest prompt of the batch, exact for causal text towers pooled at the EOT token (the
 only ones exported; others stay in torch), as torch's own path does.
 
-Precision (ZSS_CLIP_QUANTIZE): ``none`` is float32 everywhere. ``int8`` is dynamic quantisation: weights int8 once,
-activations quantised per batch (torch: ``quantize_dynamic`` of the nn.Linear layers; ONNX Runtime:
-``onnxruntime.quantization.quantize_dynamic`` of every MatMul, with VNNI kernels where the CPU has them). OpenVINO has
-no int8 here: its weight compression needs NNCF, and ONNX Runtime's dynamically quantised graph ran slower on it than
-its own float32 (BENCHMARKS.md, issue 19).
+Precision (ZSS_CLIP_QUANTIZE): ``none`` is float32 everywhere. ``int8`` in torch and ONNX Runtime is dynamic
+quantisation: weights int8 once, activations quantised per batch (torch: ``quantize_dynamic`` of the nn.Linear layers;
+ONNX Runtime: ``onnxruntime.quantization.quantize_dynamic`` of every MatMul, with VNNI kernels where the CPU has them).
+OpenVINO's ``int8`` is static, for the image tower: ``onnxruntime.quantization.quantize_static`` writes a QDQ graph
+(weights int8 per channel, activations uint8 with ranges fixed on calibration images, imaging/calibration.py) that
+OpenVINO runs on its int8 kernels, about 1.4x ONNX Runtime's dynamic int8 per image (BENCHMARKS.md, issue 29); its
+text tower computes in float32 (calibrating it would need prompts like the user's). ``bf16`` is OpenVINO's bf16
+inference of the float32 graph.
 
 ``auto`` picks per tower and precision (AUTO_CPU, AUTO_CPU_TEXT), from bench/bench_backends.py's measurements.
 """
@@ -46,7 +49,7 @@ EXPORT_VERSION = 1
 TEXT_EXPORT_VERSION = 1
 # What ``auto`` picks on a CPU, per precision: the fastest backend whose vectors match torch's (fp32: cosine >= 0.9999)
 # in bench/bench_backends.py on the development machine (BENCHMARKS.md, issue 19). On a GPU ``auto`` is torch.
-AUTO_CPU = {"none": "openvino", "bf16": "openvino", "int8": "onnx"}  # the image tower
+AUTO_CPU = {"none": "openvino", "bf16": "openvino", "int8": "openvino"}  # the image tower
 # The text tower: ONNX Runtime. OpenVINO's float32 costs a few per cent less CPU per prompt, but its one stream runs
 # concurrent calls one after another, so the text encoder's short lane (``encode_now``: one prompt) would wait
 # behind a deploy's batch (0.75 s against ONNX Runtime's 25 ms, BENCHMARKS.md); ONNX Runtime runs them side by side.
@@ -57,7 +60,7 @@ AUTO_CPU_TEXT = {"none": "onnx", "bf16": "onnx", "int8": "onnx"}
 PRECISIONS = {
     "torch": ("none", "int8"),
     "onnx": ("none", "int8"),
-    "openvino": ("none", "bf16"),
+    "openvino": ("none", "bf16", "int8"),
 }
 
 Runtime = Callable[[np.ndarray], np.ndarray]
@@ -225,8 +228,11 @@ def stored_precision(precision: str) -> str:
     return "int8" if precision == "int8" else "none"
 
 
-def export_key(model_id: str, backend: str, precision: str, preprocess: Preprocess) -> dict[str, object]:
-    """Everything an image export depends on; its digest names the export's directory."""
+def export_key(
+    model_id: str, backend: str, precision: str, preprocess: Preprocess, calibration: str | None = None
+) -> dict[str, object]:
+    """Everything an image export depends on; its digest names the export's directory. ``calibration``: the digest
+    of the images a static int8 graph was calibrated on."""
     return {
         "model_id": model_id,
         "backend": backend,
@@ -234,6 +240,7 @@ def export_key(model_id: str, backend: str, precision: str, preprocess: Preproce
         "export_version": EXPORT_VERSION,
         "preprocess": preprocess.as_dict(),
         "versions": _versions(backend),
+        **({"calibration": calibration} if calibration is not None else {}),
     }
 
 
@@ -333,16 +340,49 @@ def _build_onnx(export: Exporter, precision: str) -> Callable[[Path], None]:
     return build
 
 
-def _build_openvino(export: Exporter) -> Callable[[Path], None]:
+def _build_openvino(export: Exporter, calibration: np.ndarray | None = None) -> Callable[[Path], None]:
+    """The float32 graph in OpenVINO's format; with ``calibration`` (uint8 pixels [N, H, W, 3]), the image graph
+    quantised statically first (QDQ: OpenVINO runs the quantised MatMuls and convolution in int8)."""
+
     def build(directory: Path) -> None:
         import openvino as ov
 
         float_path = directory / "float32.onnx.tmp"
         export(float_path)
-        ov.save_model(ov.convert_model(str(float_path)), str(directory / "model.xml"), compress_to_fp16=False)
-        float_path.unlink()
+        source = float_path
+        if calibration is not None:
+            source = directory / "int8-qdq.onnx.tmp"
+            quantize_static_qdq(float_path, source, calibration)
+        ov.save_model(ov.convert_model(str(source)), str(directory / "model.xml"), compress_to_fp16=False)
+        for tmp in {float_path, source}:
+            tmp.unlink()
 
     return build
+
+
+def quantize_static_qdq(float_path: Path, out_path: Path, calibration: np.ndarray) -> None:
+    """Static int8 of an exported image graph (input ``pixels``): MatMul, Gemm and Conv get int8 weights per output
+    channel and uint8 activations whose ranges are the min and max seen on ``calibration``, one image at a time."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.rows = iter(range(len(calibration)))
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            i = next(self.rows, None)
+            return None if i is None else {"pixels": np.ascontiguousarray(calibration[i : i + 1])}
+
+    quantize_static(
+        str(float_path),
+        str(out_path),
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        op_types_to_quantize=["MatMul", "Gemm", "Conv"],
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+    )
 
 
 def onnx_runtime(path: Path, threads: int) -> Runtime:
@@ -392,7 +432,13 @@ def openvino_runtime(path: Path, threads: int, lanes: int, precision: str = "fp3
 
 
 def _load_runtime(
-    key: dict[str, object], export: Exporter, data_dir: Path, threads: int, lanes: int, compute: str
+    key: dict[str, object],
+    export: Exporter,
+    data_dir: Path,
+    threads: int,
+    lanes: int,
+    compute: str,
+    calibration: np.ndarray | None = None,
 ) -> tuple[Runtime, Path, bool]:
     backend, precision = str(key["backend"]), str(key["precision"])
     exports = Path(data_dir) / "exports"
@@ -400,7 +446,7 @@ def _load_runtime(
         build = _build_onnx(export, precision)
         load = lambda d: onnx_runtime(d / "model.onnx", threads)  # noqa: E731
     elif backend == "openvino":
-        build = _build_openvino(export)
+        build = _build_openvino(export, calibration)
         load = lambda d: openvino_runtime(d / "model.xml", threads, lanes, compute)  # noqa: E731
     else:
         raise ValueError(f"no exported runtime for backend {backend!r}")
@@ -423,11 +469,20 @@ def load_image_runtime(
     data_dir: Path,
     threads: int,
     lanes: int = 1,
+    calibration: tuple[np.ndarray, str] | None = None,
 ) -> tuple[ImageRuntime, Path, bool]:
     """The image tower on ``backend`` ("onnx" or "openvino"): (runtime, export directory, whether it was built now).
-    ``threads`` per call (the torch threads of one lane), ``lanes``: how many calls run at once."""
-    key = export_key(model_id, backend, precision, preprocess)
-    return _load_runtime(key, lambda path: export_onnx(visual, preprocess, path), data_dir, threads, lanes, precision)
+    ``threads`` per call (the torch threads of one lane), ``lanes``: how many calls run at once. ``calibration``
+    (pixels, digest; imaging/calibration.py): OpenVINO's int8 needs it, nothing else uses it."""
+    static = backend == "openvino" and precision == "int8"
+    if static and calibration is None:
+        raise ValueError("OpenVINO's int8 image tower is calibrated: pass its calibration images")
+    key = export_key(model_id, backend, precision, preprocess, calibration[1] if static and calibration else None)
+    pixels = calibration[0] if static and calibration else None
+    export: Exporter = lambda path: export_onnx(visual, preprocess, path)  # noqa: E731
+    # OpenVINO runs its int8 graph with an f32 hint: the quantised layers are int8 whatever the hint says.
+    compute = "fp32" if static else precision
+    return _load_runtime(key, export, data_dir, threads, lanes, compute, pixels)
 
 
 def load_text_runtime(

@@ -31,6 +31,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
+from imaging.calibration import calibration_pixels
 from imaging.preprocess import Preprocess
 from runners.backends import (
     PRECISIONS,
@@ -536,6 +537,7 @@ def load_clip_encoder(settings: Settings, towers: str = "both", lanes: int = 1) 
     model = model.to(device=device, dtype=dtype)
     preprocess = Preprocess.from_open_clip(pp_cfg)
     runtime, dim, text_runtime = None, None, None
+    calibration: tuple[np.ndarray, str] | None = None
     # What a tower left in torch computes in; an exported tower's is compute_precision's.
     torch_precision = "fp16" if dtype == torch.float16 else "int8" if precision == "int8" else "fp32"
     text_precision = image_precision = torch_precision
@@ -546,7 +548,7 @@ def load_clip_encoder(settings: Settings, towers: str = "both", lanes: int = 1) 
     if text_backend != "torch":
         # Like the image tower: float32 exports give torch's vectors (tested) and share its model id. A SigLIP's text
         # tower reads its whole context (padded to the full length): exported with that length fixed.
-        text_precision = compute_precision(precision, text_backend)
+        text_precision = compute_precision(precision, text_backend, tower="text")
         context = int(tokenizer(["a"]).shape[1]) if full_text else None
         text_runtime, directory, _ = load_text_runtime(
             model,
@@ -579,8 +581,10 @@ def load_clip_encoder(settings: Settings, towers: str = "both", lanes: int = 1) 
             from runners.siglip import export_visual
 
             visual = export_visual(visual, preprocess.size)
+        if (backend, image_precision) == ("openvino", "int8"):
+            calibration = calibration_pixels(preprocess, settings.clip_int8_calibration)
         runtime, directory, _ = load_image_runtime(
-            visual, preprocess, spec.model_id, backend, image_precision, settings.data_dir, threads, lanes
+            visual, preprocess, spec.model_id, backend, image_precision, settings.data_dir, threads, lanes, calibration
         )
         dim = int(runtime(np.zeros((1, *preprocess.size, 3), np.uint8)).shape[1])
         model.visual = None  # type: ignore[assignment]
@@ -593,6 +597,8 @@ def load_clip_encoder(settings: Settings, towers: str = "both", lanes: int = 1) 
         # share cache entries with either.
         used = {backend} if towers == "image" else {text_backend} if towers == "text" else {backend, text_backend}
         model_id += "+int8" + "".join(f"-{b}" for b in sorted(used - {"torch"}))
+        if calibration is not None and settings.clip_int8_calibration is not None:
+            model_id += f"-cal{calibration[1][:12]}"  # the user's calibration images: other ranges, other vectors
     elif precision == "bf16":
         # Not torch's vectors to the float32 backends' standard (BENCHMARKS.md, issue 29): a cache namespace of its
         # own, the same for both towers (one service's text tower may compute in float32: still one namespace).
@@ -642,8 +648,9 @@ def sigmoid_logits(model: torch.nn.Module) -> tuple[float, float] | None:
 
 
 # ZSS_CLIP_QUANTIZE: "none" (float32), "bf16" (OpenVINO's bf16 inference, only on a CPU that executes bf16
-# natively), "int8" (dynamic int8 quantisation). bf16 moved the shapes evaluation by up to 0.4 points where the float32
-# backends move it by none (BENCHMARKS.md, issue 29), so like int8 it is asked for, never picked, and keyed apart.
+# natively), "int8" (dynamic int8 quantisation; static and calibrated in OpenVINO's image tower). bf16 moved the
+# shapes evaluation by up to 0.4 points where the float32 backends move it by none (BENCHMARKS.md, issue 29), so like
+# int8 it is asked for, never picked, and keyed apart.
 QUANTIZE_MODES = ("none", "bf16", "int8")
 
 
@@ -664,12 +671,15 @@ def quantize_mode(value: str, device: torch.device, bf16: bool | None = None) ->
     return mode
 
 
-def compute_precision(mode: str, backend: str) -> str:
-    """What a tower on ``backend`` computes in for ZSS_CLIP_QUANTIZE ``mode`` (validated): "fp32", "bf16" or "int8".
-    bf16 asked of a backend that has none (ZSS_BACKEND=auto's text tower, ONNX Runtime) computes in float32 there."""
+def compute_precision(mode: str, backend: str, tower: str = "image") -> str:
+    """What ``tower`` on ``backend`` computes in for ZSS_CLIP_QUANTIZE ``mode`` (validated): "fp32", "bf16" or "int8".
+    bf16 asked of a backend that has none (ZSS_BACKEND=auto's text tower, ONNX Runtime) computes in float32 there, and
+    so does int8 asked of OpenVINO's text tower (its int8 is static, calibrated on images: the image tower's only)."""
     if mode == "bf16":
         return "bf16" if "bf16" in PRECISIONS.get(backend, ()) else "fp32"
-    return "int8" if mode == "int8" else "fp32"
+    if mode == "int8":
+        return "fp32" if (backend, tower) == ("openvino", "text") else "int8"
+    return "fp32"
 
 
 def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:

@@ -125,9 +125,54 @@ def test_onnx_int8_is_close_and_keyed_apart(tiny_clip: ClipFiles, torch_encoder:
     assert len(list((tmp_path / "exports").glob("text-onnx-int8-*/model.onnx"))) == 1
 
 
+def test_openvino_int8_is_static_calibrated_and_keyed_apart(
+    tiny_clip: ClipFiles, torch_encoder: ClipEncoder, tmp_path: Path
+) -> None:
+    """OpenVINO's int8 image tower: a QDQ graph calibrated on images (the built-in set unless ZSS_CLIP_INT8_CALIBRATION
+    names a folder), close to float32, keyed apart from float32 and from ONNX Runtime's dynamic int8; a user's folder
+    is part of the model id and of the export's key; its text tower computes in float32."""
+    enc = load_clip_encoder(settings_for(tiny_clip, tmp_path, backend="openvino", clip_quantize="int8"))
+    assert (enc.info["precision"], enc.info["text_precision"]) == ("int8", "fp32")
+    assert enc.model_id == torch_encoder.model_id + "+int8-openvino"
+    (export,) = (tmp_path / "exports").glob("openvino-int8-*")
+    assert "FakeQuantize" in (export / "model.xml").read_text()  # int8 layers, not a relabelled float graph
+    px = pixels(6, seed=4)
+    got = enc.encode_pixels(px)
+    assert got.dtype == np.float32 and cosines(got, torch_encoder.encode_pixels(px)).min() >= 0.99
+    assert cosines(enc.encode_texts(TEXTS[:9]), torch_encoder.encode_texts(TEXTS[:9])).min() >= 0.9999
+
+    folder = tmp_path / "calibration"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"{i}.jpg").write_bytes(jpeg_bytes(seed=i))
+    (folder / "notes.txt").write_text("not an image")
+    mine = load_clip_encoder(
+        settings_for(tiny_clip, tmp_path, backend="openvino", clip_quantize="int8", clip_int8_calibration=folder),
+        towers="image",
+    )
+    assert mine.model_id.startswith(torch_encoder.model_id + "+int8-openvino-cal")
+    assert len(list((tmp_path / "exports").glob("openvino-int8-*"))) == 2  # its own export
+    assert cosines(mine.encode_pixels(px), torch_encoder.encode_pixels(px)).min() >= 0.99
+    (folder / "3.jpg").write_bytes(jpeg_bytes(seed=9))  # other images: another model id
+    again = settings_for(tiny_clip, tmp_path, backend="openvino", clip_quantize="int8", clip_int8_calibration=folder)
+    assert load_clip_encoder(again, towers="image").model_id != mine.model_id
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="ZSS_CLIP_INT8_CALIBRATION"):
+        load_clip_encoder(
+            settings_for(tiny_clip, tmp_path, backend="openvino", clip_quantize="int8", clip_int8_calibration=empty),
+            towers="image",
+        )
+
+
 @pytest.mark.parametrize(
     ("model", "backend", "precision"),
-    [("shapes-clip", "onnx", "int8"), ("shapes-clip", "openvino", "bf16"), ("shapes-siglip", "onnx", "int8")],
+    [
+        ("shapes-clip", "onnx", "int8"),
+        ("shapes-clip", "openvino", "bf16"),
+        ("shapes-clip", "auto", "int8"),
+        ("shapes-siglip", "onnx", "int8"),
+    ],
 )
 def test_reduced_precision_keeps_the_shapes_accuracy(tmp_path: Path, model: str, backend: str, precision: str) -> None:
     """Issue 19's goal for int8 (and issue 29's for bf16): within 0.5 points of float32 on the shapes evaluation, on
@@ -146,7 +191,10 @@ def test_reduced_precision_keeps_the_shapes_accuracy(tmp_path: Path, model: str,
         return
     fp32 = load_clip_encoder(get_settings({**model_env(tmp_path), "ZSS_BACKEND": "torch"}))
     low = load_clip_encoder(get_settings(env))
-    assert (low.info["backend"], low.info["text_backend"]) == (backend, backend)
+    if backend == "auto":  # int8: OpenVINO's static image tower beside ONNX Runtime's dynamic text tower
+        assert (low.info["backend"], low.info["text_backend"]) == ("openvino", "onnx")
+    else:
+        assert (low.info["backend"], low.info["text_backend"]) == (backend, backend)
     assert (low.info["precision"], low.info["text_precision"]) == (precision, precision)
     ts = ev.draw_test_set(50)
     px = images_to_pixels(fp32, ts.images)
@@ -258,6 +306,9 @@ def test_compute_precision_per_tower() -> None:
     assert compute_precision("bf16", "onnx") == "fp32"
     assert compute_precision("int8", "onnx") == "int8"
     assert compute_precision("int8", "torch") == "int8"
+    assert compute_precision("int8", "openvino") == "int8"
+    assert compute_precision("int8", "openvino", tower="text") == "fp32"  # static int8 is calibrated on images
+    assert compute_precision("int8", "onnx", tower="text") == "int8"
     with pytest.raises(ValueError, match="ZSS_BACKEND=onnx has no bf16"):
         backends.choose_backend("onnx", "bf16", torch.device("cpu"))
     with pytest.raises(ValueError, match="ZSS_BACKEND=torch has no bf16"):
@@ -269,8 +320,8 @@ def test_bad_backend_setting_names_the_variable() -> None:
         get_settings({"ZSS_BACKEND": "tensorrt"})
     assert get_settings({"ZSS_BACKEND": " OpenVINO "}).backend == "openvino"
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    with pytest.raises(ValueError, match="ZSS_BACKEND=openvino has no int8"):
-        backends.choose_backend("openvino", "int8", cpu)
+    with pytest.raises(ValueError, match="ZSS_BACKEND=torch has no bf16"):
+        backends.choose_backend("torch", "bf16", cpu)
     with pytest.raises(ValueError, match="ZSS_BACKEND=onnx is a CPU backend"):
         backends.choose_backend("onnx", "none", cuda)
 
@@ -278,7 +329,7 @@ def test_bad_backend_setting_names_the_variable() -> None:
 def test_auto_picks_the_measured_cpu_default_and_torch_on_a_gpu() -> None:
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert backends.choose_backend("auto", "none", cpu) == backends.AUTO_CPU["none"] == "openvino"
-    assert backends.choose_backend("auto", "int8", cpu) == backends.AUTO_CPU["int8"] == "onnx"
+    assert backends.choose_backend("auto", "int8", cpu) == backends.AUTO_CPU["int8"] == "openvino"
     assert backends.choose_backend("auto", "none", cpu, tower="text") == backends.AUTO_CPU_TEXT["none"] == "onnx"
     assert backends.choose_backend("auto", "int8", cpu, tower="text") == backends.AUTO_CPU_TEXT["int8"] == "onnx"
     assert backends.choose_backend("auto", "none", cuda) == "torch"
