@@ -4,7 +4,7 @@
         [--quantize none] [--model ViT-B-32]
 
 One ``bentoml serve`` stays up; each round deploys ``classes`` x ``examples`` texts it has never seen (so every
-prompt goes through the text tower: no template augmentation, the round's number in every text) and, in the same
+prompt goes through the text tower: ``augment_examples`` false, the round's number in every text) and, in the same
 round, the bare text tower of the same settings (``ClipEncoder.encode_texts``: the backend, precision and thread
 count the service's text encoder uses, sorted by length and trimmed, nothing else) encodes the same texts. The two
 sides alternate which goes first. Printed per round: prompts/s of each side by the wall clock, and prompts per CPU
@@ -92,14 +92,16 @@ def main() -> None:
             warm = {
                 "classifier_configs": [
                     {"name": f"w{c}", "examples_to_include": e} for c, e in enumerate(texts_for(-2, 8, 8))
-                ]
+                ],
+                "augment_examples": False,
             }
             client.post("/deploy_classifier", json=warm).raise_for_status()
             for r in range(args.rounds):
                 groups = texts_for(r, args.classes, args.examples)
                 flat = [t for g in groups for t in g]
                 body = {
-                    "classifier_configs": [{"name": f"c{c}", "examples_to_include": g} for c, g in enumerate(groups)]
+                    "classifier_configs": [{"name": f"c{c}", "examples_to_include": g} for c, g in enumerate(groups)],
+                    "augment_examples": False,  # the examples themselves: prompts = classes x examples
                 }
                 load = loadavg()
 
