@@ -74,9 +74,41 @@ def prepare_server(stop_timeout_s: float = 7.0) -> None:
 
 
 def prepare_worker() -> None:
-    """In each of BentoML's workers, before it serves: check the version and release the per-request timers."""
+    """In each of BentoML's workers, before it serves: check the version, release the per-request timers and keep
+    the dependency clients off connections their server is closing."""
     check_version()
     release_request_timers()
+    shorten_client_keepalive()
+
+
+# uvicorn closes a kept-alive connection after 5 idle seconds (BentoML's default), while aiohttp's connector reuses an
+# idle one for up to 15 s: a call that took a connection the encoder was closing failed ("Can not write request body",
+# or a disconnect) and only the retry saved it (seen in the suite under load, issue 28). The API's sessions to its
+# encoders therefore stop reusing a connection after this many idle seconds, well before the server closes it.
+CLIENT_KEEPALIVE_S = 2.0
+
+
+def shorten_client_keepalive(seconds: float = CLIENT_KEEPALIVE_S) -> None:
+    """Make every dependency-client session BentoML creates from now on reuse idle connections for ``seconds`` at
+    most (``_bentoml_impl.client.proxy2.SessionManager``, the session of both its async and sync clients)."""
+    import aiohttp
+    from _bentoml_impl.client.proxy2 import SessionManager
+
+    if getattr(SessionManager, "_zss_keepalive_s", None) is not None:
+        SessionManager._zss_keepalive_s = seconds  # type: ignore[attr-defined]
+        return
+    original = SessionManager._make_client
+
+    def make_client(self: Any) -> aiohttp.ClientSession:
+        session = original(self)
+        connector = session.connector
+        if isinstance(connector, aiohttp.TCPConnector):  # not the in-process (ASGI) or Unix-socket connectors
+            # aiohttp takes keepalive_timeout only when the connector is built, which BentoML does not expose.
+            connector._keepalive_timeout = SessionManager._zss_keepalive_s  # type: ignore[attr-defined]
+        return session
+
+    SessionManager._zss_keepalive_s = seconds  # type: ignore[attr-defined]
+    SessionManager._make_client = make_client  # type: ignore[method-assign]
 
 
 def own_metrics_dir() -> Path | None:

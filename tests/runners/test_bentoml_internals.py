@@ -74,3 +74,36 @@ def test_the_servers_workers_get_a_bounded_stop() -> None:
     stop_promptly(3.5)  # idempotent: wraps BentoML's own function once
     watcher = serving.create_watcher(name="w", args=["-c", "pass"])
     assert watcher.graceful_timeout == 3.5
+
+
+def test_dependency_sessions_drop_idle_connections_before_the_server_does() -> None:
+    """BentoML's dependency-client sessions (aiohttp) reuse an idle connection for 15 s by default, uvicorn closes one
+    after 5 s: a reused connection the encoder was closing failed the call. After the patch every new session's TCP
+    connector stops reusing connections after CLIENT_KEEPALIVE_S, under uvicorn's 5 s; patching twice wraps once."""
+    import asyncio
+
+    import aiohttp
+    from _bentoml_impl.client.proxy2 import SessionManager
+
+    from runners.bentoml_internals import CLIENT_KEEPALIVE_S, shorten_client_keepalive
+
+    async def timeout_of_a_new_session() -> float | None:
+        manager = SessionManager("http://127.0.0.1:9", timeout=5.0, headers={})
+        session = await manager.get_session()
+        try:
+            assert isinstance(session.connector, aiohttp.TCPConnector)
+            return session.connector._keepalive_timeout
+        finally:
+            await session.close()
+
+    original = SessionManager._make_client
+    try:
+        shorten_client_keepalive()
+        wrapped = SessionManager._make_client
+        shorten_client_keepalive()
+        assert SessionManager._make_client is wrapped  # not wrapped twice
+        assert asyncio.run(timeout_of_a_new_session()) == CLIENT_KEEPALIVE_S < 5.0
+    finally:
+        SessionManager._make_client = original  # type: ignore[method-assign]
+        del SessionManager._zss_keepalive_s  # type: ignore[attr-defined]
+    assert asyncio.run(timeout_of_a_new_session()) == 15.0  # aiohttp's default, which the patch replaces
