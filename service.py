@@ -298,7 +298,8 @@ def _prepare_process() -> None:
     elif where == "worker":
         # A worker builds its uvicorn configuration right after importing this module, before the service starts:
         # deadlines for request heads and bodies, 431 for oversized heads (api/connections.py; BentoML 1.4 exposes
-        # neither). The per-request timers' release, and the watch that ends the worker with the server, even when it
+        # neither). The per-request timers' release, dependency sessions that drop idle connections before their
+        # server does (runners/bentoml_internals.py), and the watch that ends the worker with the server, even when it
         # is killed (runners/lifeline.py), as early as the worker runs project code.
         prepare_worker()
         guard_connections(service_settings)
