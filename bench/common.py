@@ -90,6 +90,25 @@ def encoder_env(args: argparse.Namespace, base: dict[str, str] = VIT_B32_RANDOM)
     return env
 
 
+def add_model_options(ap: argparse.ArgumentParser) -> None:
+    """The served CLIP and its runtime, for the benchmarks that compare one server with a baseline."""
+    ap.add_argument("--backend", default="auto", help="ZSS_BACKEND")
+    ap.add_argument("--quantize", default="none", help="ZSS_CLIP_QUANTIZE")
+    ap.add_argument("--model", default="ViT-B-32")
+    ap.add_argument("--pretrained", default="random")
+
+
+def model_env(args: argparse.Namespace) -> dict[str, str]:
+    """The server's environment for ``add_model_options``' options (no detector)."""
+    return {
+        "ZSS_CLIP_MODEL": args.model,
+        "ZSS_CLIP_PRETRAINED": args.pretrained,
+        "ZSS_DETECTOR_MODEL": "none",
+        "ZSS_BACKEND": args.backend,
+        "ZSS_CLIP_QUANTIZE": args.quantize,
+    }
+
+
 # -- the machine -------------------------------------------------------------------------------------------------------
 def cpu_model() -> str:
     try:

@@ -23,7 +23,7 @@ from typing import Any
 
 import httpx
 
-from bench.common import cpu_seconds, loadavg, machine, served, table
+from bench.common import add_model_options, cpu_seconds, loadavg, machine, model_env, served, table
 from runners.clip import ClipEncoder, load_clip_encoder
 from runners.device import configure_threads
 from settings import get_settings
@@ -69,18 +69,9 @@ def main() -> None:
     ap.add_argument("--classes", type=int, default=1000)
     ap.add_argument("--examples", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--backend", default="auto")
-    ap.add_argument("--quantize", default="none")
-    ap.add_argument("--model", default="ViT-B-32")
-    ap.add_argument("--pretrained", default="random")
+    add_model_options(ap)
     args = ap.parse_args()
-    env = {
-        "ZSS_CLIP_MODEL": args.model,
-        "ZSS_CLIP_PRETRAINED": args.pretrained,
-        "ZSS_DETECTOR_MODEL": "none",
-        "ZSS_BACKEND": args.backend,
-        "ZSS_CLIP_QUANTIZE": args.quantize,
-    }
+    env = model_env(args)
     print(f"machine: {machine()}", flush=True)
     rows, wall_ratios, cpu_ratios = [], [], []
     with tempfile.TemporaryDirectory() as tmp, served(env, Path(tmp) / "served") as srv:

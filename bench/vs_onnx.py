@@ -31,11 +31,13 @@ import numpy as np
 from bench.common import (
     ROOT,
     LoadResult,
+    add_model_options,
     cpu_seconds,
     image_post,
     jpeg,
     machine,
     merge,
+    model_env,
     served,
     steady_load,
     table,
@@ -98,18 +100,9 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=20.0, help="measured seconds per round")
     ap.add_argument("--ramp", type=float, default=3.0)
     ap.add_argument("--concurrency", type=int, default=16)
-    ap.add_argument("--backend", default="auto", help="our ZSS_BACKEND")
-    ap.add_argument("--quantize", default="none", help="our ZSS_CLIP_QUANTIZE")
-    ap.add_argument("--model", default="ViT-B-32")
-    ap.add_argument("--pretrained", default="random")
+    add_model_options(ap)  # ours; the baseline serves the same --model and --pretrained
     args = ap.parse_args()
-    env = {
-        "ZSS_CLIP_MODEL": args.model,
-        "ZSS_CLIP_PRETRAINED": args.pretrained,
-        "ZSS_DETECTOR_MODEL": "none",
-        "ZSS_BACKEND": args.backend,
-        "ZSS_CLIP_QUANTIZE": args.quantize,
-    }
+    env = model_env(args)
     print(f"machine: {machine()}", flush=True)
     blob = jpeg()
     post = image_post("/embed_image", blob)
