@@ -11,6 +11,8 @@ other vectors, which never share a cache entry.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -49,14 +51,26 @@ def synthetic_scene(rng: np.random.Generator, width: int = 640, height: int = 48
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
 
 
-def calibration_pixels(preprocess: Preprocess, directory: Path | None, count: int = 32) -> tuple[np.ndarray, str]:
-    """uint8 [N, H, W, 3] at the model's input size and the set's digest: the first ``count`` images (by name) of
-    ``directory``, or the synthetic set when it is None. ValueError naming the setting when the folder holds none."""
+@dataclass(frozen=True)
+class CalibrationSet:
+    """The images' digest (what keys the export) and a way to get their pixels, uint8 [N, H, W, 3] at the model's
+    input size, called only when an export is built: a start that reuses its export draws no synthetic image."""
+
+    digest: str
+    pixels: Callable[[], np.ndarray]
+
+
+def calibration_set(preprocess: Preprocess, directory: Path | None, count: int = 32) -> CalibrationSet:
+    """The first ``count`` images (by name) of ``directory``, read now (their digest covers only the images that
+    decode), or the synthetic set when it is None, drawn when asked for. ValueError naming the setting when the folder
+    holds none."""
     if directory is None:
-        rng = np.random.default_rng(20261202)
-        images = [synthetic_scene(rng) for _ in range(count)]
-        digest = hashlib.sha256(f"synthetic-v{SYNTHETIC_VERSION}-{count}".encode()).hexdigest()
-        return np.stack([preprocess.to_pixels(im) for im in images]), digest
+
+        def synthetic() -> np.ndarray:
+            rng = np.random.default_rng(20261202)
+            return np.stack([preprocess.to_pixels(synthetic_scene(rng)) for _ in range(count)])
+
+        return CalibrationSet(hashlib.sha256(f"synthetic-v{SYNTHETIC_VERSION}-{count}".encode()).hexdigest(), synthetic)
     directory = Path(directory)
     if not directory.is_dir():
         raise ValueError(f"ZSS_CLIP_INT8_CALIBRATION={directory} is not a folder of images")
@@ -74,4 +88,5 @@ def calibration_pixels(preprocess: Preprocess, directory: Path | None, count: in
             break
     if not rows:
         raise ValueError(f"ZSS_CLIP_INT8_CALIBRATION={directory} holds no image this service can read")
-    return np.stack(rows), h.hexdigest()
+    pixels = np.stack(rows)
+    return CalibrationSet(h.hexdigest(), lambda: pixels)

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from imaging.calibration import CalibrationSet
 from imaging.preprocess import Preprocess
 from settings import BACKENDS
 
@@ -340,9 +341,9 @@ def _build_onnx(export: Exporter, precision: str) -> Callable[[Path], None]:
     return build
 
 
-def _build_openvino(export: Exporter, calibration: np.ndarray | None = None) -> Callable[[Path], None]:
-    """The float32 graph in OpenVINO's format; with ``calibration`` (uint8 pixels [N, H, W, 3]), the image graph
-    quantised statically first (QDQ: OpenVINO runs the quantised MatMuls and convolution in int8)."""
+def _build_openvino(export: Exporter, calibration: CalibrationSet | None = None) -> Callable[[Path], None]:
+    """The float32 graph in OpenVINO's format; with ``calibration``, the image graph quantised statically first (QDQ:
+    OpenVINO runs the quantised MatMuls and convolution in int8)."""
 
     def build(directory: Path) -> None:
         import openvino as ov
@@ -352,7 +353,7 @@ def _build_openvino(export: Exporter, calibration: np.ndarray | None = None) -> 
         source = float_path
         if calibration is not None:
             source = directory / "int8-qdq.onnx.tmp"
-            quantize_static_qdq(float_path, source, calibration)
+            quantize_static_qdq(float_path, source, calibration.pixels())
         ov.save_model(ov.convert_model(str(source)), str(directory / "model.xml"), compress_to_fp16=False)
         for tmp in {float_path, source}:
             tmp.unlink()
@@ -438,7 +439,7 @@ def _load_runtime(
     threads: int,
     lanes: int,
     compute: str,
-    calibration: np.ndarray | None = None,
+    calibration: CalibrationSet | None = None,
 ) -> tuple[Runtime, Path, bool]:
     backend, precision = str(key["backend"]), str(key["precision"])
     exports = Path(data_dir) / "exports"
@@ -469,20 +470,20 @@ def load_image_runtime(
     data_dir: Path,
     threads: int,
     lanes: int = 1,
-    calibration: tuple[np.ndarray, str] | None = None,
+    calibration: CalibrationSet | None = None,
 ) -> tuple[ImageRuntime, Path, bool]:
     """The image tower on ``backend`` ("onnx" or "openvino"): (runtime, export directory, whether it was built now).
     ``threads`` per call (the torch threads of one lane), ``lanes``: how many calls run at once. ``calibration``
-    (pixels, digest; imaging/calibration.py): OpenVINO's int8 needs it, nothing else uses it."""
+    (imaging/calibration.py): OpenVINO's int8 needs it, nothing else uses it."""
     static = backend == "openvino" and precision == "int8"
     if static and calibration is None:
         raise ValueError("OpenVINO's int8 image tower is calibrated: pass its calibration images")
-    key = export_key(model_id, backend, precision, preprocess, calibration[1] if static and calibration else None)
-    pixels = calibration[0] if static and calibration else None
+    used = calibration if static else None
+    key = export_key(model_id, backend, precision, preprocess, used.digest if used else None)
     export: Exporter = lambda path: export_onnx(visual, preprocess, path)  # noqa: E731
     # OpenVINO runs its int8 graph with an f32 hint: the quantised layers are int8 whatever the hint says.
     compute = "fp32" if static else precision
-    return _load_runtime(key, export, data_dir, threads, lanes, compute, pixels)
+    return _load_runtime(key, export, data_dir, threads, lanes, compute, used)
 
 
 def load_text_runtime(

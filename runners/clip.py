@@ -31,7 +31,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
-from imaging.calibration import calibration_pixels
+from imaging.calibration import CalibrationSet, calibration_set
 from imaging.preprocess import Preprocess
 from runners.backends import (
     PRECISIONS,
@@ -537,7 +537,7 @@ def load_clip_encoder(settings: Settings, towers: str = "both", lanes: int = 1) 
     model = model.to(device=device, dtype=dtype)
     preprocess = Preprocess.from_open_clip(pp_cfg)
     runtime, dim, text_runtime = None, None, None
-    calibration: tuple[np.ndarray, str] | None = None
+    calibration: CalibrationSet | None = None
     # What a tower left in torch computes in; an exported tower's is compute_precision's.
     torch_precision = "fp16" if dtype == torch.float16 else "int8" if precision == "int8" else "fp32"
     text_precision = image_precision = torch_precision
@@ -582,7 +582,7 @@ def load_clip_encoder(settings: Settings, towers: str = "both", lanes: int = 1) 
 
             visual = export_visual(visual, preprocess.size)
         if (backend, image_precision) == ("openvino", "int8"):
-            calibration = calibration_pixels(preprocess, settings.clip_int8_calibration)
+            calibration = calibration_set(preprocess, settings.clip_int8_calibration)
         runtime, directory, _ = load_image_runtime(
             visual, preprocess, spec.model_id, backend, image_precision, settings.data_dir, threads, lanes, calibration
         )
@@ -598,7 +598,7 @@ def load_clip_encoder(settings: Settings, towers: str = "both", lanes: int = 1) 
         used = {backend} if towers == "image" else {text_backend} if towers == "text" else {backend, text_backend}
         model_id += "+int8" + "".join(f"-{b}" for b in sorted(used - {"torch"}))
         if calibration is not None and settings.clip_int8_calibration is not None:
-            model_id += f"-cal{calibration[1][:12]}"  # the user's calibration images: other ranges, other vectors
+            model_id += f"-cal{calibration.digest[:12]}"  # the user's calibration images: other ranges, other vectors
     elif precision == "bf16":
         # Not torch's vectors to the float32 backends' standard (BENCHMARKS.md, issue 29): a cache namespace of its
         # own, the same for both towers (one service's text tower may compute in float32: still one namespace).

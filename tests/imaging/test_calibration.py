@@ -7,9 +7,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from imaging.calibration import calibration_pixels
+from imaging.calibration import calibration_set
 from imaging.preprocess import Preprocess
 from testing.images import jpeg_bytes
+
+
+def calibration_pixels(pp: Preprocess, directory: Path | None, count: int = 32) -> tuple[np.ndarray, str]:
+    cal = calibration_set(pp, directory, count)
+    return cal.pixels(), cal.digest
+
 
 PP = Preprocess(size=(32, 32), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 
@@ -25,6 +31,18 @@ def test_the_synthetic_set_is_the_same_everywhere_and_varied() -> None:
     assert len({row.tobytes() for row in px}) == 8
     assert px.min() < 40 and px.max() > 215
     assert float(px.reshape(8, -1).std(axis=1).min()) > 5
+
+
+def test_the_synthetic_set_is_drawn_only_when_asked_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its digest keys the export; its pixels are needed only to build one, so a start that reuses it draws none."""
+    import imaging.calibration as calibration
+
+    drawn = []
+    real = calibration.synthetic_scene
+    monkeypatch.setattr(calibration, "synthetic_scene", lambda rng: drawn.append(1) or real(rng))
+    cal = calibration_set(PP, None, count=3)
+    assert not drawn
+    assert cal.pixels().shape == (3, 32, 32, 3) and len(drawn) == 3
 
 
 def test_a_folder_gives_its_first_images_by_name_and_skips_what_is_not_one(tmp_path: Path) -> None:
@@ -50,4 +68,4 @@ def test_a_folder_without_images_is_refused_naming_the_setting(tmp_path: Path, k
     if kind == "no images":
         (folder / "a.jpg").write_bytes(b"\x00" * 64)
     with pytest.raises(ValueError, match="ZSS_CLIP_INT8_CALIBRATION"):
-        calibration_pixels(PP, folder)
+        calibration_set(PP, folder)

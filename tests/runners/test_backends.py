@@ -140,6 +140,15 @@ def test_openvino_int8_is_static_calibrated_and_keyed_apart(
     got = enc.encode_pixels(px)
     assert got.dtype == np.float32 and cosines(got, torch_encoder.encode_pixels(px)).min() >= 0.99
     assert cosines(enc.encode_texts(TEXTS[:9]), torch_encoder.encode_texts(TEXTS[:9])).min() >= 0.9999
+    import imaging.calibration
+
+    def no_drawing(rng: np.random.Generator) -> None:
+        raise AssertionError("calibration images drawn for an export that exists")
+
+    with pytest.MonkeyPatch.context() as mp:  # a second start reuses the export: no calibration work at all
+        mp.setattr(imaging.calibration, "synthetic_scene", no_drawing)
+        reused = load_clip_encoder(settings_for(tiny_clip, tmp_path, backend="openvino", clip_quantize="int8"))
+    np.testing.assert_array_equal(reused.encode_pixels(px), got)
 
     folder = tmp_path / "calibration"
     folder.mkdir()
