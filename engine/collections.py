@@ -523,7 +523,8 @@ def classify_rows(
         for c, n in zip(*np.unique(scored.pred[scored.rejected].numpy(), return_counts=True)):
             counts[labels[int(c)]] -= int(n)
         counts[rejected_as] = counts.get(rejected_as, 0) + int(scored.rejected.sum())
-    page = torch.arange(offset, min(offset + limit, len(rows)))
+    start = min(offset, len(rows))  # an offset past the end is an empty page, as in any paged answer
+    page = torch.arange(start, min(start + limit, len(rows)))
     results = ClassifierKind.results(scored.rows(page), clf) if len(page) else []
     best = _top(scored, clf, top) if top else None
     return len(rows), counts, page.tolist(), results, best
