@@ -1,6 +1,7 @@
 """What an /embed_image costs around the image tower, per image, in CPU milliseconds of one thread (issue 29, item 3).
 
     .venv/bin/python -m bench.around_tower [--images 200] [--batch 16] [--precisions none,bf16,int8]
+        [--backend auto] [--model ViT-B-32 --pretrained random]
 
 Each stage of the served path runs alone in this process on one thread and is timed with ``time.thread_time`` (CPU
 time: what a shared machine's load distorts least), on the same 640x480 JPEG (``bench.common.jpeg``):
@@ -10,8 +11,8 @@ time: what a shared machine's load distorts least), on the same 640x480 JPEG (``
 3. stack: the request's pixels gathered into one array (``np.stack``), as the API sends them;
 4. wire: the pixels pickled and unpickled once (protocol 5), an upper bound on what the hop between the API and the
    encoder process copies (BentoML sends numpy arrays between services as pickles);
-5. tower: the image tower itself at batch ``--batch`` on the CPU default backend (OpenVINO) at each precision, with one
-   thread (what one of the encoder's two lanes has on 2 cores), normalisation inside the exported graph.
+5. tower: the image tower itself at batch ``--batch`` on ``--backend`` (``auto``: OpenVINO on x86) at each precision,
+   with one thread (what one of the encoder's two lanes has on 2 cores), normalisation inside the exported graph.
 
 Printed: CPU ms per image per stage, and each stage's share of the whole.
 """
@@ -48,13 +49,23 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16, help="the tower's batch size")
     ap.add_argument("--precisions", default="none,bf16,int8", help="ZSS_CLIP_QUANTIZE values to time the tower at")
     ap.add_argument("--data-dir", type=Path, default=ROOT / ".zss" / "bench-exports")
+    ap.add_argument("--backend", default="auto", help="ZSS_BACKEND (auto: what the service picks on this CPU)")
+    ap.add_argument("--model", default=VIT_B32_RANDOM["ZSS_CLIP_MODEL"], help="ZSS_CLIP_MODEL")
+    ap.add_argument("--pretrained", default=VIT_B32_RANDOM["ZSS_CLIP_PRETRAINED"], help="ZSS_CLIP_PRETRAINED")
     args = ap.parse_args()
     torch.set_num_threads(1)
     print(machine(), flush=True)
 
     towers = {}
     for precision in args.precisions.split(","):
-        env = {**VIT_B32_RANDOM, "ZSS_CLIP_QUANTIZE": precision, "ZSS_DATA_DIR": str(args.data_dir)}
+        env = {
+            **VIT_B32_RANDOM,
+            "ZSS_CLIP_MODEL": args.model,
+            "ZSS_CLIP_PRETRAINED": args.pretrained,
+            "ZSS_BACKEND": args.backend,
+            "ZSS_CLIP_QUANTIZE": precision,
+            "ZSS_DATA_DIR": str(args.data_dir),
+        }
         towers[precision] = load_clip_encoder(get_settings(env), towers="image", lanes=1)
     enc = next(iter(towers.values()))
     pp = enc.preprocess
@@ -66,7 +77,10 @@ def main() -> None:
     n, b = args.images, args.batch
 
     stages: list[tuple[str, float]] = [
-        ("decode (640x480 JPEG, draft)", cpu_ms(lambda: decode_image(data, max_pixels=64_000_000, draft_size=224), n)),
+        (
+            "decode (640x480 JPEG, draft)",
+            cpu_ms(lambda: decode_image(data, max_pixels=64_000_000, draft_size=pp.draft_size), n),
+        ),
         (f"resize to {pp.size[0]}x{pp.size[1]} ({pp.interpolation})", cpu_ms(lambda: pp.to_pixels(img), n)),
         ("stack the request's pixels", cpu_ms(lambda: np.stack(rows_px), max(1, n // b), b)),
         (
