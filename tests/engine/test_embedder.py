@@ -93,3 +93,20 @@ def test_kill_9_mid_lookup_loses_at_most_one_chunk_and_a_retry_resumes(tmp_path:
     _, stats = emb.embed([f"text {i}" for i in range(200)], augment=True)
     assert stats.hits == committed and stats.misses == 200 - committed
     assert sum(len(c) for c in calls) == 2 * (200 - committed)
+
+
+def test_a_lookup_encodes_like_lengths_together_and_answers_in_the_callers_order(tmp_path: Path) -> None:
+    """The text tower trims each batch to its longest prompt, so a lookup hands the encoder its texts shortest first
+    (issue 29: a deploy of mixed lengths padded every batch to its longest text) and still answers in input order."""
+    calls: list[list[str]] = []
+
+    def encode(prompts: list[str]) -> np.ndarray:
+        calls.append(list(prompts))
+        return np.array([[len(p), float(p.split()[-1]), 1.0] for p in prompts], np.float32)  # each text's own row
+
+    texts = ["a very long text about a forklift 0", "dog 1", "a medium text 2", "cat 3", "another long text here 4"]
+    emb = TextEmbedder(EmbeddingCache(tmp_path), "m", encode, commit_prompts=2, short_chunk=2)
+    vecs, _ = emb.embed(texts, augment=False)
+    assert calls == [["dog 1", "cat 3"], ["a medium text 2", "another long text here 4"], [texts[0]]]
+    np.testing.assert_array_equal(vecs[:, 1], [0, 1, 2, 3, 4])  # the caller's order
+    np.testing.assert_array_equal(vecs[:, 0], [len(t) for t in texts])
