@@ -276,6 +276,10 @@ def _check_batching(server: Server) -> None:
     # Each batch's wall time is recorded too (the "one batch" of the latency bound, bench/overload.py reads it).
     assert server.metric("zss_image_batch_seconds_count") == total
     assert server.metric("zss_image_batch_seconds_sum") > 0
+    # Every service set its start-up heap aside when it was ready, and its collector's pauses are measured
+    # (runners/heap.py: full collections that walked that heap were most of /embed_image's p99).
+    assert server.log().count("objects from the start set aside from garbage collection") >= 3  # API + 2 encoders
+    assert server.metric("zss_gc_pause_seconds_count") > 0
 
 
 def test_openapi_lists_the_routes(server: Server) -> None:
