@@ -63,6 +63,7 @@ from engine.tenancy import Tenant
 from errors import ZssError
 from runners.bentoml_internals import bentoml_process, prepare_server, prepare_worker
 from runners.clip_service import ClipImageEncoder, ClipTextEncoder
+from runners.heap import freeze_startup_heap
 from runners.lifeline import die_with_parent
 from runners.owl_service import OwlDetectorEncoder
 from runners.serving import detector_declared, on_sigterm, record_build_settings, service_settings
@@ -356,6 +357,9 @@ class ZeroShot:
         on_sigterm(app.state.engine.jobs.stop)  # running deploy jobs stop encoding: the worker can exit in time
         if resumed := app.state.engine.resume_jobs():  # deploy jobs a killed or stopped server left unfinished
             log.info("resumed %d unfinished deploy jobs", resumed)
+        # Full collections walked the whole start-up heap with the event loop stopped: 0.3-0.5 s pauses in every
+        # request in flight (runners/heap.py).
+        freeze_startup_heap()
 
     def __is_ready__(self) -> bool:
         """/readyz: not ready while a shared store (Redis) does not answer; the log says why (BentoML's 503 body

@@ -24,6 +24,7 @@ from runners.batcher import LaneBatcher, Overloaded
 from runners.clip import load_clip_encoder
 from runners.clip_wire import SHORT_LANE_PROMPTS
 from runners.device import configure_threads, encoder_lanes, service_workers
+from runners.heap import freeze_startup_heap
 from runners.serving import RUNNER_CONNECTION, TRAFFIC, bento_model, service_settings
 from settings import LimitedLog, configure_logging
 
@@ -114,6 +115,7 @@ class ClipImageEncoder:
             self.encoder.precision,
             warm_s,
         )
+        freeze_startup_heap()  # full collections under load stopped a lane for 0.3-0.5 s (runners/heap.py)
 
     def _forward(self, pixels: np.ndarray) -> np.ndarray:
         t0, w0 = time.thread_time(), time.perf_counter()
@@ -202,6 +204,7 @@ class ClipTextEncoder:
         log.info(
             "text encoder %s ready (%d threads) on %s", self.encoder.model_id, self.threads, self.encoder.text_backend
         )
+        freeze_startup_heap()
 
     @bentoml.api(
         batchable=True, batch_dim=0, max_batch_size=_S.text_max_batch_size, max_latency_ms=_S.text_max_latency_ms

@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 from runners.device import configure_threads
+from runners.heap import freeze_startup_heap
 from runners.owl import OwlDetector, load_detector
 from runners.owl_wire import pack
 from runners.serving import RUNNER_CONNECTION, TRAFFIC, bento_model, service_settings
@@ -41,6 +42,7 @@ class OwlDetectorEncoder:
         self.error: str | None = None
         if not settings.detector_enabled:
             self.error = "the detector is disabled on this server (ZSS_DETECTOR_MODEL=none)"
+            freeze_startup_heap()
             return
         configure_threads(settings.torch_threads)
         try:
@@ -48,6 +50,7 @@ class OwlDetectorEncoder:
         except Exception as exc:  # serve the classifier routes even when the detector cannot load
             self.error = f"the detector {settings.detector_model!r} could not be loaded: {type(exc).__name__}: {exc}"
             log.error("%s", self.error)
+        freeze_startup_heap()
 
     def _require(self) -> OwlDetector:
         if self.detector is None:
