@@ -354,12 +354,13 @@ class ZeroShot:
             registry=registry,
             cache=vectors,
         )
+        # Full collections walked the whole start-up heap with the event loop stopped: 0.3-0.5 s pauses in every
+        # request in flight (runners/heap.py). Before any thread of ours starts: what they make is not start-up heap.
+        freeze_startup_heap()
+        app.state.engine.start_warm_up()  # readiness waits for it: a deploy's chunks never meet the training waits
         on_sigterm(app.state.engine.jobs.stop)  # running deploy jobs stop encoding: the worker can exit in time
         if resumed := app.state.engine.resume_jobs():  # deploy jobs a killed or stopped server left unfinished
             log.info("resumed %d unfinished deploy jobs", resumed)
-        # Full collections walked the whole start-up heap with the event loop stopped: 0.3-0.5 s pauses in every
-        # request in flight (runners/heap.py).
-        freeze_startup_heap()
 
     def __is_ready__(self) -> bool:
         """/readyz: not ready while a shared store (Redis) does not answer; the log says why (BentoML's 503 body

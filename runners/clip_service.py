@@ -212,8 +212,9 @@ class ClipTextEncoder:
     def encode(self, texts: list[str]) -> np.ndarray:
         """Prompts (templates already applied by the caller) -> L2-normalised float32 [N, D]."""
         out = self.encoder.encode_texts(texts)
-        PROMPTS_ENCODED.inc(len(texts))
-        TEXT_BATCH.observe(len(texts))
+        if texts:  # empty batches only train BentoML's dispatcher (engine/encoders.py)
+            PROMPTS_ENCODED.inc(len(texts))
+            TEXT_BATCH.observe(len(texts))
         return out
 
     @bentoml.api

@@ -324,7 +324,9 @@ def test_restart_classifies_with_zero_text_encodes(tiny_clip: ClipFiles, tmp_pat
             assert_error(c.post("/deploy_detector", json=body), 503, "Detection is unavailable")
         assert after["raw_scores"] == pytest.approx(before["raw_scores"], abs=1e-6)
         assert srv.metric("zss_text_examples_encoded_total") == 0
+        # ... nor did training the text encoder's batching before ready (empty requests, engine/encoders.py).
         assert srv.metric("zss_text_prompts_encoded_total") == 0
+        assert "the text encoder's batching is trained" in srv.log()
         assert srv.metric("zss_embedding_cache_hits_total") > 0
 
 
