@@ -268,25 +268,17 @@ def image_post(path: str, blob: bytes, field_name: str = "data") -> Post:
     return Post(path, body, f"multipart/form-data; boundary={boundary}")
 
 
-def steady_load(
-    url: str,
-    post: Post,
-    concurrency: int,
-    duration_s: float,
-    ramp_s: float = 2.0,
-    clock: Callable[[], float] = time.perf_counter,
-) -> LoadResult:
+def timed_requests(
+    url: str, post: Post, concurrency: int, seconds: float, clock: Callable[[], float] = time.perf_counter
+) -> list[tuple[float, float, int]]:
     """``concurrency`` clients (threads with one keep-alive ``http.client`` connection each) send ``post`` back to
-    back for ``ramp_s + duration_s`` seconds. Only requests that end inside the last ``duration_s`` seconds count, so
-    the rate is the steady state at full concurrency, without the ramp-up or the drain of a fixed request count
-    (with 48 requests over 16 clients the ramp and drain cost P1 about a tenth, BENCHMARKS.md). A transport error
-    counts as status -1 and reconnects. ``clock`` is for tests (a clock the test server moves)."""
+    back for ``seconds``; every request as (start, end, status) on ``clock``, in no particular order. A transport
+    error is status -1 and reconnects."""
     u = urlsplit(url)
     headers = {"Content-Type": post.content_type, "Content-Length": str(len(post.body)), **dict(post.headers)}
-    done: list[tuple[float, float, int]] = []  # (end, latency, status)
+    done: list[tuple[float, float, int]] = []
     lock = threading.Lock()
-    t0 = clock()
-    start, stop = t0 + ramp_s, t0 + ramp_s + duration_s
+    stop = clock() + seconds
 
     def client() -> None:
         conn = http.client.HTTPConnection(u.hostname, u.port, timeout=600)
@@ -302,19 +294,37 @@ def steady_load(
                 status = -1
                 conn.close()
                 conn = http.client.HTTPConnection(u.hostname, u.port, timeout=600)
-            end = clock()
-            mine.append((end, end - t, status))
+            mine.append((t, clock(), status))
         conn.close()
         with lock:
             done.extend(mine)
 
-    load_before = loadavg()
     threads = [threading.Thread(target=client, daemon=True) for _ in range(concurrency)]
     for th in threads:
         th.start()
     for th in threads:
         th.join()
-    counted = [(lat, st) for end, lat, st in done if start <= end <= stop]
+    return done
+
+
+def steady_load(
+    url: str,
+    post: Post,
+    concurrency: int,
+    duration_s: float,
+    ramp_s: float = 2.0,
+    clock: Callable[[], float] = time.perf_counter,
+) -> LoadResult:
+    """``concurrency`` clients send ``post`` back to back for ``ramp_s + duration_s`` seconds (``timed_requests``).
+    Only requests that end inside the last ``duration_s`` seconds count, so the rate is the steady state at full
+    concurrency, without the ramp-up or the drain of a fixed request count (with 48 requests over 16 clients the ramp
+    and drain cost P1 about a tenth, BENCHMARKS.md). A transport error counts as status -1. ``clock`` is for tests (a
+    clock the test server moves)."""
+    load_before = loadavg()
+    t0 = clock()
+    start, stop = t0 + ramp_s, t0 + ramp_s + duration_s
+    done = timed_requests(url, post, concurrency, ramp_s + duration_s, clock)
+    counted = [(end - begun, st) for begun, end, st in done if start <= end <= stop]
     statuses: dict[int, int] = {}
     for _, _, st in done:  # every response counts for errors, ramp included
         statuses[st] = statuses.get(st, 0) + 1

@@ -15,18 +15,15 @@ cause: full collections walking the start-up heap for 0.3-0.5 s.
 from __future__ import annotations
 
 import argparse
-import http.client
 import statistics
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import httpx
 
-from bench.common import add_model_options, image_post, jpeg, machine, model_env, served, table
+from bench.common import Post, add_model_options, image_post, jpeg, machine, model_env, served, table, timed_requests
 
 SLOW = 1.5  # a request slower than this times p50 is slow: the issue's bound on p99
 CLUSTER_GAP_S = 0.5
@@ -36,7 +33,6 @@ CLUSTER_GAP_S = 0.5
 class Request:
     start: float  # seconds since the load began
     end: float
-    client: int
     status: int
 
     @property
@@ -44,40 +40,11 @@ class Request:
         return self.end - self.start
 
 
-def load(url: str, body: bytes, content_type: str, path: str, clients: int, seconds: float) -> list[Request]:
+def load(url: str, post: Post, clients: int, seconds: float) -> list[Request]:
     """``clients`` keep-alive connections posting back to back for ``seconds``; every request, in order of start."""
-    u = urlsplit(url)
-    headers = {"Content-Type": content_type, "Content-Length": str(len(body))}
-    done: list[Request] = []
-    lock = threading.Lock()
     t0 = time.perf_counter()
-    stop = t0 + seconds
-
-    def client(i: int) -> None:
-        conn = http.client.HTTPConnection(u.hostname, u.port, timeout=600)
-        mine = []
-        while time.perf_counter() < stop:
-            t = time.perf_counter()
-            try:
-                conn.request("POST", path, body=body, headers=headers)
-                resp = conn.getresponse()
-                resp.read()
-                status = resp.status
-            except (OSError, http.client.HTTPException):
-                status = -1
-                conn.close()
-                conn = http.client.HTTPConnection(u.hostname, u.port, timeout=600)
-            mine.append(Request(t - t0, time.perf_counter() - t0, i, status))
-        conn.close()
-        with lock:
-            done.extend(mine)
-
-    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    return sorted(done, key=lambda r: r.start)
+    done = timed_requests(url, post, clients, seconds)
+    return sorted((Request(start - t0, end - t0, status) for start, end, status in done), key=lambda r: r.start)
 
 
 def pct(sorted_values: list[float], q: float) -> float:
@@ -183,7 +150,7 @@ def main() -> None:
                 srv.url + post.path, content=post.body, headers={"Content-Type": post.content_type}, timeout=120
             )
             first.raise_for_status()
-            requests = load(srv.url, post.body, post.content_type, post.path, args.clients, args.seconds)
+            requests = load(srv.url, post, args.clients, args.seconds)
             time.sleep(1.5)  # the services record their noted pauses every second (runners/heap.py)
             metrics = httpx.get(srv.url + "/metrics", timeout=60).text
     summary, _ = report(requests, args.seconds, args.ramp)

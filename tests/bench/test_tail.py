@@ -37,13 +37,13 @@ def test_pauses_are_read_per_generation_with_the_bucket_that_holds_the_longest()
 
 
 def test_slow_requests_that_end_together_form_one_cluster() -> None:
-    slow = [Request(0.0, 1.0, 0, 200), Request(0.1, 1.2, 1, 200), Request(3.0, 4.0, 2, 200), Request(0, 1.4, 3, 200)]
+    slow = [Request(0.0, 1.0, 200), Request(0.1, 1.2, 200), Request(3.0, 4.0, 200), Request(0, 1.4, 200)]
     assert [len(g) for g in clusters(slow)] == [3, 1]
 
 
 def test_the_report_counts_after_the_ramp_and_flags_the_slow_ones() -> None:
-    fast = [Request(t, t + 0.1, 0, 200) for t in (3.0, 3.2, 3.4, 3.6, 3.8, 4.0, 4.2, 4.4, 4.6, 4.8)]
-    requests = [Request(0.0, 1.0, 1, 200), *fast, Request(5.0, 5.5, 2, 200), Request(5.1, 5.2, 3, 503)]
+    fast = [Request(t, t + 0.1, 200) for t in (3.0, 3.2, 3.4, 3.6, 3.8, 4.0, 4.2, 4.4, 4.6, 4.8)]
+    requests = [Request(0.0, 1.0, 200), *fast, Request(5.0, 5.5, 200), Request(5.1, 5.2, 503)]
     text, ratio = report(requests, seconds=8.0, ramp_s=3.0)
     assert "requests 11 in 5 s: 2.2 img/s, errors 1" in text
     assert "slow requests (> 1.5x p50): 1, in 1 clusters" in text
