@@ -120,9 +120,7 @@ class Engine:
             url_timeout_s=settings.url_timeout_s,
             budget=PixelBudget(int(settings.decode_budget_mp * 1_000_000), settings.decode_wait_s),
         )
-        self._warming = threading.Event()  # cleared while start_warm_up's task runs (read by readiness's thread)
-        self._warming.set()
-        self._warm_up: asyncio.Task[None] | None = None
+        self._warm_up: asyncio.Task[None] | None = None  # start_warm_up's task; readiness waits until it is done
         self._lock = threading.Lock()  # guards the lazily learned fields below
         self._embedder: TextEmbedder | None = None
         self._det_embedder: TextEmbedder | None = None
@@ -467,33 +465,29 @@ class Engine:
             return
         if train is None:
             return
-        self._warming.clear()
-        self._warm_up = loop.create_task(self._train_batching(train, give_up_s))  # referenced: not collected
+        self._warm_up = loop.create_task(self._train_batching(train, give_up_s))
 
     async def _train_batching(self, train: Callable[[], Awaitable[None]], give_up_s: float) -> None:
         deadline = time.monotonic() + give_up_s
         failures = 0
-        try:
-            while True:
-                try:
-                    await train()
-                    log.info("the text encoder's batching is trained")
+        while True:
+            try:
+                await train()
+                log.info("the text encoder's batching is trained")
+                return
+            except Exception as exc:  # noqa: BLE001 - a starting encoder answers with all kinds of errors
+                failures += 1
+                if time.monotonic() > deadline:
+                    log.warning("gave up training the text encoder's batching: %s: %s", type(exc).__name__, exc)
                     return
-                except Exception as exc:  # noqa: BLE001 - a starting encoder answers with all kinds of errors
-                    failures += 1
-                    if time.monotonic() > deadline:
-                        log.warning("gave up training the text encoder's batching: %s: %s", type(exc).__name__, exc)
-                        return
-                    if failures % 20 == 1:  # the first and then every 10 s: why readiness still waits
-                        log.info("training the text encoder's batching: %s: %s (retrying)", type(exc).__name__, exc)
-                    await asyncio.sleep(0.5)
-        finally:
-            self._warming.set()
+                if failures % 20 == 1:  # the first and then every 10 s: why readiness still waits
+                    log.info("training the text encoder's batching: %s: %s (retrying)", type(exc).__name__, exc)
+                await asyncio.sleep(0.5)
 
     def unready(self) -> str | None:
         """Why this server cannot serve deployments now (a shared store unreachable, the text encoder's batching still
         warming up), or None (blocking: readiness)."""
-        if not self._warming.is_set():
+        if self._warm_up is not None and not self._warm_up.done():  # done() only reads the task's state
             return "the text encoder's batching is warming up"
         for store in (self.deployments.store, self.cache):
             ping = getattr(store, "ping", None)  # only shared stores can be unreachable; local ones have no ping
